@@ -1,0 +1,105 @@
+"""Small helpers shared by op modules: environment reasons, lazy backend modules, checks."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Any, Callable
+
+import torch
+
+MIN_TRITON = (3, 3)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_unavailable() -> str | None:
+    """Why Triton cannot be used here, or None."""
+    try:
+        import triton
+    except ImportError as err:
+        return f"triton is not installed ({err})"
+    if _version_tuple(triton.__version__) < MIN_TRITON:
+        return f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}"
+    return None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def lazy(module: str, attr: str) -> Callable[..., Any]:
+    """A function that imports ``module`` (absolute name) when called, then forwards.
+
+    Backend modules that need an optional package (triton, a JIT build) are imported only
+    when that backend is actually considered, so importing kpt never fails for their sake.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+    call.__name__ = f"{module}.{attr}"
+    return call
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t: Any,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Raise TypeError/ValueError naming ``op`` and ``name`` when ``t`` does not fit."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in allowed:
+            raise ValueError(f"{op}: {name} must have {' or '.join(map(str, allowed))} dims, "
+                             f"got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{op}: {name} must be one of ({names}), got {dtype_name(t.dtype)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} like the input")
+
+
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> str | None:
+    """None when ``out`` matches ``ref``, else a one-line reason.
+
+    Checks, in float64: ``out`` is finite wherever ``ref`` is; the norm-wise relative error
+    ``|out - ref| / |ref|`` is within ``rel_tol``; and no single element is off by more than
+    ``4 * rel_tol * max|ref|``, so a small region of garbage cannot hide inside a large norm.
+    """
+    if out.shape != ref.shape:
+        return f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    bad = torch.isfinite(r) & ~torch.isfinite(o)
+    if bad.any():
+        return f"{name}: {int(bad.sum())} non-finite elements where the reference is finite"
+    o, r = torch.nan_to_num(o), torch.nan_to_num(r)
+    scale = r.norm().item()
+    err = (o - r).norm().item()
+    if err > rel_tol * max(scale, 1e-30):
+        return f"{name}: relative error {err / max(scale, 1e-30):.3e} > {rel_tol:.1e}"
+    worst = (o - r).abs().max().item() if o.numel() else 0.0
+    peak = r.abs().max().item() if r.numel() else 0.0
+    if worst > 4 * rel_tol * max(peak, 1e-30):
+        return f"{name}: max abs error {worst:.3e} > 4*{rel_tol:.1e}*max|ref| ({peak:.3e})"
+    return None

@@ -1,0 +1,561 @@
+"""Fused (residual add +) RMSNorm -> QKV projection -> per-head q/k RMSNorm -> RoPE.
+
+Equivalent PyTorch (HF eager Llama / Qwen2 / Qwen3 attention input path), see ``reference.py``::
+
+    h = x + residual                       # if residual is given; h is the new residual
+    xn = norm_weight * rms_norm(h)         # float32 statistics, cast, then weight multiply
+    q, k, v = split(xn @ qkv_weight.T + qkv_bias)
+    q, k = q_norm_weight * rms_norm(q), k_norm_weight * rms_norm(k)   # per head, if given
+    q, k = rope(q, positions), rope(k, positions)                     # first rotary_dim dims
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from kpt.ops._common import (
+    check_tensor,
+    compare,
+    lazy,
+    triton_interpreting,
+    triton_unavailable,
+)
+from kpt.ops._registry import Backend, Op, Problem, Tuning
+
+from . import reference as _reference
+
+OP = "rmsnorm_qkv_rope"
+_HALF = frozenset({torch.float16, torch.bfloat16})
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+@dataclass
+class Call:
+    """A validated call: 2-D inputs (last dim contiguous), parameters and allocated outputs."""
+
+    x: Tensor
+    residual: Tensor | None
+    norm_weight: Tensor
+    qkv_weight: Tensor
+    qkv_bias: Tensor | None
+    q_norm_weight: Tensor | None
+    k_norm_weight: Tensor | None
+    positions: Tensor
+    inv_freq: Tensor
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    eps: float
+    neox: bool
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    residual_out: Tensor | None
+
+    @property
+    def tokens(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.x.shape[1]
+
+
+# ---- backends ------------------------------------------------------------------------------
+
+
+def _common_kernel_limits(p: Problem) -> list[str]:
+    reasons = []
+    if p["head_dim"] % 2 or p["head_dim"] > 256:
+        reasons.append(f"head_dim {p['head_dim']} must be even and <= 256")
+    return reasons
+
+
+def _triton_supports(p: Problem) -> list[str]:
+    reasons = _common_kernel_limits(p)
+    if p.device_type == "cpu" and not triton_interpreting():
+        reasons.append("on cpu, triton runs only under TRITON_INTERPRET=1")
+    return reasons
+
+
+def _triton_available() -> str | None:
+    return triton_unavailable()
+
+
+def _cuda_supports(p: Problem) -> list[str]:
+    reasons = _common_kernel_limits(p)
+    if p["hidden"] % 8:
+        reasons.append(f"hidden size {p['hidden']} must be a multiple of 8 (16-byte loads)")
+    if p["head_dim"] % 8:
+        reasons.append(f"head_dim {p['head_dim']} must be a multiple of 8 (16-byte loads)")
+    return reasons
+
+
+BACKENDS = (
+    Backend(
+        name="cuda",
+        device_types=frozenset({"cuda"}),
+        dtypes=_HALF,
+        run=lazy(f"{__name__}._cuda", "run_cuda"),
+        min_capability=(8, 0),
+        rocm=False,
+        available=lazy(f"{__name__}._cuda", "cuda_unavailable"),
+        supports=_cuda_supports,
+        configs=lazy(f"{__name__}._cuda", "configs"),
+    ),
+    Backend(
+        name="hip",
+        device_types=frozenset({"cuda"}),
+        dtypes=_HALF,
+        run=lazy(f"{__name__}._cuda", "run_hip"),
+        rocm=True,
+        available=lazy(f"{__name__}._cuda", "hip_unavailable"),
+        supports=_cuda_supports,
+        configs=lazy(f"{__name__}._cuda", "configs"),
+    ),
+    Backend(
+        name="triton",
+        device_types=frozenset({"cuda", "cpu"}),
+        dtypes=_FLOATS,
+        run=lazy(f"{__name__}._triton", "run"),
+        available=_triton_available,
+        supports=_triton_supports,
+        configs=lazy(f"{__name__}._triton", "configs"),
+    ),
+    Backend(
+        name="reference",
+        device_types=frozenset({"cuda", "cpu", "xla", "xpu", "mps"}),
+        dtypes=_FLOATS,
+        run=_reference.run,
+    ),
+)
+
+
+def _pow2_bucket(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _bucket(p: Problem) -> str:
+    flags = "".join(
+        tag for tag, on in (("r", p["residual"]), ("b", p["bias"]), ("n", p["qk_norm"])) if on
+    )
+    return (
+        f"T{_pow2_bucket(p['tokens'])}-h{p['hidden']}-q{p['num_q_heads']}-kv{p['num_kv_heads']}"
+        f"-d{p['head_dim']}-rd{p['rotary_dim']}-{'neox' if p['neox'] else 'gptj'}-{flags or 'plain'}"
+    )
+
+
+# ---- tuning and testing hooks -------------------------------------------------------------
+
+# Kernels keep the reference's rounding points; they differ from it only in the GEMM's summation
+# order, which can flip the rounding of a projected value by one unit in the last place (u).
+# Norm-wise that stays well under one u, so the tolerance is one u of the dtype: bf16 2^-8,
+# fp16 2^-11; fp32 runs Triton's dot in tf32 (u = 2^-11) summed over thousands of terms.
+TOLERANCE = {torch.bfloat16: 2**-8, torch.float16: 2**-10, torch.float32: 4e-3}
+
+
+def shapes_from_hf_config(config: Mapping[str, Any], tokens: list[int]) -> list[dict]:
+    """The shapes one decoder layer of a HF model config runs, for each token count."""
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    qk_norm = config.get("model_type") in ("qwen3", "qwen3_moe")
+    base = {
+        "hidden": hidden,
+        "num_q_heads": heads,
+        "num_kv_heads": int(config.get("num_key_value_heads") or heads),
+        "head_dim": head_dim,
+        "rotary_dim": int(head_dim * float(config.get("partial_rotary_factor", 1.0))),
+        "bias": bool(config.get("attention_bias", False)),
+        "qk_norm": qk_norm,
+        "residual": True,
+        "neox": True,
+        "eps": float(config.get("rms_norm_eps", 1e-6)),
+        "rope_theta": float(config.get("rope_theta", 10000.0)),
+        "rope_scaling": config.get("rope_scaling"),
+    }
+    return [dict(base, tokens=t) for t in tokens]
+
+
+def make_call(shape: Mapping[str, Any], dtype: torch.dtype, device: torch.device,
+              seed: int = 0) -> Call:
+    """A call on fresh random inputs (never zeros) with outputs allocated."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*size: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
+        t = torch.randn(*size, generator=gen) * scale + shift
+        return t.to(device=device, dtype=dtype)
+
+    tokens, hidden, d = shape["tokens"], shape["hidden"], shape["head_dim"]
+    nq, nkv = shape["num_q_heads"], shape["num_kv_heads"]
+    n_out = (nq + 2 * nkv) * d
+    x = rand(tokens, hidden)
+    residual = rand(tokens, hidden) if shape.get("residual") else None
+    qk = shape.get("qk_norm")
+    rotary_dim = shape.get("rotary_dim", d)
+    positions = torch.randint(0, 8192, (tokens,), generator=gen).to(device)
+    return Call(
+        x=x,
+        residual=residual,
+        norm_weight=rand(hidden, scale=0.1, shift=1.0),
+        qkv_weight=rand(n_out, hidden, scale=hidden**-0.5),
+        qkv_bias=rand(n_out, scale=0.1) if shape.get("bias") else None,
+        q_norm_weight=rand(d, scale=0.1, shift=1.0) if qk else None,
+        k_norm_weight=rand(d, scale=0.1, shift=1.0) if qk else None,
+        positions=positions,
+        inv_freq=rope_inv_freq(rotary_dim, shape.get("rope_theta", 10000.0),
+                               shape.get("rope_scaling"), device),
+        num_q_heads=nq,
+        num_kv_heads=nkv,
+        head_dim=d,
+        rotary_dim=rotary_dim,
+        eps=float(shape.get("eps", 1e-6)),
+        neox=bool(shape.get("neox", True)),
+        q=x.new_empty(tokens, nq, d),
+        k=x.new_empty(tokens, nkv, d),
+        v=x.new_empty(tokens, nkv, d),
+        residual_out=x.new_empty(tokens, hidden) if residual is not None else None,
+    )
+
+
+def clone_outputs(call: Call) -> Call:
+    """The same inputs with freshly allocated outputs."""
+    return dataclasses.replace(
+        call,
+        q=torch.empty_like(call.q),
+        k=torch.empty_like(call.k),
+        v=torch.empty_like(call.v),
+        residual_out=None if call.residual_out is None else torch.empty_like(call.residual_out),
+    )
+
+
+def _outputs(call: Call) -> list[tuple[str, Tensor]]:
+    outs = [("q", call.q), ("k", call.k), ("v", call.v)]
+    if call.residual_out is not None:
+        outs.append(("residual", call.residual_out))
+    return outs
+
+
+def poison(call: Call) -> None:
+    for _, t in _outputs(call):
+        t.fill_(float("nan"))
+
+
+def check(call: Call, expected: Call) -> str | None:
+    tol = TOLERANCE[call.x.dtype]
+    for (name, out), (_, ref) in zip(_outputs(call), _outputs(expected)):
+        reason = compare(f"{OP}.{name}", out, ref, tol)
+        if reason:
+            return reason
+    return None
+
+
+SPEC = Op(
+    name=OP,
+    backends=BACKENDS,
+    priority={
+        "cuda": ("cuda", "hip", "triton", "reference"),
+        "cpu": ("reference",),
+        "xla": ("reference",),
+        "xpu": ("reference",),
+        "mps": ("reference",),
+    },
+    bucket=_bucket,
+    tuning=Tuning(
+        shapes=shapes_from_hf_config,
+        make_call=make_call,
+        problem=lambda call: problem_of(call),
+        check=check,
+        poison=poison,
+        clone_outputs=clone_outputs,
+    ),
+)
+
+
+def problem_of(call: Call) -> Problem:
+    return Problem.of(
+        call.x.device,
+        call.x.dtype,
+        tokens=call.tokens,
+        hidden=call.hidden,
+        num_q_heads=call.num_q_heads,
+        num_kv_heads=call.num_kv_heads,
+        head_dim=call.head_dim,
+        rotary_dim=call.rotary_dim,
+        neox=call.neox,
+        residual=call.residual is not None,
+        bias=call.qkv_bias is not None,
+        qk_norm=call.q_norm_weight is not None,
+    )
+
+
+# ---- RoPE frequencies ----------------------------------------------------------------------
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _scaling_key(rope_scaling: Mapping[str, Any] | None) -> tuple:
+    if not rope_scaling:
+        return ("default",)
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if kind == "default":
+        return ("default",)
+    if kind == "linear":
+        return ("linear", float(rope_scaling["factor"]))
+    if kind == "llama3":
+        return (
+            "llama3",
+            float(rope_scaling["factor"]),
+            float(rope_scaling["low_freq_factor"]),
+            float(rope_scaling["high_freq_factor"]),
+            float(rope_scaling["original_max_position_embeddings"]),
+        )
+    raise ValueError(f"{OP}: rope_scaling type {kind!r} is not supported (one of {_ROPE_TYPES})")
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq_cpu(rotary_dim: int, theta: float, scaling: tuple) -> Tensor:
+    # Same float32 expression as HF's default RoPE init, so the frequencies match bit for bit.
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling[0] == "linear":
+        inv_freq = inv_freq / scaling[1]
+    elif scaling[0] == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and the band in
+        # between interpolated linearly in 1/wavelength.
+        factor, low, high, original = scaling[1:]
+        wavelen = 2 * math.pi / inv_freq
+        slowed = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * slowed / factor + smooth * slowed
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        inv_freq = torch.where(medium, blended, slowed)
+    return inv_freq
+
+
+_INV_FREQ_DEVICE: dict[tuple, Tensor] = {}
+
+
+def rope_inv_freq(
+    rotary_dim: int,
+    theta: float,
+    rope_scaling: Mapping[str, Any] | None,
+    device: torch.device,
+) -> Tensor:
+    """float32 inverse frequencies (rotary_dim/2,), cached per device (warm up before capture)."""
+    key = (rotary_dim, float(theta), _scaling_key(rope_scaling), device)
+    cached = _INV_FREQ_DEVICE.get(key)
+    if cached is None:
+        cached = _inv_freq_cpu(rotary_dim, float(theta), key[2]).to(device)
+        _INV_FREQ_DEVICE[key] = cached
+    return cached
+
+
+# ---- validation ----------------------------------------------------------------------------
+
+
+def _validate(
+    x: Tensor,
+    norm_weight: Tensor,
+    qkv_weight: Tensor,
+    positions: Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rotary_dim: int,
+    eps: float,
+    qkv_bias: Tensor | None,
+    q_norm_weight: Tensor | None,
+    k_norm_weight: Tensor | None,
+    residual: Tensor | None,
+    rope_style: str,
+) -> None:
+    check_tensor(OP, "x", x, dtypes=tuple(_FLOATS))
+    if x.dim() < 2:
+        raise ValueError(f"{OP}: x must be (..., hidden) with at least 2 dims, got {tuple(x.shape)}")
+    dev, dtype, hidden = x.device, x.dtype, x.shape[-1]
+    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim), ("rotary_dim", rotary_dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{OP}: {name} must be a positive int, got {value!r}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{OP}: num_q_heads ({num_q_heads}) must be a multiple of "
+                         f"num_kv_heads ({num_kv_heads})")
+    if rotary_dim > head_dim or rotary_dim % 2:
+        raise ValueError(f"{OP}: rotary_dim ({rotary_dim}) must be even and <= head_dim "
+                         f"({head_dim})")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{OP}: eps must be a positive finite number, got {eps!r}")
+    if rope_style not in ("neox", "gptj"):
+        raise ValueError(f"{OP}: rope_style must be 'neox' or 'gptj', got {rope_style!r}")
+    n_out = (num_q_heads + 2 * num_kv_heads) * head_dim
+    check_tensor(OP, "norm_weight", norm_weight, ndim=1, dtypes=(dtype,), device=dev)
+    if norm_weight.shape[0] != hidden:
+        raise ValueError(f"{OP}: norm_weight has {norm_weight.shape[0]} elements, x has hidden "
+                         f"size {hidden}")
+    check_tensor(OP, "qkv_weight", qkv_weight, ndim=2, dtypes=(dtype,), device=dev)
+    if tuple(qkv_weight.shape) != (n_out, hidden):
+        raise ValueError(f"{OP}: qkv_weight must be ((num_q_heads + 2*num_kv_heads)*head_dim, "
+                         f"hidden) = {(n_out, hidden)}, got {tuple(qkv_weight.shape)}")
+    if qkv_bias is not None:
+        check_tensor(OP, "qkv_bias", qkv_bias, ndim=1, dtypes=(dtype,), device=dev)
+        if qkv_bias.shape[0] != n_out:
+            raise ValueError(f"{OP}: qkv_bias must have {n_out} elements, got "
+                             f"{qkv_bias.shape[0]}")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is not None:
+            check_tensor(OP, name, w, ndim=1, dtypes=(dtype,), device=dev)
+            if w.shape[0] != head_dim:
+                raise ValueError(f"{OP}: {name} must have head_dim={head_dim} elements, got "
+                                 f"{w.shape[0]}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError(f"{OP}: pass both q_norm_weight and k_norm_weight, or neither")
+    if residual is not None:
+        check_tensor(OP, "residual", residual, dtypes=(dtype,), device=dev)
+        if residual.shape != x.shape:
+            raise ValueError(f"{OP}: residual shape {tuple(residual.shape)} differs from x "
+                             f"{tuple(x.shape)}")
+    check_tensor(OP, "positions", positions, dtypes=(torch.int32, torch.int64), device=dev)
+    try:
+        torch.broadcast_shapes(positions.shape, x.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"{OP}: positions shape {tuple(positions.shape)} does not broadcast to "
+                         f"the token shape {tuple(x.shape[:-1])}") from None
+
+
+def _rows(t: Tensor, hidden: int) -> Tensor:
+    """(..., hidden) -> (T, hidden) with a contiguous last dim; a view whenever possible."""
+    flat = t.reshape(-1, hidden)
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+# ---- custom op -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kpt::rmsnorm_qkv_rope", mutates_args=())
+def _rmsnorm_qkv_rope_op(
+    x: Tensor,
+    residual: Tensor | None,
+    norm_weight: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    q_norm_weight: Tensor | None,
+    k_norm_weight: Tensor | None,
+    positions: Tensor,
+    inv_freq: Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rotary_dim: int,
+    eps: float,
+    neox: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    tokens, hidden = x.shape
+    q = x.new_empty(tokens, num_q_heads, head_dim)
+    k = x.new_empty(tokens, num_kv_heads, head_dim)
+    v = x.new_empty(tokens, num_kv_heads, head_dim)
+    residual_out = x.new_empty(tokens, hidden) if residual is not None else x.new_empty(0)
+    call = Call(x, residual, norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight,
+                positions, inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps, neox,
+                q, k, v, residual_out if residual is not None else None)
+    SPEC.launch(problem_of(call), call, backend or None)
+    return q, k, v, residual_out
+
+
+@_rmsnorm_qkv_rope_op.register_fake
+def _(x, residual, norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, positions,
+      inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps, neox, backend):
+    tokens, hidden = x.shape
+    q = x.new_empty(tokens, num_q_heads, head_dim)
+    k = x.new_empty(tokens, num_kv_heads, head_dim)
+    v = x.new_empty(tokens, num_kv_heads, head_dim)
+    residual_out = x.new_empty(tokens, hidden) if residual is not None else x.new_empty(0)
+    return q, k, v, residual_out
+
+
+def rmsnorm_qkv_rope(
+    x: Tensor,
+    norm_weight: Tensor,
+    qkv_weight: Tensor,
+    positions: Tensor,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float = 1e-6,
+    qkv_bias: Tensor | None = None,
+    q_norm_weight: Tensor | None = None,
+    k_norm_weight: Tensor | None = None,
+    rope_theta: float = 10000.0,
+    rope_scaling: Mapping[str, Any] | None = None,
+    rotary_dim: int | None = None,
+    rope_style: str = "neox",
+    residual: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Residual add +) RMSNorm -> QKV projection -> optional q/k RMSNorm -> RoPE, fused.
+
+    Args:
+        x: (..., hidden) activations, fp16/bf16 (fp32 runs on the reference and Triton).
+        norm_weight: (hidden,) RMSNorm weight.
+        qkv_weight: ((num_q_heads + 2*num_kv_heads)*head_dim, hidden): q, k, v projections
+            stacked along the output dim (``torch.cat([q_proj.weight, k_proj.weight,
+            v_proj.weight])``).
+        positions: integer positions broadcastable to ``x.shape[:-1]``.
+        qkv_bias: optional ((num_q_heads + 2*num_kv_heads)*head_dim,) bias (Qwen2).
+        q_norm_weight, k_norm_weight: optional (head_dim,) per-head RMSNorm weights (Qwen3).
+        rope_theta, rope_scaling: RoPE base and HF-style scaling dict (``linear``, ``llama3``).
+        rotary_dim: features rotated per head (default ``head_dim``); the rest pass through.
+        rope_style: ``"neox"`` (rotate halves, Llama) or ``"gptj"`` (rotate adjacent pairs).
+        residual: optional (..., hidden); then ``x + residual`` is normalised and returned.
+        backend: force ``"cuda"``, ``"hip"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        q (..., num_q_heads, head_dim), k and v (..., num_kv_heads, head_dim), and the new
+        residual (..., hidden) when ``residual`` was given. Rounding follows HF eager modules;
+        ``reference.py`` is the specification.
+    """
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    _validate(x, norm_weight, qkv_weight, positions, num_q_heads, num_kv_heads, head_dim,
+              rotary_dim, eps, qkv_bias, q_norm_weight, k_norm_weight, residual, rope_style)
+    if backend is not None:
+        SPEC.backend(backend)
+    lead, hidden = x.shape[:-1], x.shape[-1]
+    inv_freq = rope_inv_freq(rotary_dim, rope_theta, rope_scaling, x.device)
+    pos = positions.expand(lead).reshape(-1)
+    q, k, v, res = torch.ops.kpt.rmsnorm_qkv_rope(
+        _rows(x, hidden),
+        None if residual is None else _rows(residual, hidden),
+        norm_weight.contiguous(),
+        qkv_weight if qkv_weight.is_contiguous() else qkv_weight.contiguous(),
+        qkv_bias,
+        q_norm_weight,
+        k_norm_weight,
+        pos,
+        inv_freq,
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        rotary_dim,
+        float(eps),
+        rope_style == "neox",
+        backend or "",
+    )
+    q = q.view(*lead, num_q_heads, head_dim)
+    k = k.view(*lead, num_kv_heads, head_dim)
+    v = v.view(*lead, num_kv_heads, head_dim)
+    if residual is None:
+        return q, k, v
+    return q, k, v, res.view(*lead, hidden)
+
+
+__all__ = ["rmsnorm_qkv_rope", "rope_inv_freq", "Call", "SPEC", "BACKENDS"]
