@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -22,7 +23,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_unavailable() -> str | None:
     """Why Triton cannot be used here, or None."""
     try:

@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ class Problem:
             return default
 
     @staticmethod
-    def of(device: torch.device, dtype: torch.dtype, **dims: Any) -> "Problem":
+    def of(device: torch.device, dtype: torch.dtype, **dims: Any) -> Problem:
         index = device.index if device.index is not None else 0
         if device.type == "cuda" and device.index is None:
             index = torch.cuda.current_device()
@@ -183,7 +184,7 @@ class Op:
             elif backend.min_capability is not None and not is_rocm:
                 cap = torch.cuda.get_device_capability(problem.device_index)
                 if cap < backend.min_capability:
-                    need = "sm_%d%d" % backend.min_capability
+                    need = "sm_{}{}".format(*backend.min_capability)
                     reasons.append(f"needs {need} or newer, device is sm_{cap[0]}{cap[1]}")
         if not reasons:
             reasons.extend(backend.supports(problem))

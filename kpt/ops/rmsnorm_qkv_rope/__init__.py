@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -149,7 +150,8 @@ def _bucket(p: Problem) -> str:
     )
     return (
         f"T{_pow2_bucket(p['tokens'])}-h{p['hidden']}-q{p['num_q_heads']}-kv{p['num_kv_heads']}"
-        f"-d{p['head_dim']}-rd{p['rotary_dim']}-{'neox' if p['neox'] else 'gptj'}-{flags or 'plain'}"
+        f"-d{p['head_dim']}-rd{p['rotary_dim']}-{'neox' if p['neox'] else 'gptj'}"
+        f"-{flags or 'plain'}"
     )
 
 
@@ -162,25 +164,39 @@ def _bucket(p: Problem) -> str:
 TOLERANCE = {torch.bfloat16: 2**-8, torch.float16: 2**-10, torch.float32: 4e-3}
 
 
+def rope_from_hf_config(config: Mapping[str, Any]) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling, partial_rotary_factor) from a HF config dict, v4 or v5 style.
+
+    transformers v5 keeps them in ``rope_parameters``; v4 configs (and most config.json files
+    on the hub) have top-level ``rope_theta`` and ``rope_scaling``.
+    """
+    params = dict(config.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    partial = float(params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    scaling = params or config.get("rope_scaling") or None
+    return theta, scaling, partial
+
+
 def shapes_from_hf_config(config: Mapping[str, Any], tokens: list[int]) -> list[dict]:
     """The shapes one decoder layer of a HF model config runs, for each token count."""
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // heads)
     qk_norm = config.get("model_type") in ("qwen3", "qwen3_moe")
+    theta, scaling, partial = rope_from_hf_config(config)
     base = {
         "hidden": hidden,
         "num_q_heads": heads,
         "num_kv_heads": int(config.get("num_key_value_heads") or heads),
         "head_dim": head_dim,
-        "rotary_dim": int(head_dim * float(config.get("partial_rotary_factor", 1.0))),
+        "rotary_dim": int(head_dim * partial),
         "bias": bool(config.get("attention_bias", False)),
         "qk_norm": qk_norm,
         "residual": True,
         "neox": True,
         "eps": float(config.get("rms_norm_eps", 1e-6)),
-        "rope_theta": float(config.get("rope_theta", 10000.0)),
-        "rope_scaling": config.get("rope_scaling"),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
     }
     return [dict(base, tokens=t) for t in tokens]
 
@@ -380,7 +396,8 @@ def _validate(
 ) -> None:
     check_tensor(OP, "x", x, dtypes=tuple(_FLOATS))
     if x.dim() < 2:
-        raise ValueError(f"{OP}: x must be (..., hidden) with at least 2 dims, got {tuple(x.shape)}")
+        raise ValueError(f"{OP}: x must be (..., hidden) with at least 2 dims, "
+                         f"got {tuple(x.shape)}")
     dev, dtype, hidden = x.device, x.dtype, x.shape[-1]
     for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim), ("rotary_dim", rotary_dim)):

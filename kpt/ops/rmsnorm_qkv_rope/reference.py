@@ -104,3 +104,20 @@ def run(call, config: dict) -> None:
     call.v.copy_(v)
     if res is not None:
         call.residual_out.copy_(res)
+
+
+def eager_unfused(call) -> tuple[Tensor, Tensor, Tensor]:
+    """The unfused sequence HF's eager modules run for the same work (norm, one GEMM through
+    ``F.linear`` in the input dtype, q/k norm, RoPE): the baseline of benchmarks and the demo."""
+    h = call.x + call.residual if call.residual is not None else call.x
+    qkv = torch.nn.functional.linear(rms_norm(h, call.norm_weight, call.eps), call.qkv_weight,
+                                     call.qkv_bias)
+    q_size, kv_size = call.num_q_heads * call.head_dim, call.num_kv_heads * call.head_dim
+    q = qkv[:, :q_size].view(call.tokens, -1, call.head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(call.tokens, -1, call.head_dim)
+    v = qkv[:, q_size + kv_size :].view(call.tokens, -1, call.head_dim)
+    if call.q_norm_weight is not None:
+        q, k = rms_norm(q, call.q_norm_weight, call.eps), rms_norm(k, call.k_norm_weight, call.eps)
+    cos, sin = rope_cos_sin(call.positions, call.inv_freq, h.dtype)
+    return (apply_rope(q, cos, sin, call.rotary_dim, call.neox),
+            apply_rope(k, cos, sin, call.rotary_dim, call.neox), v)

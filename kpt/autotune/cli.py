@@ -1,0 +1,313 @@
+"""``kpt-autotune``: tune a model's shapes, and inspect or move the autotune database.
+
+    kpt-autotune warmup --model path/to/config.json [--tokens 1,16,128] [--dtype bf16] [--op OP]
+    kpt-autotune warmup --op rmsnorm_qkv_rope --shapes shapes.json
+    kpt-autotune show [--op OP] [--all]      winners for this GPU, or every stored row
+    kpt-autotune export FILE | import FILE   JSON Lines (``-`` for stdout/stdin)
+    kpt-autotune clear [--op OP] [--yes]
+    kpt-autotune doctor                      which backends work here, and why not
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+NO_DEVICE = "no CUDA/ROCm device: nothing to tune; kpt uses static priorities on this machine"
+DEFAULT_TOKENS = [1 << i for i in range(14)]  # every power-of-two bucket from 1 to 8192
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+           "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
+
+
+class UsageError(Exception):
+    """Bad input on the command line; printed without a traceback."""
+
+
+def _format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _choice(backend: str | None, config: Any) -> str:
+    if backend is None:
+        return "(none valid)"
+    text = config if isinstance(config, str) else json.dumps(config, sort_keys=True)
+    return backend if text == "{}" else f"{backend} {text}"
+
+
+# ---- inputs --------------------------------------------------------------------------------
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """A HF ``config.json`` (file or directory holding one) as a dict; multimodal configs give
+    their ``text_config``, the part that describes the decoder layers kpt tunes."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read model config {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    text = config.get("text_config")
+    if "hidden_size" not in config and isinstance(text, dict):
+        config = {**config, **text}
+    return config
+
+
+def _read_shapes(value: str) -> list[dict]:
+    source = Path(value)
+    text = source.read_text(encoding="utf-8") if source.is_file() else value
+    try:
+        shapes = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--shapes is neither a JSON file nor JSON ({err})") from None
+    shapes = [shapes] if isinstance(shapes, dict) else shapes
+    if not isinstance(shapes, list) or not all(isinstance(s, dict) for s in shapes):
+        raise UsageError("--shapes must be a JSON object or a list of objects")
+    return shapes
+
+
+def _parse_tokens(value: str) -> list[int]:
+    try:
+        tokens = [int(t) for t in value.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ints: {value!r}") from None
+    if not tokens or min(tokens) < 1:
+        raise argparse.ArgumentTypeError("token counts must be positive")
+    return tokens
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    canonical = _DTYPES.get(str(name).lower().removeprefix("torch."))
+    if canonical is None:
+        raise UsageError(f"unknown dtype {name!r} (one of {', '.join(sorted(_DTYPES))})")
+    return getattr(torch, canonical)
+
+
+def _tunable_ops(names: list[str] | None) -> dict:
+    from kpt.ops._registry import all_ops
+
+    ops = {name: op for name, op in sorted(all_ops().items()) if op.tuning is not None}
+    if not names:
+        return ops
+    unknown = [n for n in names if n not in ops]
+    if unknown:
+        raise UsageError(f"unknown or untunable op(s) {unknown}; tunable: {sorted(ops)}")
+    return {n: ops[n] for n in names}
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    import torch
+
+    from kpt.autotune.tuner import tune
+
+    ops = _tunable_ops(args.op)
+    config: dict = {}
+    if args.shapes is not None:
+        if len(ops) != 1:
+            raise UsageError("--shapes describes one op's calls: name it with --op")
+        plan = {name: _read_shapes(args.shapes) for name in ops}
+    elif args.model is not None:
+        config = read_hf_config(args.model)
+        plan = {}
+        for name, op in ops.items():
+            try:
+                plan[name] = op.tuning.shapes(config, args.tokens)
+            except (KeyError, TypeError, ValueError) as err:
+                logging.getLogger("kpt").warning("%s: no shapes from this config (%s)", name, err)
+    else:
+        raise UsageError("warmup needs --model or --shapes")
+    dtype = _dtype(args.dtype or config.get("torch_dtype") or config.get("dtype") or "bf16")
+    if not torch.cuda.is_available():
+        print(NO_DEVICE)
+        return 0
+    device = torch.device("cuda", torch.cuda.current_device())
+    results = []
+    for name, shapes in plan.items():
+        results += tune(ops[name], shapes, dtype, device, warmup_ms=args.warmup_ms,
+                        rep_ms=args.rep_ms, progress=not args.quiet)
+    rows = [(r.op, r.bucket, _choice(r.backend, r.config), _us(r.time_us), _us(r.default_us),
+             _speedup(r.speedup), len(r.invalid)) for r in results]
+    print(_format_table(["op", "bucket", "chosen", "time us", "default us", "speedup",
+                         "invalid"], rows))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from kpt.autotune import db, effective_rows, provenance, winner
+
+    if args.all:
+        with db.ResultsDB.open() as database:
+            rows = database.rows(op=args.op)
+        table = [(r["fingerprint"], r["op"], r["dtype"], r["bucket"], _choice(r["backend"],
+                  r["config"]), _us(r["median_us"]), "-" if r["spread"] is None
+                  else f"{100 * r['spread']:.1f}%", r["samples"],
+                  ("stale: " + reason) if (reason := provenance.stale_reason(r))
+                  else ("ok" if r["valid"] else f"invalid: {r['error']}")) for r in rows]
+        print(_format_table(["fingerprint", "op", "dtype", "bucket", "candidate", "median us",
+                             "spread", "n", "status"], table))
+        return 0
+    fingerprint = args.fingerprint or provenance.device_fingerprint()
+    if fingerprint is None:
+        print("no CUDA/ROCm device here: pass --all to list every row, or --fingerprint")
+        return 0
+    picks = winner.winners(effective_rows(fingerprint), "cuda")
+    table = [(op, dtype, bucket, _choice(p.winner["backend"], p.winner["config"]),
+              _us(p.winner["median_us"]), _us(p.default_us), _speedup(p.speedup))
+             for (op, dtype, bucket, _), p in picks.items() if args.op in (None, op)]
+    print(f"fingerprint: {fingerprint}")
+    print(_format_table(["op", "dtype", "bucket", "chosen", "time us", "default us",
+                         "speedup"], table))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kpt.autotune import db
+
+    with db.ResultsDB.open() as database:
+        count = db.dump_rows(database.rows(op=args.op), args.file)
+    print(f"exported {count} rows to {args.file}", file=sys.stderr if args.file == "-" else None)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from kpt.autotune import db, invalidate
+
+    try:
+        rows = db.load_rows(args.file)
+    except OSError as err:
+        raise UsageError(f"cannot read {args.file}: {err}") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    with db.ResultsDB.open() as database:
+        count = database.write(rows)
+    invalidate()
+    print(f"imported {count} rows into {database.path or 'the in-memory database'}")
+    return 0
+
+
+def _clear(args: argparse.Namespace) -> int:
+    from kpt.autotune import db, invalidate
+
+    with db.ResultsDB.open() as database:
+        count = len(database.rows(op=args.op))
+        what = f"{count} rows" + (f" of {args.op}" if args.op else "")
+        if count and not args.yes:
+            if not sys.stdin.isatty():
+                raise UsageError(f"would delete {what} from {database.path}: pass --yes")
+            if input(f"delete {what} from {database.path}? [y/N] ").strip().lower() != "y":
+                print("nothing deleted")
+                return 1
+        deleted = database.delete(op=args.op)
+    invalidate()
+    print(f"deleted {deleted} rows")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from kpt.autotune import db
+    from kpt.autotune.doctor import backend_table, environment
+
+    lines = environment()
+    try:
+        with db.ResultsDB.open() as database:
+            where = "in memory (fallback)" if database.in_memory else str(database.path)
+            lines.append(("rows stored", f"{database.count()} ({where})"))
+    except db.DatabaseUnavailable as err:
+        lines.append(("rows stored", f"database unavailable: {err}"))
+    width = max(len(name) for name, _ in lines)
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in lines))
+    print()
+    print(_format_table(["op", "backend", "status"], backend_table()))
+    return 0
+
+
+# ---- entry point ---------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kpt-autotune", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every invalid config")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    warm = sub.add_parser("warmup", help="tune every shape a model (or a shape list) runs")
+    source = warm.add_mutually_exclusive_group()
+    source.add_argument("--model", help="HF config.json, or a directory holding one")
+    source.add_argument("--shapes", help="JSON list of shape dicts, or a file holding one")
+    warm.add_argument("--op", action="append", help="op to tune (repeatable; default: all)")
+    warm.add_argument("--tokens", type=_parse_tokens, default=DEFAULT_TOKENS,
+                      help="token counts, comma-separated (default: powers of two 1..8192)")
+    warm.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the config's, else bf16)")
+    warm.add_argument("--warmup-ms", type=float, default=25.0)
+    warm.add_argument("--rep-ms", type=float, default=100.0)
+    warm.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    warm.set_defaults(func=_warmup)
+
+    show = sub.add_parser("show", help="tuned winners for this GPU, or every row with --all")
+    show.add_argument("--op")
+    show.add_argument("--all", action="store_true", help="every stored row, all fingerprints")
+    show.add_argument("--fingerprint", help="winners for another GPU's fingerprint")
+    show.set_defaults(func=_show)
+
+    export = sub.add_parser("export", help="write the database's rows as JSON Lines")
+    export.add_argument("file", help="output file, or - for stdout")
+    export.add_argument("--op")
+    export.set_defaults(func=_export)
+
+    imp = sub.add_parser("import", help="add rows from JSON Lines or a JSON array")
+    imp.add_argument("file", help="input file, or - for stdin")
+    imp.set_defaults(func=_import)
+
+    clear = sub.add_parser("clear", help="delete stored rows")
+    clear.add_argument("--op")
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    clear.set_defaults(func=_clear)
+
+    doctor = sub.add_parser("doctor", help="backends available here, fingerprint, versions")
+    doctor.set_defaults(func=_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kpt-autotune``; returns the exit status (0 ok, 1 declined, 2 bad input)."""
+    args = _parser().parse_args(argv)
+    log = logging.getLogger("kpt")
+    if not log.handlers and not logging.getLogger().handlers:
+        # Only when nobody configured logging: an embedding program keeps its own setup.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("kpt-autotune: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"kpt-autotune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

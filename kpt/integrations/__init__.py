@@ -1,0 +1,1 @@
+"""Integrations with model libraries; import the one you need, e.g. ``kpt.integrations.hf``."""

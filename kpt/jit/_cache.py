@@ -1,0 +1,117 @@
+"""The on-disk build cache: a lock per build, a completion marker, loading a finished build.
+
+Layout under ``cache_dir()/"jit"``::
+
+    <name>-<hash>/          cpp_extension's build directory (ninja files, objects, the .so,
+                            src/ snapshot of the sources, build.log when the build failed)
+    <name>-<hash>/.ok       completion marker, written last and atomically
+    <name>-<hash>.lock      flock()ed while a process builds; never deleted
+
+Only a directory with a marker naming its hash is trusted. A build killed midway (SIGKILL, OOM,
+a full disk) leaves a directory without one, which the next builder deletes and rebuilds; its
+flock is released by the kernel when the process dies, so nobody waits on a dead builder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import types
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ._errors import BuildError
+
+log = logging.getLogger("kpt")
+
+MARKER = ".ok"
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What a finished build recorded: its hash and the Python module it produced.
+
+    The module name is recorded because cpp_extension renames an extension (``name_v1``)
+    when one process builds two versions of the same name.
+    """
+
+    hash: str
+    module: str
+    library: str
+
+
+def read_marker(build_dir: Path, build_hash: str) -> Marker | None:
+    """The marker of a finished build of ``build_hash`` in ``build_dir``, else None."""
+    try:
+        data = json.loads((build_dir / MARKER).read_text())
+        marker = Marker(hash=data["hash"], module=data["module"], library=data["library"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if marker.hash != build_hash or not (build_dir / marker.library).is_file():
+        return None
+    return marker
+
+
+def write_marker(build_dir: Path, marker: Marker) -> None:
+    """Write the marker atomically (temp file, fsync, rename): it is either whole or absent."""
+    tmp = build_dir / f"{MARKER}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(asdict(marker), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, build_dir / MARKER)
+
+
+def import_library(module_name: str, path: Path) -> types.ModuleType:
+    """Import a built extension from its file, without putting it in ``sys.modules``.
+
+    The module's name must be the one it was built as (its ``PyInit_<name>`` symbol).
+    """
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot make an import spec for {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_finished(build_dir: Path, build_hash: str) -> types.ModuleType | None:
+    """The module of a finished build, or None when there is none (never a half-built one)."""
+    marker = read_marker(build_dir, build_hash)
+    if marker is None:
+        return None
+    try:
+        return import_library(marker.module, build_dir / marker.library)
+    except ImportError as err:
+        raise BuildError(
+            f"the cached build in {build_dir} is marked finished but does not import: {err}\n"
+            f"hint: delete {build_dir} to rebuild"
+        ) from err
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, waiting_for: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block.
+
+    flock rather than a lock *file* whose existence means "locked": the kernel drops an flock
+    when its process dies, so a killed builder can never leave a lock behind that hangs others.
+    """
+    try:
+        import fcntl
+    except ImportError as err:  # Windows
+        raise BuildError("kpt JIT builds need POSIX flock (Linux or macOS)") from err
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("kpt: waiting for another process %s (lock %s)", waiting_for, path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

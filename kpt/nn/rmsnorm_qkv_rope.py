@@ -1,0 +1,134 @@
+"""``RMSNormQKVRoPE``: a decoder layer's input norm, q/k/v projections, q/k norms and RoPE."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kpt.ops.rmsnorm_qkv_rope import rmsnorm_qkv_rope, rope_from_hf_config, rope_inv_freq
+from kpt.ops.rmsnorm_qkv_rope.reference import rmsnorm_qkv_rope_reference
+
+
+class RMSNormQKVRoPE(nn.Module):
+    """(Residual add +) RMSNorm -> fused QKV projection -> optional q/k norm -> RoPE.
+
+    ``forward(x, positions, residual=None)`` returns ``(q, k, v)`` shaped (..., heads, head_dim)
+    or ``(q, k, v, new_residual)``. Under autograd (grad enabled and a parameter or input that
+    requires grad) it runs the differentiable PyTorch reference instead of the fused kernels,
+    which have no backward.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        eps: float = 1e-6,
+        bias: bool = False,
+        qk_norm: bool = False,
+        rope_theta: float = 10000.0,
+        rope_scaling: Mapping[str, Any] | None = None,
+        rotary_dim: int | None = None,
+        rope_style: str = "neox",
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        n_out = (num_q_heads + 2 * num_kv_heads) * head_dim
+        self.hidden_size, self.head_dim = hidden_size, head_dim
+        self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
+        self.eps, self.rope_style, self.backend = eps, rope_style, backend
+        self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        self.rope_theta = rope_theta
+        self.rope_scaling = dict(rope_scaling) if rope_scaling else None
+        self.norm_weight = nn.Parameter(torch.ones(hidden_size, **factory))
+        self.qkv_weight = nn.Parameter(torch.empty(n_out, hidden_size, **factory))
+        self.qkv_bias = nn.Parameter(torch.zeros(n_out, **factory)) if bias else None
+        self.q_norm_weight = nn.Parameter(torch.ones(head_dim, **factory)) if qk_norm else None
+        self.k_norm_weight = nn.Parameter(torch.ones(head_dim, **factory)) if qk_norm else None
+        nn.init.normal_(self.qkv_weight, std=hidden_size**-0.5)
+
+    @classmethod
+    def from_hf(cls, norm: nn.Module, attn: nn.Module, config: Any = None,
+                backend: str | None = None) -> RMSNormQKVRoPE:
+        """Build from a HF decoder layer's ``input_layernorm`` and ``self_attn`` (Llama, Mistral,
+        Qwen2, Qwen3 and alike: ``q_proj``/``k_proj``/``v_proj``, optional ``q_norm``/``k_norm``).
+        The q/k/v weights are concatenated (copied) into one projection."""
+        config = config if config is not None else attn.config
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        theta, scaling, partial = rope_from_hf_config(cfg)
+        head_dim = attn.head_dim
+        weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        has_bias = attn.q_proj.bias is not None
+        qk_norm = getattr(attn, "q_norm", None) is not None
+        module = cls(
+            weight.shape[1],
+            attn.q_proj.weight.shape[0] // head_dim,
+            attn.k_proj.weight.shape[0] // head_dim,
+            head_dim,
+            eps=float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))),
+            bias=has_bias,
+            qk_norm=qk_norm,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rotary_dim=int(head_dim * partial),
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            module.norm_weight.copy_(norm.weight)
+            module.qkv_weight.copy_(weight)
+            if has_bias:
+                module.qkv_bias.copy_(
+                    torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+            if qk_norm:
+                module.q_norm_weight.copy_(attn.q_norm.weight)
+                module.k_norm_weight.copy_(attn.k_norm.weight)
+        return module
+
+    def _needs_autograd(self, *tensors: Tensor | None) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(p.requires_grad for p in self.parameters()) or any(
+            t is not None and t.requires_grad for t in tensors)
+
+    def forward(self, x: Tensor, positions: Tensor, residual: Tensor | None = None):
+        if self._needs_autograd(x, residual):
+            return self._forward_differentiable(x, positions, residual)
+        return rmsnorm_qkv_rope(
+            x, self.norm_weight, self.qkv_weight, positions,
+            num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, eps=self.eps, qkv_bias=self.qkv_bias,
+            q_norm_weight=self.q_norm_weight, k_norm_weight=self.k_norm_weight,
+            rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+            rotary_dim=self.rotary_dim, rope_style=self.rope_style, residual=residual,
+            backend=self.backend,
+        )
+
+    def _forward_differentiable(self, x: Tensor, positions: Tensor, residual: Tensor | None):
+        lead, hidden = x.shape[:-1], x.shape[-1]
+        inv_freq = rope_inv_freq(self.rotary_dim, self.rope_theta, self.rope_scaling, x.device)
+        q, k, v, res = rmsnorm_qkv_rope_reference(
+            x.reshape(-1, hidden), None if residual is None else residual.reshape(-1, hidden),
+            self.norm_weight, self.qkv_weight, self.qkv_bias, self.q_norm_weight,
+            self.k_norm_weight, positions.expand(lead).reshape(-1), inv_freq,
+            self.num_q_heads, self.num_kv_heads, self.head_dim, self.rotary_dim, self.eps,
+            self.rope_style == "neox",
+        )
+        outs = (q.view(*lead, self.num_q_heads, self.head_dim),
+                k.view(*lead, self.num_kv_heads, self.head_dim),
+                v.view(*lead, self.num_kv_heads, self.head_dim))
+        return outs if res is None else (*outs, res.view(*lead, hidden))
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, heads={self.num_q_heads}/{self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
+                f"qk_norm={self.q_norm_weight is not None}, bias={self.qkv_bias is not None}")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything kpt checks on a GPU machine, in one go: carried wheels, kpt.info, the whole test
+# suite with CUDA present, an autotune warm-up on Llama-3-8B shapes, then the benchmarks, with
+# their summary table printed last. Logs go to $OUT (or ./gpu-out) when set.
+# Usage: bash scripts/gpu.sh [quick]     ("quick": skip the autotune warm-up)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 KPT_AUTOTUNE_DB="$out/autotune.db"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kpt-site .whl/*.whl \
+        && export PYTHONPATH="/tmp/kpt-site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+python3 -m kpt.info
+python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -25
+status=${PIPESTATUS[0]}
+if [ "${1:-}" != "quick" ]; then
+    python3 -m kpt.autotune.cli warmup --model bench/llama3-8b-config.json --tokens 1,16,128,4096 \
+        2>&1 | tee "$out/autotune.log" | tail -20
+fi
+python3 -m pytest -q -p no:cacheprovider bench/bench_rmsnorm_qkv_rope.py \
+    --benchmark-json="$out/bench.json" --benchmark-disable-gc 2>&1 | tee "$out/bench.log" \
+    | sed -n '/kpt benchmark summary/,$p'
+echo "tests exit status: $status"
+exit "$status"
