@@ -16,15 +16,15 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _isolated_kpt_state(tmp_path_factory, monkeypatch):
     """Each test sees an empty autotune database of its own and fresh dispatch caches."""
-    from kpt.ops._registry import clear_caches
+    from kpt.autotune import invalidate
 
     root = tmp_path_factory.mktemp("kpt-state")
     monkeypatch.setenv("KPT_AUTOTUNE_DB", str(root / "autotune.db"))
     for name in ("KPT_BACKEND", "KPT_STRICT"):
         monkeypatch.delenv(name, raising=False)
-    clear_caches()
+    invalidate()
     yield
-    clear_caches()
+    invalidate()
 
 
 def devices() -> list[str]:

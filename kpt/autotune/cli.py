@@ -127,8 +127,8 @@ def _warmup(args: argparse.Namespace) -> int:
     ops = _tunable_ops(args.op)
     config: dict = {}
     if args.shapes is not None:
-        if len(ops) != 1:
-            raise UsageError("--shapes describes one op's calls: name it with --op")
+        if not args.op or len(ops) != 1:
+            raise UsageError("--shapes describes one op's calls: name that op with --op")
         plan = {name: _read_shapes(args.shapes) for name in ops}
     elif args.model is not None:
         config = read_hf_config(args.model)
@@ -179,6 +179,9 @@ def _show(args: argparse.Namespace) -> int:
               _us(p.winner["median_us"]), _us(p.default_us), _speedup(p.speedup))
              for (op, dtype, bucket, _), p in picks.items() if args.op in (None, op)]
     print(f"fingerprint: {fingerprint}")
+    if not table:
+        print("no trusted tuned choices (`show --all` lists stale and invalid rows too)")
+        return 0
     print(_format_table(["op", "dtype", "bucket", "chosen", "time us", "default us",
                          "speedup"], table))
     return 0
@@ -232,12 +235,15 @@ def _doctor(args: argparse.Namespace) -> int:
     from kpt.autotune.doctor import backend_table, environment
 
     lines = environment()
-    try:
-        with db.ResultsDB.open() as database:
-            where = "in memory (fallback)" if database.in_memory else str(database.path)
-            lines.append(("rows stored", f"{database.count()} ({where})"))
-    except db.DatabaseUnavailable as err:
-        lines.append(("rows stored", f"database unavailable: {err}"))
+    if not db.default_path().exists():
+        lines.append(("rows stored", "none (no database yet)"))  # doctor creates nothing
+    else:
+        try:
+            with db.ResultsDB.open() as database:
+                where = "in memory (fallback)" if database.in_memory else str(database.path)
+                lines.append(("rows stored", f"{database.count()} ({where})"))
+        except db.DatabaseUnavailable as err:
+            lines.append(("rows stored", f"database unavailable: {err}"))
     width = max(len(name) for name, _ in lines)
     print("\n".join(f"{name.ljust(width)}  {value}" for name, value in lines))
     print()
@@ -249,8 +255,10 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kpt-autotune", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kpt-autotune",
+        description="Tune kpt ops for this GPU, and inspect or move the autotune database.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every invalid config")
     sub = parser.add_subparsers(dest="command", required=True)
 

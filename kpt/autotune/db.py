@@ -74,11 +74,14 @@ class _Corrupt(Exception):
 
 
 def default_path() -> Path:
-    """``$KPT_AUTOTUNE_DB``, else ``~/.cache/kpt/autotune.db``."""
+    """``$KPT_AUTOTUNE_DB``, else ``autotune.db`` in kpt's cache directory (``$KPT_CACHE_DIR``
+    or ``~/.cache/kpt``, shared with the JIT builds)."""
     env = os.environ.get(ENV_PATH, "").strip()
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "kpt" / "autotune.db"
+    from kpt.jit import cache_dir
+
+    return cache_dir() / "autotune.db"
 
 
 def config_json(config: dict[str, Any]) -> str:
@@ -184,12 +187,13 @@ class ResultsDB:
             raise _Corrupt("integrity check failed: " + "; ".join(map(str, check[:3])))
 
         def create() -> None:
-            if TABLE not in db.table_names():
+            if TABLE not in db.table_names():  # checked again under the write lock: a race
                 db[TABLE].create(COLUMNS, pk=KEY, not_null=set(KEY))
                 db[TABLE].create_index(["fingerprint", "op", "dtype", "bucket"])
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-        self._write(create)
+        if TABLE not in db.table_names():  # readers never take the write lock
+            self._write(create)
 
     @classmethod
     def _memory_fallback(cls, path: Path, err: BaseException) -> ResultsDB:

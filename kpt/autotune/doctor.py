@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -11,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from kpt.ops._registry import Backend, Problem, all_ops
-
 
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
@@ -20,33 +17,11 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _device_reasons(op_name: str, backend: Backend, device: torch.device) -> list[str]:
-    """Reasons that hold for every call on ``device``: device type, ROCm/CUDA build, arch and
-    environment. Problem-specific limits (sizes, features) are left out: there is no problem."""
-    op = all_ops()[op_name]
-    # The registry's own check, with the size-dependent part switched off.
-    device_only = dataclasses.replace(backend, supports=lambda _p: [])
-    dtype = min(backend.dtypes, key=str) if backend.dtypes else torch.float32
-    reasons = op.unsupported(device_only, Problem.of(device, dtype))
-    try:
-        missing = op.unavailable(backend)
-    except Exception as err:  # noqa: BLE001 - a failing check is itself the reason
-        missing = f"availability check failed: {type(err).__name__}: {err}"
-    if missing:
-        reasons.append(missing)
-    return reasons
-
-
 def backend_table(device: torch.device | str | None = None) -> list[tuple[str, str, str]]:
-    """(op, backend, status) for every op and backend: ``"available"`` or the reasons why not,
-    for ``device`` (default: the current CUDA/ROCm device, else CPU)."""
-    device = torch.device(device) if device is not None else _default_device()
-    table = []
-    for name, op in sorted(all_ops().items()):
-        for backend in op.backends:
-            reasons = _device_reasons(name, backend, device)
-            table.append((name, backend.name, "; ".join(reasons) if reasons else "available"))
-    return table
+    """(op, backend, status) for every op and backend on ``device`` (``kpt.info``'s table)."""
+    from kpt.info import backend_rows
+
+    return backend_rows(device if device is not None else _default_device())
 
 
 def _tool_version(tool: str, pattern: str) -> str:

@@ -30,6 +30,10 @@ STALE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_STALE_FIELDS = ("source_hash", "kpt_version", "torch_version")
 
+# Files of csrc/ that can end up in a build (not editor backups or build outputs).
+_KERNEL_SUFFIXES = frozenset(
+    {".cu", ".hip", ".cpp", ".cc", ".c", ".h", ".hh", ".hpp", ".hxx", ".cuh", ".inc", ".inl"}
+)
 _TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton-rocm", "pytorch-triton", "triton-xpu")
 
 
@@ -123,14 +127,6 @@ def _op_dir(op: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _csrc_roots() -> list[Path]:
-    """Where ``csrc/`` lives: inside the installed package, or next to it in a checkout."""
-    import kpt
-
-    package = Path(kpt.__file__).resolve().parent
-    return [p for p in (package / "csrc", package.parent / "csrc") if p.is_dir()][:1]
-
-
 def _backend_files(op: str, backend: str) -> list[tuple[str, Path]]:
     """The files whose content decides the code a backend runs, with stable names."""
     files: list[tuple[str, Path]] = []
@@ -141,13 +137,15 @@ def _backend_files(op: str, backend: str) -> list[tuple[str, Path]]:
     if op_dir is not None and (op_dir / module).is_file():
         files.append((module, op_dir / module))
     if backend in ("cuda", "hip"):
-        # CUDA and HIP share csrc/<op>/ and the portability headers in csrc/include/.
-        for root in _csrc_roots():
-            for sub in (root / op, root / "include"):
-                if sub.is_dir():
-                    files.extend(
-                        (str(p.relative_to(root)), p) for p in sorted(sub.rglob("*")) if p.is_file()
-                    )
+        # CUDA and HIP build csrc/<op>/ with the portability headers of csrc/include/, from
+        # the tree the JIT builds from.
+        from kpt.jit import csrc_dir
+
+        root = csrc_dir()
+        for sub in (root / op, root / "include"):
+            if sub.is_dir():
+                files.extend((str(p.relative_to(root)), p) for p in sorted(sub.rglob("*"))
+                             if p.suffix in _KERNEL_SUFFIXES and p.is_file())
     return files
 
 
@@ -155,9 +153,11 @@ def _backend_files(op: str, backend: str) -> list[tuple[str, Path]]:
 def source_hash(op: str, backend: str) -> str:
     """A short hash of the kernel sources of one backend of one op.
 
-    Hashing the files (rather than asking the JIT for its build hash) needs no compiler and no
-    build, so it can run on the first lookup; an op or backend with no files hashes to the
-    digest of nothing, which is stable too.
+    The files only, not the JIT's build hash: that one also covers the host compiler, Python
+    and torch's git revision, which do not change how fast a kernel runs but would make rows
+    shipped with kpt match no user's machine; and it needs compiler version probes, which do
+    not belong on the first lookup. An op or backend with no files hashes to the digest of
+    nothing, which is stable too.
     """
     digest = hashlib.sha256()
     for name, path in _backend_files(op, backend):

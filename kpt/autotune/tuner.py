@@ -64,25 +64,13 @@ def _describe(err: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
-def _reasons(op: Op, backend: Backend, problem: Problem) -> list[str]:
-    """The registry's reasons; an availability check that itself raises is a reason too."""
-    try:
-        return op.reasons(backend, problem)
-    except Exception as err:  # noqa: BLE001
-        return [f"availability check failed: {_describe(err)}"]
-
-
 def static_default(op: Op, problem: Problem) -> tuple[str, Config] | None:
-    """What dispatch picks with no tuned rows: the first backend in the device type's priority
-    with no reasons, with its first config (mirrors ``Op._choose_uncached`` without the DB)."""
-    for name in op.priority.get(problem.device_type, ()):
-        backend = op.backend(name)
-        if not _reasons(op, backend, problem):
-            try:
-                return name, backend.configs(problem)[0]
-            except Exception:  # noqa: BLE001 - dispatch would fail on it too; no default then
-                return None
-    return None
+    """What dispatch picks with no tuned rows (``Op.static_choice``), or None if nothing can."""
+    try:
+        backend, config = op.static_choice(problem)
+    except Exception:  # noqa: BLE001 - no default then; every candidate is still measured
+        return None
+    return backend.name, config
 
 
 def _synchronize(device: torch.device) -> None:
@@ -188,7 +176,7 @@ def _tune_shape(
     rows: list[dict[str, Any]] = []
     skipped = []
     for backend in op.backends:
-        reasons = _reasons(op, backend, problem)
+        reasons = op.reasons(backend, problem)
         if not reasons:
             try:
                 configs = backend.configs(problem)

@@ -9,9 +9,9 @@ Environment: ``KPT_CACHE_DIR`` (cache root), ``KPT_CSRC_DIR`` (sources to build 
 ``PYTORCH_ROCM_ARCH`` (target arch), ``MAX_JOBS`` (ninja parallelism).
 """
 
+from ._compile import compile_check
 from ._env import cache_dir, compilers, csrc_dir
 from ._errors import BuildError, CompilerMissing
-from .compile_check import compile_check
 from .spec import JitSpec
 
 __all__ = [

@@ -8,6 +8,7 @@ or kill builds.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import types
 from collections.abc import Mapping, Sequence
@@ -77,11 +78,13 @@ def build(
     ldflags: Sequence[str],
     with_cuda: bool,
     build_dir: Path,
+    csrc: Path,
 ) -> types.ModuleType:
     """Build ``sources`` (relative to the csrc tree held in ``inputs``) in ``build_dir``.
 
     On failure, writes the full compiler output to ``build_dir/build.log`` and raises a
-    BuildError with the first error lines.
+    BuildError with the first error lines, naming files by their path under ``csrc`` (where
+    the user edits them) rather than by their snapshot copy.
     """
     src_dir = build_dir / "src"
     snapshot(inputs, src_dir)
@@ -102,7 +105,7 @@ def build(
         log_path.write_text(f"{type(err).__name__}: {text}\n")
         raise build_error(
             f"kpt: building the JIT extension {name!r} failed:",
-            text,
+            text.replace(f"{src_dir}{os.sep}", f"{csrc}{os.sep}"),
             log_path,
             ("check nvcc/hipcc and CUDA_HOME/ROCM_HOME; " if with_cuda else "")
             + f"fix the source or delete {build_dir} to rebuild; "

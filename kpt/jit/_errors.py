@@ -27,7 +27,15 @@ class BuildError(RuntimeError):
 
     The message names the extension, shows the first compiler error (not the whole log),
     the path of the full log and a hint; dispatch turns it into an *unavailable* reason.
+    ``first_error`` (one line) and ``log_path`` are set when a compiler ran and failed.
     """
+
+    def __init__(
+        self, message: str, *, first_error: str | None = None, log_path: Path | None = None
+    ) -> None:
+        super().__init__(message)
+        self.first_error = first_error
+        self.log_path = log_path
 
 
 class CompilerMissing(BuildError, FileNotFoundError):
@@ -64,11 +72,13 @@ def build_error(
     what: str, log: str, log_path: Path | None, hint: str, cls: type[BuildError] = BuildError
 ) -> BuildError:
     """A BuildError whose message is ``what``, the first errors of ``log``, log path, hint."""
-    parts = [what, _indent(first_errors(log))] if log.strip() else [what]
+    shown = first_errors(log) if log.strip() else ""
+    parts = [what, _indent(shown)] if shown else [what]
     if log_path is not None:
         parts.append(f"full log: {log_path}")
     parts.append(f"hint: {hint}")
-    return cls("\n".join(parts))
+    first = shown.splitlines()[0] if shown else None
+    return cls("\n".join(parts), first_error=first, log_path=log_path)
 
 
 def _indent(text: str) -> str:

@@ -2,10 +2,16 @@
 
 A non-editable install has no source checkout to JIT-build from, so the kernel sources must
 travel inside the package, where :func:`kpt.jit.csrc_dir` finds them. ``pyproject.toml`` names
-this class as setuptools' ``build_py``::
+this class as setuptools' ``build_py``, and limits package discovery to ``kpt`` (csrc/ has no
+Python, but flat-layout discovery would count it as a second top-level package)::
 
     [tool.setuptools]
     cmdclass = { build_py = "kpt.jit._setuptools.BuildPyWithCsrc" }
+
+    [tool.setuptools.packages.find]
+    include = ["kpt", "kpt.*"]
+
+tests/jit/test_packaging.py builds wheels to check this.
 
 setuptools loads this file by path during the build (without importing ``kpt``), so it must
 import nothing but the standard library and setuptools.

@@ -58,6 +58,7 @@ class _Plan:
     """A spec resolved against this machine: the files, the flags and their hash."""
 
     hash: str
+    root: Path
     inputs: dict[str, bytes]
     cflags: tuple[str, ...]
     cuda_cflags: tuple[str, ...]
@@ -143,12 +144,14 @@ class JitSpec:
         if runtime is not None:
             compiler = compilers()["nvcc" if runtime == "cuda" else "hipcc"]
             tools[runtime] = tool_version(compiler) if compiler else "not found"
-        inputs = self._inputs(csrc_dir())
+        root = csrc_dir()
+        inputs = self._inputs(root)
         meta = {
             "name": self.name,
             "sources": self.sources,
             "cflags": cflags,
             "cuda_cflags": cuda_cflags,
+            "extra_cuda_cflags": self.extra_cuda_cflags,  # also when unused: no surprises
             "ldflags": self.extra_ldflags,
             "tools": tools,
             "torch": [torch.__version__, torch.version.git_version],
@@ -161,7 +164,7 @@ class JitSpec:
         for rel, data in inputs.items():
             digest.update(f"\0{rel}\0{len(data)}\0".encode())
             digest.update(data)
-        return _Plan(digest.hexdigest()[:_HASH_CHARS], inputs, cflags, cuda_cflags)
+        return _Plan(digest.hexdigest()[:_HASH_CHARS], root, inputs, cflags, cuda_cflags)
 
     def build_hash(self) -> str:
         """Hash of sources, every header they can include, flags, target arch, compiler,
@@ -197,6 +200,8 @@ class JitSpec:
 
         None means a finished build is cached or a build can be attempted (it may still fail).
         """
+        if self._key() in _LOADED:
+            return None
         if self.with_cuda and _gpu_runtime() is None:
             import torch
 
@@ -206,12 +211,13 @@ class JitSpec:
             )
         try:
             plan = self._plan()
-            if plan.hash in _FAILED:
-                return f"an earlier build in this process failed: {_FAILED[plan.hash]}"
+            failed = _FAILED.get(plan.hash)
+            if failed is not None:
+                return _one_line(f"building {self.name!r} failed in this process", failed)
             if _cache.read_marker(self._dir_for(plan.hash), plan.hash) is not None:
                 return None
         except BuildError as err:
-            return str(err)
+            return _one_line(f"cannot build {self.name!r}", err)
         cannot = self._cannot_build()
         if cannot is None:
             return None
@@ -222,7 +228,7 @@ class JitSpec:
     def load(self) -> types.ModuleType:
         """The built extension module: from this process's memory, else from the cache, else
         built now (under the lock). Raises BuildError (CompilerMissing when a tool is absent)."""
-        key = (self, str(csrc_dir()), str(cache_dir()))
+        key = self._key()
         module = _LOADED.get(key)
         if module is not None:
             return module
@@ -235,6 +241,10 @@ class JitSpec:
                 _LOADED[key] = module
         return module
 
+    def _key(self) -> tuple:
+        # The directories are part of the key so that tests (and tools) may switch them.
+        return (self, str(csrc_dir()), str(cache_dir()))
+
     def _load_or_build(self) -> types.ModuleType:
         if self.with_cuda and _gpu_runtime() is None:
             raise BuildError(
@@ -242,8 +252,9 @@ class JitSpec:
                 "this torch is a CPU-only build\nhint: install a CUDA or ROCm build of torch"
             )
         plan = self._plan()
-        if plan.hash in _FAILED:
-            raise BuildError(str(_FAILED[plan.hash]))
+        failed = _FAILED.get(plan.hash)
+        if failed is not None:
+            raise BuildError(str(failed), first_error=failed.first_error, log_path=failed.log_path)
         build_dir = self._dir_for(plan.hash)
         module = _cache.load_finished(build_dir, plan.hash)
         if module is not None:
@@ -251,10 +262,15 @@ class JitSpec:
         cannot = self._cannot_build()
         if cannot is not None:
             reason, cls = cannot
+            hint = (
+                "unset KPT_DISABLE_JIT to build here, or build where a compiler is and share "
+                "KPT_CACHE_DIR"
+                if jit_disabled()
+                else "install the missing tool, or set KPT_DISABLE_JIT=1 to skip JIT builds"
+            )
             raise cls(
                 f"kpt: cannot build the JIT extension {self.name!r}: {reason}, and no finished "
-                f"build is cached in {build_dir}\nhint: set KPT_DISABLE_JIT=1 to skip JIT "
-                "backends, or install the missing tool"
+                f"build is cached in {build_dir}\nhint: {hint}"
             )
         lock = build_dir.with_name(build_dir.name + ".lock")
         with _cache.file_lock(lock, f"to build {self.name!r}"):
@@ -284,6 +300,7 @@ class JitSpec:
             ldflags=self.extra_ldflags,
             with_cuda=self.with_cuda,
             build_dir=build_dir,
+            csrc=plan.root,
         )
         library = Path(module.__file__ or "")
         if library.parent.resolve() != build_dir.resolve():
@@ -291,6 +308,13 @@ class JitSpec:
         _cache.write_marker(build_dir, _cache.Marker(plan.hash, module.__name__, library.name))
         log.info("kpt: built %r in %.1f s", self.name, time.perf_counter() - start)
         return module
+
+
+def _one_line(what: str, err: BuildError) -> str:
+    """A BuildError as one line, the way dispatch lists reasons (one line per backend)."""
+    detail = err.first_error or str(err).splitlines()[0].removeprefix("kpt: ")
+    where = f" (full log: {err.log_path})" if err.log_path else ""
+    return f"{what}: {detail}{where}"
 
 
 def _discard(build_dir: Path) -> None:

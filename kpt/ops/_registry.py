@@ -162,10 +162,14 @@ class Op:
     # ---- reasons -------------------------------------------------------------------------
 
     def unavailable(self, backend: Backend) -> str | None:
-        """The environment reason this backend cannot run here at all, or None."""
+        """The environment reason this backend cannot run here at all, or None. A check that
+        itself fails (say, a backend module that does not import) is such a reason too."""
         if backend.name in self._broken:
             return self._broken[backend.name]
-        return backend.available()
+        try:
+            return backend.available()
+        except Exception as err:  # noqa: BLE001 - reported as the reason, never raised
+            return f"availability check failed: {type(err).__name__}: {err}"
 
     def unsupported(self, backend: Backend, problem: Problem) -> list[str]:
         """Reasons that come from the problem itself (device, dtype, sizes, features)."""
@@ -187,7 +191,10 @@ class Op:
                     need = "sm_{}{}".format(*backend.min_capability)
                     reasons.append(f"needs {need} or newer, device is sm_{cap[0]}{cap[1]}")
         if not reasons:
-            reasons.extend(backend.supports(problem))
+            try:
+                reasons.extend(backend.supports(problem))
+            except Exception as err:  # noqa: BLE001 - reported as the reason, never raised
+                reasons.append(f"support check failed: {type(err).__name__}: {err}")
         return reasons
 
     def reasons(self, backend: Backend | str, problem: Problem) -> list[str]:
@@ -245,6 +252,11 @@ class Op:
                     f"{self.name}: tuned backend {name!r} cannot run here: " + "; ".join(reasons)
                 )
 
+        return self.static_choice(problem)
+
+    def static_choice(self, problem: Problem) -> tuple[Backend, Config]:
+        """The first backend of the device type's priority list that can run ``problem``, with
+        its default config: what dispatch picks when nothing is requested or tuned."""
         order = self.priority.get(problem.device_type, ())
         report = []
         for name in order:

@@ -48,7 +48,9 @@ using fp16 = __half;
 // -mwavefrontsize64 to keep host-side launch math and device code in agreement.
 constexpr int kWarpSize = 64;
 inline error_t last_error() { return hipGetLastError(); }
-inline const char* error_string(int code) { return hipGetErrorString(static_cast<hipError_t>(code)); }
+inline const char* error_string(int code) {
+  return hipGetErrorString(static_cast<hipError_t>(code));
+}
 #else
 using stream_t = cudaStream_t;
 using error_t = cudaError_t;
@@ -56,7 +58,9 @@ using bf16 = __nv_bfloat16;
 using fp16 = __half;
 constexpr int kWarpSize = 32;
 inline error_t last_error() { return cudaGetLastError(); }
-inline const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+inline const char* error_string(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
 #endif
 
 // ---- shuffles and reductions -----------------------------------------------------------------
@@ -162,17 +166,13 @@ KPT_DEVICE uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(
 
 KPT_DEVICE void store16(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
 
-// A load of data read exactly once (weights streamed by a GEMV): read-only path and no L1
-// allocation on NVIDIA, so the reused activations stay in L1.
+// A load of data read exactly once (weights streamed by a GEMV): the streaming cache policy
+// (evict first) so that it does not push the reused activations out of L1.
 KPT_DEVICE uint4 load16_stream(const void* p) {
 #ifdef KPT_HIP
   return *reinterpret_cast<const uint4*>(p);
 #else
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+  return __ldcs(reinterpret_cast<const uint4*>(p));
 #endif
 }
 

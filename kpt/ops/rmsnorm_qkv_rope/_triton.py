@@ -40,10 +40,29 @@ from kpt.ops._common import triton_interpreting
 # ---- helpers --------------------------------------------------------------------------------
 
 if triton_interpreting():
-    # The interpreter has no libdevice; numpy's cos/sin are correctly rounded anyway.
+    # The interpreter has no libdevice (numpy's cos/sin are correctly rounded anyway), truncates
+    # fp32 -> bf16 instead of rounding to nearest even, and multiplies bf16 dot operands as raw
+    # uint16 bits. These stand-ins keep the CPU check of the kernels exact.
     @triton.jit
     def _cos_sin(x):
         return tl.cos(x), tl.sin(x)
+
+    @triton.jit
+    def _rnd(x, DTYPE: tl.constexpr):
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return x.to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _cast(x, DTYPE: tl.constexpr):
+        return _rnd(x, DTYPE).to(DTYPE)
+
+    @triton.jit
+    def _dot(a, b, acc):
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
 
 else:
     from triton.language.extra import libdevice
@@ -54,11 +73,18 @@ else:
     def _cos_sin(x):
         return libdevice.cos(x), libdevice.sin(x)
 
+    @triton.jit
+    def _rnd(x, DTYPE: tl.constexpr):
+        """Round fp32 to the input dtype and back: the reference's rounding points."""
+        return x.to(DTYPE).to(tl.float32)
 
-@triton.jit
-def _rnd(x, DTYPE: tl.constexpr):
-    """Round fp32 to the input dtype and back: the reference's rounding points (no-op for fp32)."""
-    return x.to(DTYPE).to(tl.float32)
+    @triton.jit
+    def _cast(x, DTYPE: tl.constexpr):
+        return x.to(DTYPE)
+
+    @triton.jit
+    def _dot(a, b, acc):
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -103,7 +129,7 @@ def _row_kernel(
                 h = _rnd(h, dtype)
             w = tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
             xn = _rnd(h * rstd, dtype) * w
-            tl.store(xn_ptr + row * K + cols, xn.to(dtype), mask=ok)
+            tl.store(xn_ptr + row * K + cols, _cast(xn, dtype), mask=ok)
 
 
 # ---- kernel 2: GEMM with norm prologue and bias / q-k norm / RoPE epilogue ----------------------
@@ -223,7 +249,7 @@ def _epilogue(
     ya = tl.where(rotated, out_a, ya)
     yb = tl.where(rotated, out_b, yb)
     # Stores straight into q, k and v (T, H, D); the three masks split the heads by kind.
-    r2 = rows[:, None]
+    r2 = rows.to(tl.int64)[:, None]
     ok2 = row_ok[:, None] & ok_a[None, :]
     is_q = (head_a < HQ)[None, :]
     is_k = (head_a >= HQ)[None, :] & (head_a < HQ + HKV)[None, :]
@@ -246,7 +272,8 @@ def _epilogue(
         tl.store(v_ptr + r2 * stride_v + cp - (HQ + HKV) * D, yp, mask=okp & (hp >= HQ + HKV))
 
 
-@triton.jit
+# T stays unspecialised: one compile per regime serves every token count a server sees.
+@triton.jit(do_not_specialize=["T"])
 def _qkv_kernel(
     a_ptr, res_ptr, hout_ptr, nw_ptr, rstd_ptr, w_ptr, ws_ptr,
     bias_ptr, qw_ptr, kw_ptr, pos_ptr, freq_ptr, q_ptr, k_ptr, v_ptr,
@@ -328,15 +355,15 @@ def _qkv_kernel(
                 r_ok = row_ok[:, None] & ((k0 + offs_k) < K)[None, :]
                 h = _rnd(h + tl.load(r_ptrs, mask=r_ok, other=0.0).to(tl.float32), dtype)
             nw = tl.load(nw_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0)
-            a = (_rnd(h * rstd[:, None], dtype) * nw.to(tl.float32)[None, :]).to(dtype)
-        acc_a = tl.dot(a, wa, acc_a)
-        acc_b = tl.dot(a, wb, acc_b)
+            a = _cast(_rnd(h * rstd[:, None], dtype) * nw.to(tl.float32)[None, :], dtype)
+        acc_a = _dot(a, wa, acc_a)
+        acc_b = _dot(a, wb, acc_b)
         if HAS_PASS:
             if EVEN_K:
                 wp = tl.load(wp_ptrs + k0)
             else:
                 wp = tl.load(wp_ptrs + k0, mask=((k0 + offs_k) < K)[:, None], other=0.0)
-            acc_p = tl.dot(a, wp, acc_p)
+            acc_p = _dot(a, wp, acc_p)
 
     if SPLIT_K == 1:
         _epilogue(acc_a, acc_b, acc_p, rows, row_ok, pid_n,
@@ -353,7 +380,7 @@ def _qkv_kernel(
             tl.store(base + col_p[None, :], acc_p, mask=row_ok[:, None] & ok_p[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _splitk_epilogue_kernel(
     ws_ptr, bias_ptr, qw_ptr, kw_ptr, pos_ptr, freq_ptr, q_ptr, k_ptr, v_ptr,
     T, stride_q, stride_k, stride_v, eps,

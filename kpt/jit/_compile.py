@@ -23,6 +23,26 @@ log = logging.getLogger("kpt")
 _NVIDIA = re.compile(r"^sm_(\d+[af]?)$")
 _AMD = re.compile(r"^gfx[0-9a-f]+$")
 _TIMEOUT_S = 1800
+# The macros torch's cpp_extension puts on every device compile (COMMON_NVCC_FLAGS, and
+# COMMON_HIP_FLAGS + COMMON_HIPCC_FLAGS), so a kernel is checked as the JIT build will see it:
+# e.g. with __half operators disabled. tests/jit checks these still match torch's.
+TORCH_NVCC_FLAGS = (
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+)
+TORCH_HIPCC_FLAGS = (
+    "-D__HIP_PLATFORM_AMD__=1",
+    "-DUSE_ROCM=1",
+    "-DHIPBLAS_V2",
+    "-fPIC",
+    "-DCUDA_HAS_FP16=1",
+    "-D__HIP_NO_HALF_OPERATORS__=1",
+    "-D__HIP_NO_HALF_CONVERSIONS__=1",
+    "-DHIP_ENABLE_WARP_SYNC_BUILTINS=1",
+)
 
 
 def _command(target: str, source: Path, obj: Path) -> tuple[list[str], dict[str, str] | None]:
@@ -40,9 +60,9 @@ def _command(target: str, source: Path, obj: Path) -> tuple[list[str], dict[str,
         )
     if nvidia:
         arch = nvidia.group(1)
-        flags = [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+        flags = [f"-gencode=arch=compute_{arch},code=sm_{arch}", *TORCH_NVCC_FLAGS]
         return [path, *flags, "-std=c++17", "-c", str(source), "-o", str(obj)], None
-    flags = ["-x", "hip", f"--offload-arch={target}"]
+    flags = ["-x", "hip", f"--offload-arch={target}", *TORCH_HIPCC_FLAGS]
     return [path, *flags, "-std=c++17", "-c", str(source), "-o", str(obj)], hip_env()
 
 
@@ -57,8 +77,9 @@ def compile_check(
 
     ``target``: ``"sm_90a"`` -> ``nvcc -gencode=arch=compute_90a,code=sm_90a``; ``"sm_80"``
     likewise; ``"gfx90a"`` -> ``HIP_PLATFORM=amd hipcc -x hip --offload-arch=gfx90a``. Always
-    ``-std=c++17 -I csrc/include``. Raises :class:`CompilerMissing` when the compiler is absent,
-    :class:`BuildError` with the first error line(s) and the log path when compiling fails.
+    ``-std=c++17 -I csrc/include`` and the macros cpp_extension defines. Raises
+    :class:`CompilerMissing` when the compiler is absent, :class:`BuildError` with the first
+    error line(s) and the log path when compiling fails.
     """
     source = Path(source).resolve()
     if not source.is_file():

@@ -1,0 +1,207 @@
+"""CUDA and HIP backends of ``rmsnorm_qkv_rope``: JIT build of ``csrc/rmsnorm_qkv_rope`` and the
+launcher that serves both (one kernel source for nvcc and hipcc).
+
+Each call runs three stages on the current stream, with workspaces from torch's caching
+allocator (CUDA-graph safe, no host synchronisation):
+
+1. ``add_rmsnorm``: ``h = x + residual`` (written to ``residual_out``) and the normalised,
+   weighted rows ``xn`` (tokens, hidden).
+2. the projection. Up to ``gemv_max_tokens`` tokens (decode) a split-K GEMV kernel streams the
+   weight once and leaves fp32 partial sums (splits, tokens, N). Above it the projection is
+   cuBLAS/hipBLAS through ``torch.mm`` / ``torch.addmm`` into a (tokens, N) workspace: fp32
+   accumulation rounded once, with the bias added before the rounding, which is exactly the
+   rounding point of HF's ``nn.Linear``.
+3. ``epilogue``: partial sums + bias (or the GEMM result), per-head q/k RMSNorm, RoPE, and the
+   q, k, v outputs.
+
+Every rounding point is that of ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+
+from kpt.jit import BuildError, JitSpec
+from kpt.ops._registry import BackendUnavailable, Config, Problem
+
+OP = "rmsnorm_qkv_rope"
+
+SPEC = JitSpec(
+    name="rmsnorm_qkv_rope",
+    sources=("rmsnorm_qkv_rope/kernels.cu", "rmsnorm_qkv_rope/binding.cpp"),
+)
+
+# What the kernels handle (kernels.cu returns KPT_RQR_UNSUPPORTED beyond these).
+MAX_HIDDEN = 65536  # add_rmsnorm keeps a row in registers: 8 vectors x 1024 threads
+MAX_HEAD_DIM = 256
+MAX_GEMV_TOKENS = {"mma": 32, "simt": 16}
+# Rows of W one GEMV block covers: 4 warps x (16 x row_tiles) rows for mma, 4 x 2 for simt.
+_GEMV_ROWS = {"mma": 64, "simt": 8}
+# Blocks an SM needs to keep enough loads in flight to saturate its share of HBM bandwidth
+# (16 warps of 8-16 outstanding 16-byte loads each).
+_MIN_BLOCKS_PER_SM = 4
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _is_rocm() -> bool:
+    return torch.version.hip is not None
+
+
+@functools.cache
+def _build_reason() -> str | None:
+    return SPEC.unavailable_reason()
+
+
+def cuda_unavailable() -> str | None:
+    """Why the CUDA backend cannot run here (without building), or None."""
+    if _is_rocm():
+        return "needs a CUDA build of torch (this one is ROCm)"
+    return _build_reason()
+
+
+def hip_unavailable() -> str | None:
+    """Why the HIP backend cannot run here (without building), or None."""
+    if not _is_rocm():
+        return "needs a ROCm build of torch"
+    return _build_reason()
+
+
+def configs(problem: Problem) -> list[Config]:
+    """Tunable variants for this problem; the first is the default.
+
+    Only variants that change what runs for this token count are listed: above the GEMV range
+    every variant would run the same GEMM path.
+    """
+    impl = "simt" if _is_rocm() else "mma"
+    base: Config = {"gemv_max_tokens": 16, "gemv": impl, "row_tiles": 1, "split_scale": 1.0}
+    gemm = dict(base, gemv_max_tokens=0)
+    tokens = problem["tokens"]
+    if tokens <= base["gemv_max_tokens"]:
+        if impl == "simt":
+            return [base, gemm]
+        return [
+            base,
+            dict(base, row_tiles=2),
+            dict(base, split_scale=2.0),
+            dict(base, split_scale=0.5),
+            dict(base, gemv="simt"),
+            gemm,
+        ]
+    if tokens <= MAX_GEMV_TOKENS[impl]:
+        longer = dict(base, gemv_max_tokens=MAX_GEMV_TOKENS[impl])
+        return [base, longer, dict(longer, row_tiles=2)]
+    return [base]
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=1024)
+def _auto_splits(n: int, k: int, tokens: int, rows_per_block: int, sms: int) -> int:
+    """Split-K factor for the GEMV: keep every SM busy and balanced at little extra traffic.
+
+    Modelled time is the work of the busiest SM, counted in 32-column chunks of W per block:
+    its blocks x (chunks per split + one chunk of fixed cost + the fp32 partial sums it writes
+    and the epilogue reads back, tokens/8 chunks), stretched when the SMs hold too few blocks
+    to saturate HBM. Among near-equal choices the smallest split wins.
+    """
+    groups = -(-n // rows_per_block)
+    chunks = -(-k // 32)
+    best_cost, best = math.inf, 1
+    for splits in range(1, min(chunks, 64) + 1):
+        blocks = groups * splits
+        per_block = -(-chunks // splits) + 1 + tokens / 8
+        cost = -(-blocks // sms) * per_block / min(1.0, blocks / (_MIN_BLOCKS_PER_SM * sms))
+        if cost < 0.97 * best_cost:
+            best_cost, best = cost, splits
+    return best
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The binding launches on the current device: make it the tensors' one if it is not."""
+    if torch.cuda.current_device() == device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when its start and every row are 16-byte aligned with a contiguous last
+    dim (what the kernels' 16-byte vectors need), else a contiguous copy."""
+    if t is None:
+        return None
+    rows_ok = all(st % 8 == 0 or size <= 1 for st, size in zip(t.stride()[:-1], t.shape[:-1]))
+    if t.stride(-1) == 1 and rows_ok and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _validate(call) -> None:
+    x = call.x
+    if x.device.type != "cuda":
+        raise ValueError(f"{OP}: the cuda/hip backend needs GPU tensors, got {x.device}")
+    if x.dtype not in _HALF:
+        raise TypeError(f"{OP}: the cuda/hip backend takes float16/bfloat16, got {x.dtype}")
+    if call.hidden % 8 or call.hidden > MAX_HIDDEN:
+        raise ValueError(f"{OP}: hidden size {call.hidden} must be a multiple of 8 and "
+                         f"<= {MAX_HIDDEN} for the cuda/hip backend")
+    d = call.head_dim
+    if d % 8 or d > MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: head_dim {d} must be a multiple of 8 and <= {MAX_HEAD_DIM} "
+                         "for the cuda/hip backend")
+
+
+def _run(call, config: Config) -> None:
+    _validate(call)
+    try:
+        module = SPEC.load()
+    except BuildError as err:
+        raise BackendUnavailable(f"{OP}: {err}") from err
+    tokens, hidden = call.tokens, call.hidden
+    if tokens == 0:
+        return
+    dev, dtype = call.x.device, call.x.dtype
+    n = (call.num_q_heads + 2 * call.num_kv_heads) * call.head_dim
+    weight = _aligned(call.qkv_weight)
+    bias = _aligned(call.qkv_bias)
+    impl = config.get("gemv", "mma")
+    use_gemv = tokens <= min(config.get("gemv_max_tokens", 16), MAX_GEMV_TOKENS[impl])
+    with _on_device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        xn = torch.empty((tokens, hidden), device=dev, dtype=dtype)
+        residual = _aligned(call.residual)
+        module.add_rmsnorm(_aligned(call.x), residual,
+                           call.residual_out if residual is not None else None,
+                           _aligned(call.norm_weight), xn, call.eps, stream)
+        if use_gemv:
+            rows = _GEMV_ROWS[impl] * (config.get("row_tiles", 1) if impl == "mma" else 1)
+            splits = _auto_splits(n, hidden, tokens, rows, _sm_count(dev.index))
+            splits = max(1, min(round(splits * config.get("split_scale", 1.0)), hidden // 8))
+            qkv = torch.empty((splits, tokens, n), device=dev, dtype=torch.float32)
+            module.gemv(xn, weight, qkv, getattr(module, f"GEMV_{impl.upper()}"),
+                        config.get("row_tiles", 1), stream)
+        else:
+            qkv = torch.empty((tokens, n), device=dev, dtype=dtype)
+            if bias is None:
+                torch.mm(xn, weight.t(), out=qkv)
+            else:
+                torch.addmm(bias, xn, weight.t(), out=qkv)
+            bias = None  # added by the GEMM, before its rounding
+        module.epilogue(qkv, bias, _aligned(call.q_norm_weight), _aligned(call.k_norm_weight),
+                        call.positions, call.inv_freq.contiguous(), call.q, call.k, call.v,
+                        call.rotary_dim, call.eps, call.neox, stream)
+
+
+def run_cuda(call, config: Config) -> None:
+    """The ``cuda`` backend: write ``call.q/k/v`` (and ``call.residual_out``)."""
+    _run(call, config)
+
+
+def run_hip(call, config: Config) -> None:
+    """The ``hip`` backend: the same kernels built with hipcc; GEMV through the FMA variant."""
+    _run(call, dict(config, gemv="simt"))
