@@ -3,6 +3,7 @@
 # suite with CUDA present, an autotune warm-up on Llama-3-8B shapes, then the benchmarks, with
 # their summary table printed last. Logs go to $OUT (or ./gpu-out) when set.
 # Usage: bash scripts/gpu.sh [quick]     ("quick": skip the autotune warm-up)
+# KPT_GPU_TESTS / KPT_GPU_BENCH: test paths and benchmark files to run (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-out}"
@@ -16,13 +17,18 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 python3 -m kpt.info
-python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -25
+# shellcheck disable=SC2086
+python3 -m pytest -q -p no:cacheprovider ${KPT_GPU_TESTS:-tests} 2>&1 | tee "$out/tests.log" \
+    | tail -25
 status=${PIPESTATUS[0]}
 if [ "${1:-}" != "quick" ]; then
     python3 -m kpt.autotune.cli warmup --model bench/llama3-8b-config.json --tokens 1,16,128,4096 \
         2>&1 | tee "$out/autotune.log" | tail -20
+    python3 -m kpt.autotune.cli show --all > "$out/autotune-rows.txt" 2>&1
+    python3 -m kpt.autotune.cli export "$out/tuned.jsonl" 2>&1 | tail -2
 fi
-python3 -m pytest -q -p no:cacheprovider bench/bench_rmsnorm_qkv_rope.py \
+# shellcheck disable=SC2086
+python3 -m pytest -q -p no:cacheprovider ${KPT_GPU_BENCH:-bench/bench_*.py} \
     --benchmark-json="$out/bench.json" --benchmark-disable-gc 2>&1 | tee "$out/bench.log" \
     | sed -n '/kpt benchmark summary/,$p'
 echo "tests exit status: $status"

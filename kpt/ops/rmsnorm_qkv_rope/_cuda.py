@@ -57,16 +57,13 @@ def _build_reason() -> str | None:
 
 
 def cuda_unavailable() -> str | None:
-    """Why the CUDA backend cannot run here (without building), or None."""
-    if _is_rocm():
-        return "needs a CUDA build of torch (this one is ROCm)"
+    """Why the CUDA backend cannot run here (without building), or None. The CUDA-vs-ROCm
+    torch check is the registry's (the backend is declared ``rocm=False``)."""
     return _build_reason()
 
 
 def hip_unavailable() -> str | None:
-    """Why the HIP backend cannot run here (without building), or None."""
-    if not _is_rocm():
-        return "needs a ROCm build of torch"
+    """Why the HIP backend cannot run here (without building), or None (``rocm=True``)."""
     return _build_reason()
 
 

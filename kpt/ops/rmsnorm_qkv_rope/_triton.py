@@ -31,6 +31,8 @@ accumulate in fp32.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -373,7 +375,7 @@ def _qkv_kernel(
                   PASS_SPAN, BLOCK_PASS, HAS_PASS, HAS_BIAS, QK_NORM, BLOCK_M)
     else:
         # fp32 partial sums in (SPLIT_K, T, N) column order; the epilogue kernel reduces them.
-        base = ws_ptr + pid_k * T * N + rows64[:, None] * N
+        base = ws_ptr + (rows64[:, None] + pid_k * T) * N
         tl.store(base + col_a[None, :], acc_a, mask=row_ok[:, None] & ok_a[None, :])
         tl.store(base + col_b[None, :], acc_b, mask=row_ok[:, None] & ok_a[None, :])
         if HAS_PASS:
@@ -407,7 +409,7 @@ def _splitk_epilogue_kernel(
     ok = row_ok[:, None] & ok_a[None, :]
     okp = row_ok[:, None] & ok_p[None, :]
     for s in tl.static_range(SPLIT_K):
-        base = ws_ptr + s * T * N + rows64[:, None] * N
+        base = ws_ptr + (rows64[:, None] + s * T) * N
         acc_a += tl.load(base + col_a[None, :], mask=ok, other=0.0)
         acc_b += tl.load(base + col_b[None, :], mask=ok, other=0.0)
         if HAS_PASS:
@@ -456,7 +458,8 @@ def configs(problem) -> list[dict]:
             q4 = quarter
             out = [_cfg(16, q4, 256, 1, 4, 4, "fused"), _cfg(16, q4, 512, 1, 4, 3, "fused"),
                    _cfg(16, q4, 128, 2, 4, 4, "fused"), _cfg(16, q4, 256, 1, 4, 4, "row"),
-                   _cfg(16, whole, 256, 4, 4, 4, "fused"), _cfg(16, 2 * q4, 256, 2, 4, 4, "fused")]
+                   _cfg(16, whole, 256, 4, 4, 4, "fused"), _cfg(16, 2 * q4, 256, 2, 4, 4, "fused"),
+                   _cfg(16, q4, 256, 1, 2, 4, "fused")]
     elif tokens < LARGE_T:
         split = 2 if qk else 1
         bp = whole if qk else max(whole // 2, 16)
@@ -468,8 +471,10 @@ def configs(problem) -> list[dict]:
         out = [_cfg(128, whole, 64, 1, 8, 4, "row"), _cfg(128, two, 64, 1, 8, 3, "row"),
                _cfg(128, whole, 64, 1, 8, 3, "row"), _cfg(128, whole, 64, 1, 8, 4, "prenorm"),
                _cfg(128, two, 64, 1, 8, 3, "prenorm"), _cfg(64, whole, 64, 1, 4, 4, "row")]
+    limit = _smem_limit(problem.device_type, problem.device_index)
     seen, unique = set(), []
     for c in out:
+        c = _fit(c, problem, limit)
         key = tuple(sorted(c.items()))
         if key not in seen:
             seen.add(key)
@@ -477,9 +482,43 @@ def configs(problem) -> list[dict]:
     return unique
 
 
+# Triton keeps num_stages - 1 tiles of A and W in flight in shared memory; the epilogue's layout
+# conversions (and reshapes for per-head sums) take up to ~34 KB more (seen on an H200: a
+# 3 x 72 KB pipeline asked for 250 KB).
+_EPILOGUE_SMEM = 40 * 1024
+
+
+@functools.cache
+def _smem_limit(device_type: str, index: int) -> int | None:
+    if device_type != "cuda":
+        return None  # the interpreter has no shared memory limit
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+
+
+def _fit(cfg: dict, problem, limit: int | None) -> dict:
+    """Shrink BLOCK_K, then num_stages, until the pipeline fits the device's shared memory."""
+    if limit is None:
+        return cfg
+    cfg = dict(cfg)
+    half_p = _pow2(problem["rotary_dim"] // 2)
+    npass = problem["head_dim"] - problem["rotary_dim"]
+    pass_cols = 0 if npass == 0 else max(_pow2(npass), 16) * max(cfg["BLOCK_P"] // half_p, 1)
+    size = problem.dtype.itemsize
+    while True:
+        stage = (cfg["BLOCK_M"] + 2 * cfg["BLOCK_P"] + pass_cols) * cfg["BLOCK_K"] * size
+        if (cfg["num_stages"] - 1) * stage + _EPILOGUE_SMEM <= limit:
+            return cfg
+        if cfg["BLOCK_K"] > 32:
+            cfg["BLOCK_K"] //= 2
+        elif cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        else:
+            return cfg
+
+
 # ---- launcher -----------------------------------------------------------------------------------
 
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _PLANS: dict[tuple, dict] = {}
 
 

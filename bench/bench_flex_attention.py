@@ -1,0 +1,124 @@
+"""flex_attention: kpt's generated Triton kernels vs torch's compiled flex_attention.
+
+B4 H32 S4096 D128 bf16, forward and forward+backward, for: no mask, causal, soft-cap 30 and a
+1024-token causal sliding window (TARGETS.md). Both implementations get the same torch
+BlockMask (BLOCK_SIZE 128). TFLOP/s count 4*B*H*Sq*Skv*D for the forward, times the visible
+fraction of the score matrix, and 2.5x that for the backward.
+
+Run: ``KPT_BENCH_BASELINE=torch_flex_compiled pytest bench/bench_flex_attention.py`` (needs a
+CUDA device; about 2-3 minutes, most of it torch.compile).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from bench.conftest import event_time_us, record
+from kpt.ops.flex_attention import SPEC, flex_attention
+
+B, H, S, D = 4, 32, 4096, 128
+WINDOW = 1024
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOW)
+
+
+def _softcap(score, b, h, q_idx, kv_idx):
+    return 30.0 * torch.tanh(score / 30.0)
+
+
+# case: (score_mod, mask_mod, visible fraction of the S x S score matrix)
+CASES = {
+    "full": (None, None, 1.0),
+    "causal": (None, _causal, (S + 1) / (2 * S)),
+    "softcap30": (_softcap, None, 1.0),
+    "window1024_causal": (None, _window,
+                          sum(min(i + 1, WINDOW) for i in range(S)) / (S * S)),
+}
+MODES = ("fwd", "fwd_bwd")
+IMPLS = ("kpt_triton", "torch_flex_compiled")
+
+
+@functools.cache
+def _inputs():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+               .requires_grad_(True) for _ in range(3))
+    return q, k, v, torch.randn_like(q)
+
+
+@functools.cache
+def _block_mask(case: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod = CASES[case][1]
+    if mask_mod is None:
+        return None
+    return create_block_mask(mask_mod, None, None, S, S, device="cuda", BLOCK_SIZE=128)
+
+
+@functools.cache
+def _torch_compiled():
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    return torch.compile(torch_flex)
+
+
+def _forward(impl: str, case: str):
+    q, k, v, _ = _inputs()
+    score_mod, bm = CASES[case][0], _block_mask(case)
+    if impl == "kpt_triton":
+        return lambda: flex_attention(q, k, v, score_mod, bm, backend="triton")
+    compiled = _torch_compiled()
+    return lambda: compiled(q, k, v, score_mod=score_mod, block_mask=bm)
+
+
+def _fn(impl: str, case: str, mode: str):
+    fwd = _forward(impl, case)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fwd()
+        return run
+    q, k, v, dout = _inputs()
+    return lambda: torch.autograd.grad(fwd(), (q, k, v), dout)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_flex_attention(benchmark, cuda_only, case, mode, impl):
+    if impl == "kpt_triton":
+        from kpt.ops.flex_attention import _codegen, block_mask, problem_of
+
+        q, k, v, _ = _inputs()
+        bm = _block_mask(case)
+        tables = (block_mask.all_full(S, S, 128, q.device) if bm is None
+                  else block_mask.normalize(bm, B, H, S, S, q.device))
+        mods = _codegen.translate(CASES[case][0], tables.mask_mod if tables.has_partial
+                                  else None)
+        reasons = SPEC.reasons("triton", problem_of(q, k, v, mods, tables, mode != "fwd"))
+        if reasons:
+            pytest.skip("triton: " + "; ".join(reasons))
+    fn = _fn(impl, case, mode)
+    kernel = event_time_us([fn], calls=10)
+
+    def one_call():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(one_call, rounds=5, iterations=1, warmup_rounds=1)
+    latency = benchmark.stats.stats.median * 1e6
+    flops = 4 * B * H * S * S * D * CASES[case][2] * (1.0 if mode == "fwd" else 3.5)
+    tflops = flops / (kernel * 1e-6) / 1e12
+    benchmark.extra_info.update(kernel_us=kernel, latency_us=latency, tflops=tflops)
+    record(f"flex {case} {mode} B{B} H{H} S{S} D{D}", impl, kernel_us=kernel,
+           latency_us=latency, tflops=tflops)

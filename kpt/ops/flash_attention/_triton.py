@@ -1,0 +1,643 @@
+"""Triton backend of ``flash_attention``: forward, and the FA2 backward as three kernels.
+
+Layout: every tensor is addressed through (batch, token, head) strides with a contiguous last
+dim, so transposed views (B, H, S, D) -> (B, S, H, D) are read in place. Varlen calls use batch
+stride 0 and take each sequence's first token and length from ``cu_seqlens``. A query head ``h``
+reads kv head ``h // GROUP`` (GQA/MQA without repeating K/V). Head dims that are not a power of
+two are padded to ``BLOCK_D`` lanes with masked loads.
+
+Masking: query ``i`` sees key ``j`` when ``j <= i + diag + right`` (if a right bound exists;
+causal is right = 0) and ``j >= i + diag - left`` (if a left bound exists), ``diag = Sk - Sq``.
+For each tile the loop over the other sequence is split into three ranges: key blocks before
+the fully visible ones (masked), fully visible blocks (no mask, no bounds checks: the hot loop),
+and blocks after them (masked). Blocks outside the visible band are never visited.
+
+Softmax runs in the exp2 domain (log2(e) is folded into the logit multiplier); accumulators are
+fp32; a row whose running maximum is still -inf uses 0 as its shift so that no inf - inf NaN
+appears. A row with no visible key ends with l = 0: output 0, lse = -inf.
+
+Backward (FA2 scheme, no atomics, deterministic by construction): ``_bwd_preprocess`` forms
+``delta = rowsum(dO * O) - dlse``; ``_bwd_dkdv_kernel`` owns a key block of one kv head and loops
+over the query blocks of every query head of its group, so GQA's sum over heads happens in
+registers; ``_bwd_dq_kernel`` owns a query block and loops over key blocks. Each output element
+is written by exactly one program, in a fixed summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kpt.ops._common import triton_interpreting
+
+LOG2E = 1.4426950408889634  # host side; kernels spell constants out (no non-constexpr globals)
+
+if triton_interpreting():
+    # The interpreter multiplies bf16 dot operands as raw 16-bit integers (fp32 operands are
+    # exact stand-ins: the values are already rounded to the input dtype) and truncates fp32 ->
+    # bf16 where the GPU rounds to nearest even (which this cast reproduces).
+    @triton.jit
+    def _cast(x, DTYPE: tl.constexpr):
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(DTYPE)
+        else:
+            return x.to(DTYPE)
+
+    @triton.jit
+    def _dot(a, b, acc):
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+
+    @triton.jit
+    def _mm(a, b):
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+
+else:
+
+    @triton.jit
+    def _cast(x, DTYPE: tl.constexpr):
+        return x.to(DTYPE)
+
+    @triton.jit
+    def _dot(a, b, acc):
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _mm(a, b):
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(|x|) = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1: never overflows, and needs no
+    # libdevice (absent in the interpreter); the error near 0 is an absolute ~1e-7.
+    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _visible(qi, kj, q_len, k_len, diag, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Which (query, key) pairs of a tile are real and inside the band (qi, kj broadcast)."""
+    ok = (qi < q_len) & (kj < k_len)
+    if HAS_RIGHT:
+        ok = ok & (kj <= qi + (diag + window_right))
+    if HAS_LEFT:
+        ok = ok & (kj >= qi + (diag - window_left))
+    return ok
+
+
+@triton.jit
+def _load_tile(base, rows, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr,
+               ROW_CHECK: tl.constexpr, EVEN_D: tl.constexpr):
+    """(rows, BLOCK_D) tile; masks only what may be out of range, zeros where masked."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride + offs_d[None, :]
+    if ROW_CHECK:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM),
+                       other=0.0)
+    elif EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _kv_ranges(m_start, q_len, k_len, diag, window_left, window_right,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Key range [lo, hi) of a query block, and [mid_lo, mid_hi) of fully visible key blocks."""
+    m_last = tl.minimum(m_start + BLOCK_M, q_len) - 1
+    lo = 0
+    hi = k_len
+    full_lo = 0
+    full_hi = k_len
+    if HAS_LEFT:
+        lo = tl.maximum(m_start + diag - window_left, 0)
+        full_lo = tl.maximum(m_last + diag - window_left, 0)
+    if HAS_RIGHT:
+        hi = tl.maximum(tl.minimum(m_last + diag + window_right + 1, k_len), 0)
+        full_hi = tl.maximum(tl.minimum(m_start + diag + window_right + 1, k_len), 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), hi)
+    mid_hi = tl.maximum(tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _q_ranges(n_start, q_len, k_len, diag, window_left, window_right,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Query range [lo, hi) that sees a key block, and [mid_lo, mid_hi) of fully visible,
+    fully in-range query blocks (the mirror image of ``_kv_ranges``)."""
+    n_last = tl.minimum(n_start + BLOCK_N, k_len) - 1
+    lo = 0
+    hi = q_len
+    full_lo = 0
+    full_hi = q_len
+    if HAS_RIGHT:
+        lo = tl.maximum(n_start - diag - window_right, 0)
+        full_lo = tl.maximum(n_last - diag - window_right, 0)
+    if HAS_LEFT:
+        hi = tl.maximum(tl.minimum(n_last - diag + window_left + 1, q_len), 0)
+        full_hi = tl.maximum(tl.minimum(n_start - diag + window_left + 1, q_len), 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo), hi)
+    mid_hi = tl.maximum(tl.minimum((full_hi // BLOCK_M) * BLOCK_M, hi), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _seq_bounds(CU, b, seqlen, VARLEN: tl.constexpr):
+    """(first token, length) of sequence ``b``."""
+    if VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        length = (tl.load(CU + b + 1) - start).to(tl.int32)
+    else:
+        start = b.to(tl.int64) * 0
+        length = seqlen
+    return start, length
+
+
+# ---- forward ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi, offs_m, q_len,
+               k_len, diag, window_left, window_right, mul_in, mul_out,
+               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        qk = _mm(q, tl.trans(k))
+        if SOFTCAP:
+            s = _tanh(qk * mul_in) * mul_out
+        else:
+            s = qk * mul_in
+        if MASKED:
+            ok = _visible(offs_m[:, None], cols[None, :], q_len, k_len, diag, window_left,
+                          window_right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, OUT, LSE, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, mul_in, mul_out, window_left, window_right,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Query blocks in reverse order: with a causal mask the last blocks do the most work, and
+    # starting them first evens out the tail of the grid.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_len:
+        return
+    diag = k_len - q_len
+    kh = h // GROUP
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    q_base = Q + b.to(tl.int64) * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + k_start * stride_ks + kh.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + k_start * stride_vs + kh.to(tl.int64) * stride_vh
+    q = _load_tile(q_base, offs_m, stride_qs, q_len, offs_d, HEAD_DIM, True, EVEN_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = _kv_ranges(m_start, q_len, k_len, diag, window_left, window_right,
+                                        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    # Fully visible blocks first: they set a finite running max before any masked block.
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, mid_lo,
+                               mid_hi, offs_m, q_len, k_len, diag, window_left, window_right,
+                               mul_in, mul_out, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM,
+                               EVEN_D, BLOCK_N, BLOCK_D)
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo,
+                               mid_lo, offs_m, q_len, k_len, diag, window_left, window_right,
+                               mul_in, mul_out, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM,
+                               EVEN_D, BLOCK_N, BLOCK_D)
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, mid_hi,
+                               hi, offs_m, q_len, k_len, diag, window_left, window_right,
+                               mul_in, mul_out, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM,
+                               EVEN_D, BLOCK_N, BLOCK_D)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    # back to natural log: * ln(2)
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    o_base = OUT + b.to(tl.int64) * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
+    row_ok = offs_m < q_len
+    tl.store(o_ptrs, _cast(out, OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    tl.store(l_base + offs_m, lse, mask=row_ok)
+
+
+# ---- backward ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(
+    OUT, DO, DLSE, DELTA, CU_Q,
+    stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+    stride_gb, stride_gh, stride_gs, stride_lb, stride_lh, seqlen_q,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse, in the lse layout (the softmax Jacobian's row term)."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    m_start = tl.program_id(0) * BLOCK_M
+    if m_start >= q_len:
+        return
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o_base = OUT + b.to(tl.int64) * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
+    d_base = DO + b.to(tl.int64) * stride_db + q_start * stride_ds + h.to(tl.int64) * stride_dh
+    o = _load_tile(o_base, offs_m, stride_os, q_len, offs_d, HEAD_DIM, True, False)
+    do = _load_tile(d_base, offs_m, stride_ds, q_len, offs_d, HEAD_DIM, True, False)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_ok = offs_m < q_len
+    if HAS_DLSE:
+        g_base = DLSE + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+        g = tl.load(g_base + (q_start + offs_m) * stride_gs, mask=row_ok, other=0.0)
+        delta -= g.to(tl.float32)
+    l_base = DELTA + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    tl.store(l_base + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds,
+                lo, hi, offs_n, q_len, k_len, diag, window_left, window_right, mul_in, mul_out,
+                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m0
+        q = _load_tile(q_base, rows, stride_qs, q_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        do = _load_tile(do_base, rows, stride_ds, q_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        if MASKED:
+            lse2 = tl.load(lse_base + rows, mask=rows < q_len, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_base + rows, mask=rows < q_len, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+            delta = tl.load(delta_base + rows)
+        # Transposed tile (keys x queries): dK and dV are then plain row-major products.
+        qk_t = _mm(k, tl.trans(q))
+        if SOFTCAP:
+            t = _tanh(qk_t * mul_in)
+            s = t * mul_out
+        else:
+            s = qk_t * mul_in
+        p_t = tl.exp2(s - lse2[None, :])
+        if MASKED:
+            ok = _visible(rows[None, :], offs_n[:, None], q_len, k_len, diag, window_left,
+                          window_right, HAS_LEFT, HAS_RIGHT)
+            p_t = tl.where(ok, p_t, 0.0)
+        dv = _dot(_cast(p_t, do.dtype), do, dv)
+        dp_t = _mm(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t * t)
+        dk = _dot(_cast(ds_t, q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
+    stride_kgb, stride_kgs, stride_kgh, stride_vgb, stride_vgs, stride_vgh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, scale, mul_in, mul_out, window_left, window_right,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    kh = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    n_start = pid_n * BLOCK_N
+    if n_start >= k_len:
+        return
+    diag = k_len - q_len
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    b64 = b.to(tl.int64)
+    kh64 = kh.to(tl.int64)
+    k = _load_tile(K + b64 * stride_kb + k_start * stride_ks + kh64 * stride_kh, offs_n,
+                   stride_ks, k_len, offs_d, HEAD_DIM, True, EVEN_D)
+    v = _load_tile(V + b64 * stride_vb + k_start * stride_vs + kh64 * stride_vh, offs_n,
+                   stride_vs, k_len, offs_d, HEAD_DIM, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = _q_ranges(n_start, q_len, k_len, diag, window_left, window_right,
+                                       HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    for g in range(GROUP):
+        h64 = (kh * GROUP + g).to(tl.int64)
+        q_base = Q + b64 * stride_qb + q_start * stride_qs + h64 * stride_qh
+        do_base = DO + b64 * stride_db + q_start * stride_ds + h64 * stride_dh
+        lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
+        delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q_start
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
+                             stride_ds, mid_lo, mid_hi, offs_n, q_len, k_len, diag, window_left,
+                             window_right, mul_in, mul_out, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                             HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
+                             stride_ds, lo, mid_lo, offs_n, q_len, k_len, diag, window_left,
+                             window_right, mul_in, mul_out, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                             HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
+                             stride_ds, mid_hi, hi, offs_n, q_len, k_len, diag, window_left,
+                             window_right, mul_in, mul_out, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                             HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_D)
+    mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_n[:, None].to(tl.int64)
+    dk_base = DK + b64 * stride_kgb + k_start * stride_kgs + kh64 * stride_kgh
+    dv_base = DV + b64 * stride_vgb + k_start * stride_vgs + kh64 * stride_vgh
+    tl.store(dk_base + rows * stride_kgs + offs_d[None, :], _cast(dk * scale, DK.dtype.element_ty),
+             mask=mask)
+    tl.store(dv_base + rows * stride_vgs + offs_d[None, :], _cast(dv, DV.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, hi, offs_m,
+              q_len, k_len, diag, window_left, window_right, mul_in, mul_out,
+              MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        qk = _mm(q, tl.trans(k))
+        if SOFTCAP:
+            t = _tanh(qk * mul_in)
+            s = t * mul_out
+        else:
+            s = qk * mul_in
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            ok = _visible(offs_m[:, None], cols[None, :], q_len, k_len, diag, window_left,
+                          window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, p, 0.0)
+        dp = _mm(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _dot(_cast(ds, k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
+    stride_qgb, stride_qgs, stride_qgh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, scale, mul_in, mul_out, window_left, window_right,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_len:
+        return
+    diag = k_len - q_len
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    kh64 = (h // GROUP).to(tl.int64)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    row_ok = offs_m < q_len
+    q = _load_tile(Q + b64 * stride_qb + q_start * stride_qs + h64 * stride_qh, offs_m,
+                   stride_qs, q_len, offs_d, HEAD_DIM, True, EVEN_D)
+    do = _load_tile(DO + b64 * stride_db + q_start * stride_ds + h64 * stride_dh, offs_m,
+                    stride_ds, q_len, offs_d, HEAD_DIM, True, EVEN_D)
+    l_off = b64 * stride_lb + h64 * stride_lh + q_start
+    lse = tl.load(LSE + l_off + offs_m, mask=row_ok, other=0.0)
+    # A row without visible keys has lse = -inf and every p masked to 0; +inf keeps the unused
+    # exp2 argument from becoming inf - inf.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + l_off + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + k_start * stride_ks + kh64 * stride_kh
+    v_base = V + b64 * stride_vb + k_start * stride_vs + kh64 * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = _kv_ranges(m_start, q_len, k_len, diag, window_left, window_right,
+                                        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, mid_lo, mid_hi,
+                   offs_m, q_len, k_len, diag, window_left, window_right, mul_in, mul_out, False,
+                   HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, mid_lo,
+                   offs_m, q_len, k_len, diag, window_left, window_right, mul_in, mul_out, True,
+                   HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, mid_hi, hi,
+                   offs_m, q_len, k_len, diag, window_left, window_right, mul_in, mul_out, True,
+                   HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D)
+    dq_base = DQ + b64 * stride_qgb + q_start * stride_qgs + h64 * stride_qgh
+    tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_qgs + offs_d[None, :],
+             _cast(dq * scale, DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+
+def _fwd(bm: int, bn: int, warps: int, stages: int) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+
+
+def _bwd(m1: int, n1: int, w1: int, s1: int, m2: int, n2: int, w2: int, s2: int) -> dict:
+    """dK/dV kernel: key block N1, query step M1; dQ kernel: query block M2, key step N2."""
+    return {"BLOCK_M1": m1, "BLOCK_N1": n1, "WARPS1": w1, "STAGES1": s1,
+            "BLOCK_M2": m2, "BLOCK_N2": n2, "WARPS2": w2, "STAGES2": s2}
+
+
+def configs(problem) -> list[dict]:
+    """Forward configs, the first the untuned default.
+
+    Hopper: 128-query tiles keep the tensor cores busy; the K/V tile shrinks as the head dim
+    grows so that Q (kept in registers/smem for the whole loop) plus ``num_stages`` K/V tiles fit
+    in 227 KB of shared memory (D=256: 64 KB of Q + 2 x 64 KB of K/V). Short query sequences
+    (decode-like) get small query tiles instead of mostly-empty 128-row ones.
+    """
+    if problem.device_type == "cpu":  # interpreter: small tiles so tests cross block edges
+        return [_fwd(16, 16, 4, 1), _fwd(32, 16, 4, 1)]
+    d = problem["head_dim"]
+    if problem["seqlen_q"] <= 32:
+        return [_fwd(16, 128, 4, 3), _fwd(16, 64, 4, 3), _fwd(32, 64, 4, 3)]
+    if d <= 64:
+        return [_fwd(128, 64, 4, 3), _fwd(128, 128, 8, 3), _fwd(128, 64, 8, 4),
+                _fwd(64, 64, 4, 3), _fwd(128, 32, 4, 4)]
+    if d <= 128:
+        return [_fwd(128, 64, 8, 3), _fwd(128, 128, 8, 2), _fwd(128, 64, 4, 3),
+                _fwd(64, 64, 4, 3), _fwd(128, 32, 8, 4)]
+    return [_fwd(128, 64, 8, 2), _fwd(64, 64, 4, 2), _fwd(128, 32, 8, 2), _fwd(64, 32, 4, 3)]
+
+
+def backward_configs(problem) -> list[dict]:
+    """Backward configs, the first the untuned default.
+
+    The dK/dV kernel keeps two fp32 (N1, D) accumulators plus its K and V tiles for the whole
+    loop, so its key block is large and its query step small (the transposed score tile is
+    N1 x M1); the dQ kernel mirrors it. D=256 halves the key block to stay within registers.
+    """
+    if problem.device_type == "cpu":
+        return [_bwd(16, 16, 4, 1, 16, 16, 4, 1), _bwd(16, 32, 4, 1, 32, 16, 4, 1)]
+    d = problem["head_dim"]
+    if d <= 64:
+        return [_bwd(32, 128, 4, 3, 128, 32, 4, 3), _bwd(64, 128, 8, 3, 128, 64, 8, 3),
+                _bwd(32, 64, 4, 4, 64, 32, 4, 4), _bwd(64, 64, 4, 3, 64, 64, 4, 3)]
+    if d <= 128:
+        return [_bwd(32, 128, 8, 2, 128, 32, 8, 2), _bwd(64, 128, 8, 2, 128, 64, 8, 2),
+                _bwd(32, 64, 4, 3, 64, 32, 4, 3), _bwd(64, 64, 4, 2, 64, 64, 4, 2)]
+    return [_bwd(32, 64, 8, 1, 64, 32, 8, 1), _bwd(16, 64, 4, 2, 64, 16, 4, 2),
+            _bwd(32, 32, 4, 2, 32, 32, 4, 2)]
+
+
+# ---- launchers --------------------------------------------------------------------------------
+
+_OP = "flash_attention(triton)"
+
+
+def _block(config: dict, key: str) -> int:
+    value = config[key]
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{_OP}: config {key}={value} must be a power of two >= 16")
+    return value
+
+
+def _bsh(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; the last dim must be contiguous."""
+    if t.stride(-1) != 1:
+        raise ValueError(f"{_OP}: tensors need a contiguous last dim, got strides {t.stride()}")
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _lse_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of an lse-shaped tensor whose token stride is 1."""
+    if t.stride(-1) != 1:
+        raise ValueError(f"{_OP}: lse needs a contiguous token dim, got strides {t.stride()}")
+    return (0, t.stride(0)) if varlen else (t.stride(0), t.stride(1))
+
+
+def _shared(call) -> dict:
+    """Scalars and constexprs common to every kernel of a call."""
+    softcap = call.softcap > 0
+    # exp2 domain: log2(e) folded into the multiplier applied after the dot (or after tanh).
+    mul_in = call.scale / call.softcap if softcap else call.scale * LOG2E
+    mul_out = call.softcap * LOG2E if softcap else 1.0
+    d = call.q.shape[-1]
+    return dict(
+        args=dict(seqlen_q=call.max_seqlen_q, seqlen_k=call.max_seqlen_k, mul_in=mul_in,
+                  mul_out=mul_out, window_left=call.window_left,
+                  window_right=call.window_right),
+        meta=dict(HEAD_DIM=d, GROUP=call.q.shape[-2] // call.k.shape[-2], VARLEN=call.varlen,
+                  HAS_LEFT=call.window_left >= 0, HAS_RIGHT=call.window_right >= 0,
+                  SOFTCAP=softcap, BLOCK_D=max(16, triton.next_power_of_2(d))),
+    )
+
+
+def run(call, config: dict) -> None:
+    """Write call.out and call.lse."""
+    bm, bn = _block(config, "BLOCK_M"), _block(config, "BLOCK_N")
+    q, k, v, out, lse = call.q, call.k, call.v, call.out, call.lse
+    batch, heads = call.batch, q.shape[-2]
+    if batch == 0 or heads == 0 or call.max_seqlen_q == 0:
+        return
+    cu_q = call.cu_seqlens_q if call.varlen else q
+    cu_k = call.cu_seqlens_k if call.varlen else q
+    shared = _shared(call)
+    grid = (triton.cdiv(call.max_seqlen_q, bm), heads, batch)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k,
+        *_bsh(q, call.varlen), *_bsh(k, call.varlen), *_bsh(v, call.varlen),
+        *_bsh(out, call.varlen), *_lse_strides(lse, call.varlen),
+        **shared["args"], **shared["meta"], BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def run_backward(call, config: dict) -> None:
+    """Write call.dq, call.dk and call.dv (no atomics: deterministic whatever the flag)."""
+    m1, n1 = _block(config, "BLOCK_M1"), _block(config, "BLOCK_N1")
+    m2, n2 = _block(config, "BLOCK_M2"), _block(config, "BLOCK_N2")
+    q, k, v, varlen = call.q, call.k, call.v, call.varlen
+    batch, heads, kv_heads = call.batch, q.shape[-2], k.shape[-2]
+    if batch == 0 or heads == 0 or (call.max_seqlen_q == 0 and call.max_seqlen_k == 0):
+        return
+    cu_q = call.cu_seqlens_q if varlen else q
+    cu_k = call.cu_seqlens_k if varlen else q
+    shared = _shared(call)
+    meta, args = shared["meta"], shared["args"]
+    lse = call.lse
+    delta = torch.empty_like(lse)
+    lse_strides = _lse_strides(lse, varlen)
+    if call.max_seqlen_q > 0:
+        dlse = call.dlse if call.dlse is not None else lse
+        if call.dlse is None:
+            g_strides = (0, 0, 0)
+        elif varlen:
+            g_strides = (0, dlse.stride(0), dlse.stride(1))
+        else:
+            g_strides = dlse.stride()
+        _bwd_preprocess[(triton.cdiv(call.max_seqlen_q, 64), heads, batch)](
+            call.out, call.dout, dlse, delta, cu_q,
+            *_bsh(call.out, varlen), *_bsh(call.dout, varlen), *g_strides, *lse_strides,
+            call.max_seqlen_q, HEAD_DIM=meta["HEAD_DIM"], VARLEN=varlen,
+            HAS_DLSE=call.dlse is not None, BLOCK_M=64, BLOCK_D=meta["BLOCK_D"], num_warps=4)
+    strides = (*_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(call.dout, varlen))
+    if call.max_seqlen_k > 0:
+        _bwd_dkdv_kernel[(triton.cdiv(call.max_seqlen_k, n1), kv_heads, batch)](
+            q, k, v, call.dout, lse, delta, call.dk, call.dv, cu_q, cu_k, *strides,
+            *_bsh(call.dk, varlen), *_bsh(call.dv, varlen), *lse_strides,
+            scale=call.scale, **args, **meta, BLOCK_M=m1, BLOCK_N=n1,
+            num_warps=config["WARPS1"], num_stages=config["STAGES1"])
+    if call.max_seqlen_q > 0:
+        _bwd_dq_kernel[(triton.cdiv(call.max_seqlen_q, m2), heads, batch)](
+            q, k, v, call.dout, lse, delta, call.dq, cu_q, cu_k, *strides,
+            *_bsh(call.dq, varlen), *lse_strides,
+            scale=call.scale, **args, **meta, BLOCK_M=m2, BLOCK_N=n2,
+            num_warps=config["WARPS2"], num_stages=config["STAGES2"])

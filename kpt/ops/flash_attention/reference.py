@@ -1,0 +1,199 @@
+"""The specification of ``flash_attention`` in plain PyTorch (forward and backward).
+
+For every sequence of the batch and every query head ``h`` (its kv head is ``h // group``), with
+``Sq`` queries, ``Sk`` keys and the bottom-right diagonal ``diag = Sk - Sq``::
+
+    s[i, j] = scale * q[i] . k[j]                         # float32
+    s[i, j] = softcap * tanh(s[i, j] / softcap)           # if softcap > 0, before masking
+    visible(i, j) = (right < 0 or j <= i + diag + right) and (left < 0 or j >= i + diag - left)
+    lse[i] = log(sum_{visible j} exp(s[i, j]))            # natural log; -inf with no visible j
+    out[i] = sum_{visible j} exp(s[i, j] - lse[i]) v[j]   # 0 when no key is visible
+
+``causal`` is ``right = 0``. Everything is computed in float32 and rounded to the input dtype
+once at the end. Queries are processed in chunks so that the (Sq, Sk) score matrix is never
+materialised for long sequences. The backward recomputes the probabilities per chunk (exactly,
+in float32) and applies the textbook softmax gradient; ``delta = rowsum(p * dp)`` is formed from
+the recomputed probabilities, not from the rounded output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements of one chunk's (heads, chunk, Sk) score tensor; a few such tensors are alive at once.
+_CHUNK_ELEMENTS = 1 << 25
+_MAX_CHUNK = 1024
+
+
+def _chunk(heads: int, seqlen_k: int) -> int:
+    return max(1, min(_MAX_CHUNK, _CHUNK_ELEMENTS // max(1, heads * seqlen_k)))
+
+
+def _segments(
+    q: Tensor, k: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None
+) -> list[tuple[tuple, tuple]]:
+    """Index tuples (into q, into k) of every sequence: (b,) for (B, S, H, D), slices for varlen."""
+    if cu_seqlens_q is None:
+        return [((b,), (b,)) for b in range(q.shape[0])]
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [((slice(cq[b], cq[b + 1]),), (slice(ck[b], ck[b + 1]),)) for b in range(len(cq) - 1)]
+
+
+def _scores(qc: Tensor, kf: Tensor, rows: Tensor, seqlen_q: int, scale: float, left: int,
+            right: int, softcap: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Logits of one query chunk.
+
+    qc: (Hkv, G, c, D) float32, kf: (Hkv, Sk, D) float32, rows: (c,) query indices.
+    Returns (s, tanh or None, visible): s (Hkv, G, c, Sk) with masked entries = -inf.
+    """
+    seqlen_k = kf.shape[1]
+    s = torch.matmul(qc, kf[:, None].transpose(-1, -2)) * scale
+    t = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    cols = torch.arange(seqlen_k, device=kf.device)
+    diag = seqlen_k - seqlen_q
+    visible = torch.ones(rows.shape[0], seqlen_k, dtype=torch.bool, device=kf.device)
+    if right >= 0:
+        visible &= cols[None, :] <= rows[:, None] + diag + right
+    if left >= 0:
+        visible &= cols[None, :] >= rows[:, None] + diag - left
+    s = s.masked_fill(~visible, float("-inf"))
+    return s, t, visible
+
+
+def _probs(s: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over visible keys and its natural-log normaliser; all-masked rows give p = 0."""
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).masked_fill(~visible, 0.0)
+    return p, lse
+
+
+def _heads_first(x: Tensor, groups: int) -> Tensor:
+    """(c, H, D) -> (Hkv, G, c, D) float32 with H = Hkv * G (query head h = kv * G + g)."""
+    c, h, d = x.shape
+    return x.float().permute(1, 0, 2).reshape(h // groups, groups, c, d)
+
+
+def _tokens_first(x: Tensor) -> Tensor:
+    """(Hkv, G, c, D) -> (c, H, D)."""
+    hkv, g, c, d = x.shape
+    return x.reshape(hkv * g, c, d).permute(1, 0, 2)
+
+
+def attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[Tensor, Tensor]:
+    """q (B, Sq, H, D) or (Tq, H, D) varlen; k, v (B, Sk, Hkv, D) or (Tk, Hkv, D).
+
+    Returns out (like q, q's dtype) and lse (float32; (B, H, Sq) or (H, Tq)). Varlen tokens
+    outside every sequence get out = 0 and lse = -inf.
+    """
+    varlen = cu_seqlens_q is not None
+    heads, hkv = q.shape[-2], k.shape[-2]
+    groups = heads // hkv
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    if varlen:
+        lse = torch.full((heads, q.shape[0]), float("-inf"), device=q.device)
+    else:
+        lse = torch.empty(q.shape[0], heads, q.shape[1], device=q.device)
+    for qi, ki in _segments(q, k, cu_seqlens_q, cu_seqlens_k):
+        qs, ks, vs = q[qi], k[ki], v[ki]
+        seqlen_q, seqlen_k = qs.shape[0], ks.shape[0]
+        kf = ks.float().permute(1, 0, 2)
+        vf = vs.float().permute(1, 0, 2)
+        o_seg = out[qi]
+        lse_seg = lse[:, qi[0]] if varlen else lse[qi]
+        step = _chunk(heads, seqlen_k)
+        for i0 in range(0, seqlen_q, step):
+            rows = torch.arange(i0, min(i0 + step, seqlen_q), device=q.device)
+            qc = _heads_first(qs[i0 : i0 + step], groups)
+            s, _, visible = _scores(qc, kf, rows, seqlen_q, scale, window_left, window_right,
+                                    softcap)
+            p, lse_c = _probs(s, visible)
+            o_seg[i0 : i0 + step] = _tokens_first(torch.matmul(p, vf[:, None]))
+            lse_seg[:, i0 : i0 + step] = lse_c.reshape(heads, -1)
+    return out.to(q.dtype), lse
+
+
+def attention_backward(
+    dout: Tensor,
+    dlse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of ``attention_forward`` for output gradient ``dout`` (like q) and
+    optional ``dlse`` (like lse). dk, dv sum over the query heads of each kv group; the chunk
+    loop accumulates in a fixed order, so the result is deterministic."""
+    varlen = cu_seqlens_q is not None
+    heads, hkv = q.shape[-2], k.shape[-2]
+    groups = heads // hkv
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    for qi, ki in _segments(q, k, cu_seqlens_q, cu_seqlens_k):
+        qs, ks, vs, dos = q[qi], k[ki], v[ki], dout[qi]
+        seqlen_q, seqlen_k = qs.shape[0], ks.shape[0]
+        kf = ks.float().permute(1, 0, 2)
+        vf = vs.float().permute(1, 0, 2)
+        dkf = torch.zeros_like(kf)
+        dvf = torch.zeros_like(vf)
+        dq_seg = dq[qi]
+        step = _chunk(heads, seqlen_k)
+        for i0 in range(0, seqlen_q, step):
+            rows = torch.arange(i0, min(i0 + step, seqlen_q), device=q.device)
+            qc = _heads_first(qs[i0 : i0 + step], groups)
+            doc = _heads_first(dos[i0 : i0 + step], groups)
+            s, t, visible = _scores(qc, kf, rows, seqlen_q, scale, window_left, window_right,
+                                    softcap)
+            p, _ = _probs(s, visible)
+            dp = torch.matmul(doc, vf[:, None].transpose(-1, -2))
+            delta = (p * dp).sum(-1, keepdim=True)
+            if dlse is not None:
+                g = dlse[:, qi[0]] if varlen else dlse[qi]
+                delta = delta - g[:, i0 : i0 + step].float().reshape(hkv, groups, -1, 1)
+            ds = p * (dp - delta)
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            ds = ds * scale
+            dq_seg[i0 : i0 + step] = _tokens_first(torch.matmul(ds, kf[:, None]))
+            dkf += torch.matmul(ds.transpose(-1, -2), qc).sum(1)
+            dvf += torch.matmul(p.transpose(-1, -2), doc).sum(1)
+        dk[ki] = dkf.permute(1, 0, 2)
+        dv[ki] = dvf.permute(1, 0, 2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def run(call, config: dict) -> None:
+    """Reference backend of ``flash_attention``: write call.out and call.lse."""
+    out, lse = attention_forward(call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k,
+                                 call.scale, call.window_left, call.window_right, call.softcap)
+    call.out.copy_(out)
+    call.lse.copy_(lse)
+
+
+def run_backward(call, config: dict) -> None:
+    """Reference backend of ``flash_attention_backward``: write call.dq, call.dk, call.dv."""
+    dq, dk, dv = attention_backward(call.dout, call.dlse, call.q, call.k, call.v,
+                                    call.cu_seqlens_q, call.cu_seqlens_k, call.scale,
+                                    call.window_left, call.window_right, call.softcap)
+    call.dq.copy_(dq)
+    call.dk.copy_(dk)
+    call.dv.copy_(dv)

@@ -1,0 +1,362 @@
+"""FlexAttention without torch.compile: Python ``score_mod`` / ``mask_mod`` turned into Triton.
+
+Equivalent PyTorch (``torch.nn.attention.flex_attention.flex_attention``; see ``reference.py``)::
+
+    s = (q @ k.transpose(-1, -2)) * scale                     # float32
+    s = score_mod(s, b, h, q_idx, kv_idx)                     # elementwise, optional
+    s = s.masked_fill(~mask_mod(b, h, q_idx, kv_idx), -inf)   # block_mask.mask_mod, optional
+    out = softmax(s, -1) @ v ;  lse = logsumexp(s, -1)        # natural log, like torch
+
+The ``triton`` backend traces the mods into an expression (``_codegen.py``), generates a Triton
+kernel module for them (``_triton.py``), caches it by the mods' code, and skips the blocks the
+block mask leaves out. A mod it cannot translate is a *reason*: dispatch then runs the
+``reference`` backend, which calls the Python mods themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kpt.ops._common import check_tensor, lazy, triton_interpreting, triton_unavailable
+from kpt.ops._registry import Backend, Op, Problem
+
+from . import _codegen
+from . import block_mask as _bm
+from . import reference as _reference
+from .block_mask import BlockMask, Tables, create_block_mask
+
+OP = "flex_attention"
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32})
+_MAX_HEAD_DIM = 256
+
+
+@dataclass
+class Call:
+    """A validated forward call: (B, H, S, D) inputs, translated mods, tables and outputs."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mods: _codegen.Translation
+    tables: Tables
+    scale: float
+    out: Tensor
+    lse: Tensor
+
+
+@dataclass
+class BackwardCall(Call):
+    dout: Tensor = None
+    dlse: Tensor | None = None
+    delta: Tensor = None
+    dq: Tensor = None
+    dk: Tensor = None
+    dv: Tensor = None
+
+
+# ---- backends ---------------------------------------------------------------------------------
+
+
+def _triton_supports(p: Problem) -> list[str]:
+    reasons = []
+    mods = _codegen.REGISTRY.get(p["mods"])
+    if mods is None or mods.reason:
+        reasons.append(mods.reason if mods is not None else "mods were not translated")
+    elif p["grad"] and mods.grad_reason:
+        reasons.append(mods.grad_reason)
+    for name in ("block_q", "block_kv"):
+        size = p[name]
+        if size < 16 or size & (size - 1):
+            reasons.append(f"BLOCK_SIZE {size} must be a power of two >= 16 (Triton tiles)")
+    if max(p["head_dim"], p["head_dim_v"]) > _MAX_HEAD_DIM:
+        reasons.append(f"head dims {p['head_dim']}/{p['head_dim_v']} above {_MAX_HEAD_DIM}")
+    if p.device_type == "cpu" and not triton_interpreting():
+        reasons.append("on cpu, triton runs only under TRITON_INTERPRET=1")
+    return reasons
+
+
+def _mod_fns(mods: _codegen.Translation, buffers: list[Tensor]) -> tuple:
+    """Broadcasting score/mask functions for the reference: the traced IR evaluated with this
+    call's buffers when the mods were translated (so the kernel and the reference read the same
+    tensors), else the Python callables themselves."""
+    if mods.reason is not None:
+        return mods.score_mod, mods.mask_mod
+    score_fn = mask_fn = None
+    if mods.score_ir is not None:
+        def score_fn(s, b, h, q_idx, kv_idx):
+            env = dict(score=s, b=b, h=h, q_idx=q_idx, kv_idx=kv_idx)
+            return _codegen.evaluate(mods.score_ir, env, buffers)
+    if mods.mask_ir is not None:
+        def mask_fn(b, h, q_idx, kv_idx):
+            env = dict(b=b, h=h, q_idx=q_idx, kv_idx=kv_idx)
+            return _codegen.evaluate(mods.mask_ir, env, buffers)
+    return score_fn, mask_fn
+
+
+def _reference_kwargs(call: Call) -> dict:
+    score_fn, mask_fn = _mod_fns(call.mods, call.mods.buffers)
+    t = call.tables
+    return dict(score_fn=score_fn, mask_fn=mask_fn if t.has_partial else None, scale=call.scale,
+                blocks=t.dense(), block_size=(t.block_q, t.block_kv))
+
+
+def _reference_run(call: Call, _config: dict) -> None:
+    out, lse = _reference.attention(call.q, call.k, call.v, **_reference_kwargs(call))
+    call.out.copy_(out)
+    call.lse.copy_(lse)
+
+
+BACKENDS = (
+    Backend(
+        name="triton",
+        device_types=frozenset({"cuda", "cpu"}),
+        dtypes=_FLOATS,
+        run=lazy(f"{__name__}._triton", "run"),
+        available=triton_unavailable,
+        supports=_triton_supports,
+        configs=lazy(f"{__name__}._triton", "configs"),
+    ),
+    Backend(
+        name="reference",
+        device_types=frozenset({"cuda", "cpu", "xla", "xpu", "mps"}),
+        dtypes=_FLOATS | {torch.float64},
+        run=_reference_run,
+    ),
+)
+_BACKWARD = {"triton": lazy(f"{__name__}._triton", "backward")}
+
+
+def _bucket(p: Problem) -> str:
+    def pow2(n: int) -> int:
+        return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+    return (f"B{p['batch']}-H{p['heads']}/{p['kv_heads']}-q{pow2(p['q_len'])}"
+            f"-kv{pow2(p['kv_len'])}-d{p['head_dim']}-bs{p['block_q']}x{p['block_kv']}"
+            f"-{p['mods']}{'-grad' if p['grad'] else ''}")
+
+
+SPEC = Op(
+    name=OP,
+    backends=BACKENDS,
+    priority={
+        "cuda": ("triton", "reference"),
+        "cpu": ("reference",),
+        "xla": ("reference",),
+        "xpu": ("reference",),
+        "mps": ("reference",),
+    },
+    bucket=_bucket,
+)
+
+
+def problem_of(q: Tensor, k: Tensor, v: Tensor, mods: _codegen.Translation, tables: Tables,
+               grad: bool) -> Problem:
+    return Problem.of(q.device, q.dtype, batch=q.shape[0], heads=q.shape[1],
+                      kv_heads=k.shape[1], q_len=q.shape[2], kv_len=k.shape[2],
+                      head_dim=q.shape[3], head_dim_v=v.shape[3], mods=mods.key,
+                      block_q=tables.block_q, block_kv=tables.block_kv, grad=grad)
+
+
+# ---- custom ops and autograd ------------------------------------------------------------------
+
+
+def _tables_of(tables: list[Tensor], block_q: int, block_kv: int, has_partial: bool,
+               mask_mod: Callable | None) -> Tables:
+    return Tables(*tables, block_q=block_q, block_kv=block_kv, mask_mod=mask_mod,
+                  has_partial=has_partial)
+
+
+def _mods_of(key: str, buffers: list[Tensor]) -> _codegen.Translation:
+    t = _codegen.REGISTRY[key]
+    if t.reason is not None:
+        return t
+    return _codegen.Translation(**{**t.__dict__, "buffers": list(buffers)})
+
+
+@torch.library.custom_op("kpt::flex_attention", mutates_args=())
+def _flex_op(q: Tensor, k: Tensor, v: Tensor, buffers: list[Tensor], tables: list[Tensor],
+             block_q: int, block_kv: int, has_partial: bool, scale: float, mods: str,
+             backend: str, grad: bool) -> tuple[Tensor, Tensor]:
+    B, H, sq, _ = q.shape
+    out = q.new_empty(B, H, sq, v.shape[-1])
+    lse = q.new_empty(B, H, sq, dtype=torch.float32)
+    t = _tables_of(tables, block_q, block_kv, has_partial, None)
+    m = _mods_of(mods, buffers)
+    call = Call(q, k, v, m, t, scale, out, lse)
+    SPEC.launch(problem_of(q, k, v, m, t, grad), call, backend)
+    return out, lse
+
+
+@_flex_op.register_fake
+def _(q, k, v, buffers, tables, block_q, block_kv, has_partial, scale, mods, backend, grad):
+    B, H, sq, _ = q.shape
+    return q.new_empty(B, H, sq, v.shape[-1]), q.new_empty(B, H, sq, dtype=torch.float32)
+
+
+@torch.library.custom_op("kpt::flex_attention_backward", mutates_args=())
+def _flex_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                      dlse: Tensor | None, buffers: list[Tensor], tables: list[Tensor],
+                      block_q: int, block_kv: int, has_partial: bool, scale: float, mods: str,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    t = _tables_of(tables, block_q, block_kv, has_partial, None)
+    m = _mods_of(mods, buffers)
+    # delta_i = sum_j p_ij dp_ij = dout_i . out_i; an lse gradient adds p_ij * dlse_i to ds_ij,
+    # which is the same as subtracting it from delta.
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    call = BackwardCall(q, k, v, m, t, scale, out, lse.contiguous(), dout=dout, dlse=dlse,
+                        delta=delta.contiguous(), dq=torch.empty_like(q),
+                        dk=torch.empty_like(k), dv=torch.empty_like(v))
+    config = SPEC.choose(problem_of(q, k, v, m, t, True), backend)[1]
+    _BACKWARD[backend](call, config)
+    return call.dq, call.dk, call.dv
+
+
+@_flex_backward_op.register_fake
+def _(q, k, v, out, lse, dout, dlse, buffers, tables, block_q, block_kv, has_partial, scale,
+      mods, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, buffers, tables, block_q, block_kv, has_partial, scale, mods, backend, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *tables, *buffers)
+    ctx.n_tables = len(tables)
+    ctx.args = (block_q, block_kv, has_partial, scale, mods, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    tables, buffers = rest[: ctx.n_tables], rest[ctx.n_tables:]
+    block_q, block_kv, has_partial, scale, mods, backend = ctx.args
+    if backend == "reference":
+        # Autograd through the reference: a custom op's body runs below the autograd dispatch
+        # key, where it could not record a graph, so this path stays outside the op.
+        t = _tables_of(list(tables), block_q, block_kv, has_partial, None)
+        call = Call(q, k, v, _mods_of(mods, list(buffers)), t, scale, out, lse)
+        dq, dk, dv = _reference.backward(q, k, v, dout, dlse, **_reference_kwargs(call))
+    else:
+        dq, dk, dv = torch.ops.kpt.flex_attention_backward(
+            q, k, v, out, lse, dout.contiguous(), dlse, list(buffers), list(tables), *ctx.args)
+    # The structure must mirror the inputs: lists of tensors get lists of (no) gradients.
+    return (dq, dk, dv, [None] * len(buffers), [None] * len(tables), None, None, None, None,
+            None, None, None)
+
+
+_flex_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public function --------------------------------------------------------------------------
+
+
+def _validate(query, key, value, score_mod, scale, enable_gqa) -> None:
+    dtypes = tuple(_FLOATS | {torch.float64})
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(OP, name, t, ndim=4, dtypes=dtypes, device=query.device
+                     if isinstance(query, Tensor) else None)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"{OP}: query, key and value must share a dtype, got {query.dtype}, "
+                        f"{key.dtype}, {value.dtype}")
+    B, H, _, d = query.shape
+    bk, hk, skv, dk = key.shape
+    if dk != d:
+        raise ValueError(f"{OP}: query and key head dims differ ({d} vs {dk})")
+    if tuple(value.shape[:3]) != (bk, hk, skv):
+        raise ValueError(f"{OP}: value shape {tuple(value.shape)} must match key's (B, H, S) "
+                         f"{(bk, hk, skv)}")
+    if bk not in (1, B):
+        raise ValueError(f"{OP}: key/value batch {bk} must be 1 or the query's {B}")
+    if hk != H and not enable_gqa:
+        raise ValueError(f"{OP}: query has {H} heads and key/value {hk}; pass enable_gqa=True "
+                         "for grouped-query attention")
+    if H % hk:
+        raise ValueError(f"{OP}: query heads ({H}) must be a multiple of key/value heads ({hk})")
+    if min(query.shape[2], skv, d, value.shape[-1]) == 0:
+        raise ValueError(f"{OP}: empty sequence or head dim: q {tuple(query.shape)}, "
+                         f"k {tuple(key.shape)}")
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(f"{OP}: score_mod must be callable, got {type(score_mod).__name__}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
+
+
+def _default_block(sq: int, skv: int) -> int:
+    return min(128, max(16, 1 << max(0, (max(sq, skv) - 1).bit_length())))
+
+
+def flex_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    score_mod: Callable | None = None,
+    block_mask=None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    *,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention with a user ``score_mod`` and a block-sparse ``mask_mod``, like torch's.
+
+    Args:
+        query: (B, Hq, Sq, D); key: (B or 1, Hkv, Skv, D); value: (B or 1, Hkv, Skv, Dv);
+            fp16/bf16/fp32 (fp64 on the reference).
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on float32 scores; may
+            index captured 0/1/2-D tensors with the index arguments (``slopes[h]``).
+        block_mask: torch's ``BlockMask`` (``create_block_mask``) or kpt's
+            (:func:`create_block_mask`, no torch.compile needed); its ``mask_mod`` masks
+            elements of partial blocks; unlisted blocks are skipped.
+        scale: score scale, default ``1/sqrt(D)``.
+        enable_gqa: allow Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
+        return_lse: also return the log-sum-exp (B, Hq, Sq), float32, natural log (torch's
+            convention), -inf for fully masked rows (whose output is 0).
+        backend: ``"triton"`` or ``"reference"``; default: the best that supports the call.
+
+    Forward and backward (q, k, v gradients; also through the lse). Captured tensors that
+    require grad are differentiated by running the reference with autograd.
+    """
+    _validate(query, key, value, score_mod, scale, enable_gqa)
+    if backend is not None:
+        SPEC.backend(backend)
+    B, H, sq, d = query.shape
+    skv = key.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if block_mask is None or _bm.is_noop_mask(block_mask):
+        tables = _bm.all_full(sq, skv, _default_block(sq, skv), query.device)
+    else:
+        tables = _bm.normalize(block_mask, B, H, sq, skv, query.device)
+    mask_mod = tables.mask_mod
+    if mask_mod is not None and _codegen.is_torch_noop(mask_mod):
+        mask_mod = None
+    if score_mod is not None and _codegen.is_torch_noop(score_mod):
+        score_mod = None
+    mods = _codegen.translate(score_mod, mask_mod if tables.has_partial else None)
+    for buf in mods.buffers:
+        if buf.device != query.device:
+            raise ValueError(f"{OP}: a tensor captured by score_mod/mask_mod is on "
+                             f"{buf.device}, q/k/v on {query.device}")
+    grad_on = torch.is_grad_enabled()
+    if grad_on and any(b.requires_grad for b in mods.buffers):
+        # Kernels do not produce gradients for captured tensors: autograd through the
+        # reference does, with the Python mods themselves.
+        out, lse = _reference.attention(query, key, value, score_mod,
+                                        mask_mod if tables.has_partial else None, scale,
+                                        tables.dense(), (tables.block_q, tables.block_kv))
+        return (out, lse) if return_lse else out
+    grad = grad_on and any(t.requires_grad for t in (query, key, value))
+    problem = problem_of(query, key, value, mods, tables, grad)
+    chosen = SPEC.choose(problem, backend)[0].name
+    out, lse = torch.ops.kpt.flex_attention(
+        query, key, value, list(mods.buffers), tables.as_list(), tables.block_q,
+        tables.block_kv, tables.has_partial, scale, mods.key, chosen, grad)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["flex_attention", "create_block_mask", "BlockMask", "SPEC", "BACKENDS", "Call"]
