@@ -77,7 +77,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             ratio = f"{kernel / base:6.2f}x" if base and kernel else "      "
             kernel_s = f"{kernel:9.1f}" if kernel else "        -"
             latency_s = f"{latency:9.1f}" if latency else "        -"
-            lines.append(f"  {impl:<22} kernel {kernel_s}  latency {latency_s}  {ratio}")
+            extra = "".join(f"  {k} {v:.1f}" for k, v in nums.items()
+                            if k not in ("kernel_us", "latency_us"))
+            lines.append(f"  {impl:<22} kernel {kernel_s}  latency {latency_s}  {ratio}{extra}")
     terminalreporter.write_line("\n".join(lines))
 
 
