@@ -130,9 +130,10 @@ def float64_truth(q, k, v, dout, dlse, *, causal=False, window=(-1, -1), softcap
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     sq, sk = q.shape[1], k.shape[1]
-    i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
     left, right = window[0], 0 if causal else window[1]
-    visible = torch.ones(sq, sk, dtype=torch.bool)
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     if right >= 0:
         visible &= j <= i + (sk - sq) + right
     if left >= 0:
