@@ -29,44 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kpt.ops._common import triton_interpreting
+from kpt.ops._triton_compat import cast as _cast
+from kpt.ops._triton_compat import dot as _dot
+from kpt.ops._triton_compat import mm as _mm
 
 LOG2E = 1.4426950408889634  # host side; kernels spell constants out (no non-constexpr globals)
-
-if triton_interpreting():
-    # The interpreter multiplies bf16 dot operands as raw 16-bit integers (fp32 operands are
-    # exact stand-ins: the values are already rounded to the input dtype) and truncates fp32 ->
-    # bf16 where the GPU rounds to nearest even (which this cast reproduces).
-    @triton.jit
-    def _cast(x, DTYPE: tl.constexpr):
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True).to(DTYPE)
-        else:
-            return x.to(DTYPE)
-
-    @triton.jit
-    def _dot(a, b, acc):
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-
-    @triton.jit
-    def _mm(a, b):
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-
-else:
-
-    @triton.jit
-    def _cast(x, DTYPE: tl.constexpr):
-        return x.to(DTYPE)
-
-    @triton.jit
-    def _dot(a, b, acc):
-        return tl.dot(a, b, acc)
-
-    @triton.jit
-    def _mm(a, b):
-        return tl.dot(a, b)
 
 
 @triton.jit

@@ -37,57 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kpt.ops._common import triton_interpreting
+from kpt.ops._triton_compat import cast as _cast
+from kpt.ops._triton_compat import cos_sin as _cos_sin
+from kpt.ops._triton_compat import dot as _dot
+from kpt.ops._triton_compat import rnd as _rnd
 
 # ---- helpers --------------------------------------------------------------------------------
-
-if triton_interpreting():
-    # The interpreter has no libdevice (numpy's cos/sin are correctly rounded anyway), truncates
-    # fp32 -> bf16 instead of rounding to nearest even, and multiplies bf16 dot operands as raw
-    # uint16 bits. These stand-ins keep the CPU check of the kernels exact.
-    @triton.jit
-    def _cos_sin(x):
-        return tl.cos(x), tl.sin(x)
-
-    @triton.jit
-    def _rnd(x, DTYPE: tl.constexpr):
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
-        else:
-            return x.to(DTYPE).to(tl.float32)
-
-    @triton.jit
-    def _cast(x, DTYPE: tl.constexpr):
-        return _rnd(x, DTYPE).to(DTYPE)
-
-    @triton.jit
-    def _dot(a, b, acc):
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-
-else:
-    from triton.language.extra import libdevice
-
-    # libdevice's cosf/sinf reduce large arguments exactly (positions reach 1e5 radians); the
-    # fast hardware approximations would flip the rounding of cos/sin to 16 bits.
-    @triton.jit
-    def _cos_sin(x):
-        return libdevice.cos(x), libdevice.sin(x)
-
-    @triton.jit
-    def _rnd(x, DTYPE: tl.constexpr):
-        """Round fp32 to the input dtype and back: the reference's rounding points."""
-        return x.to(DTYPE).to(tl.float32)
-
-    @triton.jit
-    def _cast(x, DTYPE: tl.constexpr):
-        return x.to(DTYPE)
-
-    @triton.jit
-    def _dot(a, b, acc):
-        return tl.dot(a, b, acc)
-
 
 @triton.jit
 def _inv_rms(sum_sq, n, eps):
@@ -455,21 +410,24 @@ def configs(problem) -> list[dict]:
                    _cfg(16, whole, 256, 2, 4, 4, "fused"), _cfg(16, whole, 256, 4, 4, 4, "row"),
                    _cfg(16, whole, 512, 4, 8, 3, "fused")]
         else:  # split each head over programs instead: no partial sums, no second kernel
+            # Defaults in this branch and the two below are the fastest of the tuner's run on
+            # an H200 (Llama-3-8B, bf16; TRITON_NOTES.md): "row" beat "fused" at T 1/16 (40.8
+            # vs 45.3 us) and "prenorm" beat "row" at T 128 (41.9 vs 48.4) and 4096 (506 vs 662).
             q4 = quarter
-            out = [_cfg(16, q4, 256, 1, 4, 4, "fused"), _cfg(16, q4, 512, 1, 4, 3, "fused"),
-                   _cfg(16, q4, 128, 2, 4, 4, "fused"), _cfg(16, q4, 256, 1, 4, 4, "row"),
+            out = [_cfg(16, q4, 256, 1, 4, 4, "row"), _cfg(16, q4, 256, 1, 4, 4, "fused"),
+                   _cfg(16, q4, 512, 1, 4, 3, "fused"), _cfg(16, q4, 128, 2, 4, 4, "fused"),
                    _cfg(16, whole, 256, 4, 4, 4, "fused"), _cfg(16, 2 * q4, 256, 2, 4, 4, "fused"),
                    _cfg(16, q4, 256, 1, 2, 4, "fused")]
     elif tokens < LARGE_T:
         split = 2 if qk else 1
         bp = whole if qk else max(whole // 2, 16)
-        out = [_cfg(64, bp, 64, split, 4, 4, "row"), _cfg(64, bp, 128, split, 4, 3, "row"),
-               _cfg(32, bp, 128, split, 4, 4, "row"), _cfg(64, whole, 64, 1, 4, 4, "row"),
-               _cfg(128, whole, 64, 1, 8, 3, "row"), _cfg(64, bp, 64, split, 4, 4, "prenorm")]
+        out = [_cfg(64, bp, 64, split, 4, 4, "prenorm"), _cfg(64, bp, 64, split, 4, 4, "row"),
+               _cfg(64, bp, 128, split, 4, 3, "row"), _cfg(32, bp, 128, split, 4, 4, "row"),
+               _cfg(64, whole, 64, 1, 4, 4, "row"), _cfg(128, whole, 64, 1, 8, 3, "row")]
     else:
         two = 2 * whole if whole >= 64 else whole  # 256 output columns for 128-wide heads
-        out = [_cfg(128, whole, 64, 1, 8, 4, "row"), _cfg(128, two, 64, 1, 8, 3, "row"),
-               _cfg(128, whole, 64, 1, 8, 3, "row"), _cfg(128, whole, 64, 1, 8, 4, "prenorm"),
+        out = [_cfg(128, whole, 64, 1, 8, 4, "prenorm"), _cfg(128, whole, 64, 1, 8, 4, "row"),
+               _cfg(128, two, 64, 1, 8, 3, "row"), _cfg(128, whole, 64, 1, 8, 3, "row"),
                _cfg(128, two, 64, 1, 8, 3, "prenorm"), _cfg(64, whole, 64, 1, 4, 4, "row")]
     limit = _smem_limit(problem.device_type, problem.device_index)
     seen, unique = set(), []

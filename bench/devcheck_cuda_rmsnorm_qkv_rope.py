@@ -2,7 +2,7 @@
 
 Run from the repository root on a CUDA machine::
 
-    KPT_AUTOTUNE=0 PYTHONPATH=. python csrc/rmsnorm_qkv_rope/devcheck.py
+    KPT_AUTOTUNE=0 PYTHONPATH=. python bench/devcheck_cuda_rmsnorm_qkv_rope.py
 
 1. builds the extension (kpt.jit);
 2. checks every config of the cuda backend against the reference backend on fresh random
