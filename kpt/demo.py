@@ -76,11 +76,12 @@ def run(config_name: str, device: torch.device, new_tokens: int) -> list[tuple[s
         kpt_tokens = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
                                     attention_mask=torch.ones_like(prompt))
         kpt_us = _timer(lambda: model(prompt[:, :1]), device, 20)
+        patched = len(handle.patched)
         handle.unpatch()
     rel = ((kpt_logits - hf_logits).norm() / hf_logits.norm()).item()
     same = int((kpt_tokens == hf_tokens).all(-1).sum())
     rows += [
-        ("patched layers", str(len(handle.patched))),
+        ("patched layers", str(patched)),
         ("logits, relative difference to HF", f"{rel:.2e}"),
         ("greedy tokens equal to HF", f"{same}/{kpt_tokens.shape[0]} sequences, "
                                       f"{new_tokens} new tokens"),

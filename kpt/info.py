@@ -11,11 +11,10 @@ import argparse
 
 import torch
 
-# A small Llama-like layer: enough for backends to state device, dtype and arch reasons.
-_TYPICAL = {
-    "rmsnorm_qkv_rope": {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256,
-                         "head_dim": 64},
-}
+# A small Llama-like layer: every op with tuning hooks describes one call of it (16 tokens), which
+# is enough for backends to state their device, dtype and arch reasons.
+_TYPICAL_CONFIG = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "hidden_size": 256, "head_dim": 64}
 
 
 def backend_rows(device: torch.device | str | None = None,
@@ -29,12 +28,14 @@ def backend_rows(device: torch.device | str | None = None,
     rows = []
     for name, op in sorted(all_ops().items()):
         problem = None
-        if op.tuning is not None and name in _TYPICAL:
-            shape = op.tuning.shapes(_TYPICAL[name], [1])[0]
+        if op.tuning is not None:
+            shape = op.tuning.shapes(_TYPICAL_CONFIG, [16])[0]
             problem = op.tuning.problem(op.tuning.make_call(shape, dtype, device, 0))
         for backend in op.backends:
-            if problem is None:
+            if problem is None:  # no typical call: the environment's reason only
                 reasons = [r for r in [op.unavailable(backend)] if r]
+                if not reasons and device.type not in backend.device_types:
+                    reasons = [f"device {device.type} not in {sorted(backend.device_types)}"]
             else:
                 reasons = op.reasons(backend, problem)
             rows.append((name, backend.name, "ok" if not reasons else "; ".join(reasons)))
