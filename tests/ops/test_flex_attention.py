@@ -7,6 +7,8 @@ several blocks are partial, full and skipped.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -328,3 +330,119 @@ def test_bad_input_is_rejected_before_launch(bad, monkeypatch):
         kwargs["block_mask"] = "causal"
     with pytest.raises((ValueError, TypeError), match="flex_attention"):
         flex_attention(**args, **kwargs, backend="triton")
+
+
+# ---- torch.compile ----------------------------------------------------------------------------
+
+SOFTCAP = 3.0  # a module-level scalar a mod reads: changing it must re-trace compiled callers
+
+
+def softcap_global(score, b, h, q_idx, kv_idx):
+    return SOFTCAP * torch.tanh(score / SOFTCAP)
+
+
+def sin_mod(score, b, h, q_idx, kv_idx):  # not translatable: compiled as the traced reference
+    return score + torch.sin(score)
+
+
+# name: (score_mod, mask_mod, block mask builder)
+COMPILE_CASES = {
+    "causal_kpt_mask": (None, causal, "kpt"),
+    "causal_torch_mask": (None, causal, "torch"),
+    "softcap": (softcap, None, None),
+    "alibi_causal_torch_mask": (alibi, causal, "torch"),
+    "alibi_causal_kpt_mask": (alibi, causal, "kpt"),
+}
+
+
+def _compiled(fn, backend="aot_eager"):
+    torch._dynamo.reset()  # parametrized cases share code objects; no recompile limits
+    return torch.compile(fn, backend=backend, fullgraph=True)
+
+
+def _compile_inputs(mask_mod, builder, requires_grad):
+    q, k, v, _, _ = make("alibi_causal", requires_grad=requires_grad)  # H = 4 = len(SLOPES)
+    B, H, sq, _ = q.shape
+    maker = {"kpt": kpt_mask, "torch": torch_mask}.get(builder)
+    return q, k, v, maker(mask_mod, B, H, sq, k.shape[2]) if maker else None
+
+
+def _check_fwd_bwd(fn, q, k, v, extra=()):
+    compiled = _compiled(fn)
+    out, lse = compiled(q, k, v)
+    out_e, lse_e = fn(q, k, v)
+    check("out", out, out_e)
+    check("lse", lse, lse_e)
+    inputs = (q, k, v, *extra)
+    grads = torch.autograd.grad((out * out).sum() + lse.sum(), inputs)
+    expected = torch.autograd.grad((out_e * out_e).sum() + lse_e.sum(), inputs)
+    for name, g, e in zip("q k v buffer".split(), grads, expected):
+        check(f"d{name}", g, e)
+
+
+@pytest.mark.parametrize("dynamo_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
+def test_compile_fullgraph_forward(case, dynamo_backend):
+    score_mod, mask_mod, builder = COMPILE_CASES[case]
+    q, k, v, bm = _compile_inputs(mask_mod, builder, requires_grad=False)
+
+    def fn(q, k, v):
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=bm)
+
+    check("out", _compiled(fn, dynamo_backend)(q, k, v), fn(q, k, v))
+
+
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
+def test_compile_fullgraph_backward(case):
+    score_mod, mask_mod, builder = COMPILE_CASES[case]
+    q, k, v, bm = _compile_inputs(mask_mod, builder, requires_grad=True)
+    _check_fwd_bwd(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=bm,
+                                                  return_lse=True), q, k, v)
+
+
+@pytest.mark.parametrize("case", ["softcap", "alibi_causal_torch_mask"])
+def test_compile_fullgraph_triton(case):
+    score_mod, mask_mod, builder = COMPILE_CASES[case]
+    q, k, v, bm = _compile_inputs(mask_mod, builder, requires_grad=True)
+    _check_fwd_bwd(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=bm,
+                                                  return_lse=True, backend="triton"), q, k, v)
+
+
+def test_compile_graph_has_the_op_and_captured_tensors_as_inputs(monkeypatch):
+    graphs = []
+
+    def backend(gm, _example_inputs):
+        graphs.append(gm)
+        return gm
+
+    q, k, v, bm = _compile_inputs(causal, "torch", requires_grad=False)
+    compiled = _compiled(lambda q, k, v: flex_attention(q, k, v, alibi, bm), backend)
+    compiled(q, k, v)
+    (gm,) = graphs
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.kpt.flex_attention in targets or \
+        torch.ops.kpt.flex_attention.default in targets
+    # The slopes are a graph input: new values (even a new tensor) reuse the graph.
+    monkeypatch.setattr(sys.modules[__name__], "SLOPES", SLOPES.flip(0) * 3)
+    new = compiled(q, k, v)
+    assert len(graphs) == 1
+    check("out", new, flex_attention(q, k, v, alibi, bm))
+    # A scalar the mod reads decides the kernel: a new value re-traces instead of reusing it.
+    compiled = _compiled(lambda q, k, v: flex_attention(q, k, v, softcap_global))
+    first = compiled(q, k, v)
+    monkeypatch.setattr(sys.modules[__name__], "SOFTCAP", 1.5)
+    second = compiled(q, k, v)
+    check("out", second, flex_attention(q, k, v, softcap_global))
+    assert (second - first).abs().max() > 1e-3
+
+
+def test_compile_untranslated_mod_and_learnable_buffer_trace_the_reference():
+    q, k, v, bm = _compile_inputs(causal, "kpt", requires_grad=True)
+    _check_fwd_bwd(lambda q, k, v: flex_attention(q, k, v, sin_mod, bm, return_lse=True),
+                   q, k, v)
+    table = SLOPES.clone().requires_grad_(True)
+    mod = _bias_factory(table)
+    _check_fwd_bwd(lambda q, k, v: flex_attention(q, k, v, mod, bm, return_lse=True),
+                   q, k, v, extra=(table,))
+    with pytest.raises(Exception, match="cannot run this call under torch.compile"):
+        _compiled(lambda q, k, v: flex_attention(q, k, v, sin_mod, backend="triton"))(q, k, v)

@@ -287,6 +287,89 @@ def _validate(query, key, value, score_mod, scale, enable_gqa) -> None:
         raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
 
 
+# ---- torch.compile ----------------------------------------------------------------------------
+
+_assume_constant_result = getattr(torch.compiler, "assume_constant_result", None) or \
+    torch._dynamo.assume_constant_result
+# Generated readers of the mods' captured tensors and scalars (see ``_codegen.reader``), looked
+# up by the constant key ``_plan`` returns; dynamo inlines them.
+_READERS: dict[str, tuple] = {}
+
+
+@_assume_constant_result
+def _plan(score_mod, mask_mod, device_type: str, device_index, dtype: torch.dtype,
+          head_dims: tuple[int, int], block_q: int, block_kv: int, grad: bool,
+          backend: str | None) -> tuple:
+    """The Python half of a compiled call, run once per trace (dynamo calls it eagerly and
+    bakes its result into the graph as constants): translate the mods and choose the backend.
+
+    Returns ``(mods key, backend, reader key, scalars)``, or ``(None, None, None, ())`` when
+    the mods cannot run in the custom op (not translated, or a captured tensor is not a
+    closure cell / module global of a plain function): the caller then traces the reference
+    with the Python mods, so dynamo sees everything they read."""
+    if backend is not None:
+        SPEC.backend(backend)  # an unknown name raises at trace time
+    if score_mod is not None and _codegen.is_torch_noop(score_mod):
+        score_mod = None
+    if mask_mod is not None and _codegen.is_torch_noop(mask_mod):
+        mask_mod = None
+    mods = _codegen.translate(score_mod, mask_mod)
+    locs = None if mods.reason is not None else _codegen.locate_buffers(mods, score_mod, mask_mod)
+    if locs is None:
+        if backend not in (None, "reference"):
+            reason = mods.reason or "a captured tensor is neither a closure cell nor a global"
+            raise ValueError(f"{OP}: backend {backend!r} cannot run this call under "
+                             f"torch.compile: {reason}")
+        return None, None, None, ()
+    readers, scalars = [], []
+    for which, fn in (("score", score_mod), ("mask", mask_mod)):
+        mine = [loc for loc in locs if loc[0] == which]
+        if fn is None:
+            readers.append(None)
+            continue
+        read, values = _codegen.reader(fn, [loc[1:] for loc in mine])
+        readers.append(read)
+        scalars += values
+    if [loc[0] for loc in locs] != sorted((loc[0] for loc in locs), key=("score", "mask").index):
+        raise AssertionError(f"{OP}: buffers of score_mod must precede mask_mod's")
+    device = torch.device(device_type, device_index)
+    problem = Problem.of(device, dtype, batch=1, heads=1, kv_heads=1, q_len=1, kv_len=1,
+                         head_dim=head_dims[0], head_dim_v=head_dims[1], mods=mods.key,
+                         block_q=block_q, block_kv=block_kv, grad=grad)
+    chosen = SPEC.choose(problem, backend)[0].name
+    reader_key = f"{mods.key}/{id(score_mod):x}/{id(mask_mod):x}"
+    _READERS[reader_key] = tuple(readers)
+    return mods.key, chosen, reader_key, tuple(scalars)
+
+
+def _compiled_call(query, key, value, score_mod, tables, scale, backend):
+    """``flex_attention`` as dynamo traces it: tables built in the graph, mods resolved by the
+    constant-folded :func:`_plan`, captured tensors read by inlined readers (graph inputs)."""
+    mask_mod = tables.mask_mod if tables.has_partial else None
+    grad_on = torch.is_grad_enabled()
+    grad = grad_on and (query.requires_grad or key.requires_grad or value.requires_grad)
+    mods_key, chosen, reader_key, scalars = _plan(
+        score_mod, mask_mod, query.device.type, query.device.index, query.dtype,
+        (query.shape[-1], value.shape[-1]), tables.block_q, tables.block_kv, grad, backend)
+    buffers = []
+    if mods_key is not None:
+        parts = [((), ()) if read is None else read() for read in _READERS[reader_key]]
+        if parts[0][1] + parts[1][1] != scalars:
+            # Unreachable: the readers' scalar guards re-trace the call when one changes.
+            raise RuntimeError(f"{OP}: a scalar captured by the mods changed during tracing")
+        buffers = list(parts[0][0]) + list(parts[1][0])
+        for buf in buffers:
+            if buf.device != query.device:
+                raise ValueError(f"{OP}: a tensor captured by score_mod/mask_mod is on "
+                                 f"{buf.device}, q/k/v on {query.device}")
+    if mods_key is None or grad_on and any(b.requires_grad for b in buffers):
+        return _reference.attention(query, key, value, score_mod, mask_mod, scale,
+                                    tables.dense(), (tables.block_q, tables.block_kv))
+    return torch.ops.kpt.flex_attention(
+        query, key, value, buffers, tables.as_list(), tables.block_q, tables.block_kv,
+        tables.has_partial, scale, mods_key, chosen, grad)
+
+
 def _default_block(sq: int, skv: int) -> int:
     return min(128, max(16, 1 << max(0, (max(sq, skv) - 1).bit_length())))
 
@@ -321,9 +404,14 @@ def flex_attention(
 
     Forward and backward (q, k, v gradients; also through the lse). Captured tensors that
     require grad are differentiated by running the reference with autograd.
+
+    Works inside ``torch.compile(fullgraph=True)``: the mods are translated once per trace
+    (a constant-folded call), their captured tensors become graph inputs of the custom op; see
+    NOTES.md, "torch.compile".
     """
     _validate(query, key, value, score_mod, scale, enable_gqa)
-    if backend is not None:
+    compiling = torch.compiler.is_compiling()
+    if backend is not None and not compiling:
         SPEC.backend(backend)
     B, H, sq, d = query.shape
     skv = key.shape[2]
@@ -332,6 +420,9 @@ def flex_attention(
         tables = _bm.all_full(sq, skv, _default_block(sq, skv), query.device)
     else:
         tables = _bm.normalize(block_mask, B, H, sq, skv, query.device)
+    if compiling:
+        out, lse = _compiled_call(query, key, value, score_mod, tables, scale, backend)
+        return (out, lse) if return_lse else out
     mask_mod = tables.mask_mod
     if mask_mod is not None and _codegen.is_torch_noop(mask_mod):
         mask_mod = None

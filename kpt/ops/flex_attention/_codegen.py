@@ -615,17 +615,72 @@ def translate(score_mod: Callable | None, mask_mod: Callable | None) -> Translat
             return _with(hit.template, buffers, score_mod, mask_mod)
     t = _translate(score_mod, mask_mod)
     if t.reason is None and key is not None:
-        locators = []
-        for b in t.buffers:
-            for which, fn in (("score", score_mod), ("mask", mask_mod)):
-                loc = _locate(fn, b)
-                if loc is not None:
-                    locators.append((which, *loc))
-                    break
-        if len(locators) == len(t.buffers):
+        locators = locate_buffers(t, score_mod, mask_mod)
+        if locators is not None:
             with _lock:
                 _CODE_CACHE[key] = _Cached(t, locators)
     return t
+
+
+def locate_buffers(t: Translation, score_mod, mask_mod) -> list[tuple[str, str, Any]] | None:
+    """Where each captured tensor of ``t`` lives: ``(which mod, "cell" | "global", index |
+    name)``, in buffer order; None when one is reached some other way (attribute, list...)."""
+    locators = []
+    for b in t.buffers:
+        for which, fn in (("score", score_mod), ("mask", mask_mod)):
+            loc = _locate(fn, b)
+            if loc is not None:
+                locators.append((which, *loc))
+                break
+        else:
+            return None
+    return locators
+
+
+def _scalar_locators(fn: types.FunctionType) -> list[tuple[str, Any]]:
+    """The closure cells and globals of ``fn`` holding Python scalars (they shape its code)."""
+    out: list[tuple[str, Any]] = []
+    for i, cell in enumerate(fn.__closure__ or ()):
+        try:
+            if isinstance(cell.cell_contents, (bool, int, float, str)):
+                out.append(("cell", i))
+        except ValueError:  # an empty cell
+            pass
+    for n in fn.__code__.co_names:
+        if isinstance(fn.__globals__.get(n, None), (bool, int, float, str)):
+            out.append(("global", n))
+    return out
+
+
+def reader(fn: types.FunctionType, tensors: list[tuple[str, Any]]) -> tuple[Callable, tuple]:
+    """A generated function ``() -> ((tensors...), (scalars...))`` that reads ``fn``'s captured
+    tensors (at ``tensors``' locations) and its scalar cells/globals through ``fn``'s own
+    closure cells and globals dict, plus the scalar values now.
+
+    Under ``torch.compile`` dynamo inlines it like any user function: the tensors become graph
+    inputs and the scalars get value guards (a changed scalar means a different kernel, so the
+    graph must be re-traced). It only needs LOAD_GLOBAL / LOAD_DEREF, which every dynamo
+    version supports, rather than ``fn.__closure__`` / ``fn.__globals__`` attribute access."""
+    free = fn.__code__.co_freevars
+    scalars = _scalar_locators(fn)
+
+    def name(loc: tuple[str, Any]) -> str:
+        return free[loc[1]] if loc[0] == "cell" else loc[1]
+
+    cells = sorted({name(loc) for loc in tensors + scalars if loc[0] == "cell"})
+    lines = ["def _kpt_outer():"]
+    if cells:
+        lines.append("    " + " = ".join(cells) + " = None")
+    lines += ["    def _kpt_read():",
+              "        return ({}), ({})".format(*("".join(f"{name(loc)}, " for loc in locs)
+                                                  for locs in (tensors, scalars))),
+              "    return _kpt_read"]
+    outer = compile("\n".join(lines), f"<kpt flex_attention reader of {fn.__qualname__}>", "exec")
+    code = next(c for c in next(c for c in outer.co_consts if isinstance(c, types.CodeType))
+                .co_consts if isinstance(c, types.CodeType))
+    closure = tuple(fn.__closure__[free.index(n)] for n in code.co_freevars) or None
+    read = types.FunctionType(code, fn.__globals__, "_kpt_read", None, closure)
+    return read, read()[1]
 
 
 def _with(t: Translation, buffers: list, score_mod, mask_mod) -> Translation:

@@ -179,14 +179,16 @@ _ALL_FULL: dict[tuple, Tables] = {}
 
 def all_full(sq: int, skv: int, block: int, device: torch.device) -> Tables:
     """Tables for "no mask": every block full (cached per size and device)."""
+    compiling = torch.compiler.is_compiling()  # under dynamo: built in the graph, no cache
     key = (sq, skv, block, device)
-    hit = _ALL_FULL.get(key)
+    hit = None if compiling else _ALL_FULL.get(key)
     if hit is None:
         nq, nkv = -(-sq // block), -(-skv // block)
         dense = torch.ones(1, 1, nq, nkv, dtype=torch.bool, device=device)
         t = _tables_from_dense(torch.zeros_like(dense), dense)
         hit = Tables(*t, block_q=block, block_kv=block, mask_mod=None, has_partial=False)
-        _ALL_FULL[key] = hit
+        if not compiling:
+            _ALL_FULL[key] = hit
     return hit
 
 
@@ -220,12 +222,16 @@ def normalize(block_mask, B: int, H: int, sq: int, skv: int, device: torch.devic
     if bm not in (1, B) or hm not in (1, H):
         raise ValueError(f"{OP}: block_mask has batch/head dims {(bm, hm)}; expected 1 or "
                          f"the query's {(B, H)}")
-    try:
-        hit = _NORMALIZED.get(block_mask)
-    except TypeError:
-        hit = None
-    if hit is not None:
-        return hit
+    # Under dynamo the tables are computed in the graph from the mask's tensors (graph inputs),
+    # so the weak-keyed cache is skipped (dynamo would not trace it, and must not bake results).
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        try:
+            hit = _NORMALIZED.get(block_mask)
+        except TypeError:
+            hit = None
+        if hit is not None:
+            return hit
     dense = _dense_from_lists(num, idx, getattr(block_mask, "full_kv_num_blocks", None),
                               getattr(block_mask, "full_kv_indices", None))
     if dense.shape[-1] < nkv:
@@ -233,8 +239,9 @@ def normalize(block_mask, B: int, H: int, sq: int, skv: int, device: torch.devic
     dense = dense[..., :nkv]
     t = _tables_from_dense(dense == 1, dense == 2)
     out = Tables(*t, block_q=bq, block_kv=bkv, mask_mod=getattr(block_mask, "mask_mod", None))
-    try:
-        _NORMALIZED[block_mask] = out
-    except TypeError:
-        pass
+    if not compiling:
+        try:
+            _NORMALIZED[block_mask] = out
+        except TypeError:
+            pass
     return out
