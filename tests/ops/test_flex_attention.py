@@ -17,7 +17,8 @@ from kpt.ops.flex_attention import SPEC, _codegen, create_block_mask, flex_atten
 from kpt.ops.flex_attention import block_mask as kbm
 from kpt.ops.flex_attention import reference as ref
 
-tflex = pytest.importorskip("torch.nn.attention.flex_attention")
+tflex = pytest.importorskip("torch.nn.attention.flex_attention",
+                            reason="torch flex_attention is the drop-in target (torch >= 2.5)")
 pytestmark = [pytest.mark.filterwarnings("ignore:.*flex_attention.*"),
               pytest.mark.filterwarnings("ignore:return_lse is deprecated")]
 

@@ -212,6 +212,43 @@ def test_backend_gpu_sizes(backend, name, dtype):
     _check_backend(backend, GPU_CASES[name], dtype, "cuda", seed=3)
 
 
+# Token counts on both sides of the backends' regime switches (decode tile, GEMV limit, the
+# large-T configs); every config the tuner may pick must be right, and right twice over.
+CONFIG_SWEEP_TOKENS = [3, 40, 513]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("tokens", CONFIG_SWEEP_TOKENS)
+@pytest.mark.parametrize("backend", [b.name for b in BACKENDS if b.name != "reference"])
+def test_every_config_matches_reference_and_repeats_bit_for_bit(backend, tokens, device):
+    from kpt.ops.rmsnorm_qkv_rope import make_call, shapes_from_hf_config
+
+    config = {"model_type": "qwen3" if tokens == 40 else "llama", "hidden_size": 64,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "attention_bias": tokens == 3}
+    shape = shapes_from_hf_config(config, [tokens])[0]
+    call = make_call(shape, torch.bfloat16, torch.device(device), seed=tokens)
+    problem = problem_of(call)
+    reasons = SPEC.reasons(backend, problem)
+    if reasons:
+        pytest.skip(f"{backend}: " + "; ".join(reasons))
+    chosen = SPEC.backend(backend)
+    expected = SPEC.tuning.clone_outputs(call)
+    SPEC.backend("reference").run(expected, {})
+    # A result that moves between two runs is a race; the CPU interpreter runs programs one at
+    # a time and cannot show one, so the second run happens on a GPU only.
+    runs = 2 if device == "cuda" else 1
+    for config_ in chosen.configs(problem):
+        outs = [SPEC.tuning.clone_outputs(call) for _ in range(runs)]
+        for out in outs:
+            SPEC.tuning.poison(out)
+            chosen.run(out, config_)
+        reason = SPEC.tuning.check(outs[0], expected)
+        assert reason is None, (config_, reason)
+        for name in ("q", "k", "v"):
+            assert all(torch.equal(getattr(o, name), getattr(outs[0], name)) for o in outs)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 @pytest.mark.parametrize("backend", [b.name for b in BACKENDS])
 def test_cuda_graph_capture(backend):

@@ -97,6 +97,10 @@ def _cuda_supports(p: Problem) -> list[str]:
         reasons.append(f"hidden size {p['hidden']} must be a multiple of 8 (16-byte loads)")
     if p["head_dim"] % 8:
         reasons.append(f"head_dim {p['head_dim']} must be a multiple of 8 (16-byte loads)")
+    from ._cuda import MAX_HIDDEN  # plain Python: importing it builds nothing
+
+    if p["hidden"] > MAX_HIDDEN:
+        reasons.append(f"hidden size {p['hidden']} > {MAX_HIDDEN} (a row is held in registers)")
     return reasons
 
 

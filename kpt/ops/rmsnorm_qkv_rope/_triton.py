@@ -561,6 +561,8 @@ def run(call, config: dict) -> None:
     plan = _PLANS.get(key)
     if plan is None:
         _check(call)
+        if len(_PLANS) >= 4096:  # one plan per token count: bound it for long-running servers
+            _PLANS.clear()
         plan = _PLANS[key] = _make_plan(call, config)
     tokens = call.tokens
     if tokens == 0:
