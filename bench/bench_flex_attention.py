@@ -2,7 +2,9 @@
 
 B4 H32 S4096 D128 bf16, forward and forward+backward, for: no mask, causal, soft-cap 30 and a
 1024-token causal sliding window (TARGETS.md). Both implementations get the same torch
-BlockMask (BLOCK_SIZE 128). TFLOP/s count 4*B*H*Sq*Skv*D for the forward, times the visible
+BlockMask (BLOCK_SIZE 128). ``kpt_cuda`` runs the same cases on the hand-written kernels with
+the named mods of ``kpt.ops.flex_attention.mods`` (its BlockMask built from them).
+TFLOP/s count 4*B*H*Sq*Skv*D for the forward, times the visible
 fraction of the score matrix, and 2.5x that for the backward.
 
 Run: ``KPT_BENCH_BASELINE=torch_flex_compiled pytest bench/bench_flex_attention.py`` (needs a
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from bench.conftest import event_time_us, record
-from kpt.ops.flex_attention import SPEC, flex_attention
+from kpt.ops.flex_attention import SPEC, flex_attention, mods
 
 B, H, S, D = 4, 32, 4096, 128
 WINDOW = 1024
@@ -43,8 +45,15 @@ CASES = {
     "window1024_causal": (None, _window,
                           sum(min(i + 1, WINDOW) for i in range(S)) / (S * S)),
 }
+# The same cases as named mods (the window: q - kv < WINDOW is sliding_window(WINDOW - 1)).
+NAMED = {
+    "full": (None, None),
+    "causal": (None, mods.causal()),
+    "softcap30": (mods.softcap(30.0), None),
+    "window1024_causal": (None, mods.sliding_window(WINDOW - 1)),
+}
 MODES = ("fwd", "fwd_bwd")
-IMPLS = ("kpt_triton", "torch_flex_compiled")
+IMPLS = ("kpt_triton", "kpt_cuda", "torch_flex_compiled")
 
 
 @functools.cache
@@ -56,10 +65,10 @@ def _inputs():
 
 
 @functools.cache
-def _block_mask(case: str):
+def _block_mask(case: str, named: bool = False):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mask_mod = CASES[case][1]
+    mask_mod = NAMED[case][1] if named else CASES[case][1]
     if mask_mod is None:
         return None
     return create_block_mask(mask_mod, None, None, S, S, device="cuda", BLOCK_SIZE=128)
@@ -77,6 +86,9 @@ def _forward(impl: str, case: str):
     score_mod, bm = CASES[case][0], _block_mask(case)
     if impl == "kpt_triton":
         return lambda: flex_attention(q, k, v, score_mod, bm, backend="triton")
+    if impl == "kpt_cuda":
+        named, nbm = NAMED[case][0], _block_mask(case, True)
+        return lambda: flex_attention(q, k, v, named, nbm, backend=_native())
     compiled = _torch_compiled()
     return lambda: compiled(q, k, v, score_mod=score_mod, block_mask=bm)
 
@@ -92,22 +104,28 @@ def _fn(impl: str, case: str, mode: str):
     return lambda: torch.autograd.grad(fwd(), (q, k, v), dout)
 
 
+def _native() -> str:
+    return "hip" if torch.version.hip else "cuda"
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_flex_attention(benchmark, cuda_only, case, mode, impl):
-    if impl == "kpt_triton":
+    if impl in ("kpt_triton", "kpt_cuda"):
         from kpt.ops.flex_attention import _codegen, block_mask, problem_of
 
+        named = impl == "kpt_cuda"
+        name = _native() if named else "triton"
         q, k, v, _ = _inputs()
-        bm = _block_mask(case)
+        bm = _block_mask(case, named)
         tables = (block_mask.all_full(S, S, 128, q.device) if bm is None
                   else block_mask.normalize(bm, B, H, S, S, q.device))
-        mods = _codegen.translate(CASES[case][0], tables.mask_mod if tables.has_partial
-                                  else None)
-        reasons = SPEC.reasons("triton", problem_of(q, k, v, mods, tables, mode != "fwd"))
+        translated = _codegen.translate((NAMED if named else CASES)[case][0],
+                                        tables.mask_mod if tables.has_partial else None)
+        reasons = SPEC.reasons(name, problem_of(q, k, v, translated, tables, mode != "fwd"))
         if reasons:
-            pytest.skip("triton: " + "; ".join(reasons))
+            pytest.skip(f"{name}: " + "; ".join(reasons))
     fn = _fn(impl, case, mode)
     kernel = event_time_us([fn], calls=10)
 

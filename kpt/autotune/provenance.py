@@ -142,10 +142,18 @@ def _backend_files(op: str, backend: str) -> list[tuple[str, Path]]:
         from kpt.jit import csrc_dir
 
         root = csrc_dir()
-        for sub in (root / op, root / "include"):
+        # csrc/<op>/ and csrc/<op>_<variant>/ (an arch-specific kernel of the same backend),
+        # and the shared headers; headers of include/ named after another op belong to that
+        # op: adding or editing them must not make this op's tuned rows stale.
+        mine = sorted(d for d in root.iterdir() if d.is_dir()
+                      and (d.name == op or d.name.startswith(op + "_")))
+        others = [d.name for d in root.iterdir() if d.is_dir() and d.name != "include"
+                  and d not in mine]
+        for sub in (*mine, root / "include"):
             if sub.is_dir():
                 files.extend((str(p.relative_to(root)), p) for p in sorted(sub.rglob("*"))
-                             if p.suffix in _KERNEL_SUFFIXES and p.is_file())
+                             if p.suffix in _KERNEL_SUFFIXES and p.is_file()
+                             and not (sub.name == "include" and p.stem.startswith(tuple(others))))
     return files
 
 

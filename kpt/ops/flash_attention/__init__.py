@@ -111,6 +111,19 @@ def _triton_supports(p: Problem) -> list[str]:
 
 _REFERENCE_DEVICES = frozenset({"cuda", "cpu", "xla", "xpu", "mps"})
 
+
+def _cuda_backends(entry: str, configs: str) -> tuple[Backend, Backend]:
+    """The ``cuda`` (tensor cores, sm_80+) and ``hip`` (SIMT kernels) builds of one source."""
+    shared = dict(device_types=frozenset({"cuda"}), dtypes=_HALF,
+                  run=lazy(f"{__name__}._cuda", entry),
+                  supports=lazy(f"{__name__}._cuda", "supports"),
+                  configs=lazy(f"{__name__}._cuda", configs))
+    return (Backend(name="cuda", min_capability=(8, 0), rocm=False,
+                    available=lazy(f"{__name__}._cuda", "cuda_unavailable"), **shared),
+            Backend(name="hip", rocm=True, available=lazy(f"{__name__}._cuda", "hip_unavailable"),
+                    **shared))
+
+
 BACKENDS = (
     Backend(
         name="triton",
@@ -121,6 +134,7 @@ BACKENDS = (
         supports=_triton_supports,
         configs=lazy(f"{__name__}._triton", "configs"),
     ),
+    *_cuda_backends("run", "configs"),
     Backend(name="reference", device_types=_REFERENCE_DEVICES, dtypes=_FLOATS,
             run=_reference.run),
 )
@@ -135,6 +149,7 @@ BACKWARD_BACKENDS = (
         supports=_triton_supports,  # two kernels, no atomics: deterministic either way
         configs=lazy(f"{__name__}._triton", "backward_configs"),
     ),
+    *_cuda_backends("run_backward", "backward_configs"),
     Backend(name="reference", device_types=_REFERENCE_DEVICES, dtypes=_FLOATS,
             run=_reference.run_backward),
 )
@@ -308,8 +323,8 @@ def check_backward(call: BackwardCall, expected: BackwardCall) -> str | None:
     return None
 
 
-_PRIORITY = {"cuda": ("triton", "reference"), "cpu": ("reference",), "xla": ("reference",),
-             "xpu": ("reference",), "mps": ("reference",)}
+_PRIORITY = {"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",),
+             "xla": ("reference",), "xpu": ("reference",), "mps": ("reference",)}
 
 SPEC = Op(
     name=OP,

@@ -33,6 +33,11 @@ from kpt.ops._triton_compat import cast as _cast
 from kpt.ops._triton_compat import dot as _dot
 from kpt.ops._triton_compat import mm as _mm
 
+try:  # host-built TMA descriptors (triton >= 3.4); older versions use the pointer path only
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed triton
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634  # host side; kernels spell constants out (no non-constexpr globals)
 
 
@@ -133,16 +138,20 @@ def _seq_bounds(CU, b, seqlen, VARLEN: tl.constexpr):
 
 @triton.jit
 def _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi, offs_m, q_len,
-               k_len, diag, window_left, window_right, mul_in, mul_out,
+               k_len, diag, window_left, window_right, mul_in, mul_out, b, kh,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
-        v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        if TMA:  # (B, H, S, D) descriptors: rows past the sequence arrive as zeros
+            k = k_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+            v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
         qk = _mm(q, tl.trans(k))
         if SOFTCAP:
             s = _tanh(qk * mul_in) * mul_out
@@ -171,8 +180,11 @@ def _fwd_kernel(
     seqlen_q, seqlen_k, mul_in, mul_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
 ):
+    """With ``TMA``, Q, K, V and OUT are (B, H, S, D) tensor descriptors (Hopper's bulk copy
+    engine: asynchronous, multi-stage, no address arithmetic in registers); otherwise pointers
+    addressed through the (batch, token, head) strides."""
     # Query blocks in reverse order: with a causal mask the last blocks do the most work, and
     # starting them first evens out the tail of the grid.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -189,10 +201,18 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
-    q_base = Q + b.to(tl.int64) * stride_qb + q_start * stride_qs + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + k_start * stride_ks + kh.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + k_start * stride_vs + kh.to(tl.int64) * stride_vh
-    q = _load_tile(q_base, offs_m, stride_qs, q_len, offs_d, HEAD_DIM, True, EVEN_D)
+    if TMA:
+        k_base = K
+        v_base = V
+        q = Q.load([b, h, m_start, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q_base = (Q + b.to(tl.int64) * stride_qb + q_start * stride_qs
+                  + h.to(tl.int64) * stride_qh)
+        k_base = (K + b.to(tl.int64) * stride_kb + k_start * stride_ks
+                  + kh.to(tl.int64) * stride_kh)
+        v_base = (V + b.to(tl.int64) * stride_vb + k_start * stride_vs
+                  + kh.to(tl.int64) * stride_vh)
+        q = _load_tile(q_base, offs_m, stride_qs, q_len, offs_d, HEAD_DIM, True, EVEN_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -202,27 +222,31 @@ def _fwd_kernel(
     # Fully visible blocks first: they set a finite running max before any masked block.
     acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, mid_lo,
                                mid_hi, offs_m, q_len, k_len, diag, window_left, window_right,
-                               mul_in, mul_out, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM,
-                               EVEN_D, BLOCK_N, BLOCK_D)
+                               mul_in, mul_out, b, kh, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                               HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D, TMA)
     acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo,
                                mid_lo, offs_m, q_len, k_len, diag, window_left, window_right,
-                               mul_in, mul_out, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM,
-                               EVEN_D, BLOCK_N, BLOCK_D)
+                               mul_in, mul_out, b, kh, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                               HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D, TMA)
     acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, mid_hi,
                                hi, offs_m, q_len, k_len, diag, window_left, window_right,
-                               mul_in, mul_out, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM,
-                               EVEN_D, BLOCK_N, BLOCK_D)
+                               mul_in, mul_out, b, kh, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                               HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D, TMA)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     # back to natural log: * ln(2)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    o_base = OUT + b.to(tl.int64) * stride_ob + q_start * stride_os + h.to(tl.int64) * stride_oh
-    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
     row_ok = offs_m < q_len
-    tl.store(o_ptrs, _cast(out, OUT.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if TMA:  # rows and columns past the tensor's bounds are dropped by the copy engine
+        OUT.store([b, h, m_start, 0], _cast(out, OUT.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        o_base = (OUT + b.to(tl.int64) * stride_ob + q_start * stride_os
+                  + h.to(tl.int64) * stride_oh)
+        o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
+        tl.store(o_ptrs, _cast(out, OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
     tl.store(l_base + offs_m, lse, mask=row_ok)
 
@@ -463,6 +487,13 @@ def _bwd(m1: int, n1: int, w1: int, s1: int, m2: int, n2: int, w2: int, s2: int)
             "BLOCK_M2": m2, "BLOCK_N2": n2, "WARPS2": w2, "STAGES2": s2}
 
 
+def _tma_ready(problem) -> bool:
+    """Tensor descriptors: this triton has them, the GPU is Hopper or newer, batched layout."""
+    if TensorDescriptor is None or problem.device_type != "cuda" or problem["varlen"]:
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
 def configs(problem) -> list[dict]:
     """Forward configs, the first the untuned default.
 
@@ -473,18 +504,30 @@ def configs(problem) -> list[dict]:
     sequences (decode-like) get small query tiles instead of mostly-empty 128-row ones.
     """
     if problem.device_type == "cpu":  # interpreter: small tiles so tests cross block edges
-        return [_fwd(16, 16, 4, 1), _fwd(32, 16, 4, 1)]
+        tma = TensorDescriptor is not None and not problem["varlen"]
+        return [_fwd(16, 16, 4, 1), _fwd(32, 16, 4, 1)] + [dict(_fwd(16, 16, 4, 1), TMA=True)] * tma
     d = problem["head_dim"]
     if problem["seqlen_q"] <= 32:
         # (16, 128, 4, 3) compiles to a pathological 18 KB of spills on sm_90a; these do not.
         return [_fwd(16, 64, 4, 2), _fwd(16, 64, 2, 3), _fwd(64, 64, 4, 3)]
+    # Measured on the H200 (NOTES.md, "Measured configs"): TMA descriptors with 128 x 128
+    # tiles win for D <= 128 by 1.06-1.28x over the best pointer config; pointer configs stay
+    # for older GPUs (and as tuner candidates).
     if d <= 64:
-        return [_fwd(128, 64, 8, 3), _fwd(128, 128, 8, 3), _fwd(128, 64, 4, 3),
-                _fwd(64, 64, 4, 3)]
-    if d <= 128:
-        return [_fwd(128, 64, 8, 3), _fwd(128, 128, 8, 2), _fwd(64, 64, 4, 3),
-                _fwd(128, 32, 8, 3)]
-    return [_fwd(128, 64, 8, 2), _fwd(128, 32, 8, 2), _fwd(64, 32, 4, 2)]
+        pointer = [_fwd(128, 64, 8, 3), _fwd(128, 64, 4, 3), _fwd(64, 64, 4, 3),
+                   _fwd(128, 128, 8, 3)]
+        tma = [_fwd(128, 128, 4, 3), _fwd(128, 64, 4, 3), _fwd(128, 128, 8, 3)]
+    elif d <= 128:
+        pointer = [_fwd(128, 64, 8, 3), _fwd(128, 128, 8, 2), _fwd(64, 64, 4, 3),
+                   _fwd(128, 32, 8, 3)]
+        tma = [_fwd(128, 128, 8, 3), _fwd(128, 64, 8, 3), _fwd(128, 64, 4, 3),
+               _fwd(128, 128, 8, 2)]
+    else:  # not measured: the spill-free pointer config stays the default
+        pointer = [_fwd(128, 64, 8, 2), _fwd(128, 32, 8, 2), _fwd(64, 32, 4, 2)]
+        return pointer + [_fwd(128, 64, 8, 2) | {"TMA": True}] * _tma_ready(problem)
+    if _tma_ready(problem):
+        return [dict(c, TMA=True) for c in tma] + pointer
+    return pointer
 
 
 def backward_configs(problem) -> list[dict]:
@@ -492,19 +535,23 @@ def backward_configs(problem) -> list[dict]:
 
     The dK/dV kernel keeps two fp32 (N1, D) accumulators plus its K and V tiles live for the
     whole loop, so its key block shrinks with D and its query step is small (the transposed
-    score tile is N1 x M1); the dQ kernel mirrors it with one accumulator. Defaults are the
-    least-spilling configs for sm_90a (NOTES.md); every D = 256 variant spills somewhat.
+    score tile is N1 x M1); the dQ kernel mirrors it with one accumulator. For D <= 128 the
+    defaults are the H200 tuner's winners (NOTES.md, "Measured configs"); for D = 256 the
+    least-spilling config (every D = 256 variant spills somewhat).
     """
     if problem.device_type == "cpu":
         return [_bwd(16, 16, 4, 1, 16, 16, 4, 1), _bwd(16, 32, 4, 1, 32, 16, 4, 1)]
     d = problem["head_dim"]
+    # Hopper's wgmma gives each warpgroup (4 warps) a 64-row slice of the accumulator: the dK/dV
+    # tile (N1 rows) and the dQ tile (M2 rows) want 64 rows per 4 warps; narrower slices fall
+    # back to mma.sync. The 4-warp, 64-row tiles won by ~2x on the H200.
     if d <= 64:
-        return [_bwd(32, 128, 8, 2, 128, 64, 8, 2), _bwd(16, 128, 8, 2, 128, 32, 4, 3),
-                _bwd(32, 64, 4, 3, 64, 64, 4, 2), _bwd(64, 128, 8, 2, 128, 64, 8, 2)]
+        return [_bwd(64, 64, 4, 3, 128, 64, 8, 3), _bwd(32, 64, 4, 3, 64, 64, 4, 2),
+                _bwd(32, 128, 8, 2, 128, 64, 8, 2), _bwd(64, 128, 8, 2, 128, 64, 8, 2)]
     if d <= 128:
-        return [_bwd(32, 64, 8, 2, 128, 32, 8, 2), _bwd(16, 64, 8, 2, 128, 32, 8, 2),
-                _bwd(32, 64, 8, 1, 64, 64, 4, 2), _bwd(64, 64, 8, 2, 128, 64, 8, 2),
-                _bwd(32, 128, 8, 1, 128, 32, 8, 2)]
+        return [_bwd(32, 64, 4, 2, 64, 64, 4, 2), _bwd(32, 64, 4, 3, 64, 64, 4, 3),
+                _bwd(64, 64, 4, 2, 128, 32, 8, 2), _bwd(16, 64, 4, 3, 64, 32, 4, 3),
+                _bwd(32, 64, 8, 2, 128, 32, 8, 2)]
     return [_bwd(32, 32, 8, 1, 32, 32, 8, 1), _bwd(16, 32, 4, 1, 32, 32, 4, 1),
             _bwd(32, 64, 8, 1, 64, 32, 8, 1)]
 
@@ -552,6 +599,23 @@ def _shared(call) -> dict:
     )
 
 
+def _tma_fits(call) -> bool:
+    """Descriptors need a batched call, 16-byte aligned bases and strides (the copy engine's
+    rule); a call that misses it runs the pointer path of the same config."""
+    if call.varlen or TensorDescriptor is None:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0
+                                              for st in t.stride()[:-1])
+               for t in (call.q, call.k, call.v, call.out))
+
+
+def _descriptor(t: torch.Tensor, rows: int, block_d: int):
+    """A (B, H, S, D) descriptor over a (B, S, H, D)-strided tensor: TMA takes the dims in any
+    stride order, and a (1, 1, rows, D) box keeps the tile's two dims innermost."""
+    view = t.transpose(1, 2)
+    return TensorDescriptor(view, list(view.shape), list(view.stride()), [1, 1, rows, block_d])
+
+
 def run(call, config: dict) -> None:
     """Write call.out and call.lse."""
     bm, bn = _block(config, "BLOCK_M"), _block(config, "BLOCK_N")
@@ -563,11 +627,17 @@ def run(call, config: dict) -> None:
     cu_k = call.cu_seqlens_k if call.varlen else q
     shared = _shared(call)
     grid = (triton.cdiv(call.max_seqlen_q, bm), heads, batch)
+    tensors = (q, k, v, out)
+    tma = config.get("TMA", False) and _tma_fits(call)
+    if tma:
+        block_d = shared["meta"]["BLOCK_D"]
+        tensors = tuple(_descriptor(t, rows, block_d)
+                        for t, rows in ((q, bm), (k, bn), (v, bn), (out, bm)))
     _fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k,
+        *tensors, lse, cu_q, cu_k,
         *_bsh(q, call.varlen), *_bsh(k, call.varlen), *_bsh(v, call.varlen),
         *_bsh(out, call.varlen), *_lse_strides(lse, call.varlen),
-        **shared["args"], **shared["meta"], BLOCK_M=bm, BLOCK_N=bn,
+        **shared["args"], **shared["meta"], BLOCK_M=bm, BLOCK_N=bn, TMA=tma,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 

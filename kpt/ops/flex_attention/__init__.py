@@ -11,6 +11,10 @@ The ``triton`` backend traces the mods into an expression (``_codegen.py``), gen
 kernel module for them (``_triton.py``), caches it by the mods' code, and skips the blocks the
 block mask leaves out. A mod it cannot translate is a *reason*: dispatch then runs the
 ``reference`` backend, which calls the Python mods themselves.
+
+The ``cuda`` / ``hip`` backends run the hand-written flash-attention kernels when the traced
+mods are the named ones of :mod:`.mods` (causal, sliding window, ALiBi, soft-cap, prefix-LM,
+document masking, or an equivalent lambda; ``_lower.py``), else they give a reason.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from torch import Tensor
 from kpt.ops._common import check_tensor, lazy, triton_interpreting, triton_unavailable
 from kpt.ops._registry import Backend, Op, Problem
 
-from . import _codegen
+from . import _codegen, mods
 from . import block_mask as _bm
 from . import reference as _reference
 from .block_mask import BlockMask, Tables, create_block_mask
 
 OP = "flex_attention"
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32})
+_HALF = frozenset({torch.float16, torch.bfloat16})
 _MAX_HEAD_DIM = 256
 
 
@@ -113,6 +118,27 @@ def _reference_run(call: Call, _config: dict) -> None:
 
 BACKENDS = (
     Backend(
+        name="cuda",
+        device_types=frozenset({"cuda"}),
+        dtypes=_HALF,
+        run=lazy(f"{__name__}._cuda", "run_cuda"),
+        min_capability=(8, 0),
+        rocm=False,
+        available=lazy(f"{__name__}._cuda", "cuda_unavailable"),
+        supports=lazy(f"{__name__}._cuda", "supports"),
+        configs=lazy(f"{__name__}._cuda", "configs"),
+    ),
+    Backend(
+        name="hip",
+        device_types=frozenset({"cuda"}),
+        dtypes=_HALF,
+        run=lazy(f"{__name__}._cuda", "run_hip"),
+        rocm=True,
+        available=lazy(f"{__name__}._cuda", "hip_unavailable"),
+        supports=lazy(f"{__name__}._cuda", "supports"),
+        configs=lazy(f"{__name__}._cuda", "configs"),
+    ),
+    Backend(
         name="triton",
         device_types=frozenset({"cuda", "cpu"}),
         dtypes=_FLOATS,
@@ -128,7 +154,9 @@ BACKENDS = (
         run=_reference_run,
     ),
 )
-_BACKWARD = {"triton": lazy(f"{__name__}._triton", "backward")}
+_BACKWARD = {"triton": lazy(f"{__name__}._triton", "backward"),
+             "cuda": lazy(f"{__name__}._cuda", "backward"),
+             "hip": lazy(f"{__name__}._cuda", "backward")}
 
 
 def _bucket(p: Problem) -> str:
@@ -144,7 +172,8 @@ SPEC = Op(
     name=OP,
     backends=BACKENDS,
     priority={
-        "cuda": ("triton", "reference"),
+        # The hand-written kernels after Triton until they are measured against it.
+        "cuda": ("triton", "cuda", "hip", "reference"),
         "cpu": ("reference",),
         "xla": ("reference",),
         "xpu": ("reference",),
@@ -156,10 +185,19 @@ SPEC = Op(
 
 def problem_of(q: Tensor, k: Tensor, v: Tensor, mods: _codegen.Translation, tables: Tables,
                grad: bool) -> Problem:
+    # cuda_blocks: whether the block mask masks more than the lowered named mask, which the
+    # cuda/hip kernels cannot express; it reads the tables, so it is decided here, per call
+    # (cached per table and captured tensor), and only where those backends can run.
+    blocks = ""
+    native = SPEC.backend("hip" if torch.version.hip else "cuda")
+    if q.device.type == "cuda" and q.dtype in _HALF and SPEC.unavailable(native) is None:
+        from . import _cuda
+        blocks = _cuda.blocks_reason(q, k, mods, tables)
     return Problem.of(q.device, q.dtype, batch=q.shape[0], heads=q.shape[1],
                       kv_heads=k.shape[1], q_len=q.shape[2], kv_len=k.shape[2],
                       head_dim=q.shape[3], head_dim_v=v.shape[3], mods=mods.key,
-                      block_q=tables.block_q, block_kv=tables.block_kv, grad=grad)
+                      block_q=tables.block_q, block_kv=tables.block_kv, grad=grad,
+                      kv_batch=k.shape[0], cuda_blocks=blocks)
 
 
 # ---- custom ops and autograd ------------------------------------------------------------------
@@ -400,7 +438,8 @@ def flex_attention(
         enable_gqa: allow Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
         return_lse: also return the log-sum-exp (B, Hq, Sq), float32, natural log (torch's
             convention), -inf for fully masked rows (whose output is 0).
-        backend: ``"triton"`` or ``"reference"``; default: the best that supports the call.
+        backend: ``"cuda"``, ``"hip"`` (named mods, :mod:`.mods`; fp16/bf16), ``"triton"`` or
+            ``"reference"``; default: the best that supports the call.
 
     Forward and backward (q, k, v gradients; also through the lse). Captured tensors that
     require grad are differentiated by running the reference with autograd.
@@ -450,4 +489,4 @@ def flex_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["flex_attention", "create_block_mask", "BlockMask", "SPEC", "BACKENDS", "Call"]
+__all__ = ["flex_attention", "create_block_mask", "BlockMask", "SPEC", "BACKENDS", "Call", "mods"]

@@ -1,0 +1,63 @@
+// Torch binding of the sm90 flash-attention forward: checks tensors, passes raw pointers.
+//
+// Only torch/extension.h is included, so this file compiles with the host compiler; the caller
+// passes the current stream as an integer handle (torch.cuda.current_stream().cuda_stream) and
+// has made the tensors' device current. kpt/ops/flash_attention/_sm90.py validates every
+// constraint first (with readable reasons); these checks only keep the entry point safe.
+
+#include <torch/extension.h>
+
+#include <cstdint>
+
+#include "kpt/flash_attention_sm90.h"
+
+namespace {
+
+constexpr const char* kOp = "flash_attention[sm90]";
+
+void check_bshd(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), kOp, ": ", name, " must be on ",
+              q.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), kOp, ": ", name, " dtype mismatch");
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(3) == q.size(3), kOp, ": ",
+              name, " must be (B, S, H, D) like q");
+  TORCH_CHECK(t.stride(3) == 1, kOp, ": ", name, " needs a contiguous last dim");
+}
+
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+             const at::Tensor& lse, double scale, double softcap, int64_t window_left,
+             int64_t window_right, int64_t stream) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
+              ": dtype must be float16 or bfloat16");
+  check_bshd(q, q, "q");
+  check_bshd(k, q, "k");
+  check_bshd(v, q, "v");
+  check_bshd(out, q, "out");
+  TORCH_CHECK(k.sizes() == v.sizes(), kOp, ": k and v must have the same shape");
+  TORCH_CHECK(out.sizes() == q.sizes(), kOp, ": out must be shaped like q");
+  TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.scalar_type() == at::kFloat &&
+                  lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+                  lse.size(1) == q.size(2) && lse.size(2) == q.size(1),
+              kOp, ": lse must be contiguous float32 (B, H, Sq)");
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
+  const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  const int dtype = q.scalar_type() == at::kBFloat16 ? KPT_FA90_BF16 : KPT_FA90_FP16;
+  const int code = kpt_fa90_forward(
+      dtype, static_cast<int>(q.size(3)), q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs,
+      out.data_ptr(), os, lse.data_ptr<float>(), q.size(0), q.size(1), k.size(1), q.size(2),
+      k.size(2), static_cast<float>(scale), static_cast<float>(softcap), window_left,
+      window_right, reinterpret_cast<void*>(static_cast<intptr_t>(stream)));
+  TORCH_CHECK(code == KPT_FA90_OK, kOp, ": kpt_fa90_forward failed: ",
+              kpt_fa90_error_string(code), " (code ", code, ")");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kpt flash-attention forward for Hopper (sm_90a: TMA + wgmma)";
+  m.def("forward", &forward, "attention forward into out and lse", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("softcap"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("stream"));
+}

@@ -1,0 +1,584 @@
+// kpt-targets: sm_90a
+// Flash-attention forward for Hopper: TMA + mbarrier pipeline feeding wgmma.
+//
+// One CTA computes a 128-row query tile of one (batch, head) and is three warpgroups:
+//   warpgroup 0  producer: one thread issues TMA loads of Q once and of K/V per 128-key block
+//                into a 2-stage ring of 128B-swizzled shared-memory tiles;
+//   warpgroups 1, 2  consumers: each owns 64 query rows; S = Q K^T with wgmma (both operands
+//                from shared memory), online softmax in registers, O += P V with wgmma taking
+//                P from registers (its accumulator layout is the A-fragment layout) and V from
+//                shared memory (transposed descriptor, so V needs no transpose in memory).
+// The producer gives its registers to the consumers (setmaxnreg): S, O and P stay in registers.
+// While one consumer runs its softmax, the other's wgmma keeps the tensor cores busy.
+//
+// Everything here is raw PTX (wgmma, cp.async.bulk.tensor, mbarrier): the instruction set is
+// small, the operand layouts are fixed by the PTX ISA, and compiling takes seconds instead of
+// the minutes CuTe templates need. Every mbarrier wait is bounded (see wait()): a fault that
+// stops a TMA turns into a trapped kernel (a CUDA error), never a hang.
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "kpt/flash_attention_sm90.h"
+#include "wgmma.cuh"
+
+namespace kpt_fa90 {
+
+constexpr int kBlockM = 128;  // query rows per CTA: 64 per consumer warpgroup (wgmma M = 64)
+constexpr int kBlockN = 128;  // keys per pipeline stage
+constexpr int kStages = 2;
+constexpr int kThreads = 384;
+constexpr int kSwizzleElems = 64;  // 128-byte swizzle rows hold 64 16-bit elements
+constexpr int kRowBytes = 128;
+// A wait this long means a TMA never completed (a fault): trap instead of hanging.
+constexpr uint64_t kWaitLimitNs = 4000000000ull;
+// Row/column arithmetic (row + diag + window, windows clamped to Sq + Sk) stays inside int32.
+constexpr int64_t kMaxSeqlen = int64_t{1} << 28;
+
+struct Params {
+  CUtensorMap tma_q, tma_k, tma_v;
+  void* out;
+  int64_t out_batch, out_seq, out_head;
+  float* lse;
+  int seqlen_q, seqlen_k, heads, group;
+  float score_scale;    // to the log2 domain: scale * log2(e), or scale / softcap with softcap
+  float softcap_log2;   // softcap * log2(e); 0 without soft cap
+  int window_left, window_right;
+};
+
+// ---- PTX helpers -----------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void bar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void bar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void bar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ bool bar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Waits for the phase of parity `parity` to complete. The timer is read only after 1024 failed
+// polls, so the common (short) wait costs nothing extra.
+__device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
+  if (bar_try_wait(bar, parity)) return;
+  uint64_t start = 0;
+  for (uint32_t polls = 1;; ++polls) {
+    if (bar_try_wait(bar, parity)) return;
+    if ((polls & 1023) == 0) {
+      const uint64_t now = global_timer_ns();
+      if (start == 0) {
+        start = now;
+      } else if (now - start > kWaitLimitNs) {
+        __trap();
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                         int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+
+// wgmma shared-memory descriptor for a 128B-swizzled tile (PTX ISA "matrix descriptor"):
+// start address, leading and stride byte offsets (all >> 4), swizzle mode 1 = 128B in bits
+// 62-63. The tile base is 1024-byte aligned, so the base-offset field stays 0; stepping the
+// start address by 32 bytes moves 16 elements along a swizzled row (the hardware applies the
+// XOR pattern to the final address).
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+// Registers read or written by an in-flight wgmma must not be touched or moved by the compiler
+// across the issue/wait pair; an empty asm that "modifies" them pins them in place.
+template <int N>
+__device__ __forceinline__ void pin(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void pin(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (kBf16) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <bool kBf16>
+__device__ __forceinline__ void qk_gemm(float* acc, uint64_t a, uint64_t b, int accumulate) {
+  if constexpr (kBf16) {
+    wgmma_ss_Bf16_n128(acc, a, b, accumulate);
+  } else {
+    wgmma_ss_F16_n128(acc, a, b, accumulate);
+  }
+}
+
+template <bool kBf16, int kD>
+__device__ __forceinline__ void pv_gemm(float* acc, const uint32_t* a, uint64_t b) {
+  if constexpr (kBf16 && kD == 128) {
+    wgmma_rs_Bf16_n128(acc, a, b, 1);
+  } else if constexpr (kBf16) {
+    wgmma_rs_Bf16_n64(acc, a, b, 1);
+  } else if constexpr (kD == 128) {
+    wgmma_rs_F16_n128(acc, a, b, 1);
+  } else {
+    wgmma_rs_F16_n64(acc, a, b, 1);
+  }
+}
+
+// ---- the kernel ------------------------------------------------------------------------------
+
+template <int kD>
+struct Smem {
+  static constexpr int kQBytes = kBlockM * kD * 2;
+  static constexpr int kKVBytes = kBlockN * kD * 2;
+  // A tile is kD / 64 column chunks, each [rows x 128 B] as one TMA box writes it.
+  static constexpr int kQChunk = kBlockM * kRowBytes;
+  static constexpr int kKVChunk = kBlockN * kRowBytes;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kQBytes;
+  static constexpr int kV = kK + kStages * kKVBytes;
+  static constexpr int kBars = kV + kStages * kKVBytes;
+  // q_full, then per stage k_full, k_empty, v_full, v_empty.
+  static constexpr int kBytes = kBars + 8 * (1 + 4 * kStages);
+  // Dynamic shared memory is only guaranteed 16-byte aligned; the swizzle needs 1024.
+  static constexpr int kAlloc = kBytes + 1024;
+};
+
+// The key columns [n_begin, n_end) some row of the query tile starting at m0 can see.
+__device__ __forceinline__ void key_range(const Params& p, int m0, int& n_begin, int& n_end) {
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const int last_row = min(m0 + kBlockM, p.seqlen_q) - 1;
+  n_end = p.seqlen_k;
+  if (p.window_right >= 0) n_end = min(n_end, last_row + diag + p.window_right + 1);
+  n_begin = 0;
+  if (p.window_left >= 0) n_begin = max(0, m0 + diag - p.window_left);
+}
+
+template <bool kBf16, int kD>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_constant__ Params p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // Compiled for another arch because TORCH_CUDA_ARCH_LIST names several; supports() only
+  // launches this on sm_90, where the sm_90a cubin is picked.
+  __trap();
+#else
+  using L = Smem<kD>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  const uint32_t bars = base + L::kBars;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8 * (1 + 4 * s); };
+  auto k_empty = [&](int s) { return bars + 8 * (2 + 4 * s); };
+  auto v_full = [&](int s) { return bars + 8 * (3 + 4 * s); };
+  auto v_empty = [&](int s) { return bars + 8 * (4 + 4 * s); };
+
+  // Long (causal) tiles first: the last wave of CTAs is then made of short ones.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int m0 = m_block * kBlockM;
+  int n_begin, n_end;
+  key_range(p, m0, n_begin, n_end);
+  const int n_first = n_begin / kBlockN;
+  const int n_last = n_end > n_begin ? (n_end - 1) / kBlockN : n_first - 1;
+  const int blocks = n_last - n_first + 1;  // <= 0: no row of this tile sees any key
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    bar_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      bar_init(k_full(s), 1);
+      bar_init(v_full(s), 1);
+      bar_init(k_empty(s), 2 * 128);  // every consumer thread releases a stage
+      bar_init(v_empty(s), 2 * 128);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x != 0 || blocks <= 0) return;
+    const int head_kv = head / p.group;
+    bar_expect_tx(q_full, L::kQBytes);
+#pragma unroll
+    for (int c = 0; c < kD / kSwizzleElems; ++c) {
+      tma_load(base + L::kQ + c * L::kQChunk, &p.tma_q, q_full, c * kSwizzleElems, m0, head,
+               batch);
+    }
+    for (int it = 0; it < blocks; ++it) {
+      const int n0 = (n_last - it) * kBlockN;
+      const int s = it % kStages;
+      const uint32_t free_parity = ((it / kStages) & 1) ^ 1;  // fresh barriers pass parity 1
+      wait(k_empty(s), free_parity);
+      bar_expect_tx(k_full(s), L::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kD / kSwizzleElems; ++c) {
+        tma_load(base + L::kK + s * L::kKVBytes + c * L::kKVChunk, &p.tma_k, k_full(s),
+                 c * kSwizzleElems, n0, head_kv, batch);
+      }
+      wait(v_empty(s), free_parity);
+      bar_expect_tx(v_full(s), L::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kD / kSwizzleElems; ++c) {
+        tma_load(base + L::kV + s * L::kKVBytes + c * L::kKVChunk, &p.tma_v, v_full(s),
+                 c * kSwizzleElems, n0, head_kv, batch);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int wg = warpgroup - 1;
+  const int tid = threadIdx.x - 128 * warpgroup;
+  const int warp = tid / 32, lane = tid % 32;
+  // Accumulator layout of wgmma m64nN: thread row r and r + 8, columns 8j + 2 (lane % 4) + {0,1}.
+  const int row0 = m0 + wg * 64 + warp * 16 + lane / 4;
+  const int col0 = 2 * (lane % 4);
+  const int diag = p.seqlen_k - p.seqlen_q;
+
+  float o[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
+
+  if (blocks > 0) wait(q_full, 0);
+  const uint32_t q_tile = base + L::kQ + wg * 64 * kRowBytes;
+  for (int it = 0; it < blocks; ++it) {
+    const int n0 = (n_last - it) * kBlockN;
+    const int s = it % kStages;
+    const uint32_t parity = (it / kStages) & 1;
+    const uint32_t k_tile = base + L::kK + s * L::kKVBytes;
+    const uint32_t v_tile = base + L::kV + s * L::kKVBytes;
+
+    // S = Q K^T: both K-major; a 16-wide k step is 32 bytes inside a 128-byte swizzle row,
+    // every 64 columns the next chunk. Rows of 8 x 128 B repeat every 1024 bytes (SBO).
+    float sc[kBlockN / 2];
+    wait(k_full(s), parity);
+    pin(sc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t offset = (kk % 4) * 32;
+      const uint64_t a = make_desc(q_tile + (kk / 4) * L::kQChunk + offset, 16, 1024);
+      const uint64_t b = make_desc(k_tile + (kk / 4) * L::kKVChunk + offset, 16, 1024);
+      qk_gemm<kBf16>(sc, a, b, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(sc);
+    bar_arrive(k_empty(s));
+
+    // Scores to the log2 domain, soft cap, mask.
+    if (p.softcap_log2 > 0.f) {
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) sc[i] = p.softcap_log2 * tanhf(sc[i] * p.score_scale);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= p.score_scale;
+    }
+    const int wg_row_lo = m0 + wg * 64;
+    const bool full = n0 + kBlockN <= p.seqlen_k &&
+                      (p.window_right < 0 || n0 + kBlockN - 1 <= wg_row_lo + diag + p.window_right) &&
+                      (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
+    if (!full) {
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) {
+        const int row = row0 + 8 * ((i / 2) % 2);
+        const int col = n0 + 8 * (i / 4) + col0 + i % 2;
+        const bool visible = col < p.seqlen_k &&
+                             (p.window_right < 0 || col <= row + diag + p.window_right) &&
+                             (p.window_left < 0 || col >= row + diag - p.window_left);
+        if (!visible) sc[i] = -INFINITY;
+      }
+    }
+
+    // Online softmax; each row lives in the 4 threads of a quad.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = row_max[h];
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row with nothing visible yet keeps max -inf; subtracting 0 then gives exp2(-inf) = 0
+      // instead of NaN from (-inf) - (-inf).
+      const float shift = mx == -INFINITY ? 0.f : mx;
+      const float correction = fast_exp2(row_max[h] - shift);
+      row_max[h] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        sc[4 * j + 2 * h] = fast_exp2(sc[4 * j + 2 * h] - shift);
+        sc[4 * j + 2 * h + 1] = fast_exp2(sc[4 * j + 2 * h + 1] - shift);
+        sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
+      }
+      row_sum[h] = row_sum[h] * correction + sum;
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) {
+        o[4 * j + 2 * h] *= correction;
+        o[4 * j + 2 * h + 1] *= correction;
+      }
+    }
+
+    // P in the A-fragment layout of wgmma (m64k16: registers = accumulator pairs in order).
+    uint32_t pa[kBlockN / 4];
+#pragma unroll
+    for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
+
+    // O += P V: V is [keys x kD] with kD contiguous, i.e. MN-major for B. Along K (keys) 8-row
+    // groups repeat every 1024 B (SBO); along N each 64-column chunk is a separate TMA box
+    // (LBO). A 16-key step is 16 rows = 2048 bytes.
+    wait(v_full(s), parity);
+    pin(o);
+    pin(pa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint64_t b = make_desc(v_tile + kk * 16 * kRowBytes, L::kKVChunk, 1024);
+      pv_gemm<kBf16, kD>(o, &pa[4 * kk], b);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(o);
+    pin(pa);
+    bar_arrive(v_empty(s));
+  }
+
+  // ---- epilogue: normalise, store O (rows < seqlen_q) and lse ----
+  const int64_t out_base = batch * p.out_batch + head * p.out_head;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = row0 + 8 * h;
+    if (row >= p.seqlen_q) continue;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + out_base +
+                                                static_cast<int64_t>(row) * p.out_seq + col0);
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      dst[4 * j] = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    }
+    if (lane % 4 == 0) {
+      // Natural-log lse from the log2-domain max and sum.
+      const float lse = sum > 0.f ? (row_max[h] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+      p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
+    }
+  }
+#endif
+}
+
+// ---- host side -------------------------------------------------------------------------------
+
+using EncodeFn = PFN_cuTensorMapEncodeTiled_v12000;
+
+EncodeFn encoder() {
+  static EncodeFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<EncodeFn>(nullptr);
+    }
+    return reinterpret_cast<EncodeFn>(ptr);
+  }();
+  return fn;
+}
+
+// A 4-D map (head_dim, seq, heads, batch) whose box is [64 x rows] of one (batch, head): rows
+// past seq are zero-filled by the TMA unit, which is what masks the tail tiles.
+int make_map(CUtensorMap* map, int dtype, const void* ptr, const int64_t* strides, int64_t batch,
+             int64_t seq, int64_t heads, int head_dim, int rows) {
+  EncodeFn encode = encoder();
+  if (encode == nullptr) return KPT_FA90_NO_DRIVER_API;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(seq),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  // The stride of a size-1 dimension is never used but must still be a multiple of 16 bytes.
+  const int64_t sizes[3] = {seq, heads, batch};
+  const int64_t order[3] = {strides[1], strides[2], strides[0]};
+  cuuint64_t byte_strides[3];
+  for (int i = 0; i < 3; ++i) {
+    byte_strides[i] = static_cast<cuuint64_t>(sizes[i] == 1 ? head_dim : order[i]) * 2;
+  }
+  const cuuint32_t box[4] = {kSwizzleElems, static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult res = encode(
+      map, dtype == KPT_FA90_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      4, const_cast<void*>(ptr), dims, byte_strides, box, elem_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? KPT_FA90_OK : KPT_FA90_TENSOR_MAP;
+}
+
+template <bool kBf16, int kD>
+int launch(const Params& params, int64_t m_blocks, int64_t heads, int64_t batch,
+           cudaStream_t stream) {
+  auto kernel = attention_fwd<kBf16, kD>;
+  // Above 48 KiB, dynamic shared memory must be opted into; set on every call because the
+  // attribute is per device and the call is cheap (no stream work, fine under graph capture).
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           Smem<kD>::kAlloc) != cudaSuccess) {
+    return KPT_FA90_CUDA_ERROR;
+  }
+  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(heads),
+                  static_cast<unsigned>(batch));
+  kernel<<<grid, kThreads, Smem<kD>::kAlloc, stream>>>(params);
+  return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
+}
+
+bool aligned_strides(const int64_t* strides) {
+  for (int i = 0; i < 3; ++i) {
+    if (strides[i] % 8 != 0) return false;  // 16 bytes of 16-bit elements (TMA)
+  }
+  return true;
+}
+
+}  // namespace kpt_fa90
+
+extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const int64_t* q_strides,
+                                const void* k, const int64_t* k_strides, const void* v,
+                                const int64_t* v_strides, void* out, const int64_t* out_strides,
+                                float* lse, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                                int64_t heads, int64_t heads_kv, float scale, float softcap,
+                                int64_t window_left, int64_t window_right, void* stream) {
+  using namespace kpt_fa90;
+  // The Python launcher validates all of this first; these checks keep the C entry point safe.
+  if ((dtype != KPT_FA90_FP16 && dtype != KPT_FA90_BF16) || (head_dim != 64 && head_dim != 128) ||
+      batch < 1 || batch > 65535 || heads < 1 || heads > 65535 || heads_kv < 1 ||
+      heads % heads_kv != 0 || seqlen_q < 1 || seqlen_k < 1 || seqlen_q >= kMaxSeqlen ||
+      seqlen_k >= kMaxSeqlen || !aligned_strides(q_strides) || !aligned_strides(k_strides) ||
+      !aligned_strides(v_strides) || out_strides[0] % 2 || out_strides[1] % 2 ||
+      out_strides[2] % 2) {
+    return KPT_FA90_UNSUPPORTED;
+  }
+  for (const void* ptr : {q, k, v}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return KPT_FA90_UNSUPPORTED;
+  }
+  if (reinterpret_cast<uintptr_t>(out) % 4 != 0) return KPT_FA90_UNSUPPORTED;
+  Params params{};
+  int rc = make_map(&params.tma_q, dtype, q, q_strides, batch, seqlen_q, heads, head_dim, kBlockM);
+  if (rc == KPT_FA90_OK) {
+    rc = make_map(&params.tma_k, dtype, k, k_strides, batch, seqlen_k, heads_kv, head_dim, kBlockN);
+  }
+  if (rc == KPT_FA90_OK) {
+    rc = make_map(&params.tma_v, dtype, v, v_strides, batch, seqlen_k, heads_kv, head_dim, kBlockN);
+  }
+  if (rc != KPT_FA90_OK) return rc;
+  params.out = out;
+  params.out_batch = out_strides[0];
+  params.out_seq = out_strides[1];
+  params.out_head = out_strides[2];
+  params.lse = lse;
+  params.seqlen_q = static_cast<int>(seqlen_q);
+  params.seqlen_k = static_cast<int>(seqlen_k);
+  params.heads = static_cast<int>(heads);
+  params.group = static_cast<int>(heads / heads_kv);
+  constexpr float kLog2e = 1.4426950408889634f;
+  if (softcap > 0.f) {
+    params.score_scale = scale / softcap;
+    params.softcap_log2 = softcap * kLog2e;
+  } else {
+    params.score_scale = scale * kLog2e;
+    params.softcap_log2 = 0.f;
+  }
+  // Windows wider than any sequence are unbounded; this keeps the int arithmetic in range.
+  params.window_left = window_left < 0 || window_left > seqlen_k + seqlen_q
+                           ? -1 : static_cast<int>(window_left);
+  params.window_right = window_right < 0 || window_right > seqlen_k + seqlen_q
+                            ? -1 : static_cast<int>(window_right);
+  const int64_t m_blocks = (seqlen_q + kBlockM - 1) / kBlockM;
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool bf16 = dtype == KPT_FA90_BF16;
+  if (head_dim == 128) {
+    return bf16 ? launch<true, 128>(params, m_blocks, heads, batch, s)
+                : launch<false, 128>(params, m_blocks, heads, batch, s);
+  }
+  return bf16 ? launch<true, 64>(params, m_blocks, heads, batch, s)
+              : launch<false, 64>(params, m_blocks, heads, batch, s);
+}
+
+extern "C" const char* kpt_fa90_error_string(int code) {
+  switch (code) {
+    case KPT_FA90_OK:
+      return "ok";
+    case KPT_FA90_UNSUPPORTED:
+      return "unsupported shape, stride, alignment or dtype";
+    case KPT_FA90_NO_DRIVER_API:
+      return "cuTensorMapEncodeTiled not found in the CUDA driver";
+    case KPT_FA90_TENSOR_MAP:
+      return "cuTensorMapEncodeTiled rejected a tensor map";
+    case KPT_FA90_CUDA_ERROR:
+      return "CUDA error (shared-memory attribute or launch)";
+    default:
+      return "unknown error";
+  }
+}

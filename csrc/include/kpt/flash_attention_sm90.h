@@ -1,0 +1,35 @@
+// C interface of the Hopper (sm_90a) flash-attention forward kernel: raw pointers, element
+// strides and a stream, no torch. Implemented in csrc/flash_attention_sm90/kernels.cu.
+#pragma once
+
+#include <cstdint>
+
+#define KPT_FA90_FP16 0
+#define KPT_FA90_BF16 1
+
+#define KPT_FA90_OK 0
+#define KPT_FA90_UNSUPPORTED 1      // a shape/stride/dtype the kernel does not handle
+#define KPT_FA90_NO_DRIVER_API 2    // cuTensorMapEncodeTiled could not be resolved
+#define KPT_FA90_TENSOR_MAP 3       // cuTensorMapEncodeTiled rejected a descriptor
+#define KPT_FA90_CUDA_ERROR 4       // a CUDA runtime call or the launch failed
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// q (B, Sq, H, D), k and v (B, Sk, Hkv, D), out like q: strides in elements, given as
+// {batch, seq, head} (the head_dim stride is 1). lse is contiguous float32 (B, H, Sq).
+// window_left / window_right < 0 mean unbounded; causal is window_right == 0. softcap <= 0
+// disables the soft cap. Returns KPT_FA90_OK or an error code (see kpt_fa90_error_string).
+int kpt_fa90_forward(int dtype, int head_dim, const void* q, const int64_t* q_strides,
+                     const void* k, const int64_t* k_strides, const void* v,
+                     const int64_t* v_strides, void* out, const int64_t* out_strides, float* lse,
+                     int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads,
+                     int64_t heads_kv, float scale, float softcap, int64_t window_left,
+                     int64_t window_right, void* stream);
+
+const char* kpt_fa90_error_string(int code);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,331 @@
+"""CUDA and HIP backends of ``flash_attention`` (forward and backward): JIT build of
+``csrc/flash_attention`` and the launchers that serve both (one kernel source for nvcc and
+hipcc). See ``CUDA_NOTES.md`` for the kernel design.
+
+Besides the registry's ``run``/``run_backward``, :func:`forward` and :func:`backward` are public
+launchers with the flex hooks (ALiBi slopes, prefix length, document ids, per-query-block key
+ranges) that ``flex_attention``'s CUDA backend builds on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kpt.jit import BuildError, JitSpec
+from kpt.ops._registry import BackendUnavailable, Config, Problem
+
+OP = "flash_attention"
+
+SPEC = JitSpec(
+    name="flash_attention",
+    sources=(
+        "flash_attention/api.cu",
+        "flash_attention/simt.cu",
+        "flash_attention/fwd_d64.cu",
+        "flash_attention/fwd_d128.cu",
+        "flash_attention/fwd_d256.cu",
+        "flash_attention/binding.cpp",
+    ),
+)
+
+# The query block kv_block_range refers to (KPT_FA_Q_BLOCK in kpt/flash_attention.h): row qb
+# of the range covers queries [qb * Q_BLOCK, (qb + 1) * Q_BLOCK) of its sequence.
+Q_BLOCK = 128
+MAX_HEAD_DIM = 256
+_HALF = (torch.float16, torch.bfloat16)
+_IMPLS = {"mma": 0, "simt": 1}
+
+
+def _is_rocm() -> bool:
+    return torch.version.hip is not None
+
+
+@functools.cache
+def _build_reason() -> str | None:
+    return SPEC.unavailable_reason()
+
+
+def cuda_unavailable() -> str | None:
+    """Why the CUDA backend cannot run here (without building), or None."""
+    return _build_reason()
+
+
+def hip_unavailable() -> str | None:
+    """Why the HIP backend cannot run here (without building), or None."""
+    return _build_reason()
+
+
+def supports(problem: Problem) -> list[str]:
+    """Problem-level reasons; pointer/stride alignment is handled per call (copies)."""
+    d = problem["head_dim"]
+    reasons = []
+    if d > MAX_HEAD_DIM:
+        reasons.append(f"head_dim {d} > {MAX_HEAD_DIM}")
+    if d % 8:
+        reasons.append(f"head_dim {d} is not a multiple of 8 (16-byte cp.async rows)")
+    return reasons
+
+
+def _sm90_module() -> Any | None:
+    """The sm90 (wgmma) forward, when it imports; it is optional and owned elsewhere."""
+    try:
+        return importlib.import_module(f"{__package__}._sm90")
+    except Exception:  # noqa: BLE001 - any import failure just means "not offered"
+        return None
+
+
+def _sm90_config(problem: Problem) -> list[Config]:
+    if _is_rocm() or problem.device_type != "cuda" or not torch.cuda.is_available():
+        return []
+    if torch.cuda.get_device_capability(problem.device_index)[0] != 9:
+        return []
+    module = _sm90_module()
+    if module is None or module.supports(problem):
+        return []
+    return [{"impl": "sm90"}]
+
+
+def configs(problem: Problem) -> list[Config]:
+    """Forward variants; the first is the default. HIP has only the SIMT kernels."""
+    if _is_rocm():
+        return [{"impl": "simt"}]
+    return [{"impl": "mma"}, *_sm90_config(problem), {"impl": "simt"}]
+
+
+def backward_configs(problem: Problem) -> list[Config]:
+    """Backward variants. Every one is deterministic (no atomics): the ``deterministic`` flag
+    of the problem needs no special config."""
+    return [{"impl": "simt"}]
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    if torch.cuda.current_device() == device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _misaligned(t: Tensor) -> str | None:
+    """Why the kernels cannot address ``t`` in place, or None."""
+    if t.stride(-1) != 1:
+        return "its last dim is not contiguous"
+    if t.data_ptr() % 16:
+        return "its data pointer is not 16-byte aligned"
+    if any(st % 8 and size > 1 for st, size in zip(t.stride()[:-1], t.shape[:-1])):
+        return "a stride is not a multiple of 8 elements (16 bytes)"
+    return None
+
+
+def _aligned(t: Tensor) -> Tensor:
+    return t if _misaligned(t) is None else t.clone(memory_format=torch.contiguous_format)
+
+
+def _module(device: torch.device):
+    try:
+        return SPEC.load()
+    except BuildError as err:
+        raise BackendUnavailable(f"{OP}: {err}") from err
+
+
+def _impl(config: Config | None, *, backward: bool = False) -> int:
+    impl = (config or {}).get("impl", "simt" if _is_rocm() or backward else "mma")
+    if impl not in _IMPLS:
+        raise ValueError(f"{OP}: unknown cuda/hip impl {impl!r}")
+    if _is_rocm():
+        impl = "simt"
+    return _IMPLS[impl]
+
+
+def _check(name: str, t: Tensor | None, q: Tensor, dtype: torch.dtype | None,
+           ndim: int | None) -> None:
+    if t is None:
+        return
+    if t.device != q.device:
+        raise ValueError(f"{OP}: {name} is on {t.device}, expected {q.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{OP}: {name} must be {dtype}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{OP}: {name} must have {ndim} dims, got {tuple(t.shape)}")
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, cu_k: Tensor | None,
+              max_q: int | None, max_k: int | None, hooks: dict[str, Tensor | None],
+              tensors: dict[str, Tensor]) -> tuple[int, int, int]:
+    """Checks for the public launchers; returns (batch, max_seqlen_q, max_seqlen_k)."""
+    if q.device.type != "cuda":
+        raise ValueError(f"{OP}: the cuda/hip launcher needs GPU tensors, got {q.device}")
+    if q.dtype not in _HALF:
+        raise TypeError(f"{OP}: the cuda/hip launcher takes float16/bfloat16, got {q.dtype}")
+    varlen = cu_q is not None
+    if varlen != (cu_k is not None):
+        raise ValueError(f"{OP}: cu_seqlens_q and cu_seqlens_k come together")
+    d = q.shape[-1]
+    if d > MAX_HEAD_DIM or d % 8:
+        raise ValueError(f"{OP}: head_dim {d} must be a multiple of 8 and <= {MAX_HEAD_DIM}")
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"{OP}: q heads {q.shape[-2]} not a multiple of kv heads "
+                         f"{k.shape[-2]}")
+    for name, t in tensors.items():
+        _check(name, t, q, q.dtype, 3 if varlen else 4)
+        reason = _misaligned(t)
+        if reason:
+            raise ValueError(f"{OP}: {name} cannot be read in place: {reason}")
+    if varlen:
+        _check("cu_seqlens_q", cu_q, q, torch.int32, 1)
+        _check("cu_seqlens_k", cu_k, q, torch.int32, 1)
+        if max_q is None or max_k is None:
+            raise ValueError(f"{OP}: varlen calls need max_seqlen_q and max_seqlen_k")
+        batch = cu_q.shape[0] - 1
+    else:
+        batch = q.shape[0]
+        max_q = q.shape[1] if max_q is None else max_q
+        max_k = k.shape[1] if max_k is None else max_k
+    heads = q.shape[-2]
+    _check("alibi_slopes", hooks["alibi_slopes"], q, torch.float32, 1)
+    for name in ("prefix_len", "doc_q", "doc_k", "kv_block_range"):
+        _check(name, hooks[name], q, torch.int32, None)
+    if (hooks["doc_q"] is None) != (hooks["doc_k"] is None):
+        raise ValueError(f"{OP}: doc_q and doc_k come together")
+    rng = hooks["kv_block_range"]
+    if rng is not None:
+        blocks = -(-max_q // Q_BLOCK)
+        if (rng.dim() != 4 or rng.shape[0] != batch or rng.shape[1] not in (1, heads)
+                or rng.shape[2] < blocks or rng.shape[3] != 2):
+            raise ValueError(f"{OP}: kv_block_range must be (batch={batch}, {heads} or 1, "
+                             f">= {blocks} query blocks of {Q_BLOCK}, 2), got "
+                             f"{tuple(rng.shape)}")
+    return batch, max_q, max_k
+
+
+def _hooks(alibi_slopes, prefix_len, doc_q, doc_k, kv_block_range) -> dict:
+    def dense(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.contiguous()
+
+    return {"alibi_slopes": dense(alibi_slopes), "prefix_len": dense(prefix_len),
+            "doc_q": None if doc_q is None else doc_q if doc_q.stride(-1) == 1
+            else doc_q.contiguous(),
+            "doc_k": None if doc_k is None else doc_k if doc_k.stride(-1) == 1
+            else doc_k.contiguous(),
+            "kv_block_range": dense(kv_block_range)}
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+            cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
+            max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+            scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+            alibi_slopes: Tensor | None = None, prefix_len: Tensor | None = None,
+            doc_q: Tensor | None = None, doc_k: Tensor | None = None,
+            kv_block_range: Tensor | None = None, config: Config | None = None) -> None:
+    """Write ``out`` (like q) and ``lse`` (fp32 (B, H, Sq) or (H, Tq), unit token stride).
+
+    q/k/v/out: (B, S, H, D) with any 16-byte aligned strides and a contiguous last dim, or
+    varlen (T, H, D) with int32 ``cu_seqlens_q/k`` and ``max_seqlen_q/k``. Masks are those of
+    ``flash_attention`` (bottom-right band, -1 unbounded); the flex hooks, all optional:
+
+    * ``alibi_slopes`` fp32 (H,): ``s += slope[h] * (kv_idx - q_idx)`` after the soft-cap;
+    * ``prefix_len`` int32 (B,): key j is also visible when ``j < prefix_len[b]``;
+    * ``doc_q`` int32 (B, >= Sq), ``doc_k`` (B, >= Sk): visible only if the ids are equal;
+    * ``kv_block_range`` int32 (B, H or 1, ceil(Sq / Q_BLOCK), 2): keys ``[lo, hi)`` of the
+      query block ``[qb * Q_BLOCK, (qb + 1) * Q_BLOCK)``; other keys are masked and whole key
+      tiles outside are skipped.
+
+    Indices are in-sequence positions. Varlen rows outside every sequence are not written.
+    """
+    hooks = _hooks(alibi_slopes, prefix_len, doc_q, doc_k, kv_block_range)
+    batch, max_q, max_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, hooks, {"q": q, "k": k, "v": v, "out": out})
+    if (config or {}).get("impl") == "sm90":
+        raise ValueError(f"{OP}: the sm90 impl is reached through the registry only")
+    module = _module(q.device)
+    with _on_device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        module.forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+                       float(scale), int(window_left), int(window_right), float(softcap),
+                       hooks["alibi_slopes"], hooks["prefix_len"], hooks["doc_q"],
+                       hooks["doc_k"], hooks["kv_block_range"], _impl(config), stream)
+
+
+def backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+             lse: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, *,
+             cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
+             max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, scale: float,
+             window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+             alibi_slopes: Tensor | None = None, prefix_len: Tensor | None = None,
+             doc_q: Tensor | None = None, doc_k: Tensor | None = None,
+             kv_block_range: Tensor | None = None, deterministic: bool = False,
+             config: Config | None = None) -> None:
+    """Write ``dq``, ``dk``, ``dv`` (like q, k, v) from the forward's ``out`` and ``lse`` and
+    the gradients ``dout`` (like out) and optional ``dlse`` (like lse). Same layouts and hooks
+    as :func:`forward` (ALiBi slopes and the masks get no gradient). Every config is
+    deterministic (no atomics), so ``deterministic`` changes nothing today. Varlen rows
+    outside every sequence are not written."""
+    hooks = _hooks(alibi_slopes, prefix_len, doc_q, doc_k, kv_block_range)
+    batch, max_q, max_k = _validate(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, hooks,
+        {"q": q, "k": k, "v": v, "out": out, "dout": dout, "dq": dq, "dk": dk, "dv": dv})
+    lse_dense = lse if lse.stride(-1) == 1 else lse.contiguous()
+    delta = torch.empty_strided(lse_dense.shape, lse_dense.stride(), dtype=torch.float32,
+                                device=q.device)
+    if dlse is not None and dlse.stride() != lse_dense.stride():
+        dlse = torch.empty_strided(lse_dense.shape, lse_dense.stride(), dtype=torch.float32,
+                                   device=q.device).copy_(dlse)
+    module = _module(q.device)
+    with _on_device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        module.backward(dout, None if dlse is None else dlse.float(), q, k, v, out, lse_dense,
+                        delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+                        float(scale), int(window_left), int(window_right), float(softcap),
+                        hooks["alibi_slopes"], hooks["prefix_len"], hooks["doc_q"],
+                        hooks["doc_k"], hooks["kv_block_range"],
+                        _impl(config, backward=True), stream)
+
+
+def _into(dst: Tensor) -> tuple[Tensor, bool]:
+    """``dst`` itself when the kernels can write it in place, else an aligned scratch copy."""
+    if _misaligned(dst) is None:
+        return dst, False
+    return torch.empty(dst.shape, dtype=dst.dtype, device=dst.device), True
+
+
+def _shared(call) -> dict:
+    return dict(cu_seqlens_q=call.cu_seqlens_q, cu_seqlens_k=call.cu_seqlens_k,
+                max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k,
+                scale=call.scale, window_left=call.window_left,
+                window_right=call.window_right, softcap=call.softcap)
+
+
+def run(call, config: Config) -> None:
+    """Registry entry of the forward (``cuda`` and ``hip``): write call.out and call.lse."""
+    if config.get("impl") == "sm90":
+        module = _sm90_module()
+        if module is None:
+            raise BackendUnavailable(f"{OP}: the sm90 forward does not import")
+        module.run(call, config)
+        return
+    out, copy = _into(call.out)
+    if copy and call.varlen:
+        out.zero_()  # rows outside every sequence are not written by the kernel
+    forward(_aligned(call.q), _aligned(call.k), _aligned(call.v), out, call.lse,
+            config=config, **_shared(call))
+    if copy:
+        call.out.copy_(out)
+
+
+def run_backward(call, config: Config) -> None:
+    """Registry entry of the backward: write call.dq, call.dk, call.dv."""
+    grads = [_into(t) for t in (call.dq, call.dk, call.dv)]
+    for (t, copy) in grads:
+        if copy and call.varlen:
+            t.zero_()
+    (dq, _), (dk, _), (dv, _) = grads
+    backward(_aligned(call.dout), call.dlse, _aligned(call.q), _aligned(call.k),
+             _aligned(call.v), _aligned(call.out), call.lse, dq, dk, dv,
+             deterministic=call.deterministic, config=config, **_shared(call))
+    for dst, (t, copy) in zip((call.dq, call.dk, call.dv), grads):
+        if copy:
+            dst.copy_(t)

@@ -1,0 +1,125 @@
+"""Hopper (sm_90a) forward of ``flash_attention``: JIT build of ``csrc/flash_attention_sm90``.
+
+The ``cuda`` backend offers this kernel as config ``{"impl": "sm90"}``: it calls
+:func:`supports` (problem-level reasons, no build) and, per call, :func:`call_reasons` (strides
+and alignment, which the problem does not carry) before :func:`run`. The kernel is TMA + wgmma
+with a producer warpgroup and two consumer warpgroups; see ``SM90_NOTES.md``.
+
+Everything the kernel cannot do is a reason here, checked before any launch: a TMA descriptor
+for a misaligned tensor would fault inside the kernel, and the kernel's mbarrier waits would
+then only end at their time limit (a trap).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kpt.jit import JitSpec
+from kpt.ops._registry import Config, Problem
+
+from . import problem_of
+
+OP = "flash_attention"
+
+SPEC = JitSpec(
+    name="flash_attention_sm90",
+    sources=("flash_attention_sm90/kernels.cu", "flash_attention_sm90/binding.cpp"),
+)
+
+HEAD_DIMS = (64, 128)
+_HALF = (torch.float16, torch.bfloat16)
+# Grid y/z are heads and batch (65535 at most); int32 index arithmetic in the kernel stays in
+# range with sequences below 2^28 (see kMaxSeqlen in kernels.cu).
+_MAX_GRID_YZ = 65535
+_MAX_SEQLEN = 1 << 28
+# TMA: global address and every stride 16-byte aligned (8 elements of 16 bits).
+_ALIGN_BYTES = 16
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def build_reason() -> str | None:
+    """Why the extension cannot be built or loaded here (never compiles), or None."""
+    return SPEC.unavailable_reason()
+
+
+def supports(problem: Problem) -> list[str]:
+    """Reasons this kernel cannot run ``problem``; empty when it can."""
+    reasons = []
+    if problem.device_type != "cuda" or torch.version.hip is not None:
+        reasons.append("sm90 kernel needs an NVIDIA CUDA device")
+    elif not torch.cuda.is_available():
+        reasons.append("sm90 kernel: torch.cuda is not available")
+    else:
+        cap = _capability(problem.device_index)
+        if cap != (9, 0):
+            reasons.append(f"sm90 kernel needs compute capability 9.0, device has "
+                           f"{cap[0]}.{cap[1]}")
+    if problem.dtype not in _HALF:
+        reasons.append(f"sm90 kernel: dtype {problem.dtype} is not float16/bfloat16")
+    if problem["head_dim"] not in HEAD_DIMS:
+        reasons.append(f"sm90 kernel: head_dim {problem['head_dim']} not in {HEAD_DIMS}")
+    if problem["varlen"]:
+        reasons.append("sm90 kernel: varlen (cu_seqlens) is not implemented")
+    if problem["batch"] > _MAX_GRID_YZ or problem["heads_q"] > _MAX_GRID_YZ:
+        reasons.append(f"sm90 kernel: batch and heads must be <= {_MAX_GRID_YZ}")
+    if max(problem["seqlen_q"], problem["seqlen_k"]) >= _MAX_SEQLEN:
+        reasons.append(f"sm90 kernel: sequence lengths must be < {_MAX_SEQLEN}")
+    if not reasons:
+        reason = build_reason()
+        if reason:
+            reasons.append(reason)
+    return reasons
+
+
+def call_reasons(call) -> list[str]:
+    """Reasons from the tensors themselves (layout), which ``Problem`` does not describe."""
+    reasons = []
+    tensors = (("q", call.q), ("k", call.k), ("v", call.v), ("out", call.out))
+    for name, t in tensors:
+        if t.dim() != 4:
+            reasons.append(f"sm90 kernel: {name} must be (B, S, H, D)")
+            continue
+        if t.stride(-1) != 1:
+            reasons.append(f"sm90 kernel: {name} needs a contiguous last dim")
+        elem = t.element_size()
+        misaligned = [s for s, n in zip(t.stride()[:3], t.shape[:3], strict=True)
+                      if n > 1 and (s * elem) % _ALIGN_BYTES]
+        if misaligned or t.data_ptr() % _ALIGN_BYTES:
+            reasons.append(f"sm90 kernel: {name} needs a 16-byte aligned address and "
+                           f"16-byte multiple strides (TMA), got strides {tuple(t.stride())}")
+    lse = call.lse
+    if lse.dtype != torch.float32 or not lse.is_contiguous():
+        reasons.append("sm90 kernel: lse must be contiguous float32 (B, H, Sq)")
+    return reasons
+
+
+def run(call, config: Config) -> None:
+    """Write ``call.out`` and ``call.lse``. ``config`` has no tile options yet (128 x 128 tiles
+    are the only instantiation); anything other than ``impl`` is rejected."""
+    unknown = set(config) - {"impl"}
+    if unknown:
+        raise ValueError(f"{OP}[sm90]: unknown config keys {sorted(unknown)}")
+    reasons = supports(problem_of(call)) + call_reasons(call)
+    if reasons:
+        raise ValueError(f"{OP}[sm90]: cannot run this call: " + "; ".join(reasons))
+    q, k = call.q, call.k
+    batch, seqlen_q, heads = q.shape[:3]
+    seqlen_k = k.shape[1]
+    if batch == 0 or seqlen_q == 0 or heads == 0:
+        return
+    if seqlen_k == 0:  # no key at all: every row sees nothing
+        call.out.zero_()
+        call.lse.fill_(float("-inf"))
+        return
+    module = SPEC.load()
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        module.forward(q, k, call.v, call.out, call.lse, float(call.scale), float(call.softcap),
+                       int(call.window_left), int(call.window_right), stream)

@@ -1,0 +1,170 @@
+"""The Hopper (sm_90a, TMA + wgmma) forward of flash_attention against the reference.
+
+GPU tests run only on a compute-capability 9.0 device; the CPU tests check the declared
+reasons (``supports`` / ``call_reasons``), which must reject every unsupported call before a
+launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kpt.ops.flash_attention import (
+    Call,
+    _sm90,
+    check,
+    clone_outputs,
+    make_call,
+    poison,
+    problem_of,
+)
+from kpt.ops.flash_attention import reference as ref
+
+
+def _is_sm90() -> bool:
+    return (torch.cuda.is_available() and torch.version.hip is None
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
+needs_sm90 = pytest.mark.skipif(not _is_sm90(), reason="needs an sm90 GPU")
+HALF = [torch.bfloat16, torch.float16]
+
+# Lengths at the kernel's regime boundaries: a single row, partial tiles (tiles are 128 x 128),
+# several tiles with a ragged tail, and Sq != Sk both ways (bottom-right masks).
+LENGTHS = [(1, 1), (17, 17), (113, 113), (1000, 1000), (17, 300), (300, 17), (128, 256),
+           (257, 129)]
+MASKS = {"full": {}, "causal": {"causal": True}}
+
+
+def _shape(sq: int, sk: int, d: int, **extra) -> dict:
+    return dict(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=4, head_dim=d, **extra)
+
+
+def _run_and_check(call: Call) -> None:
+    expected = clone_outputs(call)
+    ref.run(expected, {})
+    poison(call)
+    reasons = _sm90.supports(problem_of(call)) + _sm90.call_reasons(call)
+    assert not reasons, reasons
+    _sm90.run(call, {"impl": "sm90"})
+    torch.cuda.synchronize()
+    failure = check(call, expected)
+    assert failure is None, failure
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda sk: f"{sk[0]}x{sk[1]}")
+def test_matches_reference(lengths, mask, d, dtype):
+    call = make_call(_shape(*lengths, d, **MASKS[mask]), dtype, torch.device("cuda"))
+    _run_and_check(call)
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("extra", [
+    dict(heads_q=8, heads_kv=2),                    # GQA
+    dict(heads_q=6, heads_kv=1, causal=True),       # MQA
+    dict(window_left=100, causal=True),             # sliding window (Gemma/Mistral style)
+    dict(window_left=40, window_right=70),          # two-sided window
+    dict(softcap=5.0, causal=True),                 # Gemma-2 soft cap
+    dict(scale=0.05),
+], ids=["gqa", "mqa", "window_causal", "window", "softcap", "scale"])
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_features(extra, d, dtype):
+    shape = dict(_shape(333, 421, d), **extra)
+    _run_and_check(make_call(shape, dtype, torch.device("cuda"), seed=1))
+
+
+@needs_sm90
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_transposed_views(d):
+    """HF passes (B, H, S, D) tensors transposed to (B, S, H, D): read in place through TMA."""
+    call = make_call(_shape(200, 300, d, causal=True), torch.bfloat16, torch.device("cuda"))
+
+    def transposed(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    call = dataclasses.replace(call, q=transposed(call.q), k=transposed(call.k),
+                               v=transposed(call.v))
+    assert not call.q.is_contiguous()
+    _run_and_check(call)
+
+
+@needs_sm90
+def test_large_causal_rows_without_keys():
+    """Sq > Sk with causal: the first Sq - Sk rows see nothing (out 0, lse -inf), spanning
+    whole 128-row tiles that the kernel skips."""
+    call = make_call(_shape(700, 200, 128, causal=True), torch.bfloat16, torch.device("cuda"))
+    _run_and_check(call)
+
+
+@needs_sm90
+def test_misaligned_strides_are_rejected_before_launch():
+    call = make_call(_shape(64, 64, 64), torch.bfloat16, torch.device("cuda"))
+    wide = torch.randn(2, 64, 4, 65, device="cuda", dtype=torch.bfloat16)[..., :64]
+    call = dataclasses.replace(call, q=wide)
+    assert _sm90.call_reasons(call)
+    with pytest.raises(ValueError, match="16-byte"):
+        _sm90.run(call, {"impl": "sm90"})
+
+
+# ---- CPU: declared reasons -----------------------------------------------------------------
+
+
+def _cpu_call(**extra) -> Call:
+    shape = dict(_shape(5, 7, 64), **extra)
+    return make_call(shape, torch.bfloat16, torch.device("cpu"))
+
+
+def test_reasons_on_cpu():
+    reasons = _sm90.supports(problem_of(_cpu_call()))
+    assert reasons == ["sm90 kernel needs an NVIDIA CUDA device"]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (dict(head_dim=96), "head_dim 96"),
+    (dict(head_dim=256), "head_dim 256"),
+])
+def test_head_dim_reasons(extra, needle):
+    reasons = _sm90.supports(problem_of(_cpu_call(**extra)))
+    assert any(needle in r for r in reasons), reasons
+
+
+def test_dtype_and_varlen_reasons():
+    call = make_call(_shape(5, 7, 64), torch.float32, torch.device("cpu"))
+    assert any("float32" in r for r in _sm90.supports(problem_of(call)))
+    varlen = dataclasses.replace(_cpu_call(), cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32),
+                                 cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32))
+    assert any("varlen" in r for r in _sm90.supports(problem_of(varlen)))
+
+
+def test_call_reasons_strides():
+    call = _cpu_call()
+    assert _sm90.call_reasons(call) == []
+    # A head stride of 65 elements (130 bytes) cannot be described to the TMA unit.
+    q = torch.randn(2, 5, 4, 65, dtype=torch.bfloat16)[..., :64]
+    assert any("16-byte" in r for r in _sm90.call_reasons(dataclasses.replace(call, q=q)))
+    # A non-contiguous last dim neither.
+    k = torch.randn(2, 7, 4, 64, dtype=torch.bfloat16).transpose(-1, -2).contiguous()
+    k = k.transpose(-1, -2)
+    assert any("last dim" in r for r in _sm90.call_reasons(dataclasses.replace(call, k=k)))
+    # Strides of size-1 dims are never used, so they need no alignment.
+    one = torch.randn(1, 5, 4, 64, dtype=torch.bfloat16).as_strided((1, 5, 4, 64),
+                                                                     (3, 256, 64, 1))
+    assert _sm90.call_reasons(dataclasses.replace(call, q=one)) == []
+
+
+def test_run_rejects_unknown_config_before_anything():
+    with pytest.raises(ValueError, match="unknown config"):
+        _sm90.run(_cpu_call(), {"impl": "sm90", "block_m": 64})
+
+
+def test_run_rejects_unsupported_call_on_cpu():
+    with pytest.raises(ValueError, match="cannot run"):
+        _sm90.run(_cpu_call(), {"impl": "sm90"})
