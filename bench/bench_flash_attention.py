@@ -38,7 +38,7 @@ CASES = [
     ("B1-H32-S16384-D128", "full"), ("B1-H32-S16384-D128", "causal"),
     ("B8-H16-S2048-D64", "full"), ("B8-H16-S2048-D64", "causal"),
 ]
-IMPLS = ["kpt_triton", "kpt_auto", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
+IMPLS = ["kpt_triton", "kpt_cuda", "kpt_auto", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
          "torch_flex_compiled"]
 WINDOW = 1024
 SOFTCAP = 30.0
