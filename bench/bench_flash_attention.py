@@ -6,11 +6,12 @@ D64, full and causal; on the first shape also causal with a 1024-key sliding win
 full with soft-cap 30 (SDPA has neither: only flex and kpt run those).
 
 Run: ``KPT_BENCH_BASELINE=sdpa_cudnn pytest bench/bench_flash_attention.py`` (needs CUDA).
-Times are medians of CUDA-event timings over a few back-to-back calls (attention calls are
-long; launch overhead is negligible). The backward is timed as (forward + backward) minus
-forward, each measured the same way, so it includes the preprocess kernel and any output
-gradient bookkeeping of autograd. TFLOP/s uses 4*B*H*Sq*Sk*D for the forward (halved when
-causal; counted over the visible pairs for a sliding window) and 2.5x that for the backward.
+Kernel times come from CUDA-graph replay (a few calls captured once, median of 3 replays), so
+no implementation's host overhead counts; latency is the eager call, synchronised. The backward
+is timed as (forward + backward) minus forward, each measured the same way, so it includes the
+preprocess kernel and any output gradient bookkeeping of autograd. TFLOP/s uses 4*B*H*Sq*Sk*D
+for the forward (halved when causal; counted over the visible pairs for a sliding window) and
+2.5x that for the backward.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import record
+from bench.conftest import event_time_us, graph_time_us, record
 from kpt.ops import flash_attention
 from kpt.ops.flash_attention import SPEC, Call, problem_of
 
@@ -145,19 +146,16 @@ def _forward_fn(impl: str, shape: str, mask: str):
     return _flex_forward(shape, mask)
 
 
-def _event_us(fn, calls: int) -> float:
-    """Median of ``calls`` CUDA-event timings after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
+def _kernel_us(fn, calls: int) -> float:
+    """Per-call GPU time: ``calls`` calls captured in one CUDA graph, median of 3 replays, so
+    no implementation's host overhead (Python dispatch, launch) is counted. A call that cannot
+    be captured is timed back to back between two events instead (its host time then hides
+    behind the queued kernels only when it is shorter than they are)."""
+    try:
+        return graph_time_us([fn], calls=calls, replays=3)
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return event_time_us([fn], calls=calls)
 
 
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
@@ -175,11 +173,11 @@ def test_flash_attention(benchmark, cuda_only, shape, mask, impl, direction):
         torch.autograd.grad(forward(q, k, v), (q, k, v), dout)
 
     try:
-        fwd_us = _event_us(fwd, CALLS["fwd"])
+        fwd_us = _kernel_us(fwd, CALLS["fwd"])
         if direction == "fwd":
             kernel = fwd_us
         else:
-            kernel = max(_event_us(fwd_bwd, CALLS["bwd"]) - fwd_us, 0.0)
+            kernel = max(_kernel_us(fwd_bwd, CALLS["bwd"]) - fwd_us, 0.0)
     except RuntimeError as err:  # an SDPA backend that does not take this shape
         torch.cuda.synchronize()
         pytest.skip(f"{impl}: {str(err).splitlines()[0]}")

@@ -57,7 +57,12 @@ template <class T>
 int backward(const kpt_fa_params& p, int impl, kpt::stream_t s) {
   const int err = launch_bwd_preprocess<T>(p, s);
   if (err != 0) return err;
-  (void)impl;  // the tensor-core backward is not written yet: SIMT serves both impls
+#ifdef KPT_CUDA
+  // The dK/dV kernel keeps dK and dV (D floats a thread) in registers: buckets up to 128.
+  if (impl == KPT_FA_IMPL_MMA && p.head_dim <= 64) return kpt_fa::launch_bwd_mma<T, 64>(p, s);
+  if (impl == KPT_FA_IMPL_MMA && p.head_dim <= 128) return kpt_fa::launch_bwd_mma<T, 128>(p, s);
+#endif
+  (void)impl;
   return launch_bwd_simt<T>(p, s);
 }
 

@@ -162,7 +162,8 @@ int launch_bwd_simt(const kpt_fa_params& p, kpt::stream_t stream);
 template <class T>
 int launch_bwd_preprocess(const kpt_fa_params& p, kpt::stream_t stream);
 #ifdef KPT_CUDA
-// Specialised (defined) per head-dim bucket in fwd_d<D>.cu / bwd_d<D>.cu.
+// Specialised (defined) per head-dim bucket in fwd_d<D>.cu / bwd_d<D>.cu; the backward has
+// buckets 64 and 128 only (D = 256 needs 256 accumulator floats a thread: SIMT, see CUDA_NOTES).
 template <class T, int kD>
 int launch_fwd_mma(const kpt_fa_params& p, kpt::stream_t stream);
 template <class T, int kD>
@@ -175,6 +176,8 @@ int launch_bwd_mma(const kpt_fa_params& p, kpt::stream_t stream);
 KPT_FA_DECLARE(launch_fwd_mma, 64)
 KPT_FA_DECLARE(launch_fwd_mma, 128)
 KPT_FA_DECLARE(launch_fwd_mma, 256)
+KPT_FA_DECLARE(launch_bwd_mma, 64)
+KPT_FA_DECLARE(launch_bwd_mma, 128)
 #undef KPT_FA_DECLARE
 #endif
 }  // namespace kpt_fa

@@ -26,7 +26,7 @@ void check_bshd(const at::Tensor& t, const at::Tensor& q, const char* name) {
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
              const at::Tensor& lse, double scale, double softcap, int64_t window_left,
-             int64_t window_right, int64_t stream) {
+             int64_t window_right, int64_t variant, int64_t stream) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
               ": dtype must be float16 or bfloat16");
   check_bshd(q, q, "q");
@@ -48,7 +48,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       dtype, static_cast<int>(q.size(3)), q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs,
       out.data_ptr(), os, lse.data_ptr<float>(), q.size(0), q.size(1), k.size(1), q.size(2),
       k.size(2), static_cast<float>(scale), static_cast<float>(softcap), window_left,
-      window_right, reinterpret_cast<void*>(static_cast<intptr_t>(stream)));
+      window_right, static_cast<int>(variant),
+      reinterpret_cast<void*>(static_cast<intptr_t>(stream)));
   TORCH_CHECK(code == KPT_FA90_OK, kOp, ": kpt_fa90_forward failed: ",
               kpt_fa90_error_string(code), " (code ", code, ")");
 }
@@ -59,5 +60,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kpt flash-attention forward for Hopper (sm_90a: TMA + wgmma)";
   m.def("forward", &forward, "attention forward into out and lse", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("softcap"),
-        py::arg("window_left"), py::arg("window_right"), py::arg("stream"));
+        py::arg("window_left"), py::arg("window_right"), py::arg("variant"),
+        py::arg("stream"));
 }

@@ -108,25 +108,139 @@ def test_flex_hooks_forward_and_backward(hook, d, impl):
     grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout.double())
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
     _cuda.backward(dout, None, q, k, v, out, lse, dq, dk, dv, scale=scale, window_left=-1,
-                   window_right=0, softcap=softcap, **_launch_kw(kw))
+                   window_right=0, softcap=softcap, config={"impl": impl}, **_launch_kw(kw))
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
         assert compare(name, got, want, BACKWARD_TOLERANCE[dtype]) is None
 
 
+def _skip_without_cuda() -> None:
+    if _cuda.cuda_unavailable() or torch.version.hip is not None:
+        pytest.skip(_cuda.cuda_unavailable() or "the mma impl is NVIDIA-only")
+
+
+def _check_backward(q, k, v, dout, impl, *, scale, left=-1, right=-1, softcap=0.0):
+    """Forward with ``impl``, then backward with ``impl`` into NaN-filled gradients, against
+    the float64 reference's autograd."""
+    b, sq, h, _ = q.shape
+    out, lse = torch.empty_like(q), torch.empty(b, h, sq, device=q.device)
+    band = dict(scale=scale, window_left=left, window_right=right, softcap=softcap)
+    _cuda.forward(q, k, v, out, lse, config={"impl": impl}, **band)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    _cuda.backward(dout, None, q, k, v, out, lse, dq, dk, dv, config={"impl": impl}, **band)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, _ = reference(qr, kr, vr, scale=scale, left=left, right=right, softcap=softcap)
+    grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout.double())
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+        assert compare(name, got, want, BACKWARD_TOLERANCE[q.dtype]) is None
+
+
+# (Sq, Sk): tile remainders on both sides (1, 17, 113), several tiles (1000), Sq != Sk.
+ODD = [(1, 1), (17, 17), (113, 113), (1000, 1000), (17, 113), (113, 1000)]
+
+
 @needs_cuda
-def test_deterministic_backward_is_bitwise_identical():
+@pytest.mark.parametrize("impl", ["mma", "simt"])
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
+@pytest.mark.parametrize("sq,sk", ODD)
+def test_backward_odd_lengths_gqa(sq, sk, mask, d, impl):
+    _skip_without_cuda()
+    gen = torch.Generator(device="cpu").manual_seed(sq + sk + d)
+    dtype, dev = torch.float16, "cuda"
+    q, dout = (torch.randn(2, sq, 6, d, generator=gen).to(dev, dtype) for _ in range(2))
+    k, v = (torch.randn(2, sk, 2, d, generator=gen).to(dev, dtype) for _ in range(2))
+    left, right = {"none": (-1, -1), "causal": (-1, 0), "window": (40, 7)}[mask]
+    _check_backward(q, k, v, dout, impl, scale=d**-0.5, left=left, right=right,
+                    softcap=3.0 if mask == "window" else 0.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["mma", "simt"])
+def test_backward_strided_bhsd_views(impl):
+    _skip_without_cuda()
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    # (B, H, S, D) storage seen as (B, S, H, D): token stride D, head stride S * D.
+    q, k, v, dout = (torch.randn(2, 4, 200, 64, generator=gen).to("cuda", torch.bfloat16)
+                     .transpose(1, 2) for _ in range(4))
+    _check_backward(q, k, v, dout, impl, scale=0.125, right=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["mma", "simt"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_varlen_backward_never_reads_or_writes_padding(d, impl):
+    _skip_without_cuda()
+    lens, pad, h, hkv, dtype, dev = [1, 17, 113, 1000], 24, 4, 2, torch.bfloat16, "cuda"
+    total = sum(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32,
+                      device=dev)
+    gen = torch.Generator(device="cpu").manual_seed(11)
+
+    def poisoned(heads: int) -> torch.Tensor:
+        t = torch.full((total + pad, heads, d), float("nan"), dtype=dtype, device=dev)
+        t[:total] = torch.randn(total, heads, d, generator=gen).to(dev, dtype)
+        return t
+
+    q, dout, k, v = poisoned(h), poisoned(h), poisoned(hkv), poisoned(hkv)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((h, total + pad), float("nan"), device=dev)
+    band = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens),
+                max_seqlen_k=max(lens), scale=d**-0.5, window_right=0)
+    _cuda.forward(q, k, v, out, lse, config={"impl": impl}, **band)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    _cuda.backward(dout, None, q, k, v, out, lse, dq, dk, dv, config={"impl": impl}, **band)
+    for grad in (dq, dk, dv):
+        assert grad[total:].isnan().all()  # rows outside every sequence are not written
+    for start, n in zip(cu[:-1].tolist(), lens):
+        rows = slice(start, start + n)
+        qr, kr, vr = (t[rows][None].double().requires_grad_() for t in (q, k, v))
+        ref_out, _ = reference(qr, kr, vr, scale=d**-0.5, right=0)
+        grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout[rows][None].double())
+        for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+            assert compare(name, got[rows][None], want, BACKWARD_TOLERANCE[dtype]) is None
+
+
+@needs_cuda
+def test_backward_of_rows_without_visible_keys_is_zero():
+    _skip_without_cuda()
+    # A document split: queries of document 1 see no key of document 1 past
+    # kv_block_range, so their lse is -inf; their dq and their keys' dk/dv must be 0, not NaN.
+    b, s, h, d, dev = 1, 256, 2, 64, "cuda"
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    q, k, v, dout = (torch.randn(b, s, h, d, generator=gen).to(dev, torch.float16)
+                     for _ in range(4))
+    rng = torch.tensor([[[[0, 128], [0, 128]]]], dtype=torch.int32, device=dev)
+    doc = (torch.arange(s, device=dev) >= 128).to(torch.int32)[None]
+    for impl in ("mma", "simt"):
+        out, lse = torch.empty_like(q), torch.empty(b, h, s, device=dev)
+        hooks = dict(scale=0.125, doc_q=doc, doc_k=doc, kv_block_range=rng)
+        _cuda.forward(q, k, v, out, lse, config={"impl": impl}, **hooks)
+        assert lse[..., 128:].isneginf().all()
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+        _cuda.backward(dout, None, q, k, v, out, lse, dq, dk, dv, config={"impl": impl},
+                       **hooks)
+        for grad in (dq, dk, dv):
+            assert torch.equal(grad[:, 128:], torch.zeros_like(grad[:, 128:]))
+            assert not grad.isnan().any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["mma", "simt"])
+def test_deterministic_backward_is_bitwise_identical(impl):
     if _cuda.cuda_unavailable():
         pytest.skip(_cuda.cuda_unavailable())
     gen = torch.Generator(device="cpu").manual_seed(3)
-    q, k, v, dout = (torch.randn(1, 257, 4, 128, generator=gen).to("cuda", torch.float16)
-                     for _ in range(4))
+    q, dout = (torch.randn(1, 257, 4, 128, generator=gen).to("cuda", torch.float16)
+               for _ in range(2))
+    k, v = (torch.randn(1, 257, 2, 128, generator=gen).to("cuda", torch.float16)
+            for _ in range(2))
     out, lse = torch.empty_like(q), torch.empty(1, 4, 257, device="cuda")
     _cuda.forward(q, k, v, out, lse, scale=0.1, window_right=0)
     runs = []
     for _ in range(2):
         grads = tuple(torch.empty_like(t) for t in (q, k, v))
         _cuda.backward(dout, None, q, k, v, out, lse, *grads, scale=0.1, window_right=0,
-                       deterministic=True)
+                       deterministic=True, config={"impl": impl})
         runs.append(grads)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
@@ -151,7 +265,13 @@ def test_configs_default_first_and_no_sm90_without_its_device():
     fwd = _cuda.configs(_problem(64))
     assert fwd[0] == {"impl": "simt" if torch.version.hip else "mma"}
     assert {"impl": "sm90"} not in fwd  # a CPU problem is never served by the sm90 kernel
-    assert _cuda.backward_configs(_problem(64))[0]["impl"] in ("mma", "simt")
+
+def test_backward_configs_offer_mma_up_to_its_head_dim():
+    rocm = torch.version.hip is not None
+    for d in (24, 64, 96, 128):
+        want = [{"impl": "simt"}] if rocm else [{"impl": "mma"}, {"impl": "simt"}]
+        assert _cuda.backward_configs(_problem(d)) == want
+    assert _cuda.backward_configs(_problem(256)) == [{"impl": "simt"}]
 
 
 def test_misaligned_reasons():

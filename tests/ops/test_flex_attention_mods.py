@@ -282,10 +282,14 @@ GPU_SIZES = [(1, 1, 2, 2), (17, 17, 4, 2), (113, 113, 4, 1), (1000, 1000, 2, 2),
              (113, 17, 2, 2), (1, 1000, 4, 4)]
 
 
-def _gpu_mods(name, sq, sk):
+def _gpu_mods(name, sq, sk, heads):
     if name == "plain":
         return None, None
     score, mask = NAMED[name][:2]
+    if name == "alibi_causal":  # one slope per query head of this size
+        score = mods.alibi(mods.alibi_slopes(heads).to(DEVICE))
+    elif name == "softcap_alibi_window":
+        score = mods.compose(mods.softcap(2.0), mods.alibi(mods.alibi_slopes(heads).to(DEVICE)))
     if name.startswith("document"):  # ids over the longer sequence: uneven documents
         pos = torch.arange(max(sq, sk), device=DEVICE)
         ids = (pos * 3 // pos.numel()).int()
@@ -302,7 +306,7 @@ def _gpu_mods(name, sq, sk):
 @pytest.mark.parametrize("name", GPU_CASES)
 def test_cuda_backend_matches_reference(name, size, dtype):
     sq, sk, H, Hkv = size
-    score, mask = _gpu_mods(name, sq, sk)
+    score, mask = _gpu_mods(name, sq, sk, H)
     bm = None if mask is None else create_block_mask(mask, 2, None, sq, sk, DEVICE, 128)
     q, k, v = _inputs(sq, sk, B=2, H=H, Hkv=Hkv, d=64, dtype=dtype, grad=True)
     tables = (kbm.all_full(sq, sk, 128, q.device) if bm is None

@@ -7,6 +7,10 @@
 #define KPT_FA90_FP16 0
 #define KPT_FA90_BF16 1
 
+// Kernel variants (see kpt/ops/flash_attention/SM90_NOTES.md).
+#define KPT_FA90_VARIANT_BASE 0     // one S accumulator, no explicit warpgroup scheduling
+#define KPT_FA90_VARIANT_OVERLAP 1  // next QK^T overlapped with softmax, ping-pong, deeper ring
+
 #define KPT_FA90_OK 0
 #define KPT_FA90_UNSUPPORTED 1      // a shape/stride/dtype the kernel does not handle
 #define KPT_FA90_NO_DRIVER_API 2    // cuTensorMapEncodeTiled could not be resolved
@@ -20,13 +24,13 @@ extern "C" {
 // q (B, Sq, H, D), k and v (B, Sk, Hkv, D), out like q: strides in elements, given as
 // {batch, seq, head} (the head_dim stride is 1). lse is contiguous float32 (B, H, Sq).
 // window_left / window_right < 0 mean unbounded; causal is window_right == 0. softcap <= 0
-// disables the soft cap. Returns KPT_FA90_OK or an error code (see kpt_fa90_error_string).
+// disables the soft cap. variant is a KPT_FA90_VARIANT_* value. Returns KPT_FA90_OK or an error code (see kpt_fa90_error_string).
 int kpt_fa90_forward(int dtype, int head_dim, const void* q, const int64_t* q_strides,
                      const void* k, const int64_t* k_strides, const void* v,
                      const int64_t* v_strides, void* out, const int64_t* out_strides, float* lse,
                      int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads,
                      int64_t heads_kv, float scale, float softcap, int64_t window_left,
-                     int64_t window_right, void* stream);
+                     int64_t window_right, int variant, void* stream);
 
 const char* kpt_fa90_error_string(int code);
 

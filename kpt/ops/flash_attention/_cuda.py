@@ -30,6 +30,8 @@ SPEC = JitSpec(
         "flash_attention/fwd_d64.cu",
         "flash_attention/fwd_d128.cu",
         "flash_attention/fwd_d256.cu",
+        "flash_attention/bwd_d64.cu",
+        "flash_attention/bwd_d128.cu",
         "flash_attention/binding.cpp",
     ),
 )
@@ -38,6 +40,9 @@ SPEC = JitSpec(
 # of the range covers queries [qb * Q_BLOCK, (qb + 1) * Q_BLOCK) of its sequence.
 Q_BLOCK = 128
 MAX_HEAD_DIM = 256
+# The tensor-core dK/dV kernel keeps dK and dV (head_dim fp32 values a thread) in registers:
+# at 256 they would spill, so larger head dims take the SIMT backward (CUDA_NOTES.md).
+MMA_BACKWARD_MAX_HEAD_DIM = 128
 _HALF = (torch.float16, torch.bfloat16)
 _IMPLS = {"mma": 0, "simt": 1}
 
@@ -101,9 +106,11 @@ def configs(problem: Problem) -> list[Config]:
 
 
 def backward_configs(problem: Problem) -> list[Config]:
-    """Backward variants. Every one is deterministic (no atomics): the ``deterministic`` flag
-    of the problem needs no special config."""
-    return [{"impl": "simt"}]
+    """Backward variants; the first is the default. Every one is deterministic (no atomics):
+    the ``deterministic`` flag of the problem needs no special config."""
+    if _is_rocm() or problem["head_dim"] > MMA_BACKWARD_MAX_HEAD_DIM:
+        return [{"impl": "simt"}]
+    return [{"impl": "mma"}, {"impl": "simt"}]
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -134,8 +141,10 @@ def _module(device: torch.device):
         raise BackendUnavailable(f"{OP}: {err}") from err
 
 
-def _impl(config: Config | None, *, backward: bool = False) -> int:
-    impl = (config or {}).get("impl", "simt" if _is_rocm() or backward else "mma")
+def _impl(config: Config | None) -> int:
+    """The kernel family; the default is mma on NVIDIA (for the backward the C side runs SIMT
+    where mma has no bucket: head_dim > MMA_BACKWARD_MAX_HEAD_DIM)."""
+    impl = (config or {}).get("impl", "simt" if _is_rocm() else "mma")
     if impl not in _IMPLS:
         raise ValueError(f"{OP}: unknown cuda/hip impl {impl!r}")
     if _is_rocm():
@@ -263,7 +272,9 @@ def backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
              config: Config | None = None) -> None:
     """Write ``dq``, ``dk``, ``dv`` (like q, k, v) from the forward's ``out`` and ``lse`` and
     the gradients ``dout`` (like out) and optional ``dlse`` (like lse). Same layouts and hooks
-    as :func:`forward` (ALiBi slopes and the masks get no gradient). Every config is
+    as :func:`forward` (ALiBi slopes and the masks get no gradient). ``config`` picks the
+    kernels: ``{"impl": "mma"}`` (tensor cores, the default on NVIDIA; head_dim above
+    ``MMA_BACKWARD_MAX_HEAD_DIM`` runs SIMT) or ``{"impl": "simt"}``. Every config is
     deterministic (no atomics), so ``deterministic`` changes nothing today. Varlen rows
     outside every sequence are not written."""
     hooks = _hooks(alibi_slopes, prefix_len, doc_q, doc_k, kv_block_range)
@@ -284,7 +295,7 @@ def backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
                         float(scale), int(window_left), int(window_right), float(softcap),
                         hooks["alibi_slopes"], hooks["prefix_len"], hooks["doc_q"],
                         hooks["doc_k"], hooks["kv_block_range"],
-                        _impl(config, backward=True), stream)
+                        _impl(config), stream)
 
 
 def _into(dst: Tensor) -> tuple[Tensor, bool]:

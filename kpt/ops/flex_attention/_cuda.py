@@ -146,6 +146,21 @@ def _plan(call):
     return fa, geo, kw
 
 
+_HOOKS = ("alibi_slopes", "prefix_len", "doc_q", "doc_k")
+
+
+def _band_forward(fa, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kw: dict) -> None:
+    """Band masks and soft-cap only: flash_attention's own cuda dispatch, whose first config
+    is the fastest kernel for the device (the wgmma kernel on Hopper, which takes no flex
+    hooks). The block range is not needed: the BlockMask was checked to skip only blocks
+    the band leaves out, and the kernels skip those already."""
+    from kpt.ops import flash_attention as flash
+
+    fcall = flash.Call(_bshd(q), _bshd(k), _bshd(v), None, None, q.shape[2], k.shape[2],
+                       kw["scale"], kw["window_left"], kw["window_right"], kw["softcap"], o, lse)
+    fa.run(fcall, fa.configs(flash.problem_of(fcall))[0])
+
+
 def run(call, config: Config) -> None:
     """Forward: writes ``call.out`` and ``call.lse``."""
     fa, geo, kw = _plan(call)
@@ -162,7 +177,10 @@ def run(call, config: Config) -> None:
     out = call.out[:, :, : geo.sq]
     lse = call.lse if geo.sq == sq else call.lse.new_empty(*call.lse.shape[:2], geo.sq)
     o, scratch = _writable(out)
-    fa.forward(_bshd(q), _bshd(k), _bshd(v), o, lse, **kw, config=config or None)
+    if not config and all(kw[h] is None for h in _HOOKS):
+        _band_forward(fa, q, k, v, o, lse, kw)
+    else:
+        fa.forward(_bshd(q), _bshd(k), _bshd(v), o, lse, **kw, config=config or None)
     if scratch:
         out.copy_(o.transpose(1, 2))
     if lse is not call.lse:
