@@ -14,6 +14,7 @@ import torch
 from kpt.ops._common import compare
 from kpt.ops._registry import Problem
 from kpt.ops.flash_attention import BACKWARD_TOLERANCE, TOLERANCE, _cuda, compare_lse
+from tests.ops.grad_checks import compare_grad
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -130,8 +131,8 @@ def _check_backward(q, k, v, dout, impl, *, scale, left=-1, right=-1, softcap=0.
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
     ref_out, _ = reference(qr, kr, vr, scale=scale, left=left, right=right, softcap=softcap)
     grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout.double())
-    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
-        assert compare(name, got, want, BACKWARD_TOLERANCE[q.dtype]) is None
+    for name, got, want, other in zip(("dq", "dk", "dv"), (dq, dk, dv), grads, (k, q, q)):
+        assert compare_grad(name, got, want, dout=dout, v=v, other=other, scale=scale) is None
 
 
 # (Sq, Sk): tile remainders on both sides (1, 17, 113), several tiles (1000), Sq != Sk.
@@ -196,8 +197,9 @@ def test_varlen_backward_never_reads_or_writes_padding(d, impl):
         qr, kr, vr = (t[rows][None].double().requires_grad_() for t in (q, k, v))
         ref_out, _ = reference(qr, kr, vr, scale=d**-0.5, right=0)
         grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout[rows][None].double())
-        for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
-            assert compare(name, got[rows][None], want, BACKWARD_TOLERANCE[dtype]) is None
+        for name, got, want, other in zip(("dq", "dk", "dv"), (dq, dk, dv), grads, (k, q, q)):
+            assert compare_grad(name, got[rows][None], want, dout=dout[rows], v=v[rows],
+                                other=other[rows], scale=d**-0.5) is None
 
 
 @needs_cuda

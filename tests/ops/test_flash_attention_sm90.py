@@ -37,19 +37,26 @@ HALF = [torch.bfloat16, torch.float16]
 LENGTHS = [(1, 1), (17, 17), (113, 113), (1000, 1000), (17, 300), (300, 17), (128, 256),
            (257, 129)]
 MASKS = {"full": {}, "causal": {"causal": True}}
+# Every GPU test runs each kernel variant: the default and the FA3-schedule "overlap" one.
+CONFIGS = {"base": {"impl": "sm90"}, "overlap": {"impl": "sm90", "variant": "overlap"}}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def config(request) -> dict:
+    return CONFIGS[request.param]
 
 
 def _shape(sq: int, sk: int, d: int, **extra) -> dict:
     return dict(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=4, head_dim=d, **extra)
 
 
-def _run_and_check(call: Call) -> None:
+def _run_and_check(call: Call, config: dict) -> None:
     expected = clone_outputs(call)
     ref.run(expected, {})
     poison(call)
     reasons = _sm90.supports(problem_of(call)) + _sm90.call_reasons(call)
     assert not reasons, reasons
-    _sm90.run(call, {"impl": "sm90"})
+    _sm90.run(call, config)
     torch.cuda.synchronize()
     failure = check(call, expected)
     assert failure is None, failure
@@ -60,9 +67,9 @@ def _run_and_check(call: Call) -> None:
 @pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("lengths", LENGTHS, ids=lambda sk: f"{sk[0]}x{sk[1]}")
-def test_matches_reference(lengths, mask, d, dtype):
+def test_matches_reference(lengths, mask, d, dtype, config):
     call = make_call(_shape(*lengths, d, **MASKS[mask]), dtype, torch.device("cuda"))
-    _run_and_check(call)
+    _run_and_check(call, config)
 
 
 @needs_sm90
@@ -76,14 +83,14 @@ def test_matches_reference(lengths, mask, d, dtype):
     dict(scale=0.05),
 ], ids=["gqa", "mqa", "window_causal", "window", "softcap", "scale"])
 @pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
-def test_features(extra, d, dtype):
+def test_features(extra, d, dtype, config):
     shape = dict(_shape(333, 421, d), **extra)
-    _run_and_check(make_call(shape, dtype, torch.device("cuda"), seed=1))
+    _run_and_check(make_call(shape, dtype, torch.device("cuda"), seed=1), config)
 
 
 @needs_sm90
 @pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
-def test_transposed_views(d):
+def test_transposed_views(d, config):
     """HF passes (B, H, S, D) tensors transposed to (B, S, H, D): read in place through TMA."""
     call = make_call(_shape(200, 300, d, causal=True), torch.bfloat16, torch.device("cuda"))
 
@@ -93,25 +100,26 @@ def test_transposed_views(d):
     call = dataclasses.replace(call, q=transposed(call.q), k=transposed(call.k),
                                v=transposed(call.v))
     assert not call.q.is_contiguous()
-    _run_and_check(call)
+    _run_and_check(call, config)
 
 
 @needs_sm90
-def test_large_causal_rows_without_keys():
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_large_causal_rows_without_keys(d, config):
     """Sq > Sk with causal: the first Sq - Sk rows see nothing (out 0, lse -inf), spanning
     whole 128-row tiles that the kernel skips."""
-    call = make_call(_shape(700, 200, 128, causal=True), torch.bfloat16, torch.device("cuda"))
-    _run_and_check(call)
+    call = make_call(_shape(700, 200, d, causal=True), torch.bfloat16, torch.device("cuda"))
+    _run_and_check(call, config)
 
 
 @needs_sm90
-def test_misaligned_strides_are_rejected_before_launch():
+def test_misaligned_strides_are_rejected_before_launch(config):
     call = make_call(_shape(64, 64, 64), torch.bfloat16, torch.device("cuda"))
     wide = torch.randn(2, 64, 4, 65, device="cuda", dtype=torch.bfloat16)[..., :64]
     call = dataclasses.replace(call, q=wide)
     assert _sm90.call_reasons(call)
     with pytest.raises(ValueError, match="16-byte"):
-        _sm90.run(call, {"impl": "sm90"})
+        _sm90.run(call, config)
 
 
 # ---- CPU: declared reasons -----------------------------------------------------------------
@@ -165,6 +173,11 @@ def test_run_rejects_unknown_config_before_anything():
         _sm90.run(_cpu_call(), {"impl": "sm90", "block_m": 64})
 
 
-def test_run_rejects_unsupported_call_on_cpu():
+def test_run_rejects_unknown_variant_before_anything():
+    with pytest.raises(ValueError, match="unknown variant"):
+        _sm90.run(_cpu_call(), {"impl": "sm90", "variant": "pingpong"})
+
+
+def test_run_rejects_unsupported_call_on_cpu(config):
     with pytest.raises(ValueError, match="cannot run"):
-        _sm90.run(_cpu_call(), {"impl": "sm90"})
+        _sm90.run(_cpu_call(), config)

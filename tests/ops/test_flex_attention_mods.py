@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from kpt.ops._common import compare
-from kpt.ops.flash_attention import BACKWARD_TOLERANCE, TOLERANCE, compare_lse
+from kpt.ops.flash_attention import TOLERANCE, compare_lse
 from kpt.ops.flex_attention import SPEC, _codegen, _lower, create_block_mask, flex_attention, mods
 from kpt.ops.flex_attention import block_mask as kbm
 from kpt.ops.flex_attention import reference as ref
+from tests.ops.grad_checks import compare_grad
 
 tflex = pytest.importorskip("torch.nn.attention.flex_attention",
                             reason="torch flex_attention is the drop-in target (torch >= 2.5)")
@@ -327,9 +328,10 @@ def test_cuda_backend_matches_reference(name, size, dtype):
     dout = torch.randn_like(out)
     torch.autograd.backward((out, lse), (dout, torch.zeros_like(lse)))
     torch.autograd.backward((want, want_lse), (dout, torch.zeros_like(want_lse)))
-    for n, got, exp in (("dq", q.grad, qr.grad), ("dk", k.grad, kr.grad),
-                        ("dv", v.grad, vr.grad)):
-        reason = compare(n, got, exp, BACKWARD_TOLERANCE[dtype])
+    for n, got, exp, other in (("dq", q.grad, qr.grad, k), ("dk", k.grad, kr.grad, q),
+                               ("dv", v.grad, vr.grad, q)):
+        reason = compare_grad(n, got, exp, dout=dout, v=v, other=other,
+                              scale=q.shape[-1] ** -0.5)
         assert reason is None, reason
 
 

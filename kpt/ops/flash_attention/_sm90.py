@@ -25,8 +25,13 @@ OP = "flash_attention"
 
 SPEC = JitSpec(
     name="flash_attention_sm90",
-    sources=("flash_attention_sm90/kernels.cu", "flash_attention_sm90/binding.cpp"),
+    sources=("flash_attention_sm90/kernels.cu", "flash_attention_sm90/kernels_overlap.cu",
+             "flash_attention_sm90/binding.cpp"),
 )
+
+# config["variant"] -> KPT_FA90_VARIANT_* (flash_attention_sm90.h). "base" (the default when
+# the key is absent) passed every GPU test; "overlap" (FA3 schedule) is compile-checked only.
+VARIANTS = {"base": 0, "overlap": 1}
 
 HEAD_DIMS = (64, 128)
 _HALF = (torch.float16, torch.bfloat16)
@@ -101,11 +106,15 @@ def call_reasons(call) -> list[str]:
 
 
 def run(call, config: Config) -> None:
-    """Write ``call.out`` and ``call.lse``. ``config`` has no tile options yet (128 x 128 tiles
-    are the only instantiation); anything other than ``impl`` is rejected."""
-    unknown = set(config) - {"impl"}
+    """Write ``call.out`` and ``call.lse``. ``config`` may name a ``variant`` (``VARIANTS``,
+    default ``"base"``); any other key is rejected."""
+    unknown = set(config) - {"impl", "variant"}
     if unknown:
         raise ValueError(f"{OP}[sm90]: unknown config keys {sorted(unknown)}")
+    variant = config.get("variant", "base")
+    if variant not in VARIANTS:
+        raise ValueError(f"{OP}[sm90]: unknown variant {variant!r}, expected one of "
+                         f"{sorted(VARIANTS)}")
     reasons = supports(problem_of(call)) + call_reasons(call)
     if reasons:
         raise ValueError(f"{OP}[sm90]: cannot run this call: " + "; ".join(reasons))
@@ -122,4 +131,5 @@ def run(call, config: Config) -> None:
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         module.forward(q, k, call.v, call.out, call.lse, float(call.scale), float(call.softcap),
-                       int(call.window_left), int(call.window_right), stream)
+                       int(call.window_left), int(call.window_right), VARIANTS[variant],
+                       stream)

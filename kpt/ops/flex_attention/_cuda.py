@@ -154,8 +154,7 @@ def _band_forward(fa, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, k
     is the fastest kernel for the device (the wgmma kernel on Hopper, which takes no flex
     hooks). The block range is not needed: the BlockMask was checked to skip only blocks
     the band leaves out, and the kernels skip those already."""
-    from kpt.ops import flash_attention as flash
-
+    flash = importlib.import_module("kpt.ops.flash_attention")
     fcall = flash.Call(_bshd(q), _bshd(k), _bshd(v), None, None, q.shape[2], k.shape[2],
                        kw["scale"], kw["window_left"], kw["window_right"], kw["softcap"], o, lse)
     fa.run(fcall, fa.configs(flash.problem_of(fcall))[0])

@@ -1,0 +1,414 @@
+// kpt-targets: sm_90a
+// Flash-attention forward for Hopper, "overlap" variant: the FA3 schedule on the same TMA +
+// mbarrier + wgmma building blocks as kernels.cu (which stays the default).
+//
+// Differences from kernels.cu, all about keeping the tensor cores busy during the softmax:
+//   * intra-warpgroup overlap: a consumer issues S(j) = Q K(j)^T and O += P(j-1) V(j-1) as two
+//     async wgmma groups, waits only for the first (wait_group 1), runs the softmax of block j
+//     while the PV GEMM of block j-1 still runs, then waits for it (wait_group 0) before
+//     rescaling O and packing P(j). Registers hold S(j), P(j-1) (packed) and O.
+//   * ping-pong: the consumer warpgroups take turns issuing their GEMMs (a ring of named
+//     barriers), so one group's softmax runs while the others' GEMMs occupy the tensor cores;
+//   * per head_dim tiles: D=128 uses 2 consumers (128 rows) and a 2-stage K/V ring (160 KiB);
+//     D=64, whose softmax is as long as its GEMMs, uses 3 consumers (192 rows) and 3 stages.
+// Masks are applied only to key blocks that are not fully visible to a warpgroup's 64 rows.
+// Every mbarrier wait is bounded (wait() traps); the named barriers cannot hang because every
+// consumer warpgroup runs the same number of turns (see the ring below).
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.cuh"
+#include "kpt/flash_attention_sm90.h"
+
+namespace kpt_fa90 {
+namespace {
+
+template <int kD>
+struct Tile {
+  // ptxas allocates for the launch bound (168 registers at 384 threads), not for setmaxnreg's
+  // 232: S, packed P and O live together (64 + 32 + kD / 2) fit only for D = 64. D = 128 keeps
+  // the sequential S -> softmax -> PV order and only gets the ping-pong (see SM90_NOTES.md).
+  static constexpr bool kIntraOverlap = kD == 64;
+  static constexpr int kConsumers = 2;
+  static constexpr int kStages = kD == 64 ? 3 : 2;
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  // setmaxnreg budgets: 128 x (producer + consumers x kConsumers) <= 64 Ki registers.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 40 : 32;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 232 : 160;
+  static constexpr int kQBytes = kBlockM * kD * 2;
+  static constexpr int kKVBytes = kBlockN * kD * 2;
+  static constexpr int kQChunk = kBlockM * kRowBytes;
+  static constexpr int kKVChunk = kBlockN * kRowBytes;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kQBytes;
+  static constexpr int kV = kK + kStages * kKVBytes;
+  static constexpr int kBars = kV + kStages * kKVBytes;
+  static constexpr int kBytes = kBars + 8 * (1 + 4 * kStages);
+  static constexpr int kAlloc = kBytes + 1024;
+  static_assert(kAlloc <= 227 * 1024, "shared memory");
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "registers");
+};
+
+// Named barriers 1..kConsumers (0 is __syncthreads); each completes with 256 threads: the
+// warpgroup whose turn it is (bar.sync) and the one handing the turn over (bar.arrive).
+__device__ __forceinline__ void turn_wait(int id) {
+  asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void turn_pass(int id) {
+  asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory");
+}
+
+// Scores of key block n0 to the log2 domain (or soft-capped), then the mask where the block is
+// not fully visible to all 64 rows of this warpgroup (rows row0 and row0 + 8 per thread).
+__device__ __forceinline__ void scale_and_mask(const Params& p, float (&sc)[kBlockN / 2], int n0,
+                                               int wg_row_lo, int row0, int col0) {
+  if (p.softcap_log2 > 0.f) {
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) sc[i] = p.softcap_log2 * tanhf(sc[i] * p.score_scale);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= p.score_scale;
+  }
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const bool full = n0 + kBlockN <= p.seqlen_k &&
+                    (p.window_right < 0 || n0 + kBlockN - 1 <= wg_row_lo + diag + p.window_right) &&
+                    (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
+  if (full) return;
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) {
+    const int row = row0 + 8 * ((i / 2) % 2);
+    const int col = n0 + 8 * (i / 4) + col0 + i % 2;
+    const bool visible = col < p.seqlen_k &&
+                         (p.window_right < 0 || col <= row + diag + p.window_right) &&
+                         (p.window_left < 0 || col >= row + diag - p.window_left);
+    if (!visible) sc[i] = -INFINITY;
+  }
+}
+
+// Online softmax of one block in place (sc becomes exp2(s - max)); returns through `correction`
+// the factor O must be scaled by, which the caller applies once the PV GEMM reading the old O
+// has finished. Each row lives in the 4 threads of a quad.
+__device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], float (&row_max)[2],
+                                        float (&row_sum)[2], float (&correction)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = row_max[h];
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // Nothing visible yet: max stays -inf and the shift 0 avoids (-inf) - (-inf) = NaN.
+    const float shift = mx == -INFINITY ? 0.f : mx;
+    correction[h] = fast_exp2(row_max[h] - shift);
+    row_max[h] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      sc[4 * j + 2 * h] = fast_exp2(sc[4 * j + 2 * h] - shift);
+      sc[4 * j + 2 * h + 1] = fast_exp2(sc[4 * j + 2 * h + 1] - shift);
+      sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
+    }
+    row_sum[h] = row_sum[h] * correction[h] + sum;
+  }
+}
+
+template <bool kBf16, int kD>
+__global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
+    attention_fwd_overlap(const __grid_constant__ Params p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // see kernels.cu: only the sm_90a cubin is ever launched
+#else
+  using T = Tile<kD>;
+  constexpr int kStages = T::kStages;
+  constexpr int kConsumers = T::kConsumers;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  const uint32_t bars = base + T::kBars;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8 * (1 + 4 * s); };
+  auto k_empty = [&](int s) { return bars + 8 * (2 + 4 * s); };
+  auto v_full = [&](int s) { return bars + 8 * (3 + 4 * s); };
+  auto v_empty = [&](int s) { return bars + 8 * (4 + 4 * s); };
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // long (causal) tiles first
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int m0 = m_block * T::kBlockM;
+  int n_begin, n_end;
+  key_range(p, m0, T::kBlockM, n_begin, n_end);
+  const int n_first = n_begin / kBlockN;
+  const int n_last = n_end > n_begin ? (n_end - 1) / kBlockN : n_first - 1;
+  const int blocks = n_last - n_first + 1;  // the same for every consumer warpgroup
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    bar_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      bar_init(k_full(s), 1);
+      bar_init(v_full(s), 1);
+      bar_init(k_empty(s), kConsumers * 128);
+      bar_init(v_empty(s), kConsumers * 128);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer: Q once, then K and V of each key block into the ring ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(T::kProducerRegs));
+    if (threadIdx.x != 0 || blocks <= 0) return;
+    const int head_kv = head / p.group;
+    bar_expect_tx(q_full, T::kQBytes);
+#pragma unroll
+    for (int c = 0; c < kD / kSwizzleElems; ++c) {
+      tma_load(base + T::kQ + c * T::kQChunk, &p.tma_q, q_full, c * kSwizzleElems, m0, head,
+               batch);
+    }
+    for (int it = 0; it < blocks; ++it) {
+      const int n0 = (n_last - it) * kBlockN;
+      const int s = it % kStages;
+      const uint32_t free_parity = ((it / kStages) & 1) ^ 1;  // fresh barriers pass parity 1
+      wait(k_empty(s), free_parity);
+      bar_expect_tx(k_full(s), T::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kD / kSwizzleElems; ++c) {
+        tma_load(base + T::kK + s * T::kKVBytes + c * T::kKVChunk, &p.tma_k, k_full(s),
+                 c * kSwizzleElems, n0, head_kv, batch);
+      }
+      wait(v_empty(s), free_parity);
+      bar_expect_tx(v_full(s), T::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kD / kSwizzleElems; ++c) {
+        tma_load(base + T::kV + s * T::kKVBytes + c * T::kKVChunk, &p.tma_v, v_full(s),
+                 c * kSwizzleElems, n0, head_kv, batch);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(T::kConsumerRegs));
+  const int wg = warpgroup - 1;
+  const int tid = threadIdx.x - 128 * warpgroup;
+  const int warp = tid / 32, lane = tid % 32;
+  const int wg_row_lo = m0 + wg * 64;
+  const int row0 = wg_row_lo + warp * 16 + lane / 4;  // and row0 + 8 (accumulator layout)
+  const int col0 = 2 * (lane % 4);
+
+  float o[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
+
+  if (blocks > 0) {
+    const uint32_t q_tile = base + T::kQ + wg * 64 * kRowBytes;
+    // Turn ring: warpgroup g waits on barrier 1 + g and passes to the next one. The last
+    // warpgroup hands out the first turn and skips its final pass, so every barrier gets as
+    // many arrivals as waits (nothing is left pending at exit).
+    const int my_turn = 1 + wg;
+    const int next_turn = 1 + (wg + 1) % kConsumers;
+    const bool last_wg = wg == kConsumers - 1;
+    if (last_wg) turn_pass(1);
+
+    auto issue_qk = [&](float (&sc)[kBlockN / 2], int s) {
+      const uint32_t k_tile = base + T::kK + s * T::kKVBytes;
+      // Both K-major; a 16-wide k step is 32 bytes inside a 128-byte swizzle row, every 64
+      // columns the next chunk; 8-row groups repeat every 1024 bytes (SBO).
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t offset = (kk % 4) * 32;
+        const uint64_t a = make_desc(q_tile + (kk / 4) * T::kQChunk + offset, 16, 1024);
+        const uint64_t b = make_desc(k_tile + (kk / 4) * T::kKVChunk + offset, 16, 1024);
+        qk_gemm<kBf16>(sc, a, b, kk > 0);
+      }
+    };
+    auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 4], int s) {
+      // V is MN-major for B: 8-key groups every 1024 B (SBO), 64-column chunks LBO apart.
+      const uint32_t v_tile = base + T::kV + s * T::kKVBytes;
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        const uint64_t b = make_desc(v_tile + kk * 16 * kRowBytes, T::kKVChunk, 1024);
+        pv_gemm<kBf16, kD>(o, &pa[4 * kk], b);
+      }
+    };
+
+    float sc[kBlockN / 2];
+    uint32_t pa[kBlockN / 4];
+    float correction[2];
+    auto rescale = [&](const float (&c)[2]) {
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          o[4 * j + 2 * h] *= c[h];
+          o[4 * j + 2 * h + 1] *= c[h];
+        }
+      }
+    };
+
+    wait(q_full, 0);
+    if constexpr (!T::kIntraOverlap) {
+      // One key block at a time; only the S GEMM issue is inside the turn, so a warpgroup's
+      // softmax and PV GEMM overlap the other warpgroup's S GEMM.
+      for (int it = 0; it < blocks; ++it) {
+        const int s = it % kStages;
+        const uint32_t parity = (it / kStages) & 1;
+        turn_wait(my_turn);
+        wait(k_full(s), parity);
+        pin(sc);
+        wgmma_fence();
+        issue_qk(sc, s);
+        wgmma_commit();
+        if (!(last_wg && it == blocks - 1)) turn_pass(next_turn);
+        wgmma_wait_all();
+        pin(sc);
+        bar_arrive(k_empty(s));
+        scale_and_mask(p, sc, (n_last - it) * kBlockN, wg_row_lo, row0, col0);
+        softmax(sc, row_max, row_sum, correction);
+        rescale(correction);
+#pragma unroll
+        for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
+        wait(v_full(s), parity);
+        pin(o);
+        pin(pa);
+        wgmma_fence();
+        issue_pv(pa, s);
+        wgmma_commit();
+        wgmma_wait_all();
+        pin(o);
+        pin(pa);
+        bar_arrive(v_empty(s));
+      }
+    } else {
+      // Block 0: S only (no P yet).
+      turn_wait(my_turn);
+      wait(k_full(0), 0);
+      pin(sc);
+      wgmma_fence();
+      issue_qk(sc, 0);
+      wgmma_commit();
+      if (!(last_wg && blocks == 1)) turn_pass(next_turn);
+      wgmma_wait_all();
+      pin(sc);
+      bar_arrive(k_empty(0));
+      scale_and_mask(p, sc, n_last * kBlockN, wg_row_lo, row0, col0);
+      softmax(sc, row_max, row_sum, correction);  // O is still 0: no rescale
+#pragma unroll
+      for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
+
+      for (int it = 1; it < blocks; ++it) {
+        const int s = it % kStages;
+        const uint32_t parity = (it / kStages) & 1;
+        const int sp = (it - 1) % kStages;
+        const uint32_t parity_p = ((it - 1) / kStages) & 1;
+
+        // Issue S(it) and O += P(it-1) V(it-1) in this warpgroup's turn.
+        turn_wait(my_turn);
+        wait(k_full(s), parity);
+        pin(sc);
+        pin(o);
+        pin(pa);
+        wgmma_fence();
+        issue_qk(sc, s);
+        wgmma_commit();
+        wait(v_full(sp), parity_p);
+        wgmma_fence();
+        issue_pv(pa, sp);
+        wgmma_commit();
+        if (!(last_wg && it == blocks - 1)) turn_pass(next_turn);
+
+        // Softmax of S(it) while the PV GEMM runs; it must not touch o or pa.
+        wgmma_wait<1>();
+        pin(sc);
+        bar_arrive(k_empty(s));
+        scale_and_mask(p, sc, (n_last - it) * kBlockN, wg_row_lo, row0, col0);
+        softmax(sc, row_max, row_sum, correction);
+
+        wgmma_wait_all();
+        pin(o);
+        pin(pa);
+        bar_arrive(v_empty(sp));
+        rescale(correction);
+#pragma unroll
+        for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
+      }
+
+      // The last block's PV, outside the turn ring.
+      const int sl = (blocks - 1) % kStages;
+      wait(v_full(sl), ((blocks - 1) / kStages) & 1);
+      pin(o);
+      pin(pa);
+      wgmma_fence();
+      issue_pv(pa, sl);
+      wgmma_commit();
+      wgmma_wait_all();
+      pin(o);
+      pin(pa);
+      bar_arrive(v_empty(sl));
+    }
+  }
+
+  // ---- epilogue: normalise, store O (rows < seqlen_q) and lse ----
+  const int64_t out_base = batch * p.out_batch + head * p.out_head;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = row0 + 8 * h;
+    if (row >= p.seqlen_q) continue;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + out_base +
+                                                static_cast<int64_t>(row) * p.out_seq + col0);
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      dst[4 * j] = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    }
+    if (lane % 4 == 0) {
+      const float lse = sum > 0.f ? (row_max[h] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+      p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
+    }
+  }
+#endif
+}
+
+template <bool kBf16, int kD>
+int launch(const Params& params, int64_t seqlen_q, int64_t heads, int64_t batch,
+           cudaStream_t stream) {
+  using T = Tile<kD>;
+  auto kernel = attention_fwd_overlap<kBf16, kD>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kAlloc) !=
+      cudaSuccess) {
+    return KPT_FA90_CUDA_ERROR;
+  }
+  const int64_t m_blocks = (seqlen_q + T::kBlockM - 1) / T::kBlockM;
+  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(heads),
+                  static_cast<unsigned>(batch));
+  kernel<<<grid, T::kThreads, T::kAlloc, stream>>>(params);
+  return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
+}
+
+}  // namespace
+
+int overlap_block_m(int head_dim) {
+  return head_dim == 64 ? Tile<64>::kBlockM : Tile<128>::kBlockM;
+}
+
+int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen_q,
+                   int64_t heads, int64_t batch, cudaStream_t stream) {
+  if (head_dim == 128) {
+    return bf16 ? launch<true, 128>(params, seqlen_q, heads, batch, stream)
+                : launch<false, 128>(params, seqlen_q, heads, batch, stream);
+  }
+  return bf16 ? launch<true, 64>(params, seqlen_q, heads, batch, stream)
+              : launch<false, 64>(params, seqlen_q, heads, batch, stream);
+}
+
+}  // namespace kpt_fa90
