@@ -39,8 +39,11 @@ CASES = [
     ("B1-H32-S16384-D128", "full"), ("B1-H32-S16384-D128", "causal"),
     ("B8-H16-S2048-D64", "full"), ("B8-H16-S2048-D64", "causal"),
 ]
-IMPLS = ["kpt_triton", "kpt_cuda", "kpt_auto", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
-         "torch_flex_compiled"]
+IMPLS = ["kpt_triton", "kpt_cuda", "kpt_cuda_mma", "kpt_cuda_sm90_overlap", "kpt_auto",
+         "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "torch_flex_compiled"]
+# Forward-only variants timed next to the default choice: {impl: (backend, config)}.
+CONFIG_IMPLS = {"kpt_cuda_mma": ("cuda", {"impl": "mma"}),
+                "kpt_cuda_sm90_overlap": ("cuda", {"impl": "sm90", "variant": "overlap"})}
 WINDOW = 1024
 SOFTCAP = 30.0
 CALLS = {"fwd": 5, "bwd": 3}
@@ -131,7 +134,31 @@ def _flex_forward(shape: str, mask: str):
     return run
 
 
+def _config_forward(mask: str, backend: str, config: dict):
+    """A forward-only call of one backend config (a variant the dispatcher does not pick by
+    default), through the registry's own run entry."""
+    from kpt.ops.flash_attention import _cuda
+
+    def run(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        call = Call(qt, kt, vt, None, None, qt.shape[1], kt.shape[1], qt.shape[-1] ** -0.5,
+                    WINDOW if mask == "window1024" else -1,
+                    0 if mask in ("causal", "window1024") else -1,
+                    SOFTCAP if mask == "softcap30" else 0.0, torch.empty_like(qt),
+                    torch.empty(q.shape[:3], device=q.device))
+        _cuda.run(call, config)
+        return call.out.transpose(1, 2)
+
+    return run
+
+
 def _forward_fn(impl: str, shape: str, mask: str):
+    if impl in CONFIG_IMPLS:
+        backend, config = CONFIG_IMPLS[impl]
+        problem = _problem(shape, mask)
+        if config not in SPEC.backend(backend).configs(problem):
+            pytest.skip(f"{impl}: {backend} does not offer {config} here")
+        return _config_forward(mask, backend, config)
     if impl.startswith("kpt_"):
         backend = impl.removeprefix("kpt_")
         if backend != "auto":
@@ -162,6 +189,8 @@ def _kernel_us(fn, calls: int) -> float:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,mask", CASES, ids=[f"{s}-{m}" for s, m in CASES])
 def test_flash_attention(benchmark, cuda_only, shape, mask, impl, direction):
+    if impl in CONFIG_IMPLS and direction == "bwd":
+        pytest.skip(f"{impl} is a forward-only variant")
     q, k, v, dout = _inputs(shape)
     forward = _forward_fn(impl, shape, mask)
 

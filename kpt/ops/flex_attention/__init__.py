@@ -188,9 +188,13 @@ def problem_of(q: Tensor, k: Tensor, v: Tensor, mods: _codegen.Translation, tabl
     # cuda_blocks: whether the block mask masks more than the lowered named mask, which the
     # cuda/hip kernels cannot express; it reads the tables, so it is decided here, per call
     # (cached per table and captured tensor), and only where those backends can run.
-    blocks = ""
+    # Under torch.compile the check would read data (a graph break): None rules the native
+    # backends out while tracing; the launch inside the custom op decides with real tensors.
+    blocks: str | None = ""
     native = SPEC.backend("hip" if torch.version.hip else "cuda")
-    if q.device.type == "cuda" and q.dtype in _HALF and SPEC.unavailable(native) is None:
+    if torch.compiler.is_compiling():
+        blocks = None
+    elif q.device.type == "cuda" and q.dtype in _HALF and SPEC.unavailable(native) is None:
         from . import _cuda
         blocks = _cuda.blocks_reason(q, k, mods, tables)
     return Problem.of(q.device, q.dtype, batch=q.shape[0], heads=q.shape[1],
