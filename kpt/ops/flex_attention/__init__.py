@@ -377,7 +377,8 @@ def _plan(score_mod, mask_mod, device_type: str, device_index, dtype: torch.dtyp
     device = torch.device(device_type, device_index)
     problem = Problem.of(device, dtype, batch=1, heads=1, kv_heads=1, q_len=1, kv_len=1,
                          head_dim=head_dims[0], head_dim_v=head_dims[1], mods=mods.key,
-                         block_q=block_q, block_kv=block_kv, grad=grad)
+                         block_q=block_q, block_kv=block_kv, grad=grad, kv_batch=1,
+                         cuda_blocks=None)  # None: the native backends are not planned here
     chosen = SPEC.choose(problem, backend)[0].name
     reader_key = f"{mods.key}/{id(score_mod):x}/{id(mask_mod):x}"
     _READERS[reader_key] = tuple(readers)
@@ -396,7 +397,10 @@ def _compiled_call(query, key, value, score_mod, tables, scale, backend):
     buffers = []
     if mods_key is not None:
         parts = [((), ()) if read is None else read() for read in _READERS[reader_key]]
-        if parts[0][1] + parts[1][1] != scalars:
+        read_scalars = parts[0][1] + parts[1][1]
+        # Element by element: dynamo in torch 2.11 cannot trace `tuple != tuple`.
+        if len(read_scalars) != len(scalars) or any(
+                a != b for a, b in zip(read_scalars, scalars)):
             # Unreachable: the readers' scalar guards re-trace the call when one changes.
             raise RuntimeError(f"{OP}: a scalar captured by the mods changed during tracing")
         buffers = list(parts[0][0]) + list(parts[1][0])
