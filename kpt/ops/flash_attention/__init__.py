@@ -323,6 +323,7 @@ def check_backward(call: BackwardCall, expected: BackwardCall) -> str | None:
     return None
 
 
+# Triton first: faster than the cuda kernels in every measured case (bench/RESULTS.md).
 _PRIORITY = {"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",),
              "xla": ("reference",), "xpu": ("reference",), "mps": ("reference",)}
 
@@ -572,9 +573,10 @@ def flash_attention(
             sync when omitted. A value below the true maximum gives undefined results.
         return_lse: also return the natural-log logsumexp, float32, (B, H, Sq) or (H, Tq);
             it is differentiable too.
-        deterministic: bitwise-reproducible gradients. Both backends always are (the Triton
-            backward uses no atomics), so this only rules out future backends that are not.
-        backend: force ``"triton"`` or ``"reference"`` (also used for the backward).
+        deterministic: bitwise-reproducible gradients. Every backend always is (no backward
+            uses atomics), so this only rules out future backends that are not.
+        backend: force ``"triton"``, ``"cuda"``, ``"hip"`` or ``"reference"`` (also used for
+            the backward). Default: the tuned choice, else triton, cuda, hip, reference.
 
     Returns:
         out, shaped like q in q's dtype (contiguous), and lse when ``return_lse``.
