@@ -471,10 +471,18 @@ class _Emitter:
 
     def _load(self, i: int, idx: list[str], kind: str) -> str:
         ndim, _ = self.specs[i]
-        offset, ok = [], []
+        offset, ok, ws = [], [], []
         for d, x in enumerate(idx):
             w = f"w{len(self.names)}_{d}"
             self.lines.append(f"    {w} = tl.where({x} < 0, {x} + buf{i}_n{d}, {x})")
+            ws.append(w)
+        if len(ws) > 1:
+            # Broadcast every index to the others' shape: an index from b or h is a scalar, and
+            # the interpreter rejects a load mask mixing scalar and tensor comparisons.
+            for w in ws:
+                zero = " + ".join(f"{o} * 0" for o in ws if o != w)
+                self.lines.append(f"    {w} = {w} + {zero}")
+        for d, w in enumerate(ws):
             offset.append(f"{w} * buf{i}_s{d}")
             ok.append(f"({w} >= 0) & ({w} < buf{i}_n{d})")
         ptr = f"buf{i} + " + " + ".join(offset) if offset else f"buf{i}"
