@@ -104,3 +104,21 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> 
     if worst > 4 * rel_tol * max(peak, 1e-30):
         return f"{name}: max abs error {worst:.3e} > 4*{rel_tol:.1e}*max|ref| ({peak:.3e})"
     return None
+
+
+def native_backends(module: str, *, dtypes: frozenset, run_cuda: str, run_hip: str,
+                    supports: Callable[..., list[str]] | str = "supports",
+                    configs: str = "configs") -> tuple[Any, Any]:
+    """The ``cuda`` (sm_80+) and ``hip`` backends of one kernel source built by nvcc and by
+    hipcc. ``module`` (absolute name, imported only when the backend is considered) provides
+    the launchers ``run_cuda`` / ``run_hip``, ``cuda_unavailable`` / ``hip_unavailable`` and
+    the ``configs`` function; ``supports`` is a callable or the name of one in ``module``."""
+    from kpt.ops._registry import Backend
+
+    check = lazy(module, supports) if isinstance(supports, str) else supports
+    shared = dict(device_types=frozenset({"cuda"}), dtypes=dtypes, supports=check,
+                  configs=lazy(module, configs))
+    return (Backend(name="cuda", run=lazy(module, run_cuda), min_capability=(8, 0), rocm=False,
+                    available=lazy(module, "cuda_unavailable"), **shared),
+            Backend(name="hip", run=lazy(module, run_hip), rocm=True,
+                    available=lazy(module, "hip_unavailable"), **shared))

@@ -26,6 +26,7 @@ from kpt.ops._common import (
     check_tensor,
     compare,
     lazy,
+    native_backends,
     triton_interpreting,
     triton_unavailable,
 )
@@ -112,18 +113,6 @@ def _triton_supports(p: Problem) -> list[str]:
 _REFERENCE_DEVICES = frozenset({"cuda", "cpu", "xla", "xpu", "mps"})
 
 
-def _cuda_backends(entry: str, configs: str) -> tuple[Backend, Backend]:
-    """The ``cuda`` (tensor cores, sm_80+) and ``hip`` (SIMT kernels) builds of one source."""
-    shared = dict(device_types=frozenset({"cuda"}), dtypes=_HALF,
-                  run=lazy(f"{__name__}._cuda", entry),
-                  supports=lazy(f"{__name__}._cuda", "supports"),
-                  configs=lazy(f"{__name__}._cuda", configs))
-    return (Backend(name="cuda", min_capability=(8, 0), rocm=False,
-                    available=lazy(f"{__name__}._cuda", "cuda_unavailable"), **shared),
-            Backend(name="hip", rocm=True, available=lazy(f"{__name__}._cuda", "hip_unavailable"),
-                    **shared))
-
-
 BACKENDS = (
     Backend(
         name="triton",
@@ -134,7 +123,7 @@ BACKENDS = (
         supports=_triton_supports,
         configs=lazy(f"{__name__}._triton", "configs"),
     ),
-    *_cuda_backends("run", "configs"),
+    *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run", run_hip="run"),
     Backend(name="reference", device_types=_REFERENCE_DEVICES, dtypes=_FLOATS,
             run=_reference.run),
 )
@@ -149,7 +138,8 @@ BACKWARD_BACKENDS = (
         supports=_triton_supports,  # two kernels, no atomics: deterministic either way
         configs=lazy(f"{__name__}._triton", "backward_configs"),
     ),
-    *_cuda_backends("run_backward", "backward_configs"),
+    *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run_backward",
+                     run_hip="run_backward", configs="backward_configs"),
     Backend(name="reference", device_types=_REFERENCE_DEVICES, dtypes=_FLOATS,
             run=_reference.run_backward),
 )

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kpt.ops._common import check_tensor, lazy, triton_interpreting, triton_unavailable
+from kpt.ops._common import (
+    check_tensor,
+    lazy,
+    native_backends,
+    triton_interpreting,
+    triton_unavailable,
+)
 from kpt.ops._registry import Backend, Op, Problem
 
 from . import _codegen, mods
@@ -117,27 +123,8 @@ def _reference_run(call: Call, _config: dict) -> None:
 
 
 BACKENDS = (
-    Backend(
-        name="cuda",
-        device_types=frozenset({"cuda"}),
-        dtypes=_HALF,
-        run=lazy(f"{__name__}._cuda", "run_cuda"),
-        min_capability=(8, 0),
-        rocm=False,
-        available=lazy(f"{__name__}._cuda", "cuda_unavailable"),
-        supports=lazy(f"{__name__}._cuda", "supports"),
-        configs=lazy(f"{__name__}._cuda", "configs"),
-    ),
-    Backend(
-        name="hip",
-        device_types=frozenset({"cuda"}),
-        dtypes=_HALF,
-        run=lazy(f"{__name__}._cuda", "run_hip"),
-        rocm=True,
-        available=lazy(f"{__name__}._cuda", "hip_unavailable"),
-        supports=lazy(f"{__name__}._cuda", "supports"),
-        configs=lazy(f"{__name__}._cuda", "configs"),
-    ),
+    *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run_cuda",
+                     run_hip="run_hip"),
     Backend(
         name="triton",
         device_types=frozenset({"cuda", "cpu"}),

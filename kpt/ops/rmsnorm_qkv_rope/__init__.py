@@ -25,6 +25,7 @@ from kpt.ops._common import (
     check_tensor,
     compare,
     lazy,
+    native_backends,
     triton_interpreting,
     triton_unavailable,
 )
@@ -105,27 +106,8 @@ def _cuda_supports(p: Problem) -> list[str]:
 
 
 BACKENDS = (
-    Backend(
-        name="cuda",
-        device_types=frozenset({"cuda"}),
-        dtypes=_HALF,
-        run=lazy(f"{__name__}._cuda", "run_cuda"),
-        min_capability=(8, 0),
-        rocm=False,
-        available=lazy(f"{__name__}._cuda", "cuda_unavailable"),
-        supports=_cuda_supports,
-        configs=lazy(f"{__name__}._cuda", "configs"),
-    ),
-    Backend(
-        name="hip",
-        device_types=frozenset({"cuda"}),
-        dtypes=_HALF,
-        run=lazy(f"{__name__}._cuda", "run_hip"),
-        rocm=True,
-        available=lazy(f"{__name__}._cuda", "hip_unavailable"),
-        supports=_cuda_supports,
-        configs=lazy(f"{__name__}._cuda", "configs"),
-    ),
+    *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run_cuda",
+                     run_hip="run_hip", supports=_cuda_supports),
     Backend(
         name="triton",
         device_types=frozenset({"cuda", "cpu"}),
