@@ -3,7 +3,8 @@
 B4 H32 S4096 D128 bf16, forward and forward+backward, for: no mask, causal, soft-cap 30 and a
 1024-token causal sliding window (TARGETS.md). Both implementations get the same torch
 BlockMask (BLOCK_SIZE 128). ``kpt_cuda`` runs the same cases on the hand-written kernels with
-the named mods of ``kpt.ops.flex_attention.mods`` (its BlockMask built from them).
+the named mods of ``kpt.ops.flex_attention.mods`` (its BlockMask built from them); ``kpt_flash``
+runs those named mods on the ``flash`` backend (``kpt.ops.flash_attention``'s own dispatch).
 TFLOP/s count 4*B*H*Sq*Skv*D for the forward, times the visible
 fraction of the score matrix, and 2.5x that for the backward.
 
@@ -53,7 +54,8 @@ NAMED = {
     "window1024_causal": (None, mods.sliding_window(WINDOW - 1)),
 }
 MODES = ("fwd", "fwd_bwd")
-IMPLS = ("kpt_triton", "kpt_cuda", "torch_flex_compiled")
+IMPLS = ("kpt_triton", "kpt_cuda", "kpt_flash", "torch_flex_compiled")
+_NAMED_IMPLS = ("kpt_cuda", "kpt_flash")  # on the named mods; the others take CASES' lambdas
 
 
 @functools.cache
@@ -86,9 +88,9 @@ def _forward(impl: str, case: str):
     score_mod, bm = CASES[case][0], _block_mask(case)
     if impl == "kpt_triton":
         return lambda: flex_attention(q, k, v, score_mod, bm, backend="triton")
-    if impl == "kpt_cuda":
+    if impl in _NAMED_IMPLS:
         named, nbm = NAMED[case][0], _block_mask(case, True)
-        return lambda: flex_attention(q, k, v, named, nbm, backend=_native())
+        return lambda: flex_attention(q, k, v, named, nbm, backend=_backend(impl))
     compiled = _torch_compiled()
     return lambda: compiled(q, k, v, score_mod=score_mod, block_mask=bm)
 
@@ -108,15 +110,19 @@ def _native() -> str:
     return "hip" if torch.version.hip else "cuda"
 
 
+def _backend(impl: str) -> str:
+    return {"kpt_triton": "triton", "kpt_cuda": _native(), "kpt_flash": "flash"}[impl]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_flex_attention(benchmark, cuda_only, case, mode, impl):
-    if impl in ("kpt_triton", "kpt_cuda"):
+    if impl != "torch_flex_compiled":
         from kpt.ops.flex_attention import _codegen, block_mask, problem_of
 
-        named = impl == "kpt_cuda"
-        name = _native() if named else "triton"
+        named = impl in _NAMED_IMPLS
+        name = _backend(impl)
         q, k, v, _ = _inputs()
         bm = _block_mask(case, named)
         tables = (block_mask.all_full(S, S, 128, q.device) if bm is None

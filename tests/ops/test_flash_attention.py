@@ -369,15 +369,24 @@ def test_defaults_and_auto_dispatch():
 
 TUNE_SHAPE = dict(batch=1, seqlen_q=33, seqlen_k=40, heads_q=4, heads_kv=2, head_dim=24,
                   causal=True, window_left=9, softcap=5.0, scale=None)
+TUNE_SHAPES = {
+    "combined": TUNE_SHAPE,
+    # more queries than keys, causal: the first rows see no key (zero gradients, lse -inf)
+    "q_longer_mqa": dict(batch=2, seqlen_q=37, seqlen_k=20, heads_q=3, heads_kv=1, head_dim=32,
+                         causal=True),
+    "full_odd": dict(batch=1, seqlen_q=40, seqlen_k=29, heads_q=2, heads_kv=2, head_dim=16),
+}
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", list(TUNE_SHAPES))
 @pytest.mark.parametrize("op", [SPEC, SPEC_BACKWARD], ids=lambda op: op.name)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_every_tuning_config_passes_the_tuners_check(backend, op, device):
-    """What the autotuner does: reference on fresh data, then each config on poisoned outputs."""
+def test_every_tuning_config_passes_the_tuners_check(backend, op, shape, device):
+    """What the autotuner does: reference on fresh data, then each config on poisoned outputs
+    (on cpu the triton configs cover both load paths: pointers and TMA descriptors)."""
     tuning = op.tuning
-    call = tuning.make_call(TUNE_SHAPE, torch.bfloat16, torch.device(device), 3)
+    call = tuning.make_call(TUNE_SHAPES[shape], torch.bfloat16, torch.device(device), 3)
     problem = tuning.problem(call)
     reasons = op.reasons(backend, problem)
     if reasons:

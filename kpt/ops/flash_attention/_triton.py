@@ -20,7 +20,8 @@ Backward (FA2 scheme, no atomics, deterministic by construction): ``_bwd_preproc
 ``delta = rowsum(dO * O) - dlse``; ``_bwd_dkdv_kernel`` owns a key block of one kv head and loops
 over the query blocks of every query head of its group, so GQA's sum over heads happens in
 registers; ``_bwd_dq_kernel`` owns a query block and loops over key blocks. Each output element
-is written by exactly one program, in a fixed summation order.
+is written by exactly one program, in a fixed summation order. On Hopper both kernels read the
+tiles they loop over (Q and dO, K and V) through tensor descriptors, like the forward.
 """
 
 from __future__ import annotations
@@ -119,6 +120,30 @@ def _q_ranges(n_start, q_len, k_len, diag, window_left, window_right,
     mid_lo = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo), hi)
     mid_hi = tl.maximum(tl.minimum((full_hi // BLOCK_M) * BLOCK_M, hi), mid_lo)
     return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _part(part: tl.constexpr, lo, mid_lo, mid_hi, hi):
+    """Range ``part`` of a loop split by ``_kv_ranges`` / ``_q_ranges``: 0 the fully visible
+    blocks, 1 and 2 the masked edges before and after them."""
+    if part == 0:
+        return mid_lo, mid_hi
+    elif part == 1:
+        return lo, mid_lo
+    else:
+        return mid_hi, hi
+
+
+@triton.jit
+def _bases(A, B, b64, start, h64, stride_ab, stride_as, stride_ah, stride_bb, stride_bs,
+           stride_bh, TMA: tl.constexpr):
+    """Where a kernel reads two tensors from: descriptors as they are (their loads take
+    coordinates), pointers moved to (batch, first token, head)."""
+    if TMA:
+        return A, B
+    else:
+        return (A + b64 * stride_ab + start * stride_as + h64 * stride_ah,
+                B + b64 * stride_bb + start * stride_bs + h64 * stride_bh)
 
 
 @triton.jit
@@ -288,15 +313,20 @@ def _bwd_preprocess(
 @triton.jit
 def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds,
                 lo, hi, offs_n, q_len, k_len, diag, window_left, window_right, mul_in, mul_out,
+                b, h,
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m0
-        q = _load_tile(q_base, rows, stride_qs, q_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
-        do = _load_tile(do_base, rows, stride_ds, q_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        if TMA:  # rows past the sequence arrive as zeros (and are masked below)
+            q = q_base.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_base.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = _load_tile(q_base, rows, stride_qs, q_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+            do = _load_tile(do_base, rows, stride_ds, q_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
         if MASKED:
             lse2 = tl.load(lse_base + rows, mask=rows < q_len, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_base + rows, mask=rows < q_len, other=0.0)
@@ -334,8 +364,9 @@ def _bwd_dkdv_kernel(
     seqlen_q, seqlen_k, scale, mul_in, mul_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
 ):
+    """With ``TMA``, Q and DO are (B, H, S, D) descriptors."""
     pid_n = tl.program_id(0)
     kh = tl.program_id(1)
     b = tl.program_id(2)
@@ -359,23 +390,19 @@ def _bwd_dkdv_kernel(
     lo, mid_lo, mid_hi, hi = _q_ranges(n_start, q_len, k_len, diag, window_left, window_right,
                                        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     for g in range(GROUP):
-        h64 = (kh * GROUP + g).to(tl.int64)
-        q_base = Q + b64 * stride_qb + q_start * stride_qs + h64 * stride_qh
-        do_base = DO + b64 * stride_db + q_start * stride_ds + h64 * stride_dh
+        h = kh * GROUP + g
+        h64 = h.to(tl.int64)
+        q_base, do_base = _bases(Q, DO, b64, q_start, h64, stride_qb, stride_qs, stride_qh,
+                                 stride_db, stride_ds, stride_dh, TMA)
         lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
         delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q_start
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                             stride_ds, mid_lo, mid_hi, offs_n, q_len, k_len, diag, window_left,
-                             window_right, mul_in, mul_out, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                             HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                             stride_ds, lo, mid_lo, offs_n, q_len, k_len, diag, window_left,
-                             window_right, mul_in, mul_out, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                             HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                             stride_ds, mid_hi, hi, offs_n, q_len, k_len, diag, window_left,
-                             window_right, mul_in, mul_out, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                             HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_D)
+        for part in tl.static_range(3):  # fully visible query blocks, then the two edges
+            start, stop = _part(part, lo, mid_lo, mid_hi, hi)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 stride_qs, stride_ds, start, stop, offs_n, q_len, k_len, diag,
+                                 window_left, window_right, mul_in, mul_out, b, h, part != 0,
+                                 HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM, EVEN_D, BLOCK_M,
+                                 BLOCK_D, TMA)
     mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
     rows = offs_n[:, None].to(tl.int64)
     dk_base = DK + b64 * stride_kgb + k_start * stride_kgs + kh64 * stride_kgh
@@ -388,16 +415,20 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, hi, offs_m,
-              q_len, k_len, diag, window_left, window_right, mul_in, mul_out,
+              q_len, k_len, diag, window_left, window_right, mul_in, mul_out, b, kh,
               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
-        v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        if TMA:
+            k = k_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+            v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
         qk = _mm(q, tl.trans(k))
         if SOFTCAP:
             t = _tanh(qk * mul_in)
@@ -426,8 +457,9 @@ def _bwd_dq_kernel(
     seqlen_q, seqlen_k, scale, mul_in, mul_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
 ):
+    """With ``TMA``, K and V are (B, H, S, D) descriptors."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -439,7 +471,8 @@ def _bwd_dq_kernel(
     diag = k_len - q_len
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    kh64 = (h // GROUP).to(tl.int64)
+    kh = h // GROUP
+    kh64 = kh.to(tl.int64)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -454,20 +487,17 @@ def _bwd_dq_kernel(
     # exp2 argument from becoming inf - inf.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(DELTA + l_off + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b64 * stride_kb + k_start * stride_ks + kh64 * stride_kh
-    v_base = V + b64 * stride_vb + k_start * stride_vs + kh64 * stride_vh
+    k_base, v_base = _bases(K, V, b64, k_start, kh64, stride_kb, stride_ks, stride_kh,
+                            stride_vb, stride_vs, stride_vh, TMA)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _kv_ranges(m_start, q_len, k_len, diag, window_left, window_right,
                                         HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, mid_lo, mid_hi,
-                   offs_m, q_len, k_len, diag, window_left, window_right, mul_in, mul_out, False,
-                   HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, mid_lo,
-                   offs_m, q_len, k_len, diag, window_left, window_right, mul_in, mul_out, True,
-                   HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, mid_hi, hi,
-                   offs_m, q_len, k_len, diag, window_left, window_right, mul_in, mul_out, True,
-                   HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D)
+    for part in tl.static_range(3):  # fully visible key blocks, then the two edges
+        start, stop = _part(part, lo, mid_lo, mid_hi, hi)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, start,
+                       stop, offs_m, q_len, k_len, diag, window_left, window_right, mul_in,
+                       mul_out, b, kh, part != 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HEAD_DIM,
+                       EVEN_D, BLOCK_N, BLOCK_D, TMA)
     dq_base = DQ + b64 * stride_qgb + q_start * stride_qgs + h64 * stride_qgh
     tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_qgs + offs_d[None, :],
              _cast(dq * scale, DQ.dtype.element_ty),
@@ -536,24 +566,37 @@ def backward_configs(problem) -> list[dict]:
     The dK/dV kernel keeps two fp32 (N1, D) accumulators plus its K and V tiles live for the
     whole loop, so its key block shrinks with D and its query step is small (the transposed
     score tile is N1 x M1); the dQ kernel mirrors it with one accumulator. For D <= 128 the
-    defaults are the H200 tuner's winners (NOTES.md, "Measured configs"); for D = 256 the
+    defaults are the H200 sweep's winners (NOTES.md, "Measured configs"); for D = 256 the
     least-spilling config (every D = 256 variant spills somewhat).
     """
-    if problem.device_type == "cpu":
-        return [_bwd(16, 16, 4, 1, 16, 16, 4, 1), _bwd(16, 32, 4, 1, 32, 16, 4, 1)]
+    if problem.device_type == "cpu":  # both load paths, tiles that cross block edges
+        small, other = _bwd(16, 16, 4, 1, 16, 16, 4, 1), _bwd(16, 32, 4, 1, 32, 16, 4, 1)
+        tma = TensorDescriptor is not None and not problem["varlen"]
+        return [small, other] + [dict(small, TMA=True), dict(other, TMA=True)] * tma
     d = problem["head_dim"]
     # Hopper's wgmma gives each warpgroup (4 warps) a 64-row slice of the accumulator: the dK/dV
     # tile (N1 rows) and the dQ tile (M2 rows) want 64 rows per 4 warps; narrower slices fall
-    # back to mma.sync. The 4-warp, 64-row tiles won by ~2x on the H200.
+    # back to mma.sync. TMA descriptors for the looped-over tiles (Q and dO in dK/dV, K and V
+    # in dQ) won 1.04-1.07x at equal tiles, and with them 128-key dK/dV tiles over 8 warps
+    # (torch's flex backward uses the same shape) 1.14-1.27x over the pointer default
+    # (NOTES.md, "Measured configs").
     if d <= 64:
-        return [_bwd(64, 64, 4, 3, 128, 64, 8, 3), _bwd(32, 64, 4, 3, 64, 64, 4, 2),
-                _bwd(32, 128, 8, 2, 128, 64, 8, 2), _bwd(64, 128, 8, 2, 128, 64, 8, 2)]
-    if d <= 128:
-        return [_bwd(32, 64, 4, 2, 64, 64, 4, 2), _bwd(32, 64, 4, 3, 64, 64, 4, 3),
-                _bwd(64, 64, 4, 2, 128, 32, 8, 2), _bwd(16, 64, 4, 3, 64, 32, 4, 3),
-                _bwd(32, 64, 8, 2, 128, 32, 8, 2)]
-    return [_bwd(32, 32, 8, 1, 32, 32, 8, 1), _bwd(16, 32, 4, 1, 32, 32, 4, 1),
-            _bwd(32, 64, 8, 1, 64, 32, 8, 1)]
+        pointer = [_bwd(64, 64, 4, 3, 128, 64, 8, 3), _bwd(32, 64, 4, 3, 64, 64, 4, 2),
+                   _bwd(32, 128, 8, 2, 128, 64, 8, 2), _bwd(64, 128, 8, 2, 128, 64, 8, 2)]
+        tma = [_bwd(64, 64, 4, 3, 128, 64, 8, 3), _bwd(64, 128, 8, 3, 128, 64, 8, 3),
+               _bwd(32, 64, 4, 3, 64, 64, 4, 3)]
+    elif d <= 128:
+        pointer = [_bwd(32, 64, 4, 2, 64, 64, 4, 2), _bwd(64, 128, 8, 3, 128, 64, 8, 3),
+                   _bwd(32, 64, 4, 3, 64, 64, 4, 3), _bwd(64, 64, 4, 2, 128, 32, 8, 2),
+                   _bwd(16, 64, 4, 3, 64, 32, 4, 3)]
+        tma = [_bwd(64, 128, 8, 3, 128, 64, 8, 3), _bwd(64, 64, 4, 2, 64, 64, 4, 2),
+               _bwd(32, 64, 4, 3, 64, 64, 4, 3), _bwd(64, 128, 8, 2, 128, 64, 8, 2)]
+    else:
+        return [_bwd(32, 32, 8, 1, 32, 32, 8, 1), _bwd(16, 32, 4, 1, 32, 32, 4, 1),
+                _bwd(32, 64, 8, 1, 64, 32, 8, 1)]
+    if _tma_ready(problem):
+        return [dict(c, TMA=True) for c in tma] + pointer
+    return pointer
 
 
 # ---- launchers --------------------------------------------------------------------------------
@@ -599,14 +642,14 @@ def _shared(call) -> dict:
     )
 
 
-def _tma_fits(call) -> bool:
+def _tma_fits(call, tensors) -> bool:
     """Descriptors need a batched call, 16-byte aligned bases and strides (the copy engine's
     rule); a call that misses it runs the pointer path of the same config."""
     if call.varlen or TensorDescriptor is None:
         return False
     return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0
                                               for st in t.stride()[:-1])
-               for t in (call.q, call.k, call.v, call.out))
+               for t in tensors)
 
 
 def _descriptor(t: torch.Tensor, rows: int, block_d: int):
@@ -628,7 +671,7 @@ def run(call, config: dict) -> None:
     shared = _shared(call)
     grid = (triton.cdiv(call.max_seqlen_q, bm), heads, batch)
     tensors = (q, k, v, out)
-    tma = config.get("TMA", False) and _tma_fits(call)
+    tma = config.get("TMA", False) and _tma_fits(call, (q, k, v, out))
     if tma:
         block_d = shared["meta"]["BLOCK_D"]
         tensors = tuple(_descriptor(t, rows, block_d)
@@ -670,15 +713,23 @@ def run_backward(call, config: dict) -> None:
             call.max_seqlen_q, HEAD_DIM=meta["HEAD_DIM"], VARLEN=varlen,
             HAS_DLSE=call.dlse is not None, BLOCK_M=64, BLOCK_D=meta["BLOCK_D"], num_warps=4)
     strides = (*_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(call.dout, varlen))
+    tma = config.get("TMA", False) and _tma_fits(call, (q, k, v, call.dout))
+    block_d = meta["BLOCK_D"]
     if call.max_seqlen_k > 0:
+        q_in, do_in = q, call.dout
+        if tma:
+            q_in, do_in = _descriptor(q, m1, block_d), _descriptor(call.dout, m1, block_d)
         _bwd_dkdv_kernel[(triton.cdiv(call.max_seqlen_k, n1), kv_heads, batch)](
-            q, k, v, call.dout, lse, delta, call.dk, call.dv, cu_q, cu_k, *strides,
+            q_in, k, v, do_in, lse, delta, call.dk, call.dv, cu_q, cu_k, *strides,
             *_bsh(call.dk, varlen), *_bsh(call.dv, varlen), *lse_strides,
-            scale=call.scale, **args, **meta, BLOCK_M=m1, BLOCK_N=n1,
+            scale=call.scale, **args, **meta, BLOCK_M=m1, BLOCK_N=n1, TMA=tma,
             num_warps=config["WARPS1"], num_stages=config["STAGES1"])
     if call.max_seqlen_q > 0:
+        k_in, v_in = k, v
+        if tma:
+            k_in, v_in = _descriptor(k, n2, block_d), _descriptor(v, n2, block_d)
         _bwd_dq_kernel[(triton.cdiv(call.max_seqlen_q, m2), heads, batch)](
-            q, k, v, call.dout, lse, delta, call.dq, cu_q, cu_k, *strides,
+            q, k_in, v_in, call.dout, lse, delta, call.dq, cu_q, cu_k, *strides,
             *_bsh(call.dq, varlen), *lse_strides,
-            scale=call.scale, **args, **meta, BLOCK_M=m2, BLOCK_N=n2,
+            scale=call.scale, **args, **meta, BLOCK_M=m2, BLOCK_N=n2, TMA=tma,
             num_warps=config["WARPS2"], num_stages=config["STAGES2"])

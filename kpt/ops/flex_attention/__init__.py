@@ -14,11 +14,15 @@ block mask leaves out. A mod it cannot translate is a *reason*: dispatch then ru
 
 The ``cuda`` / ``hip`` backends run the hand-written flash-attention kernels when the traced
 mods are the named ones of :mod:`.mods` (causal, sliding window, ALiBi, soft-cap, prefix-LM,
-document masking, or an equivalent lambda; ``_lower.py``), else they give a reason.
+document masking, or an equivalent lambda; ``_lower.py``), else they give a reason. The
+``flash`` backend (``_flash.py``, first on cuda devices) takes the named mods that lower to a
+band and a soft-cap only (causal, sliding window, soft-cap, none) and runs them as a
+``kpt.ops.flash_attention`` call, through that op's own dispatch and autotuning.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,10 +68,21 @@ class Call:
 class BackwardCall(Call):
     dout: Tensor = None
     dlse: Tensor | None = None
-    delta: Tensor = None
     dq: Tensor = None
     dk: Tensor = None
     dv: Tensor = None
+
+    @functools.cached_property
+    def delta(self) -> Tensor:
+        """(B, H, Sq) float32, computed on first read: a full pass over dout and out that only
+        the backends reading it pay for (``flash`` and ``cuda`` compute their own).
+
+        delta_i = sum_j p_ij dp_ij = dout_i . out_i; an lse gradient adds p_ij * dlse_i to
+        ds_ij, which is the same as subtracting it from delta."""
+        delta = (self.dout.float() * self.out.float()).sum(-1)
+        if self.dlse is not None:
+            delta = delta - self.dlse.float()
+        return delta.contiguous()
 
 
 # ---- backends ---------------------------------------------------------------------------------
@@ -123,6 +138,14 @@ def _reference_run(call: Call, _config: dict) -> None:
 
 
 BACKENDS = (
+    Backend(
+        name="flash",
+        device_types=frozenset({"cuda", "cpu"}),
+        dtypes=_HALF,
+        run=lazy(f"{__name__}._flash", "run"),
+        available=lazy(f"{__name__}._flash", "unavailable"),
+        supports=lazy(f"{__name__}._flash", "supports"),
+    ),
     *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run_cuda",
                      run_hip="run_hip"),
     Backend(
@@ -141,7 +164,8 @@ BACKENDS = (
         run=_reference_run,
     ),
 )
-_BACKWARD = {"triton": lazy(f"{__name__}._triton", "backward"),
+_BACKWARD = {"flash": lazy(f"{__name__}._flash", "backward"),
+             "triton": lazy(f"{__name__}._triton", "backward"),
              "cuda": lazy(f"{__name__}._cuda", "backward"),
              "hip": lazy(f"{__name__}._cuda", "backward")}
 
@@ -159,8 +183,12 @@ SPEC = Op(
     name=OP,
     backends=BACKENDS,
     priority={
-        # The hand-written kernels after Triton until they are measured against it.
-        "cuda": ("triton", "cuda", "hip", "reference"),
+        # flash first: on the H200 flash_attention's tuned forward and its Triton backward
+        # (~400 TFLOP/s) beat the generated kernels and the cuda backward (~75 TFLOP/s) on the
+        # band / soft-cap mods it takes (bench/RESULTS.md). The generated Triton kernels
+        # before the hand-written cuda ones, whose backward is slow. On cpu, flash (explicit
+        # backend="flash") runs flash's reference.
+        "cuda": ("flash", "triton", "cuda", "hip", "reference"),
         "cpu": ("reference",),
         "xla": ("reference",),
         "xpu": ("reference",),
@@ -173,15 +201,17 @@ SPEC = Op(
 def problem_of(q: Tensor, k: Tensor, v: Tensor, mods: _codegen.Translation, tables: Tables,
                grad: bool) -> Problem:
     # cuda_blocks: whether the block mask masks more than the lowered named mask, which the
-    # cuda/hip kernels cannot express; it reads the tables, so it is decided here, per call
-    # (cached per table and captured tensor), and only where those backends can run.
-    # Under torch.compile the check would read data (a graph break): None rules the native
-    # backends out while tracing; the launch inside the custom op decides with real tensors.
+    # flash and cuda/hip kernels cannot express; it reads the tables, so it is decided here,
+    # per call (cached per table and captured tensor), and only where those backends can run.
+    # Under torch.compile the check would read data (a graph break): None rules the lowered-
+    # mods backends out while tracing; the launch inside the custom op decides with real
+    # tensors.
     blocks: str | None = ""
-    native = SPEC.backend("hip" if torch.version.hip else "cuda")
+    lowered = (SPEC.backend("flash"), SPEC.backend("hip" if torch.version.hip else "cuda"))
     if torch.compiler.is_compiling():
         blocks = None
-    elif q.device.type == "cuda" and q.dtype in _HALF and SPEC.unavailable(native) is None:
+    elif any(q.device.type in b.device_types and q.dtype in b.dtypes
+             and SPEC.unavailable(b) is None for b in lowered):
         from . import _cuda
         blocks = _cuda.blocks_reason(q, k, mods, tables)
     return Problem.of(q.device, q.dtype, batch=q.shape[0], heads=q.shape[1],
@@ -234,14 +264,9 @@ def _flex_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
     t = _tables_of(tables, block_q, block_kv, has_partial, None)
     m = _mods_of(mods, buffers)
-    # delta_i = sum_j p_ij dp_ij = dout_i . out_i; an lse gradient adds p_ij * dlse_i to ds_ij,
-    # which is the same as subtracting it from delta.
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
     call = BackwardCall(q, k, v, m, t, scale, out, lse.contiguous(), dout=dout, dlse=dlse,
-                        delta=delta.contiguous(), dq=torch.empty_like(q),
-                        dk=torch.empty_like(k), dv=torch.empty_like(v))
+                        dq=torch.empty_like(q), dk=torch.empty_like(k),
+                        dv=torch.empty_like(v))
     config = SPEC.choose(problem_of(q, k, v, m, t, True), backend)[1]
     _BACKWARD[backend](call, config)
     return call.dq, call.dk, call.dv
@@ -433,8 +458,10 @@ def flex_attention(
         enable_gqa: allow Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
         return_lse: also return the log-sum-exp (B, Hq, Sq), float32, natural log (torch's
             convention), -inf for fully masked rows (whose output is 0).
-        backend: ``"cuda"``, ``"hip"`` (named mods, :mod:`.mods`; fp16/bf16), ``"triton"`` or
-            ``"reference"``; default: the best that supports the call.
+        backend: ``"flash"`` (named band / soft-cap mods on ``kpt.ops.flash_attention``;
+            fp16/bf16, cuda or cpu), ``"cuda"``, ``"hip"`` (named mods, :mod:`.mods`;
+            fp16/bf16), ``"triton"`` or ``"reference"``; default: the best that supports the
+            call.
 
     Forward and backward (q, k, v gradients; also through the lse). Captured tensors that
     require grad are differentiated by running the reference with autograd.

@@ -8,6 +8,8 @@ launcher with (B, S, H, D) *views* of flex's (B, H, S, D) tensors (``transpose(1
 
 The kernel may see fewer rows / keys than the caller (``_lower.geometry``): trailing queries
 that see no key get out 0 and lse -inf here, trailing keys no query sees get zero gradients.
+The ``flash`` backend (``_flash.py``) shares that handling (:func:`forward_views`,
+:func:`backward_views`) and the reasons (:func:`lowered_reasons`).
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def hip_unavailable() -> str | None:
     return check() if check is not None else _unavailable()
 
 
-def supports(p: Problem) -> list[str]:
-    """Reasons this problem cannot run on the kernel (mods, sizes, layout, block mask)."""
+def lowered_reasons(p: Problem) -> tuple[_lower.Lowered | None, list[str]]:
+    """The lowering of the problem's mods (None when they do not lower) and the reasons shared
+    by every backend that runs lowered mods (``cuda``/``hip`` here, ``flash``): block mask,
+    mods, geometry, head dims, broadcast k/v batch."""
     reasons = []
     blocks = p.get("cuda_blocks")
     if blocks is None:
@@ -72,19 +76,26 @@ def supports(p: Problem) -> list[str]:
     low = _lower.lower(mods) if mods is not None else "mods were not translated"
     if isinstance(low, str):
         reasons.append(low)
+        low = None
     else:
         geo = _lower.geometry(low, p["q_len"], p["kv_len"])
         if isinstance(geo, str):
             reasons.append(geo)
     if p["head_dim"] != p["head_dim_v"]:
         reasons.append(f"head dims of q/k ({p['head_dim']}) and v ({p['head_dim_v']}) differ")
-    if p["head_dim"] % 8:
-        reasons.append(f"head dim {p['head_dim']} is not a multiple of 8 (16-byte rows)")
     if max(p["head_dim"], p["head_dim_v"]) > MAX_HEAD_DIM:
         reasons.append(f"head dim {max(p['head_dim'], p['head_dim_v'])} above {MAX_HEAD_DIM}")
     kv_batch = p.get("kv_batch", p["batch"])
     if kv_batch != p["batch"]:
         reasons.append(f"key/value batch {kv_batch} broadcast over query batch {p['batch']}")
+    return low, reasons
+
+
+def supports(p: Problem) -> list[str]:
+    """Reasons this problem cannot run on the kernel (mods, sizes, layout, block mask)."""
+    reasons = lowered_reasons(p)[1]
+    if p["head_dim"] % 8:
+        reasons.append(f"head dim {p['head_dim']} is not a multiple of 8 (16-byte rows)")
     return reasons
 
 
@@ -116,28 +127,37 @@ def configs(_problem: Problem) -> list[Config]:
     return [{}]
 
 
-def _bshd(t: Tensor) -> Tensor:
-    """The launcher's (B, S, H, D) view; a copy only where its strides cannot be read in place
-    (the launcher wants 16-byte aligned rows)."""
+def _launcher_misaligned(t: Tensor) -> str | None:
+    return _launcher()._misaligned(t)
+
+
+def _bshd(t: Tensor, misaligned=_launcher_misaligned) -> Tensor:
+    """The (B, S, H, D) view of a (B, H, S, D) tensor; a copy only where ``misaligned`` says
+    its strides cannot be read in place (the launcher wants 16-byte aligned rows)."""
     t = t.transpose(1, 2)
-    return t if _launcher()._misaligned(t) is None else t.contiguous()
+    return t if misaligned(t) is None else t.contiguous()
 
 
-def _writable(t: Tensor) -> tuple[Tensor, bool]:
+def _writable(t: Tensor, misaligned=_launcher_misaligned) -> tuple[Tensor, bool]:
     """``t`` as a (B, S, H, D) view the kernel can write, or an aligned scratch (True)."""
     view = t.transpose(1, 2)
-    if _launcher()._misaligned(view) is None:
+    if misaligned(view) is None:
         return view, False
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).transpose(1, 2), True
 
 
-def _plan(call):
+def plan_geometry(call) -> tuple[_lower.Lowered, _lower.Geometry]:
+    """The lowered mods and the kernel's view of the call (``supports`` said yes)."""
     low = _lower.lower(call.mods)
-    B, H, sq, _ = call.q.shape
-    sk = call.k.shape[2]
-    geo = low if isinstance(low, str) else _lower.geometry(low, sq, sk)
+    geo = low if isinstance(low, str) else _lower.geometry(low, call.q.shape[2], call.k.shape[2])
     if isinstance(geo, str):  # supports() said no: never reached
-        raise ValueError(f"{OP}: cuda backend called on an unsupported problem: {geo}")
+        raise ValueError(f"{OP}: a lowered-mods backend called on an unsupported problem: {geo}")
+    return low, geo
+
+
+def _plan(call):
+    low, geo = plan_geometry(call)
+    B, H = call.q.shape[:2]
     kw = _lower.params(low, call.mods.buffers, B, H, geo, call.q.device)
     fa = _launcher()
     kw.update(cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=geo.sq, max_seqlen_k=geo.sk,
@@ -155,14 +175,15 @@ def _band_forward(fa, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, k
     hooks). The block range is not needed: the BlockMask was checked to skip only blocks
     the band leaves out, and the kernels skip those already."""
     flash = importlib.import_module("kpt.ops.flash_attention")
-    fcall = flash.Call(_bshd(q), _bshd(k), _bshd(v), None, None, q.shape[2], k.shape[2],
-                       kw["scale"], kw["window_left"], kw["window_right"], kw["softcap"], o, lse)
+    fcall = flash.Call(q, k, v, None, None, q.shape[1], k.shape[1], kw["scale"],
+                       kw["window_left"], kw["window_right"], kw["softcap"], o, lse)
     fa.run(fcall, fa.configs(flash.problem_of(fcall))[0])
 
 
-def run(call, config: Config) -> None:
-    """Forward: writes ``call.out`` and ``call.lse``."""
-    fa, geo, kw = _plan(call)
+def forward_views(call, geo: _lower.Geometry, launch, misaligned=_launcher_misaligned) -> None:
+    """The forward of a lowered-mods backend around ``launch(q, k, v, out, lse)``, which gets
+    (B, S, H, D) views of the rows and keys the kernel sees (``geo``) and a (B, H, geo.sq)
+    contiguous lse. Trailing queries that see no key get out 0 and lse -inf."""
     sq = call.q.shape[2]
     if geo.sq < sq:
         call.out[:, :, geo.sq:].zero_()
@@ -175,20 +196,20 @@ def run(call, config: Config) -> None:
     k, v = call.k[:, :, : geo.sk], call.v[:, :, : geo.sk]
     out = call.out[:, :, : geo.sq]
     lse = call.lse if geo.sq == sq else call.lse.new_empty(*call.lse.shape[:2], geo.sq)
-    o, scratch = _writable(out)
-    if not config and all(kw[h] is None for h in _HOOKS):
-        _band_forward(fa, q, k, v, o, lse, kw)
-    else:
-        fa.forward(_bshd(q), _bshd(k), _bshd(v), o, lse, **kw, config=config or None)
+    o, scratch = _writable(out, misaligned)
+    launch(*(_bshd(t, misaligned) for t in (q, k, v)), o, lse)
     if scratch:
         out.copy_(o.transpose(1, 2))
     if lse is not call.lse:
         call.lse[:, :, : geo.sq].copy_(lse)
 
 
-def backward(call, config: Config) -> None:
-    """Backward: writes ``call.dq``, ``call.dk``, ``call.dv``."""
-    fa, geo, kw = _plan(call)
+def backward_views(call, geo: _lower.Geometry, launch,
+                   misaligned=_launcher_misaligned) -> None:
+    """The backward of a lowered-mods backend around
+    ``launch(dout, dlse, q, k, v, out, lse, dq, dk, dv)`` on (B, S, H, D) views of what the
+    kernel sees (lse, dlse (B, H, geo.sq) contiguous, dlse may be None). Trimmed rows and keys
+    get zero gradients."""
     sq, sk = call.q.shape[2], call.k.shape[2]
     if geo.sq < sq:
         call.dq[:, :, geo.sq:].zero_()
@@ -205,14 +226,37 @@ def backward(call, config: Config) -> None:
     k, v = call.k[:, :, : geo.sk], call.v[:, :, : geo.sk]
     lse = call.lse[:, :, rows].contiguous()
     grads = [call.dq[:, :, rows], call.dk[:, :, : geo.sk], call.dv[:, :, : geo.sk]]
-    views = [_writable(g) for g in grads]
-    fa.backward(_bshd(dout), dlse, _bshd(q), _bshd(k), _bshd(v), _bshd(out), lse,
-                *(w for w, _ in views), **kw,
-                deterministic=torch.are_deterministic_algorithms_enabled(),
-                config=config or None)
+    views = [_writable(g, misaligned) for g in grads]
+    launch(_bshd(dout, misaligned), dlse, *(_bshd(t, misaligned) for t in (q, k, v, out)), lse,
+           *(w for w, _ in views))
     for g, (w, scratch) in zip(grads, views):
         if scratch:
             g.copy_(w.transpose(1, 2))
+
+
+def run(call, config: Config) -> None:
+    """Forward: writes ``call.out`` and ``call.lse``."""
+    fa, geo, kw = _plan(call)
+
+    def launch(q, k, v, o, lse):
+        if not config and all(kw[h] is None for h in _HOOKS):
+            _band_forward(fa, q, k, v, o, lse, kw)
+        else:
+            fa.forward(q, k, v, o, lse, **kw, config=config or None)
+
+    forward_views(call, geo, launch)
+
+
+def backward(call, config: Config) -> None:
+    """Backward: writes ``call.dq``, ``call.dk``, ``call.dv``."""
+    fa, geo, kw = _plan(call)
+
+    def launch(dout, dlse, q, k, v, out, lse, dq, dk, dv):
+        fa.backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, **kw,
+                    deterministic=torch.are_deterministic_algorithms_enabled(),
+                    config=config or None)
+
+    backward_views(call, geo, launch)
 
 
 run_cuda = run_hip = run
