@@ -173,6 +173,127 @@ __device__ __forceinline__ void pv_gemm(float* acc, const uint32_t* a, uint64_t 
   }
 }
 
+// The mbarriers after the shared-memory tiles: q_full, then per stage k_full (1), k_empty (2),
+// v_full (3), v_empty (4).
+__device__ __forceinline__ uint32_t ring_bar(uint32_t bars, int stage, int which) {
+  return bars + 8 * (which + 4 * stage);
+}
+
+// The producer warpgroup's one thread: Q once, then K and V of key blocks n_last, n_last - 1,
+// ... into the kStages ring, each stage reloaded once the consumers released it. L gives the
+// tile offsets and sizes (kQ, kQBytes, kQChunk, kK, kV, kKVBytes, kKVChunk).
+template <class L, int kD, int kStages>
+__device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t bars, int m0,
+                                        int head, int batch, int n_last, int blocks) {
+  const int head_kv = head / p.group;
+  bar_expect_tx(bars, L::kQBytes);
+#pragma unroll
+  for (int c = 0; c < kD / kSwizzleElems; ++c) {
+    tma_load(base + L::kQ + c * L::kQChunk, &p.tma_q, bars, c * kSwizzleElems, m0, head, batch);
+  }
+  for (int it = 0; it < blocks; ++it) {
+    const int n0 = (n_last - it) * kBlockN;
+    const int s = it % kStages;
+    const uint32_t free_parity = ((it / kStages) & 1) ^ 1;  // fresh barriers pass parity 1
+#pragma unroll
+    for (int kv = 0; kv < 2; ++kv) {  // K, then V
+      wait(ring_bar(bars, s, 2 + 2 * kv), free_parity);
+      bar_expect_tx(ring_bar(bars, s, 1 + 2 * kv), L::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kD / kSwizzleElems; ++c) {
+        tma_load(base + (kv ? L::kV : L::kK) + s * L::kKVBytes + c * L::kKVChunk,
+                 kv ? &p.tma_v : &p.tma_k, ring_bar(bars, s, 1 + 2 * kv), c * kSwizzleElems, n0,
+                 head_kv, batch);
+      }
+    }
+  }
+}
+
+// Scores of key block n0 to the log2 domain (or soft-capped), then the mask where the block is
+// not fully visible to all 64 rows of this warpgroup (rows row0 and row0 + 8 per thread).
+__device__ __forceinline__ void scale_and_mask(const Params& p, float (&sc)[kBlockN / 2], int n0,
+                                               int wg_row_lo, int row0, int col0) {
+  if (p.softcap_log2 > 0.f) {
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) sc[i] = p.softcap_log2 * tanhf(sc[i] * p.score_scale);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= p.score_scale;
+  }
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const bool full = n0 + kBlockN <= p.seqlen_k &&
+                    (p.window_right < 0 || n0 + kBlockN - 1 <= wg_row_lo + diag + p.window_right) &&
+                    (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
+  if (full) return;
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) {
+    const int row = row0 + 8 * ((i / 2) % 2);
+    const int col = n0 + 8 * (i / 4) + col0 + i % 2;
+    const bool visible = col < p.seqlen_k &&
+                         (p.window_right < 0 || col <= row + diag + p.window_right) &&
+                         (p.window_left < 0 || col >= row + diag - p.window_left);
+    if (!visible) sc[i] = -INFINITY;
+  }
+}
+
+// Online softmax of one block in place (sc becomes exp2(s - max)); returns through `correction`
+// the factor O must be scaled by, which the caller applies once the PV GEMM reading the old O
+// has finished. Each row lives in the 4 threads of a quad.
+__device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], float (&row_max)[2],
+                                        float (&row_sum)[2], float (&correction)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = row_max[h];
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // Nothing visible yet: max stays -inf and the shift 0 avoids (-inf) - (-inf) = NaN.
+    const float shift = mx == -INFINITY ? 0.f : mx;
+    correction[h] = fast_exp2(row_max[h] - shift);
+    row_max[h] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      sc[4 * j + 2 * h] = fast_exp2(sc[4 * j + 2 * h] - shift);
+      sc[4 * j + 2 * h + 1] = fast_exp2(sc[4 * j + 2 * h + 1] - shift);
+      sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
+    }
+    row_sum[h] = row_sum[h] * correction[h] + sum;
+  }
+}
+
+// Epilogue of a consumer thread: normalise its O rows (row0, row0 + 8), store those below
+// seqlen_q from registers, and (one thread per row) the natural-log lse.
+template <bool kBf16, int kD>
+__device__ __forceinline__ void store_output(const Params& p, int batch, int head, int row0,
+                                             int col0, int lane, const float (&o)[kD / 2],
+                                             const float (&row_max)[2], float (&row_sum)[2]) {
+  const int64_t out_base = batch * p.out_batch + head * p.out_head;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = row0 + 8 * h;
+    if (row >= p.seqlen_q) continue;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + out_base +
+                                                static_cast<int64_t>(row) * p.out_seq + col0);
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      dst[4 * j] = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    }
+    if (lane % 4 == 0) {
+      // Natural-log lse from the log2-domain max and sum.
+      const float lse = sum > 0.f ? (row_max[h] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+      p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
+    }
+  }
+}
+
 // The key columns [n_begin, n_end) some row of the query tile [m0, m0 + block_m) can see.
 __device__ __forceinline__ void key_range(const Params& p, int m0, int block_m, int& n_begin,
                                           int& n_end) {

@@ -63,10 +63,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
   const uint32_t base = (raw + 1023) & ~1023u;
   const uint32_t bars = base + L::kBars;
   const uint32_t q_full = bars;
-  auto k_full = [&](int s) { return bars + 8 * (1 + 4 * s); };
-  auto k_empty = [&](int s) { return bars + 8 * (2 + 4 * s); };
-  auto v_full = [&](int s) { return bars + 8 * (3 + 4 * s); };
-  auto v_empty = [&](int s) { return bars + 8 * (4 + 4 * s); };
+  auto k_full = [&](int s) { return ring_bar(bars, s, 1); };
+  auto k_empty = [&](int s) { return ring_bar(bars, s, 2); };
+  auto v_full = [&](int s) { return ring_bar(bars, s, 3); };
+  auto v_empty = [&](int s) { return ring_bar(bars, s, 4); };
 
   // Long (causal) tiles first: the last wave of CTAs is then made of short ones.
   const int m_block = gridDim.x - 1 - blockIdx.x;
@@ -95,32 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     // ---- producer ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0 || blocks <= 0) return;
-    const int head_kv = head / p.group;
-    bar_expect_tx(q_full, L::kQBytes);
-#pragma unroll
-    for (int c = 0; c < kD / kSwizzleElems; ++c) {
-      tma_load(base + L::kQ + c * L::kQChunk, &p.tma_q, q_full, c * kSwizzleElems, m0, head,
-               batch);
-    }
-    for (int it = 0; it < blocks; ++it) {
-      const int n0 = (n_last - it) * kBlockN;
-      const int s = it % kStages;
-      const uint32_t free_parity = ((it / kStages) & 1) ^ 1;  // fresh barriers pass parity 1
-      wait(k_empty(s), free_parity);
-      bar_expect_tx(k_full(s), L::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kD / kSwizzleElems; ++c) {
-        tma_load(base + L::kK + s * L::kKVBytes + c * L::kKVChunk, &p.tma_k, k_full(s),
-                 c * kSwizzleElems, n0, head_kv, batch);
-      }
-      wait(v_empty(s), free_parity);
-      bar_expect_tx(v_full(s), L::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kD / kSwizzleElems; ++c) {
-        tma_load(base + L::kV + s * L::kKVBytes + c * L::kKVChunk, &p.tma_v, v_full(s),
-                 c * kSwizzleElems, n0, head_kv, batch);
-      }
-    }
+    produce<L, kD, kStages>(p, base, bars, m0, head, batch, n_last, blocks);
     return;
   }
 
@@ -132,7 +107,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
   // Accumulator layout of wgmma m64nN: thread row r and r + 8, columns 8j + 2 (lane % 4) + {0,1}.
   const int row0 = m0 + wg * 64 + warp * 16 + lane / 4;
   const int col0 = 2 * (lane % 4);
-  const int diag = p.seqlen_k - p.seqlen_q;
 
   float o[kD / 2];
 #pragma unroll
@@ -167,57 +141,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     pin(sc);
     bar_arrive(k_empty(s));
 
-    // Scores to the log2 domain, soft cap, mask.
-    if (p.softcap_log2 > 0.f) {
-#pragma unroll
-      for (int i = 0; i < kBlockN / 2; ++i) sc[i] = p.softcap_log2 * tanhf(sc[i] * p.score_scale);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= p.score_scale;
-    }
-    const int wg_row_lo = m0 + wg * 64;
-    const bool full = n0 + kBlockN <= p.seqlen_k &&
-                      (p.window_right < 0 || n0 + kBlockN - 1 <= wg_row_lo + diag + p.window_right) &&
-                      (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
-    if (!full) {
-#pragma unroll
-      for (int i = 0; i < kBlockN / 2; ++i) {
-        const int row = row0 + 8 * ((i / 2) % 2);
-        const int col = n0 + 8 * (i / 4) + col0 + i % 2;
-        const bool visible = col < p.seqlen_k &&
-                             (p.window_right < 0 || col <= row + diag + p.window_right) &&
-                             (p.window_left < 0 || col >= row + diag - p.window_left);
-        if (!visible) sc[i] = -INFINITY;
-      }
-    }
-
-    // Online softmax; each row lives in the 4 threads of a quad.
+    // Scores to the log2 domain, soft cap, mask; online softmax, then rescale O.
+    scale_and_mask(p, sc, n0, m0 + wg * 64, row0, col0);
+    float correction[2];
+    softmax(sc, row_max, row_sum, correction);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float mx = row_max[h];
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row with nothing visible yet keeps max -inf; subtracting 0 then gives exp2(-inf) = 0
-      // instead of NaN from (-inf) - (-inf).
-      const float shift = mx == -INFINITY ? 0.f : mx;
-      const float correction = fast_exp2(row_max[h] - shift);
-      row_max[h] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        sc[4 * j + 2 * h] = fast_exp2(sc[4 * j + 2 * h] - shift);
-        sc[4 * j + 2 * h + 1] = fast_exp2(sc[4 * j + 2 * h + 1] - shift);
-        sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
-      }
-      row_sum[h] = row_sum[h] * correction + sum;
 #pragma unroll
       for (int j = 0; j < kD / 8; ++j) {
-        o[4 * j + 2 * h] *= correction;
-        o[4 * j + 2 * h + 1] *= correction;
+        o[4 * j + 2 * h] *= correction[h];
+        o[4 * j + 2 * h + 1] *= correction[h];
       }
     }
 
@@ -245,28 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     bar_arrive(v_empty(s));
   }
 
-  // ---- epilogue: normalise, store O (rows < seqlen_q) and lse ----
-  const int64_t out_base = batch * p.out_batch + head * p.out_head;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = row_sum[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int row = row0 + 8 * h;
-    if (row >= p.seqlen_q) continue;
-    uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + out_base +
-                                                static_cast<int64_t>(row) * p.out_seq + col0);
-#pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      dst[4 * j] = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-    }
-    if (lane % 4 == 0) {
-      // Natural-log lse from the log2-domain max and sum.
-      const float lse = sum > 0.f ? (row_max[h] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
-      p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
-    }
-  }
+  store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
 #endif
 }
 

@@ -63,62 +63,6 @@ __device__ __forceinline__ void turn_pass(int id) {
   asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory");
 }
 
-// Scores of key block n0 to the log2 domain (or soft-capped), then the mask where the block is
-// not fully visible to all 64 rows of this warpgroup (rows row0 and row0 + 8 per thread).
-__device__ __forceinline__ void scale_and_mask(const Params& p, float (&sc)[kBlockN / 2], int n0,
-                                               int wg_row_lo, int row0, int col0) {
-  if (p.softcap_log2 > 0.f) {
-#pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) sc[i] = p.softcap_log2 * tanhf(sc[i] * p.score_scale);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= p.score_scale;
-  }
-  const int diag = p.seqlen_k - p.seqlen_q;
-  const bool full = n0 + kBlockN <= p.seqlen_k &&
-                    (p.window_right < 0 || n0 + kBlockN - 1 <= wg_row_lo + diag + p.window_right) &&
-                    (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
-  if (full) return;
-#pragma unroll
-  for (int i = 0; i < kBlockN / 2; ++i) {
-    const int row = row0 + 8 * ((i / 2) % 2);
-    const int col = n0 + 8 * (i / 4) + col0 + i % 2;
-    const bool visible = col < p.seqlen_k &&
-                         (p.window_right < 0 || col <= row + diag + p.window_right) &&
-                         (p.window_left < 0 || col >= row + diag - p.window_left);
-    if (!visible) sc[i] = -INFINITY;
-  }
-}
-
-// Online softmax of one block in place (sc becomes exp2(s - max)); returns through `correction`
-// the factor O must be scaled by, which the caller applies once the PV GEMM reading the old O
-// has finished. Each row lives in the 4 threads of a quad.
-__device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], float (&row_max)[2],
-                                        float (&row_sum)[2], float (&correction)[2]) {
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float mx = row_max[h];
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    // Nothing visible yet: max stays -inf and the shift 0 avoids (-inf) - (-inf) = NaN.
-    const float shift = mx == -INFINITY ? 0.f : mx;
-    correction[h] = fast_exp2(row_max[h] - shift);
-    row_max[h] = mx;
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      sc[4 * j + 2 * h] = fast_exp2(sc[4 * j + 2 * h] - shift);
-      sc[4 * j + 2 * h + 1] = fast_exp2(sc[4 * j + 2 * h + 1] - shift);
-      sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
-    }
-    row_sum[h] = row_sum[h] * correction[h] + sum;
-  }
-}
-
 template <bool kBf16, int kD>
 __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
     attention_fwd_overlap(const __grid_constant__ Params p) {
@@ -132,10 +76,10 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t bars = base + T::kBars;
   const uint32_t q_full = bars;
-  auto k_full = [&](int s) { return bars + 8 * (1 + 4 * s); };
-  auto k_empty = [&](int s) { return bars + 8 * (2 + 4 * s); };
-  auto v_full = [&](int s) { return bars + 8 * (3 + 4 * s); };
-  auto v_empty = [&](int s) { return bars + 8 * (4 + 4 * s); };
+  auto k_full = [&](int s) { return ring_bar(bars, s, 1); };
+  auto k_empty = [&](int s) { return ring_bar(bars, s, 2); };
+  auto v_full = [&](int s) { return ring_bar(bars, s, 3); };
+  auto v_empty = [&](int s) { return ring_bar(bars, s, 4); };
 
   const int m_block = gridDim.x - 1 - blockIdx.x;  // long (causal) tiles first
   const int head = blockIdx.y, batch = blockIdx.z;
@@ -163,32 +107,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
     // ---- producer: Q once, then K and V of each key block into the ring ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(T::kProducerRegs));
     if (threadIdx.x != 0 || blocks <= 0) return;
-    const int head_kv = head / p.group;
-    bar_expect_tx(q_full, T::kQBytes);
-#pragma unroll
-    for (int c = 0; c < kD / kSwizzleElems; ++c) {
-      tma_load(base + T::kQ + c * T::kQChunk, &p.tma_q, q_full, c * kSwizzleElems, m0, head,
-               batch);
-    }
-    for (int it = 0; it < blocks; ++it) {
-      const int n0 = (n_last - it) * kBlockN;
-      const int s = it % kStages;
-      const uint32_t free_parity = ((it / kStages) & 1) ^ 1;  // fresh barriers pass parity 1
-      wait(k_empty(s), free_parity);
-      bar_expect_tx(k_full(s), T::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kD / kSwizzleElems; ++c) {
-        tma_load(base + T::kK + s * T::kKVBytes + c * T::kKVChunk, &p.tma_k, k_full(s),
-                 c * kSwizzleElems, n0, head_kv, batch);
-      }
-      wait(v_empty(s), free_parity);
-      bar_expect_tx(v_full(s), T::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kD / kSwizzleElems; ++c) {
-        tma_load(base + T::kV + s * T::kKVBytes + c * T::kKVChunk, &p.tma_v, v_full(s),
-                 c * kSwizzleElems, n0, head_kv, batch);
-      }
-    }
+    produce<T, kD, T::kStages>(p, base, bars, m0, head, batch, n_last, blocks);
     return;
   }
 
@@ -355,27 +274,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
     }
   }
 
-  // ---- epilogue: normalise, store O (rows < seqlen_q) and lse ----
-  const int64_t out_base = batch * p.out_batch + head * p.out_head;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = row_sum[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int row = row0 + 8 * h;
-    if (row >= p.seqlen_q) continue;
-    uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + out_base +
-                                                static_cast<int64_t>(row) * p.out_seq + col0);
-#pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      dst[4 * j] = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-    }
-    if (lane % 4 == 0) {
-      const float lse = sum > 0.f ? (row_max[h] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
-      p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
-    }
-  }
+  store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
 #endif
 }
 

@@ -106,6 +106,18 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> 
     return None
 
 
+def is_rocm() -> bool:
+    """Whether this torch is a ROCm build (HIP kernels instead of CUDA ones)."""
+    return torch.version.hip is not None
+
+
+def jit_unavailable(spec: Callable[[], Any]) -> Callable[[], str | None]:
+    """A cached ``unavailable()`` for a native backend: ``spec()`` returns the module's JitSpec
+    (a callable, so the module may define it below), whose ``unavailable_reason`` says why it
+    could not be built here without building it."""
+    return functools.cache(lambda: spec().unavailable_reason())
+
+
 def native_backends(module: str, *, dtypes: frozenset, run_cuda: str, run_hip: str,
                     supports: Callable[..., list[str]] | str = "supports",
                     configs: str = "configs") -> tuple[Any, Any]:

@@ -10,7 +10,6 @@ ranges) that ``flex_attention``'s CUDA backend builds on.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kpt.jit import BuildError, JitSpec
+from kpt.ops._common import is_rocm, jit_unavailable
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "flash_attention"
@@ -47,23 +47,9 @@ _HALF = (torch.float16, torch.bfloat16)
 _IMPLS = {"mma": 0, "simt": 1}
 
 
-def _is_rocm() -> bool:
-    return torch.version.hip is not None
-
-
-@functools.cache
-def _build_reason() -> str | None:
-    return SPEC.unavailable_reason()
-
-
-def cuda_unavailable() -> str | None:
-    """Why the CUDA backend cannot run here (without building), or None."""
-    return _build_reason()
-
-
-def hip_unavailable() -> str | None:
-    """Why the HIP backend cannot run here (without building), or None."""
-    return _build_reason()
+# Why the CUDA / HIP backend cannot run here (the build's prerequisites, checked once without
+# building), or None; the CUDA-vs-ROCm torch check is the registry's (``rocm=`` flags).
+cuda_unavailable = hip_unavailable = jit_unavailable(lambda: SPEC)
 
 
 def supports(problem: Problem) -> list[str]:
@@ -86,7 +72,7 @@ def _sm90_module() -> Any | None:
 
 
 def _sm90_config(problem: Problem) -> list[Config]:
-    if _is_rocm() or problem.device_type != "cuda" or not torch.cuda.is_available():
+    if is_rocm() or problem.device_type != "cuda" or not torch.cuda.is_available():
         return []
     if torch.cuda.get_device_capability(problem.device_index)[0] != 9:
         return []
@@ -101,7 +87,7 @@ def _sm90_config(problem: Problem) -> list[Config]:
 
 def configs(problem: Problem) -> list[Config]:
     """Forward variants; the first is the default. HIP has only the SIMT kernels."""
-    if _is_rocm():
+    if is_rocm():
         return [{"impl": "simt"}]
     # On Hopper the wgmma kernel leads: it passed every test on the H200 (SM90_NOTES.md);
     # the tuner times all three where it has run.
@@ -111,7 +97,7 @@ def configs(problem: Problem) -> list[Config]:
 def backward_configs(problem: Problem) -> list[Config]:
     """Backward variants; the first is the default. Every one is deterministic (no atomics):
     the ``deterministic`` flag of the problem needs no special config."""
-    if _is_rocm() or problem["head_dim"] > MMA_BACKWARD_MAX_HEAD_DIM:
+    if is_rocm() or problem["head_dim"] > MMA_BACKWARD_MAX_HEAD_DIM:
         return [{"impl": "simt"}]
     return [{"impl": "mma"}, {"impl": "simt"}]
 
@@ -147,10 +133,10 @@ def _module(device: torch.device):
 def _impl(config: Config | None) -> int:
     """The kernel family; the default is mma on NVIDIA (for the backward the C side runs SIMT
     where mma has no bucket: head_dim > MMA_BACKWARD_MAX_HEAD_DIM)."""
-    impl = (config or {}).get("impl", "simt" if _is_rocm() else "mma")
+    impl = (config or {}).get("impl", "simt" if is_rocm() else "mma")
     if impl not in _IMPLS:
         raise ValueError(f"{OP}: unknown cuda/hip impl {impl!r}")
-    if _is_rocm():
+    if is_rocm():
         impl = "simt"
     return _IMPLS[impl]
 

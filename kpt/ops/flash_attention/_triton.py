@@ -135,6 +135,19 @@ def _part(part: tl.constexpr, lo, mid_lo, mid_hi, hi):
 
 
 @triton.jit
+def _query_block(CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(head, batch, q start/length, k start/length, first query row) of this program. Query
+    blocks run in reverse order: with a causal mask the last blocks do the most work, and
+    starting them first evens out the tail of the grid."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    m_start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    return h, b, q_start, q_len, k_start, k_len, m_start
+
+
+@triton.jit
 def _bases(A, B, b64, start, h64, stride_ab, stride_as, stride_ah, stride_bb, stride_bs,
            stride_bh, TMA: tl.constexpr):
     """Where a kernel reads two tensors from: descriptors as they are (their loads take
@@ -210,14 +223,8 @@ def _fwd_kernel(
     """With ``TMA``, Q, K, V and OUT are (B, H, S, D) tensor descriptors (Hopper's bulk copy
     engine: asynchronous, multi-stage, no address arithmetic in registers); otherwise pointers
     addressed through the (batch, token, head) strides."""
-    # Query blocks in reverse order: with a causal mask the last blocks do the most work, and
-    # starting them first evens out the tail of the grid.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
-    m_start = pid_m * BLOCK_M
+    h, b, q_start, q_len, k_start, k_len, m_start = _query_block(CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                                 VARLEN, BLOCK_M)
     if m_start >= q_len:
         return
     diag = k_len - q_len
@@ -460,12 +467,8 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
 ):
     """With ``TMA``, K and V are (B, H, S, D) descriptors."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
-    m_start = pid_m * BLOCK_M
+    h, b, q_start, q_len, k_start, k_len, m_start = _query_block(CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                                 VARLEN, BLOCK_M)
     if m_start >= q_len:
         return
     diag = k_len - q_len

@@ -26,6 +26,7 @@ import math
 import torch
 
 from kpt.jit import BuildError, JitSpec
+from kpt.ops._common import is_rocm, jit_unavailable
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "rmsnorm_qkv_rope"
@@ -47,24 +48,9 @@ _MIN_BLOCKS_PER_SM = 4
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _is_rocm() -> bool:
-    return torch.version.hip is not None
-
-
-@functools.cache
-def _build_reason() -> str | None:
-    return SPEC.unavailable_reason()
-
-
-def cuda_unavailable() -> str | None:
-    """Why the CUDA backend cannot run here (without building), or None. The CUDA-vs-ROCm
-    torch check is the registry's (the backend is declared ``rocm=False``)."""
-    return _build_reason()
-
-
-def hip_unavailable() -> str | None:
-    """Why the HIP backend cannot run here (without building), or None (``rocm=True``)."""
-    return _build_reason()
+# Why the CUDA / HIP backend cannot run here (the build's prerequisites, checked once without
+# building), or None; the CUDA-vs-ROCm torch check is the registry's (``rocm=`` flags).
+cuda_unavailable = hip_unavailable = jit_unavailable(lambda: SPEC)
 
 
 def configs(problem: Problem) -> list[Config]:
@@ -73,7 +59,7 @@ def configs(problem: Problem) -> list[Config]:
     Only variants that change what runs for this token count are listed: above the GEMV range
     every variant would run the same GEMM path.
     """
-    impl = "simt" if _is_rocm() else "mma"
+    impl = "simt" if is_rocm() else "mma"
     base: Config = {"gemv_max_tokens": 16, "gemv": impl, "row_tiles": 1, "split_scale": 1.0}
     gemm = dict(base, gemv_max_tokens=0)
     tokens = problem["tokens"]
