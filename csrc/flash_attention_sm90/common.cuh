@@ -68,6 +68,14 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
+// Ends a launch that can no longer finish: a store to address 0 (never mapped) fails the launch
+// with cudaErrorIllegalAddress, then the thread exits. Not `trap`: a trap anywhere in the kernel
+// makes ptxas ignore the consumers' `setmaxnreg.inc` and allocate them only the launch bound's
+// 168 registers (found by bisecting ptxas -v output; a store + exit keeps the 232).
+__device__ __forceinline__ void abort_launch() {
+  asm volatile("st.global.u32 [%0], 0;\n\texit;" ::"l"(0ull) : "memory");
+}
+
 // Waits for the phase of parity `parity` to complete. The timer is read only after 1024 failed
 // polls, so the common (short) wait costs nothing extra.
 __device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
@@ -80,7 +88,7 @@ __device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
       if (start == 0) {
         start = now;
       } else if (now - start > kWaitLimitNs) {
-        __trap();
+        abort_launch();
       }
     }
   }
@@ -209,13 +217,19 @@ __device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t
   }
 }
 
-// Scores of key block n0 to the log2 domain (or soft-capped), then the mask where the block is
-// not fully visible to all 64 rows of this warpgroup (rows row0 and row0 + 8 per thread).
-__device__ __forceinline__ void scale_and_mask(const Params& p, float (&sc)[kBlockN / 2], int n0,
-                                               int wg_row_lo, int row0, int col0) {
+// Scores of key block n0 for the softmax, then the mask where the block is not fully visible to
+// all 64 rows of this warpgroup (rows row0 and row0 + 8 per thread). Returns the factor the
+// softmax still has to apply: with a positive scale and no soft cap the scores stay raw and the
+// scale is folded into the exponent's FMA (one instruction less per score); a soft cap (or a
+// non-positive scale, which would flip the row max) is applied here and 1 is returned.
+__device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kBlockN / 2], int n0,
+                                                int wg_row_lo, int row0, int col0) {
+  float fold = 1.f;
   if (p.softcap_log2 > 0.f) {
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) sc[i] = p.softcap_log2 * tanhf(sc[i] * p.score_scale);
+  } else if (p.score_scale > 0.f) {
+    fold = p.score_scale;
   } else {
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= p.score_scale;
@@ -224,7 +238,7 @@ __device__ __forceinline__ void scale_and_mask(const Params& p, float (&sc)[kBlo
   const bool full = n0 + kBlockN <= p.seqlen_k &&
                     (p.window_right < 0 || n0 + kBlockN - 1 <= wg_row_lo + diag + p.window_right) &&
                     (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
-  if (full) return;
+  if (full) return fold;
 #pragma unroll
   for (int i = 0; i < kBlockN / 2; ++i) {
     const int row = row0 + 8 * ((i / 2) % 2);
@@ -234,22 +248,25 @@ __device__ __forceinline__ void scale_and_mask(const Params& p, float (&sc)[kBlo
                          (p.window_left < 0 || col >= row + diag - p.window_left);
     if (!visible) sc[i] = -INFINITY;
   }
+  return fold;
 }
 
-// Online softmax of one block in place (sc becomes exp2(s - max)); returns through `correction`
-// the factor O must be scaled by, which the caller applies once the PV GEMM reading the old O
-// has finished. Each row lives in the 4 threads of a quad.
-__device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], float (&row_max)[2],
+// Online softmax of one block in place: sc (log2-domain scores once multiplied by `fold` > 0)
+// becomes exp2(fold * s - max); row_max is kept in the scaled domain. Returns through
+// `correction` the factor O must be scaled by, which the caller applies once the PV GEMM
+// reading the old O has finished. Each row lives in the 4 threads of a quad.
+__device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], float fold, float (&row_max)[2],
                                         float (&row_sum)[2], float (&correction)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float mx = row_max[h];
+    float mx = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
       mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = fmaxf(row_max[h], mx * fold);
     // Nothing visible yet: max stays -inf and the shift 0 avoids (-inf) - (-inf) = NaN.
     const float shift = mx == -INFINITY ? 0.f : mx;
     correction[h] = fast_exp2(row_max[h] - shift);
@@ -257,8 +274,8 @@ __device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], float (&row_ma
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
-      sc[4 * j + 2 * h] = fast_exp2(sc[4 * j + 2 * h] - shift);
-      sc[4 * j + 2 * h + 1] = fast_exp2(sc[4 * j + 2 * h + 1] - shift);
+      sc[4 * j + 2 * h] = fast_exp2(fmaf(sc[4 * j + 2 * h], fold, -shift));
+      sc[4 * j + 2 * h + 1] = fast_exp2(fmaf(sc[4 * j + 2 * h + 1], fold, -shift));
       sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
     }
     row_sum[h] = row_sum[h] * correction[h] + sum;

@@ -142,9 +142,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     bar_arrive(k_empty(s));
 
     // Scores to the log2 domain, soft cap, mask; online softmax, then rescale O.
-    scale_and_mask(p, sc, n0, m0 + wg * 64, row0, col0);
+    const float fold = scale_and_mask(p, sc, n0, m0 + wg * 64, row0, col0);
     float correction[2];
-    softmax(sc, row_max, row_sum, correction);
+    softmax(sc, fold, row_max, row_sum, correction);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll

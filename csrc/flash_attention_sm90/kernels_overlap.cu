@@ -1,19 +1,19 @@
 // kpt-targets: sm_90a
 // Flash-attention forward for Hopper, "overlap" variant: the FA3 schedule on the same TMA +
-// mbarrier + wgmma building blocks as kernels.cu (which stays the default).
+// mbarrier + wgmma building blocks as kernels.cu (the "base" variant).
 //
 // Differences from kernels.cu, all about keeping the tensor cores busy during the softmax:
-//   * intra-warpgroup overlap: a consumer issues S(j) = Q K(j)^T and O += P(j-1) V(j-1) as two
-//     async wgmma groups, waits only for the first (wait_group 1), runs the softmax of block j
-//     while the PV GEMM of block j-1 still runs, then waits for it (wait_group 0) before
-//     rescaling O and packing P(j). Registers hold S(j), P(j-1) (packed) and O.
+//   * intra-warpgroup overlap: a consumer issues S(j) = Q K(j)^T, rescales O to the running
+//     max of block j-1 while that GEMM runs, issues O += P(j-1) V(j-1), waits only for the
+//     first group (wait_group 1), runs the softmax of block j while the PV GEMM still runs,
+//     then waits for it (wait_group 0) and packs P(j). Registers hold S(j), P(j-1) and O.
 //   * ping-pong: the consumer warpgroups take turns issuing their GEMMs (a ring of named
 //     barriers), so one group's softmax runs while the others' GEMMs occupy the tensor cores;
 //   * per head_dim tiles: D=128 uses 2 consumers (128 rows) and a 2-stage K/V ring (160 KiB);
 //     D=64, whose softmax is as long as its GEMMs, uses 3 consumers (192 rows) and 3 stages.
 // Masks are applied only to key blocks that are not fully visible to a warpgroup's 64 rows.
-// Every mbarrier wait is bounded (wait() traps); the named barriers cannot hang because every
-// consumer warpgroup runs the same number of turns (see the ring below).
+// Every mbarrier wait is bounded (wait() ends the launch with an error); the named barriers
+// cannot hang because every consumer warpgroup runs the same number of turns (see the ring).
 
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -29,11 +29,11 @@ namespace {
 
 template <int kD>
 struct Tile {
-  // ptxas allocates for the launch bound (168 registers at 384 threads), not for setmaxnreg's
-  // 232: S, packed P and O live together (64 + 32 + kD / 2) fit only for D = 64. D = 128 keeps
-  // the sequential S -> softmax -> PV order and only gets the ping-pong (see SM90_NOTES.md).
-  static constexpr bool kIntraOverlap = kD == 64;
-  static constexpr int kConsumers = 2;
+  // Both head dims overlap S(j) with P(j-1) V(j-1) inside a warpgroup; S, packed P and O live
+  // together (64 + 32 + kD / 2 registers), which fits the consumers' setmaxnreg budget since no
+  // `trap` makes ptxas ignore it (see abort_launch in common.cuh). D = 64 runs three consumer
+  // warpgroups (192 query rows) on 160 registers each.
+  static constexpr int kConsumers = kD == 64 ? 3 : 2;
   static constexpr int kStages = kD == 64 ? 3 : 2;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kThreads = 128 * (kConsumers + 1);
@@ -173,39 +173,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
     };
 
     wait(q_full, 0);
-    if constexpr (!T::kIntraOverlap) {
-      // One key block at a time; only the S GEMM issue is inside the turn, so a warpgroup's
-      // softmax and PV GEMM overlap the other warpgroup's S GEMM.
-      for (int it = 0; it < blocks; ++it) {
-        const int s = it % kStages;
-        const uint32_t parity = (it / kStages) & 1;
-        turn_wait(my_turn);
-        wait(k_full(s), parity);
-        pin(sc);
-        wgmma_fence();
-        issue_qk(sc, s);
-        wgmma_commit();
-        if (!(last_wg && it == blocks - 1)) turn_pass(next_turn);
-        wgmma_wait_all();
-        pin(sc);
-        bar_arrive(k_empty(s));
-        scale_and_mask(p, sc, (n_last - it) * kBlockN, wg_row_lo, row0, col0);
-        softmax(sc, row_max, row_sum, correction);
-        rescale(correction);
-#pragma unroll
-        for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
-        wait(v_full(s), parity);
-        pin(o);
-        pin(pa);
-        wgmma_fence();
-        issue_pv(pa, s);
-        wgmma_commit();
-        wgmma_wait_all();
-        pin(o);
-        pin(pa);
-        bar_arrive(v_empty(s));
-      }
-    } else {
+    {
       // Block 0: S only (no P yet).
       turn_wait(my_turn);
       wait(k_full(0), 0);
@@ -217,8 +185,8 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
       wgmma_wait_all();
       pin(sc);
       bar_arrive(k_empty(0));
-      scale_and_mask(p, sc, n_last * kBlockN, wg_row_lo, row0, col0);
-      softmax(sc, row_max, row_sum, correction);  // O is still 0: no rescale
+      const float fold = scale_and_mask(p, sc, n_last * kBlockN, wg_row_lo, row0, col0);
+      softmax(sc, fold, row_max, row_sum, correction);  // O is 0: its rescale is harmless
 #pragma unroll
       for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
 
@@ -237,6 +205,10 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
         wgmma_fence();
         issue_qk(sc, s);
         wgmma_commit();
+        // O to the running max of block it - 1 while the S GEMM runs (the PV GEMM that read O
+        // last finished in the previous iteration), then O += P(it-1) V(it-1).
+        rescale(correction);
+        pin(o);
         wait(v_full(sp), parity_p);
         wgmma_fence();
         issue_pv(pa, sp);
@@ -247,22 +219,22 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
         wgmma_wait<1>();
         pin(sc);
         bar_arrive(k_empty(s));
-        scale_and_mask(p, sc, (n_last - it) * kBlockN, wg_row_lo, row0, col0);
-        softmax(sc, row_max, row_sum, correction);
+        const float fold = scale_and_mask(p, sc, (n_last - it) * kBlockN, wg_row_lo, row0, col0);
+        softmax(sc, fold, row_max, row_sum, correction);
 
         wgmma_wait_all();
         pin(o);
         pin(pa);
         bar_arrive(v_empty(sp));
-        rescale(correction);
 #pragma unroll
         for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
       }
 
       // The last block's PV, outside the turn ring.
       const int sl = (blocks - 1) % kStages;
-      wait(v_full(sl), ((blocks - 1) / kStages) & 1);
+      rescale(correction);
       pin(o);
+      wait(v_full(sl), ((blocks - 1) / kStages) & 1);
       pin(pa);
       wgmma_fence();
       issue_pv(pa, sl);

@@ -7,7 +7,8 @@ when ``Op.reasons(backend, problem)`` is empty. The choice, in order:
 1. ``backend=`` argument of the call, else ``KPT_BACKEND`` (``"triton"`` for every op, or
    ``"op=backend,op2=backend"``);
 2. the autotune database's winner for this device fingerprint, op, dtype and shape bucket;
-3. the op's static priority list for the device type.
+3. the op's static priority list for the device type, after the backends its ``prefer`` hook
+   names for this problem (a kernel that is the fastest only on some devices or shapes).
 
 Reasons come in two kinds. *Unsupported* ones describe the problem (a head dim the kernel does
 not handle) and dispatch simply moves on. *Unavailable* ones describe the environment (no
@@ -137,6 +138,8 @@ class Op:
     priority: dict[str, tuple[str, ...]]
     bucket: Callable[[Problem], str]
     tuning: Tuning | None = None
+    # Backends to try before the static priority for one problem (measured faster there).
+    prefer: Callable[[Problem], tuple[str, ...]] | None = None
     _cache: dict[tuple, tuple[Backend, Config]] = field(default_factory=dict, repr=False)
     _broken: dict[str, str] = field(default_factory=dict, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)
@@ -255,9 +258,16 @@ class Op:
         return self.static_choice(problem)
 
     def static_choice(self, problem: Problem) -> tuple[Backend, Config]:
-        """The first backend of the device type's priority list that can run ``problem``, with
-        its default config: what dispatch picks when nothing is requested or tuned."""
+        """The first backend of the device type's priority list (after the preferred ones) that
+        can run ``problem``, with its default config: what dispatch picks when nothing is
+        requested or tuned."""
         order = self.priority.get(problem.device_type, ())
+        if self.prefer is not None:
+            first = self.prefer(problem)
+            unknown = set(first) - {b.name for b in self.backends}
+            if unknown:
+                raise ValueError(f"{self.name}: prefer names unknown backends {unknown}")
+            order = (*first, *(name for name in order if name not in first))
         report = []
         for name in order:
             candidate = self.backend(name)

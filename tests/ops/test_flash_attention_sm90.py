@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from kpt.ops.flash_attention import (
+    SPEC,
     Call,
+    _cuda,
     _sm90,
     check,
     clone_outputs,
@@ -32,10 +34,11 @@ def _is_sm90() -> bool:
 needs_sm90 = pytest.mark.skipif(not _is_sm90(), reason="needs an sm90 GPU")
 HALF = [torch.bfloat16, torch.float16]
 
-# Lengths at the kernel's regime boundaries: a single row, partial tiles (tiles are 128 x 128),
-# several tiles with a ragged tail, and Sq != Sk both ways (bottom-right masks).
+# Lengths at the kernels' regime boundaries: a single row, partial tiles (query tiles are 128
+# rows, 192 for the overlap variant at D = 64; key blocks 128), several tiles with a ragged
+# tail, and Sq != Sk both ways (bottom-right masks).
 LENGTHS = [(1, 1), (17, 17), (113, 113), (1000, 1000), (17, 300), (300, 17), (128, 256),
-           (257, 129)]
+           (257, 129), (385, 385)]
 MASKS = {"full": {}, "causal": {"causal": True}}
 # Every GPU test runs each kernel variant: the default and the FA3-schedule "overlap" one.
 CONFIGS = {"base": {"impl": "sm90"}, "overlap": {"impl": "sm90", "variant": "overlap"}}
@@ -128,6 +131,21 @@ def test_misaligned_strides_are_rejected_before_launch(config):
 def _cpu_call(**extra) -> Call:
     shape = dict(_shape(5, 7, 64), **extra)
     return make_call(shape, torch.bfloat16, torch.device("cpu"))
+
+
+@needs_sm90
+@pytest.mark.parametrize("d,mask,backend", [(128, "full", "cuda"), (128, "causal", "cuda"),
+                                            (64, "full", "cuda"), (64, "causal", "triton")])
+def test_hopper_dispatch_prefers_the_overlap_kernel_where_it_measured_faster(d, mask, backend):
+    call = make_call(_shape(256, 256, d, **MASKS[mask]), torch.bfloat16, torch.device("cuda"))
+    chosen, config = SPEC.static_choice(problem_of(call))
+    assert chosen.name == backend
+    if backend == "cuda":
+        assert config == CONFIGS["overlap"]
+
+
+def test_prefer_hook_is_empty_off_hopper():
+    assert _cuda.prefer(problem_of(_cpu_call())) == ()
 
 
 def test_reasons_on_cpu():

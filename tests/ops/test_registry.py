@@ -65,6 +65,18 @@ def test_static_priority_takes_first_backend_without_reasons():
     assert backend.name == "medium" and config == {"variant": "medium-default"}
 
 
+def test_prefer_hook_puts_its_backends_first_for_its_problems_only():
+    op = make_op(supports={"medium": lambda p: ["n must be even"] if p["n"] % 2 else []})
+    op.prefer = lambda p: ("medium",) if p["n"] > 100 else ()
+    assert op.static_choice(problem(n=200))[0].name == "medium"
+    assert op.static_choice(problem(n=8))[0].name == "fast"
+    # A preferred backend that cannot run the problem is skipped like any other.
+    assert op.static_choice(problem(n=201))[0].name == "fast"
+    op.prefer = lambda p: ("nope",)
+    with pytest.raises(ValueError, match="toy: prefer names unknown backends"):
+        op.static_choice(problem())
+
+
 def test_no_backend_error_lists_every_backends_reasons():
     op = make_op(supports={b: (lambda p: ["too big"]) for b in ("fast", "medium", "reference")})
     with pytest.raises(NoBackendError) as info:

@@ -313,7 +313,7 @@ def check_backward(call: BackwardCall, expected: BackwardCall) -> str | None:
     return None
 
 
-# Triton first: on the H200 it beat the cuda kernels or came within 1% (bench/RESULTS.md).
+# Triton first, except where the forward's prefer hook puts the sm90 kernel ahead (Hopper).
 _PRIORITY = {"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",),
              "xla": ("reference",), "xpu": ("reference",), "mps": ("reference",)}
 
@@ -324,6 +324,7 @@ SPEC = Op(
     bucket=_bucket,
     tuning=Tuning(shapes=shapes_from_hf_config, make_call=make_call, problem=problem_of,
                   check=check, poison=poison, clone_outputs=clone_outputs),
+    prefer=lazy(f"{__name__}._cuda", "prefer"),
 )
 
 SPEC_BACKWARD = Op(

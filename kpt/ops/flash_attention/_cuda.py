@@ -79,10 +79,20 @@ def _sm90_config(problem: Problem) -> list[Config]:
     module = _sm90_module()
     if module is None or module.supports(problem):
         return []
-    # The overlap variant (ping-pong; QK/softmax overlap at D = 64) passed its 94 H200 tests and
-    # was faster than the base kernel (by up to 20%) or within 1% of it on every benchmarked
-    # case (bench/RESULTS.md).
+    # The overlap variant (FA3 schedule: ping-pong and QK/softmax overlap) passes the GPU tests
+    # and was faster than the base kernel on every benchmarked case (bench/RESULTS.md).
     return [{"impl": "sm90", "variant": "overlap"}, {"impl": "sm90"}]
+
+
+def prefer(problem: Problem) -> tuple[str, ...]:
+    """The forward's ``prefer`` hook: on Hopper, the cuda backend (its sm90 overlap kernel)
+    before Triton wherever it measured faster on the H200: head dim 128 with any mask, and
+    head dim 64 without one (with causal masks at D = 64 Triton stays ahead; bench/RESULTS.md)."""
+    if not _sm90_config(problem):
+        return ()
+    if problem["head_dim"] == 64 and problem["mask"] != "full":
+        return ()
+    return ("cuda",)
 
 
 def configs(problem: Problem) -> list[Config]:
