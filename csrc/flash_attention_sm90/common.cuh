@@ -12,7 +12,7 @@
 
 namespace kpt_fa90 {
 
-constexpr int kBlockN = 128;  // keys per pipeline stage (both kernels)
+constexpr int kBlockN = 128;  // keys per pipeline stage (base kernel; overlap: 128 or 176)
 constexpr int kSwizzleElems = 64;  // 128-byte swizzle rows hold 64 16-bit elements
 constexpr int kRowBytes = 128;
 // A wait this long means a TMA never completed (a fault): trap instead of hanging.
@@ -159,10 +159,15 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-template <bool kBf16>
+template <bool kBf16, int kN = kBlockN>
 __device__ __forceinline__ void qk_gemm(float* acc, uint64_t a, uint64_t b, int accumulate) {
-  if constexpr (kBf16) {
+  static_assert(kN == 128 || kN == 176, "key block");
+  if constexpr (kBf16 && kN == 176) {
+    wgmma_ss_Bf16_n176(acc, a, b, accumulate);
+  } else if constexpr (kBf16) {
     wgmma_ss_Bf16_n128(acc, a, b, accumulate);
+  } else if constexpr (kN == 176) {
+    wgmma_ss_F16_n176(acc, a, b, accumulate);
   } else {
     wgmma_ss_F16_n128(acc, a, b, accumulate);
   }
@@ -181,6 +186,29 @@ __device__ __forceinline__ void pv_gemm(float* acc, const uint32_t* a, uint64_t 
   }
 }
 
+// Shared memory of one CTA: Q [kRows x kD], then kStages K and kStages V tiles [kKeys x kD],
+// then the mbarriers (see ring_bar). A tile is kD / 64 column chunks, each [rows x 128 B] as
+// one TMA box writes it.
+template <int kD, int kRows, int kKeys, int kRing>
+struct SmemLayout {
+  static constexpr int kBlockM = kRows;
+  static constexpr int kN = kKeys;
+  static constexpr int kStages = kRing;
+  static constexpr int kQBytes = kRows * kD * 2;
+  static constexpr int kKVBytes = kKeys * kD * 2;
+  static constexpr int kQChunk = kRows * kRowBytes;
+  static constexpr int kKVChunk = kKeys * kRowBytes;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kQBytes;
+  static constexpr int kV = kK + kRing * kKVBytes;
+  static constexpr int kBars = kV + kRing * kKVBytes;
+  static constexpr int kBytes = kBars + 8 * (1 + 4 * kRing);
+  // Dynamic shared memory is only guaranteed 16-byte aligned; the swizzle needs 1024.
+  static constexpr int kAlloc = kBytes + 1024;
+  static_assert(kKeys % 16 == 0 && kKeys <= 256 && kRows <= 256, "wgmma N and TMA box rows");
+  static_assert(kAlloc <= 227 * 1024, "shared memory");
+};
+
 // The mbarriers after the shared-memory tiles: q_full, then per stage k_full (1), k_empty (2),
 // v_full (3), v_empty (4).
 __device__ __forceinline__ uint32_t ring_bar(uint32_t bars, int stage, int which) {
@@ -189,7 +217,7 @@ __device__ __forceinline__ uint32_t ring_bar(uint32_t bars, int stage, int which
 
 // The producer warpgroup's one thread: Q once, then K and V of key blocks n_last, n_last - 1,
 // ... into the kStages ring, each stage reloaded once the consumers released it. L gives the
-// tile offsets and sizes (kQ, kQBytes, kQChunk, kK, kV, kKVBytes, kKVChunk).
+// tile offsets and sizes (kQ, kQBytes, kQChunk, kK, kV, kKVBytes, kKVChunk) and the key block kN.
 template <class L, int kD, int kStages>
 __device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t bars, int m0,
                                         int head, int batch, int n_last, int blocks) {
@@ -200,7 +228,7 @@ __device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t
     tma_load(base + L::kQ + c * L::kQChunk, &p.tma_q, bars, c * kSwizzleElems, m0, head, batch);
   }
   for (int it = 0; it < blocks; ++it) {
-    const int n0 = (n_last - it) * kBlockN;
+    const int n0 = (n_last - it) * L::kN;
     const int s = it % kStages;
     const uint32_t free_parity = ((it / kStages) & 1) ^ 1;  // fresh barriers pass parity 1
 #pragma unroll
@@ -222,25 +250,27 @@ __device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t
 // softmax still has to apply: with a positive scale and no soft cap the scores stay raw and the
 // scale is folded into the exponent's FMA (one instruction less per score); a soft cap (or a
 // non-positive scale, which would flip the row max) is applied here and 1 is returned.
-__device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kBlockN / 2], int n0,
+template <int kHalf>  // kHalf = key block / 2 scores per thread
+__device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kHalf], int n0,
                                                 int wg_row_lo, int row0, int col0) {
+  constexpr int kN = 2 * kHalf;
   float fold = 1.f;
   if (p.softcap_log2 > 0.f) {
 #pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) sc[i] = p.softcap_log2 * tanhf(sc[i] * p.score_scale);
+    for (int i = 0; i < kHalf; ++i) sc[i] = p.softcap_log2 * tanhf(sc[i] * p.score_scale);
   } else if (p.score_scale > 0.f) {
     fold = p.score_scale;
   } else {
 #pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= p.score_scale;
+    for (int i = 0; i < kHalf; ++i) sc[i] *= p.score_scale;
   }
   const int diag = p.seqlen_k - p.seqlen_q;
-  const bool full = n0 + kBlockN <= p.seqlen_k &&
-                    (p.window_right < 0 || n0 + kBlockN - 1 <= wg_row_lo + diag + p.window_right) &&
+  const bool full = n0 + kN <= p.seqlen_k &&
+                    (p.window_right < 0 || n0 + kN - 1 <= wg_row_lo + diag + p.window_right) &&
                     (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
   if (full) return fold;
 #pragma unroll
-  for (int i = 0; i < kBlockN / 2; ++i) {
+  for (int i = 0; i < kHalf; ++i) {
     const int row = row0 + 8 * ((i / 2) % 2);
     const int col = n0 + 8 * (i / 4) + col0 + i % 2;
     const bool visible = col < p.seqlen_k &&
@@ -255,13 +285,14 @@ __device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kBl
 // becomes exp2(fold * s - max); row_max is kept in the scaled domain. Returns through
 // `correction` the factor O must be scaled by, which the caller applies once the PV GEMM
 // reading the old O has finished. Each row lives in the 4 threads of a quad.
-__device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], float fold, float (&row_max)[2],
+template <int kHalf>
+__device__ __forceinline__ void softmax(float (&sc)[kHalf], float fold, float (&row_max)[2],
                                         float (&row_sum)[2], float (&correction)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float mx = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
+    for (int j = 0; j < kHalf / 4; ++j) {
       mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * h], sc[4 * j + 2 * h + 1]));
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -273,7 +304,7 @@ __device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], float fold, fl
     row_max[h] = mx;
     float sum = 0.f;
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
+    for (int j = 0; j < kHalf / 4; ++j) {
       sc[4 * j + 2 * h] = fast_exp2(fmaf(sc[4 * j + 2 * h], fold, -shift));
       sc[4 * j + 2 * h + 1] = fast_exp2(fmaf(sc[4 * j + 2 * h + 1], fold, -shift));
       sum += sc[4 * j + 2 * h] + sc[4 * j + 2 * h + 1];
@@ -325,6 +356,9 @@ __device__ __forceinline__ void key_range(const Params& p, int m0, int block_m, 
 // Host: the overlap variant (kernels_overlap.cu). Its query tile height depends on head_dim
 // and sizes the box of the Q tensor map.
 int overlap_block_m(int head_dim);
+// Its key block: 176 at D = 128 without a causal/window mask (FA3's choice) unless that pads
+// the keys noticeably more than 128-key blocks do, else 128. It sizes the K and V tensor maps.
+int overlap_block_n(int head_dim, bool masked, int64_t seqlen_k);
 int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen_q,
                    int64_t heads, int64_t batch, cudaStream_t stream);
 

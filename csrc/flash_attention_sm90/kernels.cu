@@ -34,21 +34,7 @@ constexpr int kThreads = 384;
 // ---- the kernel ------------------------------------------------------------------------------
 
 template <int kD>
-struct Smem {
-  static constexpr int kQBytes = kBlockM * kD * 2;
-  static constexpr int kKVBytes = kBlockN * kD * 2;
-  // A tile is kD / 64 column chunks, each [rows x 128 B] as one TMA box writes it.
-  static constexpr int kQChunk = kBlockM * kRowBytes;
-  static constexpr int kKVChunk = kBlockN * kRowBytes;
-  static constexpr int kQ = 0;
-  static constexpr int kK = kQ + kQBytes;
-  static constexpr int kV = kK + kStages * kKVBytes;
-  static constexpr int kBars = kV + kStages * kKVBytes;
-  // q_full, then per stage k_full, k_empty, v_full, v_empty.
-  static constexpr int kBytes = kBars + 8 * (1 + 4 * kStages);
-  // Dynamic shared memory is only guaranteed 16-byte aligned; the swizzle needs 1024.
-  static constexpr int kAlloc = kBytes + 1024;
-};
+using Smem = SmemLayout<kD, kBlockM, kBlockN, kStages>;
 
 template <bool kBf16, int kD>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_constant__ Params p) {
@@ -273,16 +259,6 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   }
   if (reinterpret_cast<uintptr_t>(out) % 4 != 0) return KPT_FA90_UNSUPPORTED;
   Params params{};
-  const bool overlap = variant == KPT_FA90_VARIANT_OVERLAP;
-  const int block_m = overlap ? overlap_block_m(head_dim) : kBlockM;
-  int rc = make_map(&params.tma_q, dtype, q, q_strides, batch, seqlen_q, heads, head_dim, block_m);
-  if (rc == KPT_FA90_OK) {
-    rc = make_map(&params.tma_k, dtype, k, k_strides, batch, seqlen_k, heads_kv, head_dim, kBlockN);
-  }
-  if (rc == KPT_FA90_OK) {
-    rc = make_map(&params.tma_v, dtype, v, v_strides, batch, seqlen_k, heads_kv, head_dim, kBlockN);
-  }
-  if (rc != KPT_FA90_OK) return rc;
   params.out = out;
   params.out_batch = out_strides[0];
   params.out_seq = out_strides[1];
@@ -305,6 +281,18 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
                            ? -1 : static_cast<int>(window_left);
   params.window_right = window_right < 0 || window_right > seqlen_k + seqlen_q
                             ? -1 : static_cast<int>(window_right);
+  const bool overlap = variant == KPT_FA90_VARIANT_OVERLAP;
+  const bool masked = params.window_left >= 0 || params.window_right >= 0;
+  const int block_m = overlap ? overlap_block_m(head_dim) : kBlockM;
+  const int block_n = overlap ? overlap_block_n(head_dim, masked, seqlen_k) : kBlockN;
+  int rc = make_map(&params.tma_q, dtype, q, q_strides, batch, seqlen_q, heads, head_dim, block_m);
+  if (rc == KPT_FA90_OK) {
+    rc = make_map(&params.tma_k, dtype, k, k_strides, batch, seqlen_k, heads_kv, head_dim, block_n);
+  }
+  if (rc == KPT_FA90_OK) {
+    rc = make_map(&params.tma_v, dtype, v, v_strides, batch, seqlen_k, heads_kv, head_dim, block_n);
+  }
+  if (rc != KPT_FA90_OK) return rc;
   auto s = static_cast<cudaStream_t>(stream);
   const bool bf16 = dtype == KPT_FA90_BF16;
   if (overlap) return launch_overlap(params, bf16, head_dim, seqlen_q, heads, batch, s);

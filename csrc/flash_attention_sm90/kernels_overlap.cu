@@ -9,7 +9,8 @@
 //     then waits for it (wait_group 0) and packs P(j). Registers hold S(j), P(j-1) and O.
 //   * ping-pong: the consumer warpgroups take turns issuing their GEMMs (a ring of named
 //     barriers), so one group's softmax runs while the others' GEMMs occupy the tensor cores;
-//   * per head_dim tiles: D=128 uses 2 consumers (128 rows) and a 2-stage K/V ring (160 KiB);
+//   * per head_dim tiles: D=128 uses 2 consumers (128 rows) and a 2-stage K/V ring of 128-key
+//     blocks (160 KiB), or of 176-key blocks without a mask when the keys pad well (209 KiB);
 //     D=64, whose softmax is as long as its GEMMs, uses 3 consumers (192 rows) and 3 stages.
 // Masks are applied only to key blocks that are not fully visible to a warpgroup's 64 rows.
 // Every mbarrier wait is bounded (wait() ends the launch with an error); the named barriers
@@ -27,30 +28,24 @@
 namespace kpt_fa90 {
 namespace {
 
+// Both head dims overlap S(j) with P(j-1) V(j-1) inside a warpgroup; S, packed P and O live
+// together (kN / 2 + kN / 4 + kD / 2 registers), which fits the consumers' setmaxnreg budget
+// since no `trap` makes ptxas ignore it (see abort_launch in common.cuh). D = 64 runs three
+// consumer warpgroups (192 query rows, 3 stages) on 160 registers each; D = 128 runs two
+// (2 stages), and with 176-key blocks (no causal/window mask) gives the consumers 240 and the
+// producer 24.
 template <int kD>
-struct Tile {
-  // Both head dims overlap S(j) with P(j-1) V(j-1) inside a warpgroup; S, packed P and O live
-  // together (64 + 32 + kD / 2 registers), which fits the consumers' setmaxnreg budget since no
-  // `trap` makes ptxas ignore it (see abort_launch in common.cuh). D = 64 runs three consumer
-  // warpgroups (192 query rows) on 160 registers each.
-  static constexpr int kConsumers = kD == 64 ? 3 : 2;
-  static constexpr int kStages = kD == 64 ? 3 : 2;
-  static constexpr int kBlockM = 64 * kConsumers;
+constexpr int consumers_for() {
+  return kD == 64 ? 3 : 2;
+}
+
+template <int kD, int kBlockKeys>
+struct Tile : SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 : 2> {
+  static constexpr int kConsumers = consumers_for<kD>();
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // setmaxnreg budgets: 128 x (producer + consumers x kConsumers) <= 64 Ki registers.
-  static constexpr int kProducerRegs = kConsumers == 2 ? 40 : 32;
-  static constexpr int kConsumerRegs = kConsumers == 2 ? 232 : 160;
-  static constexpr int kQBytes = kBlockM * kD * 2;
-  static constexpr int kKVBytes = kBlockN * kD * 2;
-  static constexpr int kQChunk = kBlockM * kRowBytes;
-  static constexpr int kKVChunk = kBlockN * kRowBytes;
-  static constexpr int kQ = 0;
-  static constexpr int kK = kQ + kQBytes;
-  static constexpr int kV = kK + kStages * kKVBytes;
-  static constexpr int kBars = kV + kStages * kKVBytes;
-  static constexpr int kBytes = kBars + 8 * (1 + 4 * kStages);
-  static constexpr int kAlloc = kBytes + 1024;
-  static_assert(kAlloc <= 227 * 1024, "shared memory");
+  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : kBlockKeys == 176 ? 24 : 40;
+  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : kBlockKeys == 176 ? 240 : 232;
   static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "registers");
 };
 
@@ -63,13 +58,14 @@ __device__ __forceinline__ void turn_pass(int id) {
   asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory");
 }
 
-template <bool kBf16, int kD>
-__global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
+template <bool kBf16, int kD, int kBlockKeys>
+__global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
     attention_fwd_overlap(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // see kernels.cu: only the sm_90a cubin is ever launched
 #else
-  using T = Tile<kD>;
+  using T = Tile<kD, kBlockKeys>;
+  constexpr int kN = T::kN;
   constexpr int kStages = T::kStages;
   constexpr int kConsumers = T::kConsumers;
   extern __shared__ uint8_t smem_raw[];
@@ -86,8 +82,8 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
   const int m0 = m_block * T::kBlockM;
   int n_begin, n_end;
   key_range(p, m0, T::kBlockM, n_begin, n_end);
-  const int n_first = n_begin / kBlockN;
-  const int n_last = n_end > n_begin ? (n_end - 1) / kBlockN : n_first - 1;
+  const int n_first = n_begin / kN;
+  const int n_last = n_end > n_begin ? (n_end - 1) / kN : n_first - 1;
   const int blocks = n_last - n_first + 1;  // the same for every consumer warpgroup
 
   const int warpgroup = threadIdx.x / 128;
@@ -136,7 +132,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
     const bool last_wg = wg == kConsumers - 1;
     if (last_wg) turn_pass(1);
 
-    auto issue_qk = [&](float (&sc)[kBlockN / 2], int s) {
+    auto issue_qk = [&](float (&sc)[kN / 2], int s) {
       const uint32_t k_tile = base + T::kK + s * T::kKVBytes;
       // Both K-major; a 16-wide k step is 32 bytes inside a 128-byte swizzle row, every 64
       // columns the next chunk; 8-row groups repeat every 1024 bytes (SBO).
@@ -145,21 +141,21 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
         const uint32_t offset = (kk % 4) * 32;
         const uint64_t a = make_desc(q_tile + (kk / 4) * T::kQChunk + offset, 16, 1024);
         const uint64_t b = make_desc(k_tile + (kk / 4) * T::kKVChunk + offset, 16, 1024);
-        qk_gemm<kBf16>(sc, a, b, kk > 0);
+        qk_gemm<kBf16, kN>(sc, a, b, kk > 0);
       }
     };
-    auto issue_pv = [&](const uint32_t (&pa)[kBlockN / 4], int s) {
+    auto issue_pv = [&](const uint32_t (&pa)[kN / 4], int s) {
       // V is MN-major for B: 8-key groups every 1024 B (SBO), 64-column chunks LBO apart.
       const uint32_t v_tile = base + T::kV + s * T::kKVBytes;
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      for (int kk = 0; kk < kN / 16; ++kk) {
         const uint64_t b = make_desc(v_tile + kk * 16 * kRowBytes, T::kKVChunk, 1024);
         pv_gemm<kBf16, kD>(o, &pa[4 * kk], b);
       }
     };
 
-    float sc[kBlockN / 2];
-    uint32_t pa[kBlockN / 4];
+    float sc[kN / 2];
+    uint32_t pa[kN / 4];
     float correction[2];
     auto rescale = [&](const float (&c)[2]) {
 #pragma unroll
@@ -185,10 +181,10 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
       wgmma_wait_all();
       pin(sc);
       bar_arrive(k_empty(0));
-      const float fold = scale_and_mask(p, sc, n_last * kBlockN, wg_row_lo, row0, col0);
+      const float fold = scale_and_mask(p, sc, n_last * kN, wg_row_lo, row0, col0);
       softmax(sc, fold, row_max, row_sum, correction);  // O is 0: its rescale is harmless
 #pragma unroll
-      for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
+      for (int i = 0; i < kN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
 
       for (int it = 1; it < blocks; ++it) {
         const int s = it % kStages;
@@ -219,7 +215,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
         wgmma_wait<1>();
         pin(sc);
         bar_arrive(k_empty(s));
-        const float fold = scale_and_mask(p, sc, (n_last - it) * kBlockN, wg_row_lo, row0, col0);
+        const float fold = scale_and_mask(p, sc, (n_last - it) * kN, wg_row_lo, row0, col0);
         softmax(sc, fold, row_max, row_sum, correction);
 
         wgmma_wait_all();
@@ -227,7 +223,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
         pin(pa);
         bar_arrive(v_empty(sp));
 #pragma unroll
-        for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
+        for (int i = 0; i < kN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
       }
 
       // The last block's PV, outside the turn ring.
@@ -250,11 +246,11 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
 #endif
 }
 
-template <bool kBf16, int kD>
+template <bool kBf16, int kD, int kN>
 int launch(const Params& params, int64_t seqlen_q, int64_t heads, int64_t batch,
            cudaStream_t stream) {
-  using T = Tile<kD>;
-  auto kernel = attention_fwd_overlap<kBf16, kD>;
+  using T = Tile<kD, kN>;
+  auto kernel = attention_fwd_overlap<kBf16, kD, kN>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kAlloc) !=
       cudaSuccess) {
     return KPT_FA90_CUDA_ERROR;
@@ -269,17 +265,31 @@ int launch(const Params& params, int64_t seqlen_q, int64_t heads, int64_t batch,
 }  // namespace
 
 int overlap_block_m(int head_dim) {
-  return head_dim == 64 ? Tile<64>::kBlockM : Tile<128>::kBlockM;
+  return head_dim == 64 ? Tile<64, 128>::kBlockM : Tile<128, 128>::kBlockM;
+}
+
+int overlap_block_n(int head_dim, bool masked, int64_t seqlen_k) {
+  if (head_dim != 128 || masked) return 128;
+  // 176-key blocks pay for the keys padding their last block: measured on the H200, +3.5% at
+  // Sk = 16384 (1% more padded keys than 128-key blocks), -2.6% at Sk = 4096 (3.1% more).
+  const int64_t keys176 = (seqlen_k + 175) / 176 * 176;
+  const int64_t keys128 = (seqlen_k + 127) / 128 * 128;
+  return keys176 * 1000 <= keys128 * 1015 ? 176 : 128;
 }
 
 int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen_q,
                    int64_t heads, int64_t batch, cudaStream_t stream) {
-  if (head_dim == 128) {
-    return bf16 ? launch<true, 128>(params, seqlen_q, heads, batch, stream)
-                : launch<false, 128>(params, seqlen_q, heads, batch, stream);
+  const bool masked = params.window_left >= 0 || params.window_right >= 0;
+  if (overlap_block_n(head_dim, masked, params.seqlen_k) == 176) {
+    return bf16 ? launch<true, 128, 176>(params, seqlen_q, heads, batch, stream)
+                : launch<false, 128, 176>(params, seqlen_q, heads, batch, stream);
   }
-  return bf16 ? launch<true, 64>(params, seqlen_q, heads, batch, stream)
-              : launch<false, 64>(params, seqlen_q, heads, batch, stream);
+  if (head_dim == 128) {
+    return bf16 ? launch<true, 128, 128>(params, seqlen_q, heads, batch, stream)
+                : launch<false, 128, 128>(params, seqlen_q, heads, batch, stream);
+  }
+  return bf16 ? launch<true, 64, 128>(params, seqlen_q, heads, batch, stream)
+              : launch<false, 64, 128>(params, seqlen_q, heads, batch, stream);
 }
 
 }  // namespace kpt_fa90

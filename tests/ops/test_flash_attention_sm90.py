@@ -35,10 +35,11 @@ needs_sm90 = pytest.mark.skipif(not _is_sm90(), reason="needs an sm90 GPU")
 HALF = [torch.bfloat16, torch.float16]
 
 # Lengths at the kernels' regime boundaries: a single row, partial tiles (query tiles are 128
-# rows, 192 for the overlap variant at D = 64; key blocks 128), several tiles with a ragged
+# rows, 192 for the overlap variant at D = 64; key blocks 128, or 176 for the overlap variant
+# at D = 128 without a mask when Sk pads well: 300 and 700 here), several tiles with a ragged
 # tail, and Sq != Sk both ways (bottom-right masks).
 LENGTHS = [(1, 1), (17, 17), (113, 113), (1000, 1000), (17, 300), (300, 17), (128, 256),
-           (257, 129), (385, 385)]
+           (257, 129), (385, 385), (200, 700)]
 MASKS = {"full": {}, "causal": {"causal": True}}
 # Every GPU test runs each kernel variant: the default and the FA3-schedule "overlap" one.
 CONFIGS = {"base": {"impl": "sm90"}, "overlap": {"impl": "sm90", "variant": "overlap"}}
@@ -83,11 +84,13 @@ def test_matches_reference(lengths, mask, d, dtype, config):
     dict(window_left=100, causal=True),             # sliding window (Gemma/Mistral style)
     dict(window_left=40, window_right=70),          # two-sided window
     dict(softcap=5.0, causal=True),                 # Gemma-2 soft cap
+    dict(softcap=5.0),
     dict(scale=0.05),
-], ids=["gqa", "mqa", "window_causal", "window", "softcap", "scale"])
+], ids=["gqa", "mqa", "window_causal", "window", "softcap_causal", "softcap", "scale"])
 @pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
 def test_features(extra, d, dtype, config):
-    shape = dict(_shape(333, 421, d), **extra)
+    # Sk = 700 takes 176-key blocks in the overlap variant at D = 128 when there is no mask.
+    shape = dict(_shape(333, 700, d), **extra)
     _run_and_check(make_call(shape, dtype, torch.device("cuda"), seed=1), config)
 
 
