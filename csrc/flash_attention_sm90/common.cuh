@@ -217,6 +217,45 @@ struct SmemLayout {
   static_assert(kAlloc <= 227 * 1024, "shared memory");
 };
 
+// S = Q K^T for one key block: both K-major; a 16-wide k step is 32 bytes inside a 128-byte
+// swizzle row, every 64 columns the next chunk; 8-row groups repeat every 1024 bytes (SBO).
+// L gives kQChunk, kKVChunk and the key block kN.
+template <class L, bool kBf16, int kD>
+__device__ __forceinline__ void issue_qk(float* sc, uint32_t q_tile, uint32_t k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const uint32_t offset = (kk % 4) * 32;
+    const uint64_t a = make_desc(q_tile + (kk / 4) * L::kQChunk + offset, 16, 1024);
+    const uint64_t b = make_desc(k_tile + (kk / 4) * L::kKVChunk + offset, 16, 1024);
+    qk_gemm<kBf16, L::kN>(sc, a, b, kk > 0);
+  }
+}
+
+// O += P V for one key block: V is [keys x kD] with kD contiguous, i.e. MN-major for B; along
+// K (keys) 8-row groups repeat every 1024 B (SBO), along N each 64-column chunk is a separate
+// TMA box (LBO); a 16-key step is 16 rows = 2048 bytes. P comes packed from registers.
+template <class L, bool kBf16, int kD>
+__device__ __forceinline__ void issue_pv(float* o, const uint32_t* pa, uint32_t v_tile) {
+#pragma unroll
+  for (int kk = 0; kk < L::kN / 16; ++kk) {
+    const uint64_t b = make_desc(v_tile + kk * 16 * kRowBytes, L::kKVChunk, 1024);
+    pv_gemm<kBf16, kD>(o, &pa[4 * kk], b);
+  }
+}
+
+// O rows row0 and row0 + 8 times their softmax correction.
+template <int kD>
+__device__ __forceinline__ void rescale(float (&o)[kD / 2], const float (&correction)[2]) {
+#pragma unroll
+  for (int j = 0; j < kD / 8; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      o[4 * j + 2 * h] *= correction[h];
+      o[4 * j + 2 * h + 1] *= correction[h];
+    }
+  }
+}
+
 // The mbarriers after the shared-memory tiles: q_full, then per stage k_full (1), k_empty (2),
 // v_full (3), v_empty (4).
 __device__ __forceinline__ uint32_t ring_bar(uint32_t bars, int stage, int which) {

@@ -109,19 +109,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     const uint32_t k_tile = base + L::kK + s * L::kKVBytes;
     const uint32_t v_tile = base + L::kV + s * L::kKVBytes;
 
-    // S = Q K^T: both K-major; a 16-wide k step is 32 bytes inside a 128-byte swizzle row,
-    // every 64 columns the next chunk. Rows of 8 x 128 B repeat every 1024 bytes (SBO).
+    // S = Q K^T.
     float sc[kBlockN / 2];
     wait(k_full(s), parity);
     pin(sc);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t offset = (kk % 4) * 32;
-      const uint64_t a = make_desc(q_tile + (kk / 4) * L::kQChunk + offset, 16, 1024);
-      const uint64_t b = make_desc(k_tile + (kk / 4) * L::kKVChunk + offset, 16, 1024);
-      qk_gemm<kBf16>(sc, a, b, kk > 0);
-    }
+    issue_qk<L, kBf16, kD>(sc, q_tile, k_tile);
     wgmma_commit();
     wgmma_wait_all();
     pin(sc);
@@ -131,32 +124,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     const float fold = scale_and_mask(p, sc, n0, m0 + wg * 64, row0, col0);
     float correction[2];
     softmax(sc, fold, row_max, row_sum, correction);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int j = 0; j < kD / 8; ++j) {
-        o[4 * j + 2 * h] *= correction[h];
-        o[4 * j + 2 * h + 1] *= correction[h];
-      }
-    }
+    rescale<kD>(o, correction);
 
     // P in the A-fragment layout of wgmma (m64k16: registers = accumulator pairs in order).
     uint32_t pa[kBlockN / 4];
 #pragma unroll
     for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
 
-    // O += P V: V is [keys x kD] with kD contiguous, i.e. MN-major for B. Along K (keys) 8-row
-    // groups repeat every 1024 B (SBO); along N each 64-column chunk is a separate TMA box
-    // (LBO). A 16-key step is 16 rows = 2048 bytes.
+    // O += P V.
     wait(v_full(s), parity);
     pin(o);
     pin(pa);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint64_t b = make_desc(v_tile + kk * 16 * kRowBytes, L::kKVChunk, 1024);
-      pv_gemm<kBf16, kD>(o, &pa[4 * kk], b);
-    }
+    issue_pv<L, kBf16, kD>(o, pa, v_tile);
     wgmma_commit();
     wgmma_wait_all();
     pin(o);

@@ -132,41 +132,9 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
     const bool last_wg = wg == kConsumers - 1;
     if (last_wg) turn_pass(1);
 
-    auto issue_qk = [&](float (&sc)[kN / 2], int s) {
-      const uint32_t k_tile = base + T::kK + s * T::kKVBytes;
-      // Both K-major; a 16-wide k step is 32 bytes inside a 128-byte swizzle row, every 64
-      // columns the next chunk; 8-row groups repeat every 1024 bytes (SBO).
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        const uint32_t offset = (kk % 4) * 32;
-        const uint64_t a = make_desc(q_tile + (kk / 4) * T::kQChunk + offset, 16, 1024);
-        const uint64_t b = make_desc(k_tile + (kk / 4) * T::kKVChunk + offset, 16, 1024);
-        qk_gemm<kBf16, kN>(sc, a, b, kk > 0);
-      }
-    };
-    auto issue_pv = [&](const uint32_t (&pa)[kN / 4], int s) {
-      // V is MN-major for B: 8-key groups every 1024 B (SBO), 64-column chunks LBO apart.
-      const uint32_t v_tile = base + T::kV + s * T::kKVBytes;
-#pragma unroll
-      for (int kk = 0; kk < kN / 16; ++kk) {
-        const uint64_t b = make_desc(v_tile + kk * 16 * kRowBytes, T::kKVChunk, 1024);
-        pv_gemm<kBf16, kD>(o, &pa[4 * kk], b);
-      }
-    };
-
     float sc[kN / 2];
     uint32_t pa[kN / 4];
     float correction[2];
-    auto rescale = [&](const float (&c)[2]) {
-#pragma unroll
-      for (int j = 0; j < kD / 8; ++j) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          o[4 * j + 2 * h] *= c[h];
-          o[4 * j + 2 * h + 1] *= c[h];
-        }
-      }
-    };
 
     wait(q_full, 0);
     {
@@ -175,7 +143,7 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
       wait(k_full(0), 0);
       pin(sc);
       wgmma_fence();
-      issue_qk(sc, 0);
+      issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK);
       wgmma_commit();
       if (!(last_wg && blocks == 1)) turn_pass(next_turn);
       wgmma_wait_all();
@@ -199,15 +167,15 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
         pin(o);
         pin(pa);
         wgmma_fence();
-        issue_qk(sc, s);
+        issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s * T::kKVBytes);
         wgmma_commit();
         // O to the running max of block it - 1 while the S GEMM runs (the PV GEMM that read O
         // last finished in the previous iteration), then O += P(it-1) V(it-1).
-        rescale(correction);
+        rescale<kD>(o, correction);
         pin(o);
         wait(v_full(sp), parity_p);
         wgmma_fence();
-        issue_pv(pa, sp);
+        issue_pv<T, kBf16, kD>(o, pa, base + T::kV + sp * T::kKVBytes);
         wgmma_commit();
         if (!(last_wg && it == blocks - 1)) turn_pass(next_turn);
 
@@ -228,12 +196,12 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
 
       // The last block's PV, outside the turn ring.
       const int sl = (blocks - 1) % kStages;
-      rescale(correction);
+      rescale<kD>(o, correction);
       pin(o);
       wait(v_full(sl), ((blocks - 1) / kStages) & 1);
       pin(pa);
       wgmma_fence();
-      issue_pv(pa, sl);
+      issue_pv<T, kBf16, kD>(o, pa, base + T::kV + sl * T::kKVBytes);
       wgmma_commit();
       wgmma_wait_all();
       pin(o);
