@@ -15,7 +15,7 @@ namespace kpt_fa90 {
 constexpr int kBlockN = 128;  // keys per pipeline stage (base kernel; overlap: 128 or 176)
 constexpr int kSwizzleElems = 64;  // 128-byte swizzle rows hold 64 16-bit elements
 constexpr int kRowBytes = 128;
-// A wait this long means a TMA never completed (a fault): trap instead of hanging.
+// A wait this long means a TMA never completed (a fault): end the launch instead of hanging.
 constexpr uint64_t kWaitLimitNs = 4000000000ull;
 // Row/column arithmetic (row + diag + window, windows clamped to Sq + Sk) stays inside int32.
 constexpr int64_t kMaxSeqlen = int64_t{1} << 28;

@@ -14,7 +14,7 @@
 // Everything here is raw PTX (wgmma, cp.async.bulk.tensor, mbarrier): the instruction set is
 // small, the operand layouts are fixed by the PTX ISA, and compiling takes seconds instead of
 // the minutes CuTe templates need. Every mbarrier wait is bounded (see wait()): a fault that
-// stops a TMA turns into a trapped kernel (a CUDA error), never a hang.
+// stops a TMA turns into a failed launch (a CUDA error, see abort_launch), never a hang.
 
 #include <cuda.h>
 #include <cudaTypedefs.h>

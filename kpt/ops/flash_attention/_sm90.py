@@ -7,7 +7,7 @@ with a producer warpgroup and two consumer warpgroups; see ``SM90_NOTES.md``.
 
 Everything the kernel cannot do is a reason here, checked before any launch: a TMA descriptor
 for a misaligned tensor would fault inside the kernel, and the kernel's mbarrier waits would
-then only end at their time limit (a trap).
+then only end at their time limit (the launch fails with a CUDA error).
 """
 
 from __future__ import annotations
