@@ -243,6 +243,24 @@ __device__ __forceinline__ void issue_pv(float* o, const uint32_t* pa, uint32_t 
   }
 }
 
+// O += P V for one key block run to completion: waits for the V stage (`full`, `parity`),
+// issues the GEMM, waits for it and releases the stage (`empty`).
+template <class L, bool kBf16, int kD>
+__device__ __forceinline__ void pv_and_release(float (&o)[kD / 2], uint32_t (&pa)[L::kN / 4],
+                                               uint32_t v_tile, uint32_t full, uint32_t parity,
+                                               uint32_t empty) {
+  wait(full, parity);
+  pin(o);
+  pin(pa);
+  wgmma_fence();
+  issue_pv<L, kBf16, kD>(o, pa, v_tile);
+  wgmma_commit();
+  wgmma_wait_all();
+  pin(o);
+  pin(pa);
+  bar_arrive(empty);
+}
+
 // O rows row0 and row0 + 8 times their softmax correction.
 template <int kD>
 __device__ __forceinline__ void rescale(float (&o)[kD / 2], const float (&correction)[2]) {

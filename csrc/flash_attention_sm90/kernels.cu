@@ -132,16 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     for (int i = 0; i < kBlockN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
 
     // O += P V.
-    wait(v_full(s), parity);
-    pin(o);
-    pin(pa);
-    wgmma_fence();
-    issue_pv<L, kBf16, kD>(o, pa, v_tile);
-    wgmma_commit();
-    wgmma_wait_all();
-    pin(o);
-    pin(pa);
-    bar_arrive(v_empty(s));
+    pv_and_release<L, kBf16, kD>(o, pa, v_tile, v_full(s), parity, v_empty(s));
   }
 
   store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);

@@ -197,16 +197,8 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
       // The last block's PV, outside the turn ring.
       const int sl = (blocks - 1) % kStages;
       rescale<kD>(o, correction);
-      pin(o);
-      wait(v_full(sl), ((blocks - 1) / kStages) & 1);
-      pin(pa);
-      wgmma_fence();
-      issue_pv<T, kBf16, kD>(o, pa, base + T::kV + sl * T::kKVBytes);
-      wgmma_commit();
-      wgmma_wait_all();
-      pin(o);
-      pin(pa);
-      bar_arrive(v_empty(sl));
+      pv_and_release<T, kBf16, kD>(o, pa, base + T::kV + sl * T::kKVBytes, v_full(sl),
+                                   ((blocks - 1) / kStages) & 1, v_empty(sl));
     }
   }
 
