@@ -1,4 +1,5 @@
-// Torch binding of the sm90 flash-attention forward: checks tensors, passes raw pointers.
+// Torch binding of the sm90 flash-attention forward and backward: checks tensors, passes raw
+// pointers.
 //
 // Only torch/extension.h is included, so this file compiles with the host compiler; the caller
 // passes the current stream as an integer handle (torch.cuda.current_stream().cuda_stream) and
@@ -54,12 +55,78 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
               kpt_fa90_error_string(code), " (code ", code, ")");
 }
 
+void check_lse(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device() && t.scalar_type() == at::kFloat &&
+                  t.is_contiguous() && t.dim() == 3 && t.size(0) == q.size(0) &&
+                  t.size(1) == q.size(2) && t.size(2) == q.size(1),
+              kOp, ": ", name, " must be contiguous float32 (B, H, Sq)");
+}
+
+const int64_t* strides3(const at::Tensor& t, int64_t (&s)[3]) {
+  for (int i = 0; i < 3; ++i) s[i] = t.stride(i);
+  return s;
+}
+
+void backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q,
+              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+              const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+              const at::Tensor& dv, const at::Tensor& workspace, double scale, double softcap,
+              int64_t window_left, int64_t window_right, int64_t stream) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
+              ": dtype must be float16 or bfloat16");
+  check_bshd(q, q, "q");
+  check_bshd(k, q, "k");
+  check_bshd(v, q, "v");
+  check_bshd(out, q, "out");
+  check_bshd(dout, q, "dout");
+  check_bshd(dq, q, "dq");
+  check_bshd(dk, q, "dk");
+  check_bshd(dv, q, "dv");
+  TORCH_CHECK(k.sizes() == v.sizes() && dk.sizes() == k.sizes() && dv.sizes() == k.sizes(), kOp,
+              ": k, v, dk and dv must have the same shape");
+  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes() && dq.sizes() == q.sizes(),
+              kOp, ": out, dout and dq must be shaped like q");
+  check_lse(lse, q, "lse");
+  if (dlse.has_value()) check_lse(*dlse, q, "dlse");
+  const int dtype = q.scalar_type() == at::kBFloat16 ? KPT_FA90_BF16 : KPT_FA90_FP16;
+  const int64_t need =
+      kpt_fa90_backward_workspace(q.size(0), q.size(1), q.size(2), static_cast<int>(q.size(3)));
+  TORCH_CHECK(workspace.is_cuda() && workspace.device() == q.device() &&
+                  workspace.scalar_type() == at::kFloat && workspace.is_contiguous() &&
+                  workspace.numel() >= need,
+              kOp, ": workspace must be contiguous float32 with at least ", need, " elements");
+  int64_t qs[3], ks[3], vs[3], os[3], gs[3], dqs[3], dks[3], dvs[3];
+  const int code = kpt_fa90_backward(
+      dtype, static_cast<int>(q.size(3)), q.data_ptr(), strides3(q, qs), k.data_ptr(),
+      strides3(k, ks), v.data_ptr(), strides3(v, vs), out.data_ptr(), strides3(out, os),
+      dout.data_ptr(), strides3(dout, gs), lse.data_ptr<float>(),
+      dlse.has_value() ? dlse->data_ptr<float>() : nullptr, dq.data_ptr(), strides3(dq, dqs),
+      dk.data_ptr(), strides3(dk, dks), dv.data_ptr(), strides3(dv, dvs),
+      workspace.data_ptr<float>(), q.size(0), q.size(1), k.size(1), q.size(2), k.size(2),
+      static_cast<float>(scale), static_cast<float>(softcap), window_left, window_right,
+      reinterpret_cast<void*>(static_cast<intptr_t>(stream)));
+  TORCH_CHECK(code == KPT_FA90_OK, kOp, ": kpt_fa90_backward failed: ",
+              kpt_fa90_error_string(code), " (code ", code, ")");
+}
+
+int64_t backward_workspace(int64_t batch, int64_t seqlen_q, int64_t heads, int64_t head_dim) {
+  return kpt_fa90_backward_workspace(batch, seqlen_q, heads, static_cast<int>(head_dim));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "kpt flash-attention forward for Hopper (sm_90a: TMA + wgmma)";
+  m.doc() = "kpt flash-attention forward and backward for Hopper (sm_90a: TMA + wgmma)";
   m.def("forward", &forward, "attention forward into out and lse", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("softcap"),
         py::arg("window_left"), py::arg("window_right"), py::arg("variant"),
         py::arg("stream"));
+  m.def("backward", &backward, "attention backward into dq, dk and dv (fp32 dq atomics)",
+        py::arg("dout"), py::arg("dlse"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("workspace"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("stream"));
+  m.def("backward_workspace", &backward_workspace,
+        "float32 elements of the backward's workspace", py::arg("batch"), py::arg("seqlen_q"),
+        py::arg("heads"), py::arg("head_dim"));
 }

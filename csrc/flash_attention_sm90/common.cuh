@@ -418,6 +418,12 @@ __device__ __forceinline__ void key_range(const Params& p, int m0, int block_m, 
   if (p.window_left >= 0) n_begin = max(0, m0 + diag - p.window_left);
 }
 
+// Host (kernels.cu): a 4-D TMA map (head_dim, seq, heads, batch) with a [64 x rows] box, and
+// whether {batch, seq, head} element strides are 16-byte multiples (TMA).
+int make_map(CUtensorMap* map, int dtype, const void* ptr, const int64_t* strides, int64_t batch,
+             int64_t seq, int64_t heads, int head_dim, int rows);
+bool aligned_strides(const int64_t* strides);
+
 // Host: the overlap variant (kernels_overlap.cu). Its query tile height depends on head_dim
 // and sizes the box of the Q tensor map.
 int overlap_block_m(int head_dim);

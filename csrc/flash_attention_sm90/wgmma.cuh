@@ -97,4 +97,32 @@ __device__ __forceinline__ void wgmma_ss_F16_n176(float* d, uint64_t desc_a, uin
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+// ---- backward shapes (kernels_bwd.cu) ------------------------------------------------------
+// The dtype and the transpose bits are macro arguments: one spelled-out accumulator list per
+// shape serves bf16 / fp16 and K-major / MN-major operands.
+
+// D[64x64] (+)= A[64x16] * B[16x64], A and B in shared memory; TA / TB = 1 for MN-major.
+#define KPT_WGMMA_SS_N64(TYPE, TA, TB)                                                        \
+  asm volatile(                                                                               \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                            \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                          \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, " #TA ", " #TB ";\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+
+template <bool kBf16, bool kTransposed>
+__device__ __forceinline__ void wgmma_ss_n64(float* d, uint64_t desc_a, uint64_t desc_b,
+                                             int accumulate) {
+  if constexpr (kBf16 && kTransposed) {
+    KPT_WGMMA_SS_N64("bf16", 1, 1);
+  } else if constexpr (kBf16) {
+    KPT_WGMMA_SS_N64("bf16", 0, 0);
+  } else if constexpr (kTransposed) {
+    KPT_WGMMA_SS_N64("f16", 1, 1);
+  } else {
+    KPT_WGMMA_SS_N64("f16", 0, 0);
+  }
+}
+#undef KPT_WGMMA_SS_N64
+
 }  // namespace kpt_fa90

@@ -1,4 +1,5 @@
-"""The Hopper (sm_90a, TMA + wgmma) forward of flash_attention against the reference.
+"""The Hopper (sm_90a, TMA + wgmma) forward and backward of flash_attention against the
+reference.
 
 GPU tests run only on a compute-capability 9.0 device; the CPU tests check the declared
 reasons (``supports`` / ``call_reasons``), which must reject every unsupported call before a
@@ -14,16 +15,23 @@ import torch
 
 from kpt.ops.flash_attention import (
     SPEC,
+    SPEC_BACKWARD,
+    BackwardCall,
     Call,
     _cuda,
     _sm90,
+    backward_problem_of,
     check,
+    clone_backward_outputs,
     clone_outputs,
+    make_backward_call,
     make_call,
     poison,
+    poison_backward,
     problem_of,
 )
 from kpt.ops.flash_attention import reference as ref
+from tests.ops.grad_checks import compare_grad
 
 
 def _is_sm90() -> bool:
@@ -128,6 +136,106 @@ def test_misaligned_strides_are_rejected_before_launch(config):
         _sm90.run(call, config)
 
 
+# ---- backward -------------------------------------------------------------------------------
+
+BACKWARD = {"impl": "sm90"}
+
+
+def _run_and_check_backward(call: BackwardCall) -> None:
+    expected = clone_backward_outputs(call)
+    ref.run_backward(expected, {})
+    poison_backward(call)
+    reasons = (_sm90.supports_backward(backward_problem_of(call))
+               + _sm90.backward_call_reasons(call))
+    assert not reasons, reasons
+    _sm90.run_backward(call, BACKWARD)
+    torch.cuda.synchronize()
+    # check_backward, except that a gradient which is exactly 0 (every query seeing a single
+    # key) is held to the absolute rounding bound of compare_grad.
+    for name, other in (("dq", call.k), ("dk", call.q), ("dv", call.q)):
+        failure = compare_grad(name, getattr(call, name), getattr(expected, name),
+                               dout=call.dout, v=call.v, other=other, scale=abs(call.scale))
+        assert failure is None, failure
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda sk: f"{sk[0]}x{sk[1]}")
+def test_backward_matches_reference(lengths, mask, d, dtype):
+    # Key blocks are 128 per CTA and query items 64 rows: the lengths cover partial blocks of
+    # both, a single row, and Sq != Sk both ways.
+    call = make_backward_call(_shape(*lengths, d, **MASKS[mask]), dtype, torch.device("cuda"))
+    _run_and_check_backward(call)
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("extra", [
+    dict(heads_q=8, heads_kv=2),                    # GQA: one CTA sums its group's dK, dV
+    dict(heads_q=6, heads_kv=1, causal=True),       # MQA
+    dict(window_left=100, causal=True),             # sliding window
+    dict(window_left=40, window_right=70),          # two-sided window
+    dict(softcap=5.0, causal=True),                 # soft cap: dS carries 1 - tanh^2
+    dict(softcap=5.0),
+    dict(scale=0.05),
+    dict(scale=-0.1),                               # a negative scale is legal
+], ids=["gqa", "mqa", "window_causal", "window", "softcap_causal", "softcap", "scale",
+        "negative_scale"])
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_backward_features(extra, d, dtype):
+    shape = dict(_shape(333, 700, d), **extra)
+    _run_and_check_backward(make_backward_call(shape, dtype, torch.device("cuda"), seed=1))
+
+
+@needs_sm90
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_backward_with_lse_gradient(d):
+    """return_lse makes lse differentiable: delta absorbs dlse (dS = P (dP - delta + dlse))."""
+    call = make_backward_call(_shape(300, 257, d, causal=True), torch.bfloat16,
+                              torch.device("cuda"), seed=2)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    dlse = torch.randn(call.lse.shape, generator=gen).to("cuda")
+    _run_and_check_backward(dataclasses.replace(call, dlse=dlse))
+
+
+@needs_sm90
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_backward_transposed_views_and_rows_without_keys(d):
+    """(B, H, S, D) tensors viewed as (B, S, H, D) are read in place, gradients written in
+    place into such views; Sq > Sk causal leaves rows (and whole query items) seeing no key."""
+    call = make_backward_call(_shape(700, 200, d, causal=True), torch.bfloat16,
+                              torch.device("cuda"), seed=3)
+
+    def transposed(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    call = dataclasses.replace(call, q=transposed(call.q), k=transposed(call.k),
+                               v=transposed(call.v), dout=transposed(call.dout),
+                               dq=transposed(call.dq), dk=transposed(call.dk),
+                               dv=transposed(call.dv))
+    assert not call.q.is_contiguous() and not call.dk.is_contiguous()
+    _run_and_check_backward(call)
+
+
+@needs_sm90
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("d,mask", [(128, "full"), (128, "causal"), (64, "full"),
+                                    (64, "causal")])
+def test_hopper_backward_dispatch(d, mask, deterministic):
+    """The dispatcher keeps Triton's backward first (it measured as fast or faster); within
+    the cuda backend the sm90 kernel is the default unless the call asks for determinism (it
+    adds dq with fp32 reductions), where the deterministic mma kernel is."""
+    call = make_backward_call(_shape(256, 256, d, **MASKS[mask]), torch.bfloat16,
+                              torch.device("cuda"))
+    problem = backward_problem_of(dataclasses.replace(call, deterministic=deterministic))
+    chosen, _ = SPEC_BACKWARD.static_choice(problem)
+    assert chosen.name == "triton"
+    default = SPEC_BACKWARD.backend("cuda").configs(problem)[0]
+    assert default == ({"impl": "mma"} if deterministic else BACKWARD)
+
+
 # ---- CPU: declared reasons -----------------------------------------------------------------
 
 
@@ -202,3 +310,35 @@ def test_run_rejects_unknown_variant_before_anything():
 def test_run_rejects_unsupported_call_on_cpu(config):
     with pytest.raises(ValueError, match="cannot run"):
         _sm90.run(_cpu_call(), config)
+
+
+def _cpu_backward_call(**extra) -> BackwardCall:
+    return make_backward_call(dict(_shape(5, 7, 64), **extra), torch.bfloat16,
+                              torch.device("cpu"))
+
+
+def test_backward_reasons_name_determinism():
+    call = dataclasses.replace(_cpu_backward_call(), deterministic=True)
+    reasons = _sm90.supports_backward(backward_problem_of(call))
+    assert any("not deterministic" in r for r in reasons), reasons
+    assert _cuda.backward_configs(backward_problem_of(call))[0] == {"impl": "mma"}
+
+
+def test_backward_call_reasons_strides():
+    call = _cpu_backward_call()
+    assert _sm90.backward_call_reasons(call) == []
+    # dout is read by TMA: a 65-element head stride cannot be described.
+    dout = torch.randn(2, 5, 4, 65, dtype=torch.bfloat16)[..., :64]
+    reasons = _sm90.backward_call_reasons(dataclasses.replace(call, dout=dout))
+    assert any("dout" in r and "16-byte" in r for r in reasons), reasons
+    # dk is written in pairs: an odd head stride is rejected, an 8-element one is fine.
+    odd = torch.empty(2, 7, 4, 65, dtype=torch.bfloat16)[..., 1:]
+    reasons = _sm90.backward_call_reasons(dataclasses.replace(call, dk=odd))
+    assert any("dk" in r and "4-byte" in r for r in reasons), reasons
+
+
+def test_run_backward_rejects_bad_config_and_cpu_calls():
+    with pytest.raises(ValueError, match="unknown backward config"):
+        _sm90.run_backward(_cpu_backward_call(), {"impl": "sm90", "variant": "overlap"})
+    with pytest.raises(ValueError, match="cannot run this backward"):
+        _sm90.run_backward(_cpu_backward_call(), BACKWARD)

@@ -1,5 +1,6 @@
-// C interface of the Hopper (sm_90a) flash-attention forward kernel: raw pointers, element
-// strides and a stream, no torch. Implemented in csrc/flash_attention_sm90/kernels.cu.
+// C interface of the Hopper (sm_90a) flash-attention kernels: raw pointers, element strides
+// and a stream, no torch. Forward in csrc/flash_attention_sm90/kernels.cu, backward in
+// kernels_bwd.cu.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +32,23 @@ int kpt_fa90_forward(int dtype, int head_dim, const void* q, const int64_t* q_st
                      int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads,
                      int64_t heads_kv, float scale, float softcap, int64_t window_left,
                      int64_t window_right, int variant, void* stream);
+
+// Backward (kernels_bwd.cu): dq like q, dk and dv like k and v (strides in elements, the
+// head_dim stride 1). dout is shaped like out; lse is the forward's contiguous float32
+// (B, H, Sq); dlse is its gradient in the same layout, or NULL. workspace holds at least
+// kpt_fa90_backward_workspace(...) float32 elements (16-byte aligned; overwritten). dq is
+// accumulated with fp32 atomics, so the result is not bitwise reproducible.
+int64_t kpt_fa90_backward_workspace(int64_t batch, int64_t seqlen_q, int64_t heads,
+                                    int head_dim);
+int kpt_fa90_backward(int dtype, int head_dim, const void* q, const int64_t* q_strides,
+                      const void* k, const int64_t* k_strides, const void* v,
+                      const int64_t* v_strides, const void* out, const int64_t* out_strides,
+                      const void* dout, const int64_t* dout_strides, const float* lse,
+                      const float* dlse, void* dq, const int64_t* dq_strides, void* dk,
+                      const int64_t* dk_strides, void* dv, const int64_t* dv_strides,
+                      float* workspace, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                      int64_t heads, int64_t heads_kv, float scale, float softcap,
+                      int64_t window_left, int64_t window_right, void* stream);
 
 const char* kpt_fa90_error_string(int code);
 

@@ -564,8 +564,9 @@ def flash_attention(
             sync when omitted. A value below the true maximum gives undefined results.
         return_lse: also return the natural-log logsumexp, float32, (B, H, Sq) or (H, Tq);
             it is differentiable too.
-        deterministic: bitwise-reproducible gradients. Every backend always is (no backward
-            uses atomics), so this only rules out future backends that are not.
+        deterministic: bitwise-reproducible gradients. The default (Triton) backward always
+            is; the cuda backend's sm90 backward (Hopper) adds dq with fp32 reductions, so
+            ``True`` makes that backend fall back to its deterministic mma kernels.
         backend: force ``"triton"``, ``"cuda"``, ``"hip"`` or ``"reference"`` (also used for
             the backward). Default: the tuned choice, else triton, cuda, hip, reference.
 

@@ -71,13 +71,20 @@ def _sm90_module() -> Any | None:
         return None
 
 
-def _sm90_config(problem: Problem) -> list[Config]:
+def _sm90_offered(problem: Problem, backward: bool = False) -> bool:
+    """Whether the sm90 kernel (forward, or backward) can run ``problem`` on this device."""
     if is_rocm() or problem.device_type != "cuda" or not torch.cuda.is_available():
-        return []
+        return False
     if torch.cuda.get_device_capability(problem.device_index)[0] != 9:
-        return []
+        return False
     module = _sm90_module()
-    if module is None or module.supports(problem):
+    if module is None:
+        return False
+    return not (module.supports_backward(problem) if backward else module.supports(problem))
+
+
+def _sm90_config(problem: Problem) -> list[Config]:
+    if not _sm90_offered(problem):
         return []
     # The overlap variant (FA3 schedule: ping-pong and QK/softmax overlap) passes the GPU tests
     # and was faster than the base kernel on every benchmarked case (bench/RESULTS.md).
@@ -105,11 +112,15 @@ def configs(problem: Problem) -> list[Config]:
 
 
 def backward_configs(problem: Problem) -> list[Config]:
-    """Backward variants; the first is the default. Every one is deterministic (no atomics):
-    the ``deterministic`` flag of the problem needs no special config."""
+    """Backward variants; the first is the default. On Hopper the sm90 wgmma kernel leads where
+    it runs (3-6x the mma kernel; it adds dq with fp32 reductions, so a ``deterministic``
+    problem never gets it); mma and simt are deterministic (no atomics). The dispatcher still
+    puts Triton's backward ahead of this backend: on the H200 it ties the sm90 kernel at
+    S = 16384 and beats it elsewhere (bench/RESULTS.md, session 5)."""
     if is_rocm() or problem["head_dim"] > MMA_BACKWARD_MAX_HEAD_DIM:
         return [{"impl": "simt"}]
-    return [{"impl": "mma"}, {"impl": "simt"}]
+    sm90 = [{"impl": "sm90"}] if _sm90_offered(problem, backward=True) else []
+    return [*sm90, {"impl": "mma"}, {"impl": "simt"}]
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -334,6 +345,15 @@ def run(call, config: Config) -> None:
 
 def run_backward(call, config: Config) -> None:
     """Registry entry of the backward: write call.dq, call.dk, call.dv."""
+    if config.get("impl") == "sm90":
+        module = _sm90_module()
+        if module is None:
+            raise BackendUnavailable(f"{OP}: the sm90 backward does not import")
+        # As in run: a layout TMA cannot address runs the mma kernels instead.
+        if not module.backward_call_reasons(call):
+            module.run_backward(call, config)
+            return
+        config = {"impl": "mma"}
     grads = [_into(t) for t in (call.dq, call.dk, call.dv)]
     for (t, copy) in grads:
         if copy and call.varlen:

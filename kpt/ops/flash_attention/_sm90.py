@@ -1,9 +1,12 @@
-"""Hopper (sm_90a) forward of ``flash_attention``: JIT build of ``csrc/flash_attention_sm90``.
+"""Hopper (sm_90a) forward and backward of ``flash_attention``: JIT build of
+``csrc/flash_attention_sm90``.
 
-The ``cuda`` backend offers this kernel as config ``{"impl": "sm90"}``: it calls
-:func:`supports` (problem-level reasons, no build) and, per call, :func:`call_reasons` (strides
-and alignment, which the problem does not carry) before :func:`run`. The kernel is TMA + wgmma
-with a producer warpgroup and two consumer warpgroups; see ``SM90_NOTES.md``.
+The ``cuda`` backend offers these kernels as config ``{"impl": "sm90"}``: it calls
+:func:`supports` / :func:`supports_backward` (problem-level reasons, no build) and, per call,
+:func:`call_reasons` / :func:`backward_call_reasons` (strides and alignment, which the problem
+does not carry) before :func:`run` / :func:`run_backward`. The kernels are TMA + wgmma with a
+producer warpgroup and two or three consumer warpgroups; see ``SM90_NOTES.md``. The backward
+accumulates dq with fp32 atomics, so it is not offered when the call asks for determinism.
 
 Everything the kernel cannot do is a reason here, checked before any launch: a TMA descriptor
 for a misaligned tensor would fault inside the kernel, and the kernel's mbarrier waits would
@@ -19,14 +22,14 @@ import torch
 from kpt.jit import JitSpec
 from kpt.ops._registry import Config, Problem
 
-from . import problem_of
+from . import backward_problem_of, problem_of
 
 OP = "flash_attention"
 
 SPEC = JitSpec(
     name="flash_attention_sm90",
     sources=("flash_attention_sm90/kernels.cu", "flash_attention_sm90/kernels_overlap.cu",
-             "flash_attention_sm90/binding.cpp"),
+             "flash_attention_sm90/kernels_bwd.cu", "flash_attention_sm90/binding.cpp"),
 )
 
 # config["variant"] -> KPT_FA90_VARIANT_* (flash_attention_sm90.h): "base" (the default when
@@ -93,12 +96,7 @@ def call_reasons(call) -> list[str]:
             continue
         if t.stride(-1) != 1:
             reasons.append(f"sm90 kernel: {name} needs a contiguous last dim")
-        elem = t.element_size()
-        misaligned = [s for s, n in zip(t.stride()[:3], t.shape[:3], strict=True)
-                      if n > 1 and (s * elem) % _ALIGN_BYTES]
-        if misaligned or t.data_ptr() % _ALIGN_BYTES:
-            reasons.append(f"sm90 kernel: {name} needs a 16-byte aligned address and "
-                           f"16-byte multiple strides (TMA), got strides {tuple(t.stride())}")
+        reasons += _tma_reasons(name, t)
     lse = call.lse
     if lse.dtype != torch.float32 or not lse.is_contiguous():
         reasons.append("sm90 kernel: lse must be contiguous float32 (B, H, Sq)")
@@ -133,3 +131,68 @@ def run(call, config: Config) -> None:
         module.forward(q, k, call.v, call.out, call.lse, float(call.scale), float(call.softcap),
                        int(call.window_left), int(call.window_right), VARIANTS[variant],
                        stream)
+
+
+def supports_backward(problem: Problem) -> list[str]:
+    """Reasons the sm90 backward cannot run ``problem``; empty when it can."""
+    reasons = supports(problem)
+    if problem.get("deterministic", False):
+        reasons.append("sm90 backward adds dq with fp32 atomics: not deterministic")
+    return reasons
+
+
+def _tma_reasons(name: str, t: torch.Tensor) -> list[str]:
+    elem = t.element_size()
+    misaligned = [s for s, n in zip(t.stride()[:3], t.shape[:3], strict=True)
+                  if n > 1 and (s * elem) % _ALIGN_BYTES]
+    if misaligned or t.data_ptr() % _ALIGN_BYTES:
+        return [f"sm90 kernel: {name} needs a 16-byte aligned address and 16-byte multiple "
+                f"strides (TMA), got strides {tuple(t.stride())}"]
+    return []
+
+
+def backward_call_reasons(call) -> list[str]:
+    """Layout reasons of a backward call: q, k, v and dout are read by TMA (16-byte aligned);
+    out is read and dq, dk, dv written two elements at a time (4-byte aligned)."""
+    reasons = []
+    for name in ("q", "k", "v", "dout", "out", "dq", "dk", "dv"):
+        t = getattr(call, name)
+        if t.dim() != 4:
+            reasons.append(f"sm90 kernel: {name} must be (B, S, H, D)")
+            continue
+        if t.stride(-1) != 1:
+            reasons.append(f"sm90 kernel: {name} needs a contiguous last dim")
+        elif name in ("q", "k", "v", "dout"):
+            reasons += _tma_reasons(name, t)
+        elif t.data_ptr() % 4 or any(s % 2 for s in t.stride()[:3]):
+            reasons.append(f"sm90 kernel: {name} needs a 4-byte aligned address and even "
+                           f"strides, got strides {tuple(t.stride())}")
+    return reasons
+
+
+def run_backward(call, config: Config) -> None:
+    """Write ``call.dq``, ``call.dk`` and ``call.dv``; ``config`` has no options but ``impl``."""
+    unknown = set(config) - {"impl"}
+    if unknown:
+        raise ValueError(f"{OP}[sm90]: unknown backward config keys {sorted(unknown)}")
+    reasons = supports_backward(backward_problem_of(call)) + backward_call_reasons(call)
+    if reasons:
+        raise ValueError(f"{OP}[sm90]: cannot run this backward call: " + "; ".join(reasons))
+    q, k = call.q, call.k
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k = k.shape[1]
+    if seqlen_q == 0 or seqlen_k == 0 or batch == 0 or heads == 0:
+        # No score at all: every gradient is 0.
+        for t in (call.dq, call.dk, call.dv):
+            t.zero_()
+        return
+    lse = call.lse.float().contiguous()
+    dlse = None if call.dlse is None else call.dlse.float().contiguous()
+    module = SPEC.load()
+    with torch.cuda.device(q.device):
+        workspace = torch.empty(module.backward_workspace(batch, seqlen_q, heads, head_dim),
+                                dtype=torch.float32, device=q.device)
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        module.backward(call.dout, dlse, q, k, call.v, call.out, lse, call.dq, call.dk, call.dv,
+                        workspace, float(call.scale), float(call.softcap),
+                        int(call.window_left), int(call.window_right), stream)

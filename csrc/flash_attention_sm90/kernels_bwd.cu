@@ -1,0 +1,626 @@
+// kpt-targets: sm_90a
+// Flash-attention backward for Hopper: TMA + mbarrier pipeline feeding wgmma, dQ summed with
+// fp32 bulk reductions (not deterministic; the Triton backward is).
+//
+// One CTA owns a 128-key block of one (batch, kv head) and keeps its dK and dV in registers
+// while it walks every query block that sees those keys, for every q head of the GQA group (so
+// GQA needs no reduction of dK/dV afterwards). Three warpgroups:
+//   warpgroup 0  producer: one thread loads K and V once, then per item (q head, 64-query
+//                block) Q, dO, the log2-domain lse and delta = rowsum(dO * O) into a 2-stage
+//                ring;
+//   warpgroups 1, 2  consumers: each owns 64 of the keys and computes, per item, with the
+//                keys as the M dimension (so P^T and dS^T come out of the accumulators already
+//                in the A-fragment layout of the next products):
+//                  S^T = K Q^T, dP^T = V dO^T            (both operands from shared memory)
+//                  P^T = exp2(S^T * scale - lse), dS^T = P^T * (dP^T - delta) * scale
+//                  dV += P^T dO, dK += dS^T Q            (A from registers)
+//                  dQ = dS K                             (dS^T stored to shared memory, read
+//                                                         transposed)
+//                At D = 128 the two warpgroups share the dQ product (each takes 64 of the 128
+//                columns over all 128 keys), so each dQ element gets one addition per CTA; at
+//                D = 64 each adds its own keys' share. A warpgroup's 64 x 64 fp32 part is
+//                staged in shared memory and added to an fp32 dQ buffer by one bulk reduce.
+// Around the kernel: a preprocess kernel forms lse2 = lse * log2(e) (+inf for rows that see no
+// key and for the padding rows, so their P is 0) and delta (minus dlse when lse has a
+// gradient); a postprocess kernel casts the fp32 dQ buffer into dq.
+// Speed and what was tried: kpt/ops/flash_attention/SM90_NOTES.md ("Backward").
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.cuh"
+#include "kpt/flash_attention_sm90.h"
+
+namespace kpt_fa90 {
+namespace {
+
+constexpr int kBwdKeys = 128;  // keys per CTA: 64 per consumer warpgroup (wgmma M)
+constexpr int kBwdRows = 64;   // queries per item (the N of S^T and dP^T)
+constexpr int kBwdStages = 2;
+constexpr int kBwdThreads = 384;
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
+static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "registers");
+
+struct BwdParams {
+  CUtensorMap tma_q, tma_k, tma_v, tma_do;
+  const float* lse2;   // (B, H, Sq_pad): log2-domain lse, +inf where P must be 0
+  const float* delta;  // (B, H, Sq_pad): rowsum(dO * O) - dlse
+  float* dq_accum;     // (B, H, Sq_pad, D), zeroed before the launch
+  void* dk;
+  void* dv;
+  int64_t dk_batch, dk_seq, dk_head, dv_batch, dv_seq, dv_head;
+  int seqlen_q, seqlen_k, seqlen_q_pad, heads, group;
+  float score_scale;   // scale * log2(e), or scale / softcap with a soft cap
+  float softcap_log2;  // softcap * log2(e); 0 without soft cap
+  float ds_scale;      // the softmax scale (dS carries it into dK and dQ)
+  int window_left, window_right;
+};
+
+// Shared memory: K and V [128 x kD] once, a ring of Q and dO [64 x kD] with their lse2 and
+// delta rows, two dS^T buffers [128 keys x 64 queries] (alternating items), the mbarriers.
+template <int kD>
+struct BwdSmem {
+  static constexpr int kKVChunk = kBwdKeys * kRowBytes;  // one 64-column TMA box of K or V
+  static constexpr int kQChunk = kBwdRows * kRowBytes;   // one 64-column box of Q or dO
+  static constexpr int kKVBytes = kBwdKeys * kD * 2;
+  static constexpr int kQBytes = kBwdRows * kD * 2;
+  static constexpr int kDSBytes = kBwdKeys * kBwdRows * 2;
+  static constexpr int kDQBytes = kBwdRows * 64 * 4;
+  static constexpr int kK = 0;
+  static constexpr int kV = kK + kKVBytes;
+  static constexpr int kQ = kV + kKVBytes;
+  static constexpr int kDO = kQ + kBwdStages * kQBytes;
+  static constexpr int kDS = kDO + kBwdStages * kQBytes;
+  static constexpr int kDQ = kDS + 2 * kDSBytes;  // per warpgroup: 64 x 64 fp32 dQ staging
+  static constexpr int kLse = kDQ + 2 * kDQBytes;
+  static constexpr int kDelta = kLse + kBwdStages * kBwdRows * 4;
+  static constexpr int kBars = kDelta + kBwdStages * kBwdRows * 4;
+  static constexpr int kBytes = kBars + 8 * (1 + 2 * kBwdStages);
+  static constexpr int kAlloc = kBytes + 1024;  // 1024-byte alignment of the swizzled tiles
+  static constexpr uint32_t kStageTx = 2 * kQBytes + 2 * kBwdRows * 4;
+  static_assert(kAlloc <= 227 * 1024, "shared memory");
+};
+
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// dst[i] += src[i] for `bytes` / 4 floats, asynchronously (one bulk_group).
+__device__ __forceinline__ void bulk_reduce_add(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n\t"
+      "cp.async.bulk.commit_group;" ::"l"(dst), "r"(src), "r"(bytes)
+      : "memory");
+}
+
+__device__ __forceinline__ void warpgroup_sync(int wg) {
+  asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");  // ids 2, 3 (1: both consumers)
+}
+
+__device__ __forceinline__ void st_shared(uint32_t addr, uint32_t value) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(value) : "memory");
+}
+
+// The query rows [m_begin, m_end) some key of [n0, n0 + 128) is visible to.
+__device__ __forceinline__ void query_range(const BwdParams& p, int n0, int& m_begin,
+                                            int& m_end) {
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const int last_key = min(n0 + kBwdKeys, p.seqlen_k) - 1;
+  m_begin = p.window_right >= 0 ? max(0, n0 - diag - p.window_right) : 0;
+  m_end = p.window_left >= 0 ? min(p.seqlen_q, last_key - diag + p.window_left + 1)
+                             : p.seqlen_q;
+}
+
+// kSoftcap is a template argument: with a runtime flag ptxas cannot tell which accumulators
+// the two paths read between wgmma waits and serializes the wgmmas (warning C7514).
+template <bool kBf16, int kD, bool kSoftcap>
+__global__ void __launch_bounds__(kBwdThreads, 1)
+    attention_bwd(const __grid_constant__ BwdParams p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // see kernels.cu: only the sm_90a cubin is ever launched
+#else
+  using L = BwdSmem<kD>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  const uint32_t bars = base + L::kBars;
+  const uint32_t kv_full = bars;
+  auto full = [&](int s) { return bars + 8 * (1 + 2 * s); };
+  auto empty = [&](int s) { return bars + 8 * (2 + 2 * s); };
+
+  const int n0 = blockIdx.x * kBwdKeys;
+  const int head_kv = blockIdx.y, batch = blockIdx.z;
+  int m_begin, m_end;
+  query_range(p, n0, m_begin, m_end);
+  const int m_first = m_begin / kBwdRows;
+  const int per_head = m_end > m_begin ? (m_end - 1) / kBwdRows - m_first + 1 : 0;
+  const int items = per_head * p.group;  // the same for both consumer warpgroups
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    bar_init(kv_full, 1);
+    for (int s = 0; s < kBwdStages; ++s) {
+      bar_init(full(s), 1);
+      bar_init(empty(s), 256);  // every consumer thread releases a stage
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    if (threadIdx.x != 0 || items == 0) return;
+    bar_expect_tx(kv_full, 2 * L::kKVBytes);
+#pragma unroll
+    for (int c = 0; c < kD / kSwizzleElems; ++c) {
+      tma_load(base + L::kK + c * L::kKVChunk, &p.tma_k, kv_full, c * kSwizzleElems, n0,
+               head_kv, batch);
+      tma_load(base + L::kV + c * L::kKVChunk, &p.tma_v, kv_full, c * kSwizzleElems, n0,
+               head_kv, batch);
+    }
+    for (int it = 0; it < items; ++it) {
+      const int head = head_kv * p.group + it / per_head;
+      const int m0 = (m_first + it % per_head) * kBwdRows;
+      const int s = it % kBwdStages;
+      wait(empty(s), ((it / kBwdStages) & 1) ^ 1);  // fresh barriers pass parity 1
+      bar_expect_tx(full(s), L::kStageTx);
+#pragma unroll
+      for (int c = 0; c < kD / kSwizzleElems; ++c) {
+        tma_load(base + L::kQ + s * L::kQBytes + c * L::kQChunk, &p.tma_q, full(s),
+                 c * kSwizzleElems, m0, head, batch);
+        tma_load(base + L::kDO + s * L::kQBytes + c * L::kQChunk, &p.tma_do, full(s),
+                 c * kSwizzleElems, m0, head, batch);
+      }
+      const int64_t row = (static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q_pad + m0;
+      bulk_load(base + L::kLse + s * kBwdRows * 4, p.lse2 + row, kBwdRows * 4, full(s));
+      bulk_load(base + L::kDelta + s * kBwdRows * 4, p.delta + row, kBwdRows * 4, full(s));
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
+  const int wg = warpgroup - 1;
+  const int tid = threadIdx.x - 128 * warpgroup;
+  const int warp = tid / 32, lane = tid % 32;
+  const int key_lo = n0 + wg * 64;              // this warpgroup's 64 keys
+  const int krow = warp * 16 + lane / 4;        // accumulator rows krow and krow + 8
+  const int col0 = 2 * (lane % 4);              // accumulator columns 8j + col0 + {0, 1}
+  const int diag = p.seqlen_k - p.seqlen_q;
+
+  float dk[kD / 2], dv[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+
+  if (items > 0) wait(kv_full, 0);
+  const uint32_t k_wg = base + L::kK + wg * 64 * kRowBytes;
+  const uint32_t v_wg = base + L::kV + wg * 64 * kRowBytes;
+
+  uint32_t pa[kBwdRows / 4], ds[kBwdRows / 4];
+  float dq[32];
+  // dQ leaves through shared memory: each warpgroup stages its 64 x 64 fp32 part in fragment
+  // order (thread t's 32 values as 8 float4 at k * 128 + t: conflict-free stores) and one
+  // thread adds the 16 KiB to the matching block of the dQ buffer with a bulk reduce, which
+  // moves whole lines instead of 2048 scattered atomics. attention_bwd_dq undoes the order.
+  float4* dq_stage = reinterpret_cast<float4*>(smem + L::kDQ + wg * L::kDQBytes);
+  const uint32_t dq_stage_addr = base + L::kDQ + wg * L::kDQBytes;
+  const bool dq_leader = tid == 0;
+  auto add_dq = [&](int head, int m0) {
+    if (dq_leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    warpgroup_sync(wg);  // the previous item's reduce has read the staging buffer
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      dq_stage[k * 128 + tid] = make_float4(dq[4 * k], dq[4 * k + 1], dq[4 * k + 2], dq[4 * k + 3]);
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    warpgroup_sync(wg);
+    if (dq_leader) {
+      const int64_t block =
+          ((static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q_pad + m0) * kD +
+          (kD == 128 ? wg * 4096 : 0);
+      bulk_reduce_add(p.dq_accum + block, dq_stage_addr, L::kDQBytes);
+    }
+  };
+
+  for (int it = 0; it < items; ++it) {
+    const int head = head_kv * p.group + it / per_head;
+    const int m0 = (m_first + it % per_head) * kBwdRows;
+    const int s = it % kBwdStages;
+    const uint32_t q_tile = base + L::kQ + s * L::kQBytes;
+    const uint32_t do_tile = base + L::kDO + s * L::kQBytes;
+    const float* lse_s = reinterpret_cast<const float*>(smem + L::kLse + s * kBwdRows * 4);
+    const float* delta_s = reinterpret_cast<const float*>(smem + L::kDelta + s * kBwdRows * 4);
+    wait(full(s), (it / kBwdStages) & 1);
+
+    // S^T = K Q^T and dP^T = V dO^T: [64 keys x 64 queries], both operands K-major.
+    float sc[kBwdRows / 2], dp[kBwdRows / 2];
+    pin(sc);
+    pin(dp);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t offset = (kk % 4) * 32;
+      wgmma_ss_n64<kBf16, false>(sc, make_desc(k_wg + (kk / 4) * L::kKVChunk + offset, 16, 1024),
+                                 make_desc(q_tile + (kk / 4) * L::kQChunk + offset, 16, 1024),
+                                 kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t offset = (kk % 4) * 32;
+      wgmma_ss_n64<kBf16, false>(dp, make_desc(v_wg + (kk / 4) * L::kKVChunk + offset, 16, 1024),
+                                 make_desc(do_tile + (kk / 4) * L::kQChunk + offset, 16, 1024),
+                                 kk > 0);
+    }
+    wgmma_commit();
+
+
+    // Element i of sc / dp: key krow + 8 ((i / 2) % 2) of this warpgroup, query
+    // m0 + 8 (i / 4) + col0 + i % 2.
+    const bool visible_all =
+        key_lo + 64 <= p.seqlen_k &&
+        (p.window_right < 0 || key_lo + 63 <= m0 + diag + p.window_right) &&
+        (p.window_left < 0 || key_lo >= m0 + 63 + diag - p.window_left);
+    auto visible = [&](int i) {
+      const int key = key_lo + krow + 8 * ((i / 2) % 2);
+      const int query = m0 + 8 * (i / 4) + col0 + i % 2;
+      return key < p.seqlen_k &&
+             (p.window_right < 0 || key <= query + diag + p.window_right) &&
+             (p.window_left < 0 || key >= query + diag - p.window_left);
+    };
+
+    if constexpr (kSoftcap) {
+      // P and dS in one pass once dP^T is done too: both need t = tanh(s * scale / cap).
+      wgmma_wait<0>();
+      pin(sc);
+      pin(dp);
+#pragma unroll
+      for (int i = 0; i < kBwdRows / 2; ++i) {
+        const int col = 8 * (i / 4) + col0 + i % 2;
+        const float t = fast_tanh(sc[i] * p.score_scale);
+        float prob = fast_exp2(fmaf(p.softcap_log2, t, -lse_s[col]));
+        if (!visible_all && !visible(i)) prob = 0.f;
+        sc[i] = prob;
+        dp[i] = prob * (dp[i] - delta_s[col]) * (1.f - t * t) * p.ds_scale;
+      }
+    } else {
+      wgmma_wait<1>();
+      pin(sc);
+#pragma unroll
+      for (int i = 0; i < kBwdRows / 2; ++i) {
+        const int col = 8 * (i / 4) + col0 + i % 2;
+        float prob = fast_exp2(fmaf(sc[i], p.score_scale, -lse_s[col]));
+        if (!visible_all && !visible(i)) prob = 0.f;
+        sc[i] = prob;
+      }
+    }
+
+    // dV += P^T dO: dO [queries x kD] is MN-major for B (as V is in the forward).
+#pragma unroll
+    for (int i = 0; i < kBwdRows / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
+    pin(dv);
+    pin(pa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBwdRows / 16; ++kk) {
+      pv_gemm<kBf16, kD>(dv, &pa[4 * kk], make_desc(do_tile + kk * 16 * kRowBytes, L::kQChunk,
+                                                    1024));
+    }
+    wgmma_commit();
+
+    if constexpr (!kSoftcap) {
+      wgmma_wait<1>();  // dP^T (the dV product may still run)
+      pin(dp);
+#pragma unroll
+      for (int i = 0; i < kBwdRows / 2; ++i) {
+        const int col = 8 * (i / 4) + col0 + i % 2;
+        dp[i] = sc[i] * (dp[i] - delta_s[col]) * p.ds_scale;
+      }
+    }
+
+    // dS^T to registers (A of dK) and to shared memory (A of dQ, read transposed): rows are
+    // keys, 64 queries = one 128-byte swizzled row; 16-byte chunk j of row r sits at j ^ (r % 8).
+#pragma unroll
+    for (int i = 0; i < kBwdRows / 4; ++i) ds[i] = pack2<kBf16>(dp[2 * i], dp[2 * i + 1]);
+    const uint32_t ds_buf = base + L::kDS + (it & 1) * L::kDSBytes;
+#pragma unroll
+    for (int j = 0; j < kBwdRows / 8; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = wg * 64 + krow + 8 * h;
+        st_shared(ds_buf + r * kRowBytes + ((j ^ (lane / 4)) * 16) + col0 * 2, ds[2 * j + h]);
+      }
+    }
+
+    // dK += dS^T Q.
+    pin(dk);
+    pin(ds);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBwdRows / 16; ++kk) {
+      pv_gemm<kBf16, kD>(dk, &ds[4 * kk], make_desc(q_tile + kk * 16 * kRowBytes, L::kQChunk,
+                                                    1024));
+    }
+    wgmma_commit();
+
+    // dQ = dS K: A = dS^T in shared memory read MN-major, B = K [keys x kD] MN-major. The
+    // generic-proxy stores must be visible to the async proxy (wgmma) first.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    if constexpr (kD == 128) {
+      asm volatile("bar.sync 1, 256;" ::: "memory");  // both halves of dS^T are written
+      pin(dq);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
+        wgmma_ss_n64<kBf16, true>(
+            dq, make_desc(ds_buf + kk * 16 * kRowBytes, L::kDSBytes, 1024),
+            make_desc(base + L::kK + wg * L::kKVChunk + kk * 16 * kRowBytes, L::kKVChunk, 1024),
+            kk > 0);
+      }
+    } else {
+      pin(dq);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 64 / 16; ++kk) {
+        wgmma_ss_n64<kBf16, true>(
+            dq, make_desc(ds_buf + (wg * 64 + kk * 16) * kRowBytes, L::kDSBytes, 1024),
+            make_desc(base + L::kK + (wg * 64 + kk * 16) * kRowBytes, L::kKVChunk, 1024),
+            kk > 0);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(dq);
+    pin(dk);
+    pin(dv);
+    pin(pa);
+    pin(ds);
+    bar_arrive(empty(s));
+    add_dq(head, m0);
+  }
+  if (dq_leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+
+  // dK and dV rows of this warpgroup's keys below seqlen_k (zeros where no query sees them).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int key = key_lo + krow + 8 * h;
+    if (key >= p.seqlen_k) continue;
+    uint32_t* dk_dst = reinterpret_cast<uint32_t*>(
+        static_cast<uint16_t*>(p.dk) + batch * p.dk_batch + head_kv * p.dk_head +
+        static_cast<int64_t>(key) * p.dk_seq + col0);
+    uint32_t* dv_dst = reinterpret_cast<uint32_t*>(
+        static_cast<uint16_t*>(p.dv) + batch * p.dv_batch + head_kv * p.dv_head +
+        static_cast<int64_t>(key) * p.dv_seq + col0);
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      dk_dst[4 * j] = pack2<kBf16>(dk[4 * j + 2 * h], dk[4 * j + 2 * h + 1]);
+      dv_dst[4 * j] = pack2<kBf16>(dv[4 * j + 2 * h], dv[4 * j + 2 * h + 1]);
+    }
+  }
+#endif
+}
+
+template <bool kBf16>
+__device__ __forceinline__ float2 unpack2(uint32_t v) {
+  if constexpr (kBf16) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&v));
+  }
+}
+
+// One warp per (batch, head, padded query row): lse2 and delta (see BwdParams).
+template <bool kBf16>
+__global__ void __launch_bounds__(256) attention_bwd_prep(
+    const uint16_t* out, int64_t out_batch, int64_t out_seq, int64_t out_head,
+    const uint16_t* dout, int64_t dout_batch, int64_t dout_seq, int64_t dout_head,
+    const float* lse, const float* dlse, float* lse2, float* delta, int64_t rows, int heads,
+    int seqlen_q, int seqlen_q_pad, int head_dim) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) return;
+  const int q = static_cast<int>(r % seqlen_q_pad);
+  const int64_t bh = r / seqlen_q_pad;
+  const int64_t b = bh / heads, h = bh % heads;
+  if (q >= seqlen_q) {
+    if (lane == 0) {
+      lse2[r] = INFINITY;
+      delta[r] = 0.f;
+    }
+    return;
+  }
+  const uint16_t* o = out + b * out_batch + q * out_seq + h * out_head;
+  const uint16_t* g = dout + b * dout_batch + q * dout_seq + h * dout_head;
+  float acc = 0.f;
+  for (int d = 2 * lane; d < head_dim; d += 64) {
+    const float2 a = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(o + d));
+    const float2 c = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(g + d));
+    acc = fmaf(a.x, c.x, fmaf(a.y, c.y, acc));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) {
+    const int64_t li = bh * seqlen_q + q;
+    const float l = lse[li];
+    delta[r] = dlse == nullptr ? acc : acc - dlse[li];
+    lse2[r] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+  }
+}
+
+// dq (B, Sq, H, D) strided from the fp32 buffer: one 128-thread block per staged 64 x 64 part
+// (batch, head, 64-row block, 64-column half), in the fragment order add_dq wrote it.
+template <bool kBf16>
+__global__ void __launch_bounds__(128) attention_bwd_dq(
+    const float* dq_accum, uint16_t* dq, int64_t dq_batch, int64_t dq_seq, int64_t dq_head,
+    int heads, int seqlen_q, int row_blocks, int halves) {
+  const int64_t part = blockIdx.x;
+  const int half = static_cast<int>(part % halves);
+  const int row_block = static_cast<int>(part / halves % row_blocks);
+  const int64_t bh = part / halves / row_blocks;
+  const int64_t b = bh / heads, h = bh % heads;
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  const float4* src = reinterpret_cast<const float4*>(dq_accum + part * 4096);
+  uint16_t* base = dq + b * dq_batch + h * dq_head + half * 64 + 2 * (lane % 4);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float4 v = src[k * 128 + t];
+    const int row = row_block * 64 + warp * 16 + lane / 4;
+    if (row < seqlen_q) {
+      *reinterpret_cast<uint32_t*>(base + row * dq_seq + 8 * k) = pack2<kBf16>(v.x, v.y);
+    }
+    if (row + 8 < seqlen_q) {
+      *reinterpret_cast<uint32_t*>(base + (row + 8) * dq_seq + 8 * k) = pack2<kBf16>(v.z, v.w);
+    }
+  }
+}
+
+template <bool kBf16, int kD>
+int launch_bwd(const BwdParams& params, int64_t batch, int64_t heads_kv, cudaStream_t stream) {
+  using L = BwdSmem<kD>;
+  auto kernel = params.softcap_log2 > 0.f ? attention_bwd<kBf16, kD, true>
+                                          : attention_bwd<kBf16, kD, false>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kAlloc) !=
+      cudaSuccess) {
+    return KPT_FA90_CUDA_ERROR;
+  }
+  const dim3 grid(static_cast<unsigned>((params.seqlen_k + kBwdKeys - 1) / kBwdKeys),
+                  static_cast<unsigned>(heads_kv), static_cast<unsigned>(batch));
+  kernel<<<grid, kBwdThreads, L::kAlloc, stream>>>(params);
+  return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
+}
+
+int64_t padded_rows(int64_t seqlen_q) { return (seqlen_q + kBwdRows - 1) / kBwdRows * kBwdRows; }
+
+}  // namespace
+}  // namespace kpt_fa90
+
+extern "C" int64_t kpt_fa90_backward_workspace(int64_t batch, int64_t seqlen_q, int64_t heads,
+                                               int head_dim) {
+  return batch * heads * kpt_fa90::padded_rows(seqlen_q) * (head_dim + 2);
+}
+
+extern "C" int kpt_fa90_backward(
+    int dtype, int head_dim, const void* q, const int64_t* q_strides, const void* k,
+    const int64_t* k_strides, const void* v, const int64_t* v_strides, const void* out,
+    const int64_t* out_strides, const void* dout, const int64_t* dout_strides, const float* lse,
+    const float* dlse, void* dq, const int64_t* dq_strides, void* dk, const int64_t* dk_strides,
+    void* dv, const int64_t* dv_strides, float* workspace, int64_t batch, int64_t seqlen_q,
+    int64_t seqlen_k, int64_t heads, int64_t heads_kv, float scale, float softcap,
+    int64_t window_left, int64_t window_right, void* stream) {
+  using namespace kpt_fa90;
+  // The Python launcher validates all of this first; these checks keep the C entry point safe.
+  auto even = [](const int64_t* s) { return s[0] % 2 == 0 && s[1] % 2 == 0 && s[2] % 2 == 0; };
+  if ((dtype != KPT_FA90_FP16 && dtype != KPT_FA90_BF16) || (head_dim != 64 && head_dim != 128) ||
+      batch < 1 || batch > 65535 || heads < 1 || heads_kv < 1 || heads_kv > 65535 ||
+      heads % heads_kv != 0 || seqlen_q < 1 || seqlen_k < 1 || seqlen_q >= kMaxSeqlen ||
+      seqlen_k >= kMaxSeqlen || !aligned_strides(q_strides) || !aligned_strides(k_strides) ||
+      !aligned_strides(v_strides) || !aligned_strides(dout_strides) || !even(out_strides) ||
+      !even(dq_strides) || !even(dk_strides) || !even(dv_strides) || workspace == nullptr) {
+    return KPT_FA90_UNSUPPORTED;
+  }
+  for (const void* ptr : {q, k, v, dout, static_cast<const void*>(workspace)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return KPT_FA90_UNSUPPORTED;
+  }
+  for (const void* ptr : {out, static_cast<const void*>(dq), static_cast<const void*>(dk),
+                          static_cast<const void*>(dv)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 4 != 0) return KPT_FA90_UNSUPPORTED;
+  }
+  const int64_t pad = padded_rows(seqlen_q);
+  const int64_t rows = batch * heads * pad;
+  BwdParams params{};
+  params.lse2 = workspace;
+  params.delta = workspace + rows;
+  params.dq_accum = workspace + 2 * rows;
+  params.dk = dk;
+  params.dv = dv;
+  params.dk_batch = dk_strides[0];
+  params.dk_seq = dk_strides[1];
+  params.dk_head = dk_strides[2];
+  params.dv_batch = dv_strides[0];
+  params.dv_seq = dv_strides[1];
+  params.dv_head = dv_strides[2];
+  params.seqlen_q = static_cast<int>(seqlen_q);
+  params.seqlen_k = static_cast<int>(seqlen_k);
+  params.seqlen_q_pad = static_cast<int>(pad);
+  params.heads = static_cast<int>(heads);
+  params.group = static_cast<int>(heads / heads_kv);
+  constexpr float kLog2e = 1.4426950408889634f;
+  params.score_scale = softcap > 0.f ? scale / softcap : scale * kLog2e;
+  params.softcap_log2 = softcap > 0.f ? softcap * kLog2e : 0.f;
+  params.ds_scale = scale;
+  params.window_left = window_left < 0 || window_left > seqlen_k + seqlen_q
+                           ? -1 : static_cast<int>(window_left);
+  params.window_right = window_right < 0 || window_right > seqlen_k + seqlen_q
+                            ? -1 : static_cast<int>(window_right);
+  int rc = make_map(&params.tma_q, dtype, q, q_strides, batch, seqlen_q, heads, head_dim,
+                    kBwdRows);
+  if (rc == KPT_FA90_OK) {
+    rc = make_map(&params.tma_do, dtype, dout, dout_strides, batch, seqlen_q, heads, head_dim,
+                  kBwdRows);
+  }
+  if (rc == KPT_FA90_OK) {
+    rc = make_map(&params.tma_k, dtype, k, k_strides, batch, seqlen_k, heads_kv, head_dim,
+                  kBwdKeys);
+  }
+  if (rc == KPT_FA90_OK) {
+    rc = make_map(&params.tma_v, dtype, v, v_strides, batch, seqlen_k, heads_kv, head_dim,
+                  kBwdKeys);
+  }
+  if (rc != KPT_FA90_OK) return rc;
+
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool bf16 = dtype == KPT_FA90_BF16;
+  if (cudaMemsetAsync(params.dq_accum, 0, rows * head_dim * sizeof(float), s) != cudaSuccess) {
+    return KPT_FA90_CUDA_ERROR;
+  }
+  const auto* out16 = static_cast<const uint16_t*>(out);
+  const auto* dout16 = static_cast<const uint16_t*>(dout);
+  const unsigned prep_blocks = static_cast<unsigned>((rows + 7) / 8);
+  if (bf16) {
+    attention_bwd_prep<true><<<prep_blocks, 256, 0, s>>>(
+        out16, out_strides[0], out_strides[1], out_strides[2], dout16, dout_strides[0],
+        dout_strides[1], dout_strides[2], lse, dlse, workspace, workspace + rows, rows,
+        params.heads, params.seqlen_q, params.seqlen_q_pad, head_dim);
+  } else {
+    attention_bwd_prep<false><<<prep_blocks, 256, 0, s>>>(
+        out16, out_strides[0], out_strides[1], out_strides[2], dout16, dout_strides[0],
+        dout_strides[1], dout_strides[2], lse, dlse, workspace, workspace + rows, rows,
+        params.heads, params.seqlen_q, params.seqlen_q_pad, head_dim);
+  }
+  if (cudaGetLastError() != cudaSuccess) return KPT_FA90_CUDA_ERROR;
+  if (head_dim == 128) {
+    rc = bf16 ? launch_bwd<true, 128>(params, batch, heads_kv, s)
+              : launch_bwd<false, 128>(params, batch, heads_kv, s);
+  } else {
+    rc = bf16 ? launch_bwd<true, 64>(params, batch, heads_kv, s)
+              : launch_bwd<false, 64>(params, batch, heads_kv, s);
+  }
+  if (rc != KPT_FA90_OK) return rc;
+  const int halves = head_dim / 64;
+  const unsigned parts = static_cast<unsigned>(rows / kBwdRows * halves);
+  auto* dq16 = static_cast<uint16_t*>(dq);
+  if (bf16) {
+    attention_bwd_dq<true><<<parts, 128, 0, s>>>(params.dq_accum, dq16, dq_strides[0],
+                                                 dq_strides[1], dq_strides[2], params.heads,
+                                                 params.seqlen_q, params.seqlen_q_pad / kBwdRows,
+                                                 halves);
+  } else {
+    attention_bwd_dq<false><<<parts, 128, 0, s>>>(params.dq_accum, dq16, dq_strides[0],
+                                                  dq_strides[1], dq_strides[2], params.heads,
+                                                  params.seqlen_q, params.seqlen_q_pad / kBwdRows,
+                                                  halves);
+  }
+  return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
+}
