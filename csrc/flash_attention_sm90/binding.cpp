@@ -25,9 +25,9 @@ void check_bshd(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.stride(3) == 1, kOp, ": ", name, " needs a contiguous last dim");
 }
 
-void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-             const at::Tensor& lse, double scale, double softcap, int64_t window_left,
-             int64_t window_right, int64_t variant, int64_t stream) {
+// dtype, layouts and shapes of the tensors both directions take.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
               ": dtype must be float16 or bfloat16");
   check_bshd(q, q, "q");
@@ -36,6 +36,12 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   check_bshd(out, q, "out");
   TORCH_CHECK(k.sizes() == v.sizes(), kOp, ": k and v must have the same shape");
   TORCH_CHECK(out.sizes() == q.sizes(), kOp, ": out must be shaped like q");
+}
+
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+             const at::Tensor& lse, double scale, double softcap, int64_t window_left,
+             int64_t window_right, int64_t variant, int64_t stream) {
+  check_inputs(q, k, v, out);
   TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.scalar_type() == at::kFloat &&
                   lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == q.size(0) &&
                   lse.size(1) == q.size(2) && lse.size(2) == q.size(1),
@@ -72,20 +78,15 @@ void backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, con
               const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
               const at::Tensor& dv, const at::Tensor& workspace, double scale, double softcap,
               int64_t window_left, int64_t window_right, int64_t stream) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
-              ": dtype must be float16 or bfloat16");
-  check_bshd(q, q, "q");
-  check_bshd(k, q, "k");
-  check_bshd(v, q, "v");
-  check_bshd(out, q, "out");
+  check_inputs(q, k, v, out);
   check_bshd(dout, q, "dout");
   check_bshd(dq, q, "dq");
   check_bshd(dk, q, "dk");
   check_bshd(dv, q, "dv");
-  TORCH_CHECK(k.sizes() == v.sizes() && dk.sizes() == k.sizes() && dv.sizes() == k.sizes(), kOp,
-              ": k, v, dk and dv must have the same shape");
-  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes() && dq.sizes() == q.sizes(),
-              kOp, ": out, dout and dq must be shaped like q");
+  TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == k.sizes(), kOp,
+              ": dk and dv must be shaped like k");
+  TORCH_CHECK(dout.sizes() == q.sizes() && dq.sizes() == q.sizes(), kOp,
+              ": dout and dq must be shaped like q");
   check_lse(lse, q, "lse");
   if (dlse.has_value()) check_lse(*dlse, q, "dlse");
   const int dtype = q.scalar_type() == at::kBFloat16 ? KPT_FA90_BF16 : KPT_FA90_FP16;

@@ -249,22 +249,20 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     pin(sc);
     pin(dp);
     wgmma_fence();
+    // acc = A B^T over kD for A = this warpgroup's 64 rows of a [128 x kD] tile (K or V) and
+    // B = a [64 x kD] tile (Q or dO); one commit group each.
+    auto issue_transposed = [&](float* acc, uint32_t a_tile, uint32_t b_tile) {
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t offset = (kk % 4) * 32;
-      wgmma_ss_n64<kBf16, false>(sc, make_desc(k_wg + (kk / 4) * L::kKVChunk + offset, 16, 1024),
-                                 make_desc(q_tile + (kk / 4) * L::kQChunk + offset, 16, 1024),
-                                 kk > 0);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t offset = (kk % 4) * 32;
-      wgmma_ss_n64<kBf16, false>(dp, make_desc(v_wg + (kk / 4) * L::kKVChunk + offset, 16, 1024),
-                                 make_desc(do_tile + (kk / 4) * L::kQChunk + offset, 16, 1024),
-                                 kk > 0);
-    }
-    wgmma_commit();
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t offset = (kk % 4) * 32;
+        wgmma_ss_n64<kBf16, false>(
+            acc, make_desc(a_tile + (kk / 4) * L::kKVChunk + offset, 16, 1024),
+            make_desc(b_tile + (kk / 4) * L::kQChunk + offset, 16, 1024), kk > 0);
+      }
+      wgmma_commit();
+    };
+    issue_transposed(sc, k_wg, q_tile);
+    issue_transposed(dp, v_wg, do_tile);
 
 
     // Element i of sc / dp: key krow + 8 ((i / 2) % 2) of this warpgroup, query

@@ -322,16 +322,23 @@ def _shared(call) -> dict:
                 window_right=call.window_right, softcap=call.softcap)
 
 
+def _sm90_ran(call, config: Config, backward: bool) -> bool:
+    """Run the sm90 kernel named by ``config``. The Problem has no strides: a call whose
+    layout TMA cannot address (misaligned strides) returns False and runs the mma kernels,
+    which copy what they cannot read in place."""
+    module = _sm90_module()
+    if module is None:
+        raise BackendUnavailable(f"{OP}: the sm90 kernels do not import")
+    if (module.backward_call_reasons if backward else module.call_reasons)(call):
+        return False
+    (module.run_backward if backward else module.run)(call, config)
+    return True
+
+
 def run(call, config: Config) -> None:
     """Registry entry of the forward (``cuda`` and ``hip``): write call.out and call.lse."""
     if config.get("impl") == "sm90":
-        module = _sm90_module()
-        if module is None:
-            raise BackendUnavailable(f"{OP}: the sm90 forward does not import")
-        # The Problem has no strides: a call whose layout TMA cannot address (misaligned
-        # strides) runs the mma kernel, which copies what it cannot read in place.
-        if not module.call_reasons(call):
-            module.run(call, config)
+        if _sm90_ran(call, config, backward=False):
             return
         config = {"impl": "mma"}
     out, copy = _into(call.out)
@@ -346,12 +353,7 @@ def run(call, config: Config) -> None:
 def run_backward(call, config: Config) -> None:
     """Registry entry of the backward: write call.dq, call.dk, call.dv."""
     if config.get("impl") == "sm90":
-        module = _sm90_module()
-        if module is None:
-            raise BackendUnavailable(f"{OP}: the sm90 backward does not import")
-        # As in run: a layout TMA cannot address runs the mma kernels instead.
-        if not module.backward_call_reasons(call):
-            module.run_backward(call, config)
+        if _sm90_ran(call, config, backward=True):
             return
         config = {"impl": "mma"}
     grads = [_into(t) for t in (call.dq, call.dk, call.dv)]
