@@ -305,18 +305,25 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       }
     }
 
-    // dV += P^T dO: dO [queries x kD] is MN-major for B (as V is in the forward).
+    // acc += A B over the 64 queries: A (P^T or dS^T) from registers, B = a [64 x kD] tile
+    // (dO or Q), MN-major as V is in the forward; one commit group.
+    auto accumulate_rs = [&](float (&acc)[kD / 2], uint32_t (&a)[kBwdRows / 4],
+                             uint32_t b_tile) {
+      pin(acc);
+      pin(a);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBwdRows / 16; ++kk) {
+        pv_gemm<kBf16, kD>(acc, &a[4 * kk], make_desc(b_tile + kk * 16 * kRowBytes, L::kQChunk,
+                                                      1024));
+      }
+      wgmma_commit();
+    };
+
+    // dV += P^T dO.
 #pragma unroll
     for (int i = 0; i < kBwdRows / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
-    pin(dv);
-    pin(pa);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBwdRows / 16; ++kk) {
-      pv_gemm<kBf16, kD>(dv, &pa[4 * kk], make_desc(do_tile + kk * 16 * kRowBytes, L::kQChunk,
-                                                    1024));
-    }
-    wgmma_commit();
+    accumulate_rs(dv, pa, do_tile);
 
     if constexpr (!kSoftcap) {
       wgmma_wait<1>();  // dP^T (the dV product may still run)
@@ -343,15 +350,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     }
 
     // dK += dS^T Q.
-    pin(dk);
-    pin(ds);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBwdRows / 16; ++kk) {
-      pv_gemm<kBf16, kD>(dk, &ds[4 * kk], make_desc(q_tile + kk * 16 * kRowBytes, L::kQChunk,
-                                                    1024));
-    }
-    wgmma_commit();
+    accumulate_rs(dk, ds, q_tile);
 
     // dQ = dS K: A = dS^T in shared memory read MN-major, B = K [keys x kD] MN-major. The
     // generic-proxy stores must be visible to the async proxy (wgmma) first.

@@ -74,11 +74,16 @@ def _run_and_check(call: Call, config: dict) -> None:
     assert failure is None, failure
 
 
-@needs_sm90
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda sk: f"{sk[0]}x{sk[1]}")
+def reference_grid(test):
+    """The GPU grid both directions run: every length, mask, head dim and dtype."""
+    test = pytest.mark.parametrize("lengths", LENGTHS, ids=lambda sk: f"{sk[0]}x{sk[1]}")(test)
+    test = pytest.mark.parametrize("mask", MASKS)(test)
+    test = pytest.mark.parametrize("d", _sm90.HEAD_DIMS)(test)
+    test = pytest.mark.parametrize("dtype", HALF, ids=str)(test)
+    return needs_sm90(test)
+
+
+@reference_grid
 def test_matches_reference(lengths, mask, d, dtype, config):
     call = make_call(_shape(*lengths, d, **MASKS[mask]), dtype, torch.device("cuda"))
     _run_and_check(call, config)
@@ -158,11 +163,7 @@ def _run_and_check_backward(call: BackwardCall) -> None:
         assert failure is None, failure
 
 
-@needs_sm90
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda sk: f"{sk[0]}x{sk[1]}")
+@reference_grid
 def test_backward_matches_reference(lengths, mask, d, dtype):
     # Key blocks are 128 per CTA and query items 64 rows: the lengths cover partial blocks of
     # both, a single row, and Sq != Sk both ways.

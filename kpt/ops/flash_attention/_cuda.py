@@ -73,10 +73,9 @@ def _sm90_module() -> Any | None:
 
 def _sm90_offered(problem: Problem, backward: bool = False) -> bool:
     """Whether the sm90 kernel (forward, or backward) can run ``problem`` on this device."""
-    if is_rocm() or problem.device_type != "cuda" or not torch.cuda.is_available():
+    if is_rocm() or problem.device_type != "cuda":
         return False
-    if torch.cuda.get_device_capability(problem.device_index)[0] != 9:
-        return False
+    # supports() checks availability and the (cached) compute capability.
     module = _sm90_module()
     if module is None:
         return False
