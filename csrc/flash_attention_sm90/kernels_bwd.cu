@@ -20,6 +20,9 @@
 //                columns over all 128 keys), so each dQ element gets one addition per CTA; at
 //                D = 64 each adds its own keys' share. A warpgroup's 64 x 64 fp32 part is
 //                staged in shared memory and added to an fp32 dQ buffer by one bulk reduce.
+//                Schedule per item: dQ is issued before dK so that its staging stores run
+//                under the dK product, and the next item's S^T and dP^T are issued before the
+//                fence, barrier and reduce that send this item's dQ.
 // Around the kernel: a preprocess kernel forms lse2 = lse * log2(e) (+inf for rows that see no
 // key and for the padding rows, so their P is 0) and delta (minus dlse when lse has a
 // gradient); a postprocess kernel casts the fp32 dQ buffer into dq.
@@ -214,25 +217,53 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   // order (thread t's 32 values as 8 float4 at k * 128 + t: conflict-free stores) and one
   // thread adds the 16 KiB to the matching block of the dQ buffer with a bulk reduce, which
   // moves whole lines instead of 2048 scattered atomics. attention_bwd_dq undoes the order.
-  float4* dq_stage = reinterpret_cast<float4*>(smem + L::kDQ + wg * L::kDQBytes);
-  const uint32_t dq_stage_addr = base + L::kDQ + wg * L::kDQBytes;
   const bool dq_leader = tid == 0;
-  auto add_dq = [&](int head, int m0) {
+  float4* dq_stage = reinterpret_cast<float4*>(smem + L::kDQ + wg * L::kDQBytes);
+  // Waits until the previous item's reduce has read the staging buffer, then fills it.
+  auto stage_dq = [&]() {
     if (dq_leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-    warpgroup_sync(wg);  // the previous item's reduce has read the staging buffer
+    warpgroup_sync(wg);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       dq_stage[k * 128 + tid] = make_float4(dq[4 * k], dq[4 * k + 1], dq[4 * k + 2], dq[4 * k + 3]);
     }
+  };
+  // Makes the staged part visible to the async proxy and adds it to the dQ buffer.
+  auto send_dq = [&](int head, int m0) {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     warpgroup_sync(wg);
     if (dq_leader) {
       const int64_t block =
           ((static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q_pad + m0) * kD +
           (kD == 128 ? wg * 4096 : 0);
-      bulk_reduce_add(p.dq_accum + block, dq_stage_addr, L::kDQBytes);
+      bulk_reduce_add(p.dq_accum + block, base + L::kDQ + wg * L::kDQBytes, L::kDQBytes);
     }
   };
+
+  // acc = A B^T over kD for A = this warpgroup's 64 rows of a [128 x kD] tile (K or V) and
+  // B = a [64 x kD] tile (Q or dO); one commit group each.
+  auto issue_transposed = [&](float* acc, uint32_t a_tile, uint32_t b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t offset = (kk % 4) * 32;
+      wgmma_ss_n64<kBf16, false>(
+          acc, make_desc(a_tile + (kk / 4) * L::kKVChunk + offset, 16, 1024),
+          make_desc(b_tile + (kk / 4) * L::kQChunk + offset, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+  };
+  // S^T = K Q^T and dP^T = V dO^T of item `it`: [64 keys x 64 queries], both operands K-major.
+  float sc[kBwdRows / 2], dp[kBwdRows / 2];
+  auto issue_scores = [&](int it) {
+    const int s = it % kBwdStages;
+    if (it < items) wait(full(s), (it / kBwdStages) & 1);
+    pin(sc);
+    pin(dp);
+    wgmma_fence();
+    issue_transposed(sc, k_wg, base + L::kQ + s * L::kQBytes);
+    issue_transposed(dp, v_wg, base + L::kDO + s * L::kQBytes);
+  };
+  if (items > 0) issue_scores(0);
 
   for (int it = 0; it < items; ++it) {
     const int head = head_kv * p.group + it / per_head;
@@ -242,28 +273,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     const uint32_t do_tile = base + L::kDO + s * L::kQBytes;
     const float* lse_s = reinterpret_cast<const float*>(smem + L::kLse + s * kBwdRows * 4);
     const float* delta_s = reinterpret_cast<const float*>(smem + L::kDelta + s * kBwdRows * 4);
-    wait(full(s), (it / kBwdStages) & 1);
-
-    // S^T = K Q^T and dP^T = V dO^T: [64 keys x 64 queries], both operands K-major.
-    float sc[kBwdRows / 2], dp[kBwdRows / 2];
-    pin(sc);
-    pin(dp);
-    wgmma_fence();
-    // acc = A B^T over kD for A = this warpgroup's 64 rows of a [128 x kD] tile (K or V) and
-    // B = a [64 x kD] tile (Q or dO); one commit group each.
-    auto issue_transposed = [&](float* acc, uint32_t a_tile, uint32_t b_tile) {
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        const uint32_t offset = (kk % 4) * 32;
-        wgmma_ss_n64<kBf16, false>(
-            acc, make_desc(a_tile + (kk / 4) * L::kKVChunk + offset, 16, 1024),
-            make_desc(b_tile + (kk / 4) * L::kQChunk + offset, 16, 1024), kk > 0);
-      }
-      wgmma_commit();
-    };
-    issue_transposed(sc, k_wg, q_tile);
-    issue_transposed(dp, v_wg, do_tile);
-
+    // S^T and dP^T of this item were issued at the end of the previous one (or above).
 
     // Element i of sc / dp: key krow + 8 ((i / 2) % 2) of this warpgroup, query
     // m0 + 8 (i / 4) + col0 + i % 2.
@@ -349,9 +359,6 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       }
     }
 
-    // dK += dS^T Q.
-    accumulate_rs(dk, ds, q_tile);
-
     // dQ = dS K: A = dS^T in shared memory read MN-major, B = K [keys x kD] MN-major. The
     // generic-proxy stores must be visible to the async proxy (wgmma) first.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -378,15 +385,26 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       }
     }
     wgmma_commit();
-    wgmma_wait_all();
+    // dK += dS^T Q, issued after dQ so that dQ's staging runs under it.
+    accumulate_rs(dk, ds, q_tile);
+    wgmma_wait<1>();  // dV and dQ
     pin(dq);
-    pin(dk);
     pin(dv);
     pin(pa);
+    stage_dq();
+    wgmma_wait<0>();  // dK: the stage's Q and dO are no longer read
+    pin(dk);
     pin(ds);
     bar_arrive(empty(s));
-    add_dq(head, m0);
+    // The next item's S^T and dP^T run under the fence, barrier and reduce of this item's dQ.
+    // After the last item they read a stale stage and their results are dropped (there is no
+    // load to wait for).
+    issue_scores(it + 1);  // unconditional: under a branch ptxas serializes the wgmmas (C7515)
+    send_dq(head, m0);
   }
+  wgmma_wait_all();
+  pin(sc);
+  pin(dp);
   if (dq_leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 
   // dK and dV rows of this warpgroup's keys below seqlen_k (zeros where no query sees them).

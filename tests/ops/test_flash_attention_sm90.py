@@ -220,21 +220,47 @@ def test_backward_transposed_views_and_rows_without_keys(d):
     _run_and_check_backward(call)
 
 
+def _backward_problem(device: str, seqlen: int, d: int, mask: str, deterministic: bool = False,
+                      window_left: int = -1, softcap: float = 0.0):
+    """The Problem of a backward call on empty tensors (dispatch reads only shapes)."""
+    q = torch.empty(1, seqlen, 2, d, dtype=torch.bfloat16, device=device)
+    call = BackwardCall(q, None, q, q, q, q, q[..., 0], None, None, seqlen, seqlen, d ** -0.5,
+                        window_left, 0 if mask == "causal" else -1, softcap, deterministic,
+                        q, q, q)
+    return backward_problem_of(call)
+
+
 @needs_sm90
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("d,mask", [(128, "full"), (128, "causal"), (64, "full"),
-                                    (64, "causal")])
-def test_hopper_backward_dispatch(d, mask, deterministic):
-    """The dispatcher keeps Triton's backward first (it measured as fast or faster); within
-    the cuda backend the sm90 kernel is the default unless the call asks for determinism (it
-    adds dq with fp32 reductions), where the deterministic mma kernel is."""
-    call = make_backward_call(_shape(256, 256, d, **MASKS[mask]), torch.bfloat16,
-                              torch.device("cuda"))
-    problem = backward_problem_of(dataclasses.replace(call, deterministic=deterministic))
-    chosen, _ = SPEC_BACKWARD.static_choice(problem)
-    assert chosen.name == "triton"
+@pytest.mark.parametrize("d,mask,seqlen,sm90", [
+    (128, "full", 256, False), (128, "causal", 256, False), (64, "full", 256, False),
+    (64, "causal", 256, False),
+    (128, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN, True),
+    (128, "causal", _cuda.SM90_BACKWARD_MIN_SEQLEN, True),
+    (64, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN, False),
+    (128, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN - 64, False),
+])
+def test_hopper_backward_dispatch(d, mask, seqlen, sm90, deterministic):
+    """The dispatcher puts the sm90 backward first only where it measured faster than
+    Triton's (long sequences at D = 128, full or causal) and never for a deterministic call;
+    within the cuda backend the sm90 kernel is the default unless the call asks for
+    determinism (it adds dq with fp32 reductions), where the deterministic mma kernel is."""
+    problem = _backward_problem("cuda", seqlen, d, mask, deterministic)
+    chosen, config = SPEC_BACKWARD.static_choice(problem)
+    assert chosen.name == ("cuda" if sm90 and not deterministic else "triton")
+    if chosen.name == "cuda":
+        assert config == BACKWARD
     default = SPEC_BACKWARD.backend("cuda").configs(problem)[0]
     assert default == ({"impl": "mma"} if deterministic else BACKWARD)
+
+
+@needs_sm90
+@pytest.mark.parametrize("extra", [dict(mask="full", softcap=30.0),
+                                   dict(mask="causal", window_left=1024)],
+                         ids=["softcap", "window"])
+def test_hopper_backward_dispatch_keeps_triton_for_softcap_and_windows(extra):
+    problem = _backward_problem("cuda", _cuda.SM90_BACKWARD_MIN_SEQLEN, 128, **extra)
+    assert SPEC_BACKWARD.static_choice(problem)[0].name == "triton"
 
 
 # ---- CPU: declared reasons -----------------------------------------------------------------
@@ -256,8 +282,10 @@ def test_hopper_dispatch_prefers_the_overlap_kernel_where_it_measured_faster(d, 
         assert config == CONFIGS["overlap"]
 
 
-def test_prefer_hook_is_empty_off_hopper():
+def test_prefer_hooks_are_empty_off_hopper():
     assert _cuda.prefer(problem_of(_cpu_call())) == ()
+    problem = _backward_problem("cpu", _cuda.SM90_BACKWARD_MIN_SEQLEN, 128, "full")
+    assert _cuda.prefer_backward(problem) == ()
 
 
 def test_reasons_on_cpu():

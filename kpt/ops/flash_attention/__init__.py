@@ -313,7 +313,7 @@ def check_backward(call: BackwardCall, expected: BackwardCall) -> str | None:
     return None
 
 
-# Triton first, except where the forward's prefer hook puts the sm90 kernel ahead (Hopper).
+# Triton first, except where a prefer hook puts the sm90 kernels ahead (Hopper).
 _PRIORITY = {"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",),
              "xla": ("reference",), "xpu": ("reference",), "mps": ("reference",)}
 
@@ -335,6 +335,7 @@ SPEC_BACKWARD = Op(
     tuning=Tuning(shapes=shapes_from_hf_config, make_call=make_backward_call,
                   problem=backward_problem_of, check=check_backward, poison=poison_backward,
                   clone_outputs=clone_backward_outputs),
+    prefer=lazy(f"{__name__}._cuda", "prefer_backward"),
 )
 
 
@@ -564,9 +565,10 @@ def flash_attention(
             sync when omitted. A value below the true maximum gives undefined results.
         return_lse: also return the natural-log logsumexp, float32, (B, H, Sq) or (H, Tq);
             it is differentiable too.
-        deterministic: bitwise-reproducible gradients. The default (Triton) backward always
-            is; the cuda backend's sm90 backward (Hopper) adds dq with fp32 reductions, so
-            ``True`` makes that backend fall back to its deterministic mma kernels.
+        deterministic: bitwise-reproducible gradients. Triton's backward always is; the
+            cuda backend's sm90 backward (Hopper; dispatch's choice for long sequences at head
+            dim 128) adds dq with fp32 reductions, so ``True`` makes dispatch keep Triton and
+            the cuda backend fall back to its deterministic mma kernels.
         backend: force ``"triton"``, ``"cuda"``, ``"hip"`` or ``"reference"`` (also used for
             the backward). Default: the tuned choice, else triton, cuda, hip, reference.
 

@@ -101,6 +101,22 @@ def prefer(problem: Problem) -> tuple[str, ...]:
     return ("cuda",)
 
 
+# From this length on (queries and keys) the sm90 backward beat Triton's on the H200 at head
+# dim 128 without a window or soft cap; below it Triton's won (bench/RESULTS.md, session 6).
+SM90_BACKWARD_MIN_SEQLEN = 8192
+
+
+def prefer_backward(problem: Problem) -> tuple[str, ...]:
+    """The backward's ``prefer`` hook: on Hopper, the cuda backend (its sm90 kernel) before
+    Triton for long sequences at head dim 128, full or causal, without soft cap; Triton keeps
+    D = 64, windows, the soft cap, shorter sequences and deterministic problems."""
+    if (problem["head_dim"] != 128 or problem["mask"] not in ("full", "causal")
+            or problem["softcap"]
+            or min(problem["seqlen_q"], problem["seqlen_k"]) < SM90_BACKWARD_MIN_SEQLEN):
+        return ()
+    return ("cuda",) if _sm90_offered(problem, backward=True) else ()
+
+
 def configs(problem: Problem) -> list[Config]:
     """Forward variants; the first is the default. HIP has only the SIMT kernels."""
     if is_rocm():
@@ -113,9 +129,8 @@ def configs(problem: Problem) -> list[Config]:
 def backward_configs(problem: Problem) -> list[Config]:
     """Backward variants; the first is the default. On Hopper the sm90 wgmma kernel leads where
     it runs (3-6x the mma kernel; it adds dq with fp32 reductions, so a ``deterministic``
-    problem never gets it); mma and simt are deterministic (no atomics). The dispatcher still
-    puts Triton's backward ahead of this backend: on the H200 it ties the sm90 kernel at
-    S = 16384 and beats it elsewhere (bench/RESULTS.md, session 5)."""
+    problem never gets it); mma and simt are deterministic (no atomics). The dispatcher puts
+    this backend ahead of Triton only where ``prefer_backward`` says."""
     if is_rocm() or problem["head_dim"] > MMA_BACKWARD_MAX_HEAD_DIM:
         return [{"impl": "simt"}]
     sm90 = [{"impl": "sm90"}] if _sm90_offered(problem, backward=True) else []
