@@ -566,9 +566,9 @@ def flash_attention(
         return_lse: also return the natural-log logsumexp, float32, (B, H, Sq) or (H, Tq);
             it is differentiable too.
         deterministic: bitwise-reproducible gradients. Triton's backward always is; the
-            cuda backend's sm90 backward (Hopper; dispatch's choice for long sequences at head
-            dim 128) adds dq with fp32 reductions, so ``True`` makes dispatch keep Triton and
-            the cuda backend fall back to its deterministic mma kernels.
+            cuda backend's sm90 backward (Hopper; dispatch's choice at head dim 128 for long
+            sequences and soft caps) adds dq with fp32 reductions, so ``True`` makes dispatch
+            keep Triton and the cuda backend fall back to its deterministic mma kernels.
         backend: force ``"triton"``, ``"cuda"``, ``"hip"`` or ``"reference"`` (also used for
             the backward). Default: the tuned choice, else triton, cuda, hip, reference.
 

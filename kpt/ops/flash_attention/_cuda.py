@@ -102,17 +102,20 @@ def prefer(problem: Problem) -> tuple[str, ...]:
 
 
 # From this length on (queries and keys) the sm90 backward beat Triton's on the H200 at head
-# dim 128 without a window or soft cap; below it Triton's won (bench/RESULTS.md, session 6).
+# dim 128, full or causal; below it Triton's won, except with a soft cap and no mask, where the
+# sm90 kernel led at 4096 tokens too (bench/RESULTS.md, session 6).
 SM90_BACKWARD_MIN_SEQLEN = 8192
 
 
 def prefer_backward(problem: Problem) -> tuple[str, ...]:
     """The backward's ``prefer`` hook: on Hopper, the cuda backend (its sm90 kernel) before
-    Triton for long sequences at head dim 128, full or causal, without soft cap; Triton keeps
-    D = 64, windows, the soft cap, shorter sequences and deterministic problems."""
-    if (problem["head_dim"] != 128 or problem["mask"] not in ("full", "causal")
-            or problem["softcap"]
-            or min(problem["seqlen_q"], problem["seqlen_k"]) < SM90_BACKWARD_MIN_SEQLEN):
+    Triton at head dim 128 for long sequences (full or causal) and for a soft cap without a
+    mask; Triton keeps D = 64, sliding windows, the rest of the shorter sequences and
+    deterministic problems."""
+    if problem["head_dim"] != 128 or problem["mask"] not in ("full", "causal"):
+        return ()
+    long = min(problem["seqlen_q"], problem["seqlen_k"]) >= SM90_BACKWARD_MIN_SEQLEN
+    if not (long or (problem["softcap"] and problem["mask"] == "full")):
         return ()
     return ("cuda",) if _sm90_offered(problem, backward=True) else ()
 
