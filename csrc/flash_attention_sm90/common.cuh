@@ -170,12 +170,10 @@ __device__ __forceinline__ float fast_tanh(float x) {
 template <bool kBf16, int kN = kBlockN>
 __device__ __forceinline__ void qk_gemm(float* acc, uint64_t a, uint64_t b, int accumulate) {
   static_assert(kN == 128 || kN == 176, "key block");
-  if constexpr (kBf16 && kN == 176) {
-    wgmma_ss_Bf16_n176(acc, a, b, accumulate);
+  if constexpr (kN == 176) {
+    wgmma_ss_n176<kBf16>(acc, a, b, accumulate);
   } else if constexpr (kBf16) {
     wgmma_ss_Bf16_n128(acc, a, b, accumulate);
-  } else if constexpr (kN == 176) {
-    wgmma_ss_F16_n176(acc, a, b, accumulate);
   } else {
     wgmma_ss_F16_n128(acc, a, b, accumulate);
   }
