@@ -39,11 +39,13 @@ CASES = [
     ("B1-H32-S16384-D128", "full"), ("B1-H32-S16384-D128", "causal"),
     ("B8-H16-S2048-D64", "full"), ("B8-H16-S2048-D64", "causal"),
 ]
-IMPLS = ["kpt_triton", "kpt_cuda", "kpt_cuda_mma", "kpt_cuda_sm90_overlap", "kpt_auto",
-         "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "torch_flex_compiled"]
+IMPLS = ["kpt_triton", "kpt_cuda", "kpt_cuda_mma", "kpt_cuda_sm90_overlap",
+         "kpt_cuda_sm90_persistent", "kpt_auto", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
+         "torch_flex_compiled"]
 # Forward-only variants timed next to the default choice: {impl: (backend, config)}.
 CONFIG_IMPLS = {"kpt_cuda_mma": ("cuda", {"impl": "mma"}),
-                "kpt_cuda_sm90_overlap": ("cuda", {"impl": "sm90", "variant": "overlap"})}
+                "kpt_cuda_sm90_overlap": ("cuda", {"impl": "sm90", "variant": "overlap"}),
+                "kpt_cuda_sm90_persistent": ("cuda", {"impl": "sm90", "variant": "persistent"})}
 WINDOW = 1024
 SOFTCAP = 30.0
 CALLS = {"fwd": 5, "bwd": 3}

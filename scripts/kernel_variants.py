@@ -10,7 +10,8 @@ the cases below, with Triton's backward timed next to the first variant. A table
   python scripts/kernel_variants.py base= dqfirst=SOME_MACRO probe=A_MACRO=2,nocheck \
       old=src=path/to/other/csrc
 
-``KPT_EXP_CASES=B4S4096,B2S8192c`` limits the cases. The switches themselves live in the
+``KPT_EXP_CASES=B4S4096,B2S8192c`` limits the cases; ``KPT_EXP_FWD_ONLY=1`` times only the
+forward. The switches themselves live in the
 kernel sources only while an experiment runs (SM90_NOTES.md records the outcomes).
 """
 from __future__ import annotations
@@ -24,9 +25,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # kpt, bench and tests from this checkout
-CASES = [  # name, B, H, S, D, causal
+WINDOW = 1024
+CASES = [  # name, B, H, S, D, mask: False (full), True (causal) or "window" (causal, 1024 left)
     ("B4S4096", 4, 32, 4096, 128, False),
     ("B4S4096c", 4, 32, 4096, 128, True),
+    ("B4win1024", 4, 32, 4096, 128, "window"),
     ("B1S16384", 1, 32, 16384, 128, False),
     ("B1S16384c", 1, 32, 16384, 128, True),
     ("B8S2048D64", 8, 16, 2048, 64, False),
@@ -124,20 +127,29 @@ def _time_case(name: str, case: tuple, with_triton: bool) -> None:
     from kpt.ops import flash_attention
     from kpt.ops.flash_attention import BackwardCall, _sm90, _triton, backward_problem_of
 
-    label, b, h, s, d, causal = case
+    label, b, h, s, d, mask = case
+    causal = bool(mask)
+    left = WINDOW if mask == "window" else -1
+    window = (WINDOW, 0) if mask == "window" else (-1, -1)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16,
                                  generator=gen) for _ in range(4))
     with torch.no_grad():
-        out, lse = flash_attention(q, k, v, causal=causal, return_lse=True)
-    fwd_flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
+        out, lse = flash_attention(q, k, v, causal=causal, window=window, return_lse=True)
+    # Visible (query, key) pairs: query i sees min(i + 1, left + 1) keys when causal.
+    pairs = sum(min(i + 1, left + 1) if left >= 0 else i + 1 for i in range(s)) if causal \
+        else s * s
+    fwd_flops = 4 * b * h * pairs * d
     with torch.no_grad():
         us = graph_time_us([functools.partial(flash_attention, q, k, v, causal=causal,
-                                              backend="cuda")], calls=5, replays=5)
+                                              window=window, backend="cuda")],
+                           calls=5, replays=5)
     print(f"ROW {label}:fwd {name} {us:.0f} {fwd_flops / us / 1e6:.0f}", flush=True)
+    if os.environ.get("KPT_EXP_FWD_ONLY") == "1":
+        return
 
     def backward_call() -> BackwardCall:
-        return BackwardCall(dout, None, q, k, v, out, lse, None, None, s, s, d ** -0.5, -1,
+        return BackwardCall(dout, None, q, k, v, out, lse, None, None, s, s, d ** -0.5, left,
                             0 if causal else -1, 0.0, False, torch.empty_like(q),
                             torch.empty_like(k), torch.empty_like(v))
 

@@ -22,10 +22,12 @@ constexpr int64_t kMaxSeqlen = int64_t{1} << 28;
 
 struct Params {
   CUtensorMap tma_q, tma_k, tma_v;
+  CUtensorMap tma_o;    // box [64 x 64]; used by the overlap kernel when store_tma is set
+  int store_tma;        // out has TMA-aligned strides: O leaves through shared memory + TMA
   void* out;
   int64_t out_batch, out_seq, out_head;
   float* lse;
-  int seqlen_q, seqlen_k, heads, group;
+  int seqlen_q, seqlen_k, heads, group, batch;
   float score_scale;    // to the log2 domain: scale * log2(e), or scale / softcap with softcap
   float softcap_log2;   // softcap * log2(e); 0 without soft cap
   int window_left, window_right;
@@ -101,6 +103,28 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, u
       " [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
       : "memory");
+}
+
+// The [64 x rows] box at smem `src` to the tensor at (c0, c1, c2, c3); one bulk group.
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, uint32_t src, int c0, int c1,
+                                          int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n\t"
+      "cp.async.bulk.commit_group;" ::"l"(reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// Waits until every bulk group of this thread has finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+
+// Byte offset of the 4-byte pair at (row, col) of a [rows x 64] 16-bit tile in the 128-byte
+// swizzle a TMA box uses: 16-byte chunk col / 8 of row `row` sits at (col / 8) ^ (row % 8). With
+// the accumulator layout (8 rows per warp, 4 threads per row) a warp's stores hit 32 banks.
+__device__ __forceinline__ uint32_t swizzled(int row, int col) {
+  return row * kRowBytes + ((((col / 8) ^ row) & 7) * 16) + (col % 8) * 2;
 }
 
 // wgmma shared-memory descriptor for a 128B-swizzled tile (PTX ISA "matrix descriptor"):
@@ -279,11 +303,13 @@ __device__ __forceinline__ uint32_t ring_bar(uint32_t bars, int stage, int which
 }
 
 // The producer warpgroup's one thread: Q once, then K and V of key blocks n_last, n_last - 1,
-// ... into the kStages ring, each stage reloaded once the consumers released it. L gives the
+// ... into the kStages ring (continuing after `ring` earlier blocks), each stage reloaded once
+// the consumers released it. L gives the
 // tile offsets and sizes (kQ, kQBytes, kQChunk, kK, kV, kKVBytes, kKVChunk) and the key block kN.
 template <class L, int kD, int kStages>
 __device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t bars, int m0,
-                                        int head, int batch, int n_last, int blocks) {
+                                        int head, int batch, int n_last, int blocks,
+                                        int ring = 0) {
   const int head_kv = head / p.group;
   bar_expect_tx(bars, L::kQBytes);
 #pragma unroll
@@ -292,8 +318,8 @@ __device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t
   }
   for (int it = 0; it < blocks; ++it) {
     const int n0 = (n_last - it) * L::kN;
-    const int s = it % kStages;
-    const uint32_t free_parity = ((it / kStages) & 1) ^ 1;  // fresh barriers pass parity 1
+    const int s = (ring + it) % kStages;  // `ring` blocks went through the ring before
+    const uint32_t free_parity = (((ring + it) / kStages) & 1) ^ 1;  // fresh barriers pass 1
 #pragma unroll
     for (int kv = 0; kv < 2; ++kv) {  // K, then V
       wait(ring_bar(bars, s, 2 + 2 * kv), free_parity);
@@ -405,6 +431,49 @@ __device__ __forceinline__ void store_output(const Params& p, int batch, int hea
   }
 }
 
+// The same epilogue through shared memory: a warpgroup writes its 64 normalised O rows (rows
+// row0 - wg_row_lo and + 8 of the tile, in the TMA box's swizzle) to `stage` (kD / 64 chunks of
+// 64 rows x 128 B, chunk_bytes apart; the caller guarantees nothing else reads it any more),
+// then one thread stores the chunks with TMA, which clips rows past seqlen_q, and (with
+// `wait_read`) waits until they have read `stage`. `bar_id` is a named barrier for this
+// warpgroup's 128 threads.
+template <bool kBf16, int kD>
+__device__ __forceinline__ void store_output_tma(const Params& p, int batch, int head,
+                                                 int wg_row_lo, int row0, int col0, int tid,
+                                                 uint32_t stage, uint32_t chunk_bytes, int bar_id,
+                                                 const float (&o)[kD / 2],
+                                                 const float (&row_max)[2], float (&row_sum)[2],
+                                                 bool wait_read = true) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = row0 + 8 * h;
+    const int r = row - wg_row_lo;
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      const uint32_t addr = stage + (j / 8) * chunk_bytes + swizzled(r, 8 * (j % 8) + col0);
+      const uint32_t v = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+    }
+    if (row < p.seqlen_q && tid % 4 == 0) {
+      const float lse = sum > 0.f ? (row_max[h] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+      p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
+    }
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  asm volatile("bar.sync %0, 128;" ::"r"(bar_id) : "memory");
+  if (tid == 0) {
+#pragma unroll
+    for (int c = 0; c < kD / 64; ++c) {
+      tma_store(&p.tma_o, stage + c * chunk_bytes, c * kSwizzleElems, wg_row_lo, head, batch);
+    }
+    if (wait_read) bulk_wait_read();  // the shared memory must outlive the reads
+  }
+}
+
 // The key columns [n_begin, n_end) some row of the query tile [m0, m0 + block_m) can see.
 __device__ __forceinline__ void key_range(const Params& p, int m0, int block_m, int& n_begin,
                                           int& n_end) {
@@ -429,6 +498,6 @@ int overlap_block_m(int head_dim);
 // the keys noticeably more than 128-key blocks do, else 128. It sizes the K and V tensor maps.
 int overlap_block_n(int head_dim, bool masked, int64_t seqlen_k);
 int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen_q,
-                   int64_t heads, int64_t batch, cudaStream_t stream);
+                   int64_t heads, int64_t batch, bool persistent, cudaStream_t stream);
 
 }  // namespace kpt_fa90

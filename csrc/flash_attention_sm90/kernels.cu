@@ -222,7 +222,8 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
       seqlen_k >= kMaxSeqlen || !aligned_strides(q_strides) || !aligned_strides(k_strides) ||
       !aligned_strides(v_strides) || out_strides[0] % 2 || out_strides[1] % 2 ||
       out_strides[2] % 2 ||
-      (variant != KPT_FA90_VARIANT_BASE && variant != KPT_FA90_VARIANT_OVERLAP)) {
+      (variant != KPT_FA90_VARIANT_BASE && variant != KPT_FA90_VARIANT_OVERLAP &&
+       variant != KPT_FA90_VARIANT_PERSISTENT)) {
     return KPT_FA90_UNSUPPORTED;
   }
   for (const void* ptr : {q, k, v}) {
@@ -238,6 +239,7 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   params.seqlen_q = static_cast<int>(seqlen_q);
   params.seqlen_k = static_cast<int>(seqlen_k);
   params.heads = static_cast<int>(heads);
+  params.batch = static_cast<int>(batch);
   params.group = static_cast<int>(heads / heads_kv);
   constexpr float kLog2e = 1.4426950408889634f;
   if (softcap > 0.f) {
@@ -252,7 +254,7 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
                            ? -1 : static_cast<int>(window_left);
   params.window_right = window_right < 0 || window_right > seqlen_k + seqlen_q
                             ? -1 : static_cast<int>(window_right);
-  const bool overlap = variant == KPT_FA90_VARIANT_OVERLAP;
+  const bool overlap = variant != KPT_FA90_VARIANT_BASE;  // persistent: the overlap kernel
   const bool masked = params.window_left >= 0 || params.window_right >= 0;
   const int block_m = overlap ? overlap_block_m(head_dim) : kBlockM;
   const int block_n = overlap ? overlap_block_n(head_dim, masked, seqlen_k) : kBlockN;
@@ -264,9 +266,17 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
     rc = make_map(&params.tma_v, dtype, v, v_strides, batch, seqlen_k, heads_kv, head_dim, block_n);
   }
   if (rc != KPT_FA90_OK) return rc;
+  // The overlap kernel stores O with TMA where out's rows allow it (else from registers).
+  params.store_tma = overlap && aligned_strides(out_strides) &&
+                     reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                     make_map(&params.tma_o, dtype, out, out_strides, batch, seqlen_q, heads,
+                              head_dim, 64) == KPT_FA90_OK;
   auto s = static_cast<cudaStream_t>(stream);
   const bool bf16 = dtype == KPT_FA90_BF16;
-  if (overlap) return launch_overlap(params, bf16, head_dim, seqlen_q, heads, batch, s);
+  if (overlap) {
+    return launch_overlap(params, bf16, head_dim, seqlen_q, heads, batch,
+                          variant == KPT_FA90_VARIANT_PERSISTENT, s);
+  }
   const int64_t m_blocks = (seqlen_q + kBlockM - 1) / kBlockM;
   if (head_dim == 128) {
     return bf16 ? launch<true, 128>(params, m_blocks, heads, batch, s)

@@ -23,9 +23,12 @@
 //                Schedule per item: dQ is issued before dK so that its staging stores run
 //                under the dK product, and the next item's S^T and dP^T are issued before the
 //                fence, barrier and reduce that send this item's dQ.
+// At the end dK and dV leave through the freed Q/dO ring and TMA stores (register stores where
+// their strides do not allow TMA).
 // Around the kernel: a preprocess kernel forms lse2 = lse * log2(e) (+inf for rows that see no
 // key and for the padding rows, so their P is 0) and delta (minus dlse when lse has a
-// gradient); a postprocess kernel casts the fp32 dQ buffer into dq.
+// gradient); a postprocess kernel casts the fp32 dQ buffer into dq. Both run near the memory
+// bandwidth (16-byte accesses; the cast transposes through shared memory).
 // Speed and what was tried: kpt/ops/flash_attention/SM90_NOTES.md ("Backward").
 
 #include <cuda.h>
@@ -52,6 +55,8 @@ static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "registers");
 
 struct BwdParams {
   CUtensorMap tma_q, tma_k, tma_v, tma_do;
+  CUtensorMap tma_dk, tma_dv;  // box [64 x 64]; used when store_tma is set
+  int store_tma;               // dk and dv have TMA-aligned strides: stored through shared memory
   const float* lse2;   // (B, H, Sq_pad): log2-domain lse, +inf where P must be 0
   const float* delta;  // (B, H, Sq_pad): rowsum(dO * O) - dlse
   float* dq_accum;     // (B, H, Sq_pad, D), zeroed before the launch
@@ -407,21 +412,51 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   pin(dp);
   if (dq_leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 
-  // dK and dV rows of this warpgroup's keys below seqlen_k (zeros where no query sees them).
+  // dK and dV rows of this warpgroup's keys (zeros where no query sees them).
+  if (p.store_tma) {
+    // Through the Q/dO ring, free once both warpgroups' products are done (the other one's
+    // last dK product reads the same Q stage): per warpgroup kD / 64 boxes of dK then of dV,
+    // each 64 keys x 128 B in the TMA swizzle; TMA clips the keys past seqlen_k.
+    asm volatile("bar.sync 1, 256;" ::: "memory");
+    constexpr uint32_t kBox = 64 * kRowBytes;
+    const uint32_t stage = base + L::kQ + wg * 2 * (kD / 64) * kBox;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int key = key_lo + krow + 8 * h;
-    if (key >= p.seqlen_k) continue;
-    uint32_t* dk_dst = reinterpret_cast<uint32_t*>(
-        static_cast<uint16_t*>(p.dk) + batch * p.dk_batch + head_kv * p.dk_head +
-        static_cast<int64_t>(key) * p.dk_seq + col0);
-    uint32_t* dv_dst = reinterpret_cast<uint32_t*>(
-        static_cast<uint16_t*>(p.dv) + batch * p.dv_batch + head_kv * p.dv_head +
-        static_cast<int64_t>(key) * p.dv_seq + col0);
+    for (int h = 0; h < 2; ++h) {
+      const int r = krow + 8 * h;
 #pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      dk_dst[4 * j] = pack2<kBf16>(dk[4 * j + 2 * h], dk[4 * j + 2 * h + 1]);
-      dv_dst[4 * j] = pack2<kBf16>(dv[4 * j + 2 * h], dv[4 * j + 2 * h + 1]);
+      for (int j = 0; j < kD / 8; ++j) {
+        const uint32_t at = stage + (j / 8) * kBox + swizzled(r, 8 * (j % 8) + col0);
+        st_shared(at, pack2<kBf16>(dk[4 * j + 2 * h], dk[4 * j + 2 * h + 1]));
+        st_shared(at + (kD / 64) * kBox, pack2<kBf16>(dv[4 * j + 2 * h], dv[4 * j + 2 * h + 1]));
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    warpgroup_sync(wg);
+    if (tid == 0) {
+#pragma unroll
+      for (int c = 0; c < kD / 64; ++c) {
+        tma_store(&p.tma_dk, stage + c * kBox, c * kSwizzleElems, key_lo, head_kv, batch);
+        tma_store(&p.tma_dv, stage + (kD / 64 + c) * kBox, c * kSwizzleElems, key_lo, head_kv,
+                  batch);
+      }
+      bulk_wait_read();
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int key = key_lo + krow + 8 * h;
+      if (key >= p.seqlen_k) continue;
+      uint32_t* dk_dst = reinterpret_cast<uint32_t*>(
+          static_cast<uint16_t*>(p.dk) + batch * p.dk_batch + head_kv * p.dk_head +
+          static_cast<int64_t>(key) * p.dk_seq + col0);
+      uint32_t* dv_dst = reinterpret_cast<uint32_t*>(
+          static_cast<uint16_t*>(p.dv) + batch * p.dv_batch + head_kv * p.dv_head +
+          static_cast<int64_t>(key) * p.dv_seq + col0);
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) {
+        dk_dst[4 * j] = pack2<kBf16>(dk[4 * j + 2 * h], dk[4 * j + 2 * h + 1]);
+        dv_dst[4 * j] = pack2<kBf16>(dv[4 * j + 2 * h], dv[4 * j + 2 * h + 1]);
+      }
     }
   }
 #endif
@@ -436,7 +471,51 @@ __device__ __forceinline__ float2 unpack2(uint32_t v) {
   }
 }
 
-// One warp per (batch, head, padded query row): lse2 and delta (see BwdParams).
+// lse2 and delta (see BwdParams) of one (batch, head, padded query row) per kLanes = D / 8
+// threads: each loads 16 bytes of O and of dO (8 elements) and the group sums its products
+// with shuffles. Needs 16-byte aligned rows of out and dout (kpt_fa90_backward checks; the
+// scalar kernel below covers the rest). 256 threads = 256 / kLanes rows per block.
+template <bool kBf16, int kLanes>
+__global__ void __launch_bounds__(256) attention_bwd_prep_vec(
+    const uint16_t* __restrict__ out, int64_t out_batch, int64_t out_seq, int64_t out_head,
+    const uint16_t* __restrict__ dout, int64_t dout_batch, int64_t dout_seq, int64_t dout_head,
+    const float* __restrict__ lse, const float* __restrict__ dlse, float* __restrict__ lse2,
+    float* __restrict__ delta, int64_t rows, int heads, int seqlen_q, int seqlen_q_pad) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (256 / kLanes) + threadIdx.x / kLanes;
+  const int part = threadIdx.x % kLanes;
+  const bool valid = r < rows;  // no early return: the whole warp takes part in the shuffles
+  const int q = static_cast<int>(r % seqlen_q_pad);
+  const int64_t bh = r / seqlen_q_pad;
+  const int64_t b = bh / heads, h = bh % heads;
+  float acc = 0.f;
+  if (valid && q < seqlen_q) {
+    const uint4 o = *reinterpret_cast<const uint4*>(out + b * out_batch + q * out_seq +
+                                                    h * out_head + 8 * part);
+    const uint4 g = *reinterpret_cast<const uint4*>(dout + b * dout_batch + q * dout_seq +
+                                                    h * dout_head + 8 * part);
+    const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, gw[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 a = unpack2<kBf16>(ow[i]), c = unpack2<kBf16>(gw[i]);
+      acc = fmaf(a.x, c.x, fmaf(a.y, c.y, acc));
+    }
+  }
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (valid && part == 0) {
+    if (q >= seqlen_q) {
+      lse2[r] = INFINITY;
+      delta[r] = 0.f;
+    } else {
+      const int64_t li = bh * seqlen_q + q;
+      const float l = lse[li];
+      delta[r] = dlse == nullptr ? acc : acc - dlse[li];
+      lse2[r] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+    }
+  }
+}
+
+// The same for any even strides and 4-byte aligned rows: one warp per row, 4-byte loads.
 template <bool kBf16>
 __global__ void __launch_bounds__(256) attention_bwd_prep(
     const uint16_t* out, int64_t out_batch, int64_t out_seq, int64_t out_head,
@@ -475,11 +554,18 @@ __global__ void __launch_bounds__(256) attention_bwd_prep(
 }
 
 // dq (B, Sq, H, D) strided from the fp32 buffer: one 128-thread block per staged 64 x 64 part
-// (batch, head, 64-row block, 64-column half), in the fragment order add_dq wrote it.
+// (batch, head, 64-row block, 64-column half), in the fragment order stage_dq wrote it. All 8
+// loads of a thread are issued first (coalesced float4), the part is transposed to row-major
+// through shared memory (row pitch 72 floats: the float2 stores of a half-warp hit 32
+// different banks), then 16 threads write a row's 64 columns as 4 values each (128 contiguous
+// bytes per row; 8-byte stores where dq allows them, else two 4-byte ones).
 template <bool kBf16>
 __global__ void __launch_bounds__(128) attention_bwd_dq(
-    const float* dq_accum, uint16_t* dq, int64_t dq_batch, int64_t dq_seq, int64_t dq_head,
-    int heads, int seqlen_q, int row_blocks, int halves) {
+    const float* __restrict__ dq_accum, uint16_t* __restrict__ dq, int64_t dq_batch,
+    int64_t dq_seq, int64_t dq_head, int heads, int seqlen_q, int row_blocks, int halves,
+    int store8) {
+  constexpr int kPitch = 72;
+  __shared__ float tile[64 * kPitch];
   const int64_t part = blockIdx.x;
   const int half = static_cast<int>(part % halves);
   const int row_block = static_cast<int>(part / halves % row_blocks);
@@ -487,16 +573,30 @@ __global__ void __launch_bounds__(128) attention_bwd_dq(
   const int64_t b = bh / heads, h = bh % heads;
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
   const float4* src = reinterpret_cast<const float4*>(dq_accum + part * 4096);
-  uint16_t* base = dq + b * dq_batch + h * dq_head + half * 64 + 2 * (lane % 4);
+  float4 v[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = src[k * 128 + t];
+  const int r = warp * 16 + lane / 4, c = 2 * (lane % 4);
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    const float4 v = src[k * 128 + t];
-    const int row = row_block * 64 + warp * 16 + lane / 4;
-    if (row < seqlen_q) {
-      *reinterpret_cast<uint32_t*>(base + row * dq_seq + 8 * k) = pack2<kBf16>(v.x, v.y);
-    }
-    if (row + 8 < seqlen_q) {
-      *reinterpret_cast<uint32_t*>(base + (row + 8) * dq_seq + 8 * k) = pack2<kBf16>(v.z, v.w);
+    *reinterpret_cast<float2*>(&tile[r * kPitch + 8 * k + c]) = make_float2(v[k].x, v[k].y);
+    *reinterpret_cast<float2*>(&tile[(r + 8) * kPitch + 8 * k + c]) = make_float2(v[k].z, v[k].w);
+  }
+  __syncthreads();
+  uint16_t* base = dq + b * dq_batch + h * dq_head + half * 64 + 4 * (t % 16);
+#pragma unroll
+  for (int pass = 0; pass < 8; ++pass) {
+    const int row = pass * 8 + t / 16;
+    const int q = row_block * 64 + row;
+    if (q >= seqlen_q) continue;
+    const float4 x = *reinterpret_cast<const float4*>(&tile[row * kPitch + 4 * (t % 16)]);
+    const uint32_t lo = pack2<kBf16>(x.x, x.y), hi = pack2<kBf16>(x.z, x.w);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(base + q * dq_seq);
+    if (store8) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+    } else {
+      dst[0] = lo;
+      dst[1] = hi;
     }
   }
 }
@@ -594,6 +694,14 @@ extern "C" int kpt_fa90_backward(
                   kBwdKeys);
   }
   if (rc != KPT_FA90_OK) return rc;
+  // dK and dV leave through shared memory and TMA where their rows allow it.
+  params.store_tma =
+      aligned_strides(dk_strides) && aligned_strides(dv_strides) &&
+      reinterpret_cast<uintptr_t>(dk) % 16 == 0 && reinterpret_cast<uintptr_t>(dv) % 16 == 0 &&
+      make_map(&params.tma_dk, dtype, dk, dk_strides, batch, seqlen_k, heads_kv, head_dim, 64) ==
+          KPT_FA90_OK &&
+      make_map(&params.tma_dv, dtype, dv, dv_strides, batch, seqlen_k, heads_kv, head_dim, 64) ==
+          KPT_FA90_OK;
 
   auto s = static_cast<cudaStream_t>(stream);
   const bool bf16 = dtype == KPT_FA90_BF16;
@@ -602,17 +710,27 @@ extern "C" int kpt_fa90_backward(
   }
   const auto* out16 = static_cast<const uint16_t*>(out);
   const auto* dout16 = static_cast<const uint16_t*>(dout);
-  const unsigned prep_blocks = static_cast<unsigned>((rows + 7) / 8);
-  if (bf16) {
-    attention_bwd_prep<true><<<prep_blocks, 256, 0, s>>>(
-        out16, out_strides[0], out_strides[1], out_strides[2], dout16, dout_strides[0],
-        dout_strides[1], dout_strides[2], lse, dlse, workspace, workspace + rows, rows,
-        params.heads, params.seqlen_q, params.seqlen_q_pad, head_dim);
+  // 16-byte rows of out and dout take the vectorised prep (dout always has them: TMA).
+  const bool out16b = reinterpret_cast<uintptr_t>(out) % 16 == 0 && out_strides[0] % 8 == 0 &&
+                      out_strides[1] % 8 == 0 && out_strides[2] % 8 == 0;
+  if (out16b) {
+    const int lanes = head_dim / 8;
+    const unsigned blocks = static_cast<unsigned>((rows + 256 / lanes - 1) / (256 / lanes));
+    auto prep = head_dim == 128 ? (bf16 ? attention_bwd_prep_vec<true, 16>
+                                        : attention_bwd_prep_vec<false, 16>)
+                                : (bf16 ? attention_bwd_prep_vec<true, 8>
+                                        : attention_bwd_prep_vec<false, 8>);
+    prep<<<blocks, 256, 0, s>>>(out16, out_strides[0], out_strides[1], out_strides[2], dout16,
+                                dout_strides[0], dout_strides[1], dout_strides[2], lse, dlse,
+                                workspace, workspace + rows, rows, params.heads, params.seqlen_q,
+                                params.seqlen_q_pad);
   } else {
-    attention_bwd_prep<false><<<prep_blocks, 256, 0, s>>>(
-        out16, out_strides[0], out_strides[1], out_strides[2], dout16, dout_strides[0],
-        dout_strides[1], dout_strides[2], lse, dlse, workspace, workspace + rows, rows,
-        params.heads, params.seqlen_q, params.seqlen_q_pad, head_dim);
+    const unsigned prep_blocks = static_cast<unsigned>((rows + 7) / 8);
+    auto prep = bf16 ? attention_bwd_prep<true> : attention_bwd_prep<false>;
+    prep<<<prep_blocks, 256, 0, s>>>(out16, out_strides[0], out_strides[1], out_strides[2],
+                                     dout16, dout_strides[0], dout_strides[1], dout_strides[2],
+                                     lse, dlse, workspace, workspace + rows, rows, params.heads,
+                                     params.seqlen_q, params.seqlen_q_pad, head_dim);
   }
   if (cudaGetLastError() != cudaSuccess) return KPT_FA90_CUDA_ERROR;
   if (head_dim == 128) {
@@ -626,16 +744,11 @@ extern "C" int kpt_fa90_backward(
   const int halves = head_dim / 64;
   const unsigned parts = static_cast<unsigned>(rows / kBwdRows * halves);
   auto* dq16 = static_cast<uint16_t*>(dq);
-  if (bf16) {
-    attention_bwd_dq<true><<<parts, 128, 0, s>>>(params.dq_accum, dq16, dq_strides[0],
-                                                 dq_strides[1], dq_strides[2], params.heads,
-                                                 params.seqlen_q, params.seqlen_q_pad / kBwdRows,
-                                                 halves);
-  } else {
-    attention_bwd_dq<false><<<parts, 128, 0, s>>>(params.dq_accum, dq16, dq_strides[0],
-                                                  dq_strides[1], dq_strides[2], params.heads,
-                                                  params.seqlen_q, params.seqlen_q_pad / kBwdRows,
-                                                  halves);
-  }
+  const int store8 = reinterpret_cast<uintptr_t>(dq) % 8 == 0 && dq_strides[0] % 4 == 0 &&
+                     dq_strides[1] % 4 == 0 && dq_strides[2] % 4 == 0;
+  auto post = bf16 ? attention_bwd_dq<true> : attention_bwd_dq<false>;
+  post<<<parts, 128, 0, s>>>(params.dq_accum, dq16, dq_strides[0], dq_strides[1], dq_strides[2],
+                             params.heads, params.seqlen_q, params.seqlen_q_pad / kBwdRows,
+                             halves, store8);
   return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
 }

@@ -12,6 +12,13 @@
 //   * per head_dim tiles: D=128 uses 2 consumers (128 rows) and a 2-stage K/V ring of 128-key
 //     blocks (160 KiB), or of 176-key blocks without a mask when the keys pad well (209 KiB);
 //     D=64, whose softmax is as long as its GEMMs, uses 3 consumers (192 rows) and 3 stages.
+// Persistent CTAs (variant "persistent"): one CTA per SM walks query tiles blockIdx.x,
+// + gridDim.x, ... (the non-persistent grid runs the same loop once per CTA). The
+// producer loads the next tile's Q as soon as every consumer has issued its last S GEMM of the
+// tile, and its K/V as ring stages free up, so loads, barrier set-up and the CTA launch no
+// longer sit between tiles; O leaves through its own shared-memory buffer and TMA stores
+// (where shared memory has room: not with 176-key blocks, which stage O in the Q rows and
+// release Q after the store has read it).
 // Masks are applied only to key blocks that are not fully visible to a warpgroup's 64 rows.
 // Every mbarrier wait is bounded (wait() ends the launch with an error); the named barriers
 // cannot hang because every consumer warpgroup runs the same number of turns (see the ring).
@@ -19,6 +26,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -41,6 +49,13 @@ constexpr int consumers_for() {
 
 template <int kD, int kBlockKeys>
 struct Tile : SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 : 2> {
+  using Base = SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 : 2>;
+  // q_empty (all consumer threads release Q) after the ring's barriers.
+  static constexpr int kQEmpty = Base::kBytes;
+  // O's own staging buffer [rows x kD] (kD / 64 chunks like Q) where shared memory has room.
+  static constexpr int kO = (kQEmpty + 8 + 1023) / 1024 * 1024;
+  static constexpr bool kSeparateO = kO + Base::kQBytes + 1024 <= 227 * 1024;
+  static constexpr int kTotal = kSeparateO ? kO + Base::kQBytes + 1024 : kQEmpty + 8 + 1024;
   static constexpr int kConsumers = consumers_for<kD>();
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // setmaxnreg budgets: 128 x (producer + consumers x kConsumers) <= 64 Ki registers.
@@ -77,18 +92,11 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   auto v_full = [&](int s) { return ring_bar(bars, s, 3); };
   auto v_empty = [&](int s) { return ring_bar(bars, s, 4); };
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // long (causal) tiles first
-  const int head = blockIdx.y, batch = blockIdx.z;
-  const int m0 = m_block * T::kBlockM;
-  int n_begin, n_end;
-  key_range(p, m0, T::kBlockM, n_begin, n_end);
-  const int n_first = n_begin / kN;
-  const int n_last = n_end > n_begin ? (n_end - 1) / kN : n_first - 1;
-  const int blocks = n_last - n_first + 1;  // the same for every consumer warpgroup
-
+  const uint32_t q_empty = base + T::kQEmpty;
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     bar_init(q_full, 1);
+    bar_init(q_empty, kConsumers * 128);
     for (int s = 0; s < kStages; ++s) {
       bar_init(k_full(s), 1);
       bar_init(v_full(s), 1);
@@ -99,11 +107,41 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   }
   __syncthreads();
 
+  // Tiles in launch order: query tiles of one (batch, head), longest causal ones first, then
+  // the next head; a CTA takes every gridDim.x-th.
+  const int m_blocks = (p.seqlen_q + T::kBlockM - 1) / T::kBlockM;
+  const int64_t tiles = static_cast<int64_t>(m_blocks) * p.heads * p.batch;
+  struct TileInfo {
+    int m0, head, batch, n_last, blocks;
+  };
+  auto tile_info = [&](int64_t t) {
+    TileInfo ti;
+    const int64_t bh = t / m_blocks;
+    ti.m0 = (m_blocks - 1 - static_cast<int>(t % m_blocks)) * T::kBlockM;
+    ti.head = static_cast<int>(bh % p.heads);
+    ti.batch = static_cast<int>(bh / p.heads);
+    int n_begin, n_end;
+    key_range(p, ti.m0, T::kBlockM, n_begin, n_end);
+    const int n_first = n_begin / kN;
+    ti.n_last = n_end > n_begin ? (n_end - 1) / kN : n_first - 1;
+    ti.blocks = ti.n_last - n_first + 1;  // the same for every consumer warpgroup
+    return ti;
+  };
+
   if (warpgroup == 0) {
-    // ---- producer: Q once, then K and V of each key block into the ring ----
+    // ---- producer: per tile, Q once Q is released, then K and V of each key block ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(T::kProducerRegs));
-    if (threadIdx.x != 0 || blocks <= 0) return;
-    produce<T, kD, T::kStages>(p, base, bars, m0, head, batch, n_last, blocks);
+    if (threadIdx.x != 0) return;
+    int ring = 0, q_uses = 0;
+    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+      const TileInfo ti = tile_info(t);
+      if (ti.blocks <= 0) continue;
+      wait(q_empty, (q_uses & 1) ^ 1);  // fresh barriers pass parity 1
+      ++q_uses;
+      produce<T, kD, kStages>(p, base, bars, ti.m0, ti.head, ti.batch, ti.n_last, ti.blocks,
+                              ring);
+      ring += ti.blocks;
+    }
     return;
   }
 
@@ -112,113 +150,153 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   const int wg = warpgroup - 1;
   const int tid = threadIdx.x - 128 * warpgroup;
   const int warp = tid / 32, lane = tid % 32;
-  const int wg_row_lo = m0 + wg * 64;
-  const int row0 = wg_row_lo + warp * 16 + lane / 4;  // and row0 + 8 (accumulator layout)
   const int col0 = 2 * (lane % 4);
+  const uint32_t q_tile = base + T::kQ + wg * 64 * kRowBytes;
+  const uint32_t o_stage = (T::kSeparateO ? base + T::kO : base + T::kQ) + wg * 64 * kRowBytes;
+  // Turn ring: warpgroup g waits on barrier 1 + g and passes to the next one. The last
+  // warpgroup hands out the first turn of a tile and skips its final pass, so every barrier
+  // gets as many arrivals as waits per tile (nothing is left pending between tiles or at exit).
+  const int my_turn = 1 + wg;
+  const int next_turn = 1 + (wg + 1) % kConsumers;
+  const bool last_wg = wg == kConsumers - 1;
+  const int o_bar = 1 + kConsumers + wg;  // this warpgroup's own named barrier
+  int ring = 0, q_uses = 0;
 
-  float o[kD / 2];
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const TileInfo ti = tile_info(t);
+    const int m0 = ti.m0, head = ti.head, batch = ti.batch, n_last = ti.n_last;
+    const int blocks = ti.blocks;
+    const int wg_row_lo = m0 + wg * 64;
+    const int row0 = wg_row_lo + warp * 16 + lane / 4;  // and row0 + 8 (accumulator layout)
+
+    float o[kD / 2];
 #pragma unroll
-  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
+    for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
 
-  if (blocks > 0) {
-    const uint32_t q_tile = base + T::kQ + wg * 64 * kRowBytes;
-    // Turn ring: warpgroup g waits on barrier 1 + g and passes to the next one. The last
-    // warpgroup hands out the first turn and skips its final pass, so every barrier gets as
-    // many arrivals as waits (nothing is left pending at exit).
-    const int my_turn = 1 + wg;
-    const int next_turn = 1 + (wg + 1) % kConsumers;
-    const bool last_wg = wg == kConsumers - 1;
-    if (last_wg) turn_pass(1);
+    if (blocks > 0) {
+      if (last_wg) turn_pass(1);
 
-    float sc[kN / 2];
-    uint32_t pa[kN / 4];
-    float correction[2];
+      float sc[kN / 2];
+      uint32_t pa[kN / 4];
+      float correction[2];
 
-    wait(q_full, 0);
-    {
-      // Block 0: S only (no P yet).
-      turn_wait(my_turn);
-      wait(k_full(0), 0);
-      pin(sc);
-      wgmma_fence();
-      issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK);
-      wgmma_commit();
-      if (!(last_wg && blocks == 1)) turn_pass(next_turn);
-      wgmma_wait_all();
-      pin(sc);
-      bar_arrive(k_empty(0));
-      const float fold = scale_and_mask(p, sc, n_last * kN, wg_row_lo, row0, col0);
-      softmax(sc, fold, row_max, row_sum, correction);  // O is 0: its rescale is harmless
-#pragma unroll
-      for (int i = 0; i < kN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
-
-      for (int it = 1; it < blocks; ++it) {
-        const int s = it % kStages;
-        const uint32_t parity = (it / kStages) & 1;
-        const int sp = (it - 1) % kStages;
-        const uint32_t parity_p = ((it - 1) / kStages) & 1;
-
-        // Issue S(it) and O += P(it-1) V(it-1) in this warpgroup's turn.
+      wait(q_full, q_uses & 1);
+      ++q_uses;
+      {
+        // Block 0: S only (no P yet).
+        const int s0 = ring % kStages;
         turn_wait(my_turn);
-        wait(k_full(s), parity);
+        wait(k_full(s0), (ring / kStages) & 1);
         pin(sc);
-        pin(o);
-        pin(pa);
         wgmma_fence();
-        issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s * T::kKVBytes);
+        issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s0 * T::kKVBytes);
         wgmma_commit();
-        // O to the running max of block it - 1 while the S GEMM runs (the PV GEMM that read O
-        // last finished in the previous iteration), then O += P(it-1) V(it-1).
-        rescale<kD>(o, correction);
-        pin(o);
-        wait(v_full(sp), parity_p);
-        wgmma_fence();
-        issue_pv<T, kBf16, kD>(o, pa, base + T::kV + sp * T::kKVBytes);
-        wgmma_commit();
-        if (!(last_wg && it == blocks - 1)) turn_pass(next_turn);
-
-        // Softmax of S(it) while the PV GEMM runs; it must not touch o or pa.
-        wgmma_wait<1>();
-        pin(sc);
-        bar_arrive(k_empty(s));
-        const float fold = scale_and_mask(p, sc, (n_last - it) * kN, wg_row_lo, row0, col0);
-        softmax(sc, fold, row_max, row_sum, correction);
-
+        if (!(last_wg && blocks == 1)) turn_pass(next_turn);
         wgmma_wait_all();
-        pin(o);
-        pin(pa);
-        bar_arrive(v_empty(sp));
+        pin(sc);
+        bar_arrive(k_empty(s0));
+        const float fold = scale_and_mask(p, sc, n_last * kN, wg_row_lo, row0, col0);
+        softmax(sc, fold, row_max, row_sum, correction);  // O is 0: its rescale is harmless
 #pragma unroll
         for (int i = 0; i < kN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
-      }
 
-      // The last block's PV, outside the turn ring.
-      const int sl = (blocks - 1) % kStages;
-      rescale<kD>(o, correction);
-      pv_and_release<T, kBf16, kD>(o, pa, base + T::kV + sl * T::kKVBytes, v_full(sl),
-                                   ((blocks - 1) / kStages) & 1, v_empty(sl));
+        for (int it = 1; it < blocks; ++it) {
+          const int s = (ring + it) % kStages;
+          const uint32_t parity = ((ring + it) / kStages) & 1;
+          const int sp = (ring + it - 1) % kStages;
+          const uint32_t parity_p = ((ring + it - 1) / kStages) & 1;
+
+          // Issue S(it) and O += P(it-1) V(it-1) in this warpgroup's turn.
+          turn_wait(my_turn);
+          wait(k_full(s), parity);
+          pin(sc);
+          pin(o);
+          pin(pa);
+          wgmma_fence();
+          issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s * T::kKVBytes);
+          wgmma_commit();
+          // O to the running max of block it - 1 while the S GEMM runs (the PV GEMM that read
+          // O last finished in the previous iteration), then O += P(it-1) V(it-1).
+          rescale<kD>(o, correction);
+          pin(o);
+          wait(v_full(sp), parity_p);
+          wgmma_fence();
+          issue_pv<T, kBf16, kD>(o, pa, base + T::kV + sp * T::kKVBytes);
+          wgmma_commit();
+          if (!(last_wg && it == blocks - 1)) turn_pass(next_turn);
+
+          // Softmax of S(it) while the PV GEMM runs; it must not touch o or pa.
+          wgmma_wait<1>();
+          pin(sc);
+          bar_arrive(k_empty(s));
+          const float fold = scale_and_mask(p, sc, (n_last - it) * kN, wg_row_lo, row0, col0);
+          softmax(sc, fold, row_max, row_sum, correction);
+
+          wgmma_wait_all();
+          pin(o);
+          pin(pa);
+          bar_arrive(v_empty(sp));
+#pragma unroll
+          for (int i = 0; i < kN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
+        }
+
+        // Every S GEMM of this tile is done: the producer may load the next tile's Q (unless
+        // O is staged in the Q rows, which then wait for the store below).
+        if constexpr (T::kSeparateO) bar_arrive(q_empty);
+        // The last block's PV, outside the turn ring.
+        const int sl = (ring + blocks - 1) % kStages;
+        rescale<kD>(o, correction);
+        pv_and_release<T, kBf16, kD>(o, pa, base + T::kV + sl * T::kKVBytes, v_full(sl),
+                                     ((ring + blocks - 1) / kStages) & 1, v_empty(sl));
+      }
+      ring += blocks;
+    }
+
+    if (p.store_tma) {
+      // O through shared memory: its own buffer, or this warpgroup's Q rows (the other
+      // warpgroups read only their own rows). A previous tile's store must have read the
+      // buffer first.
+      if (T::kSeparateO && tid == 0) bulk_wait_read();
+      if (T::kSeparateO) asm volatile("bar.sync %0, 128;" ::"r"(o_bar) : "memory");
+      store_output_tma<kBf16, kD>(p, batch, head, wg_row_lo, row0, col0, tid, o_stage,
+                                  T::kQChunk, o_bar, o, row_max, row_sum, !T::kSeparateO);
+    } else {
+      store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
+    }
+    if constexpr (!T::kSeparateO) {
+      if (blocks > 0) {
+        if (p.store_tma) asm volatile("bar.sync %0, 128;" ::"r"(o_bar) : "memory");
+        bar_arrive(q_empty);  // O has left the Q rows
+      }
     }
   }
-
-  store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
+  if (T::kSeparateO && p.store_tma && tid == 0) bulk_wait_read();
 #endif
 }
 
 template <bool kBf16, int kD, int kN>
 int launch(const Params& params, int64_t seqlen_q, int64_t heads, int64_t batch,
-           cudaStream_t stream) {
+           bool persistent, cudaStream_t stream) {
   using T = Tile<kD, kN>;
   auto kernel = attention_fwd_overlap<kBf16, kD, kN>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kAlloc) !=
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kTotal) !=
       cudaSuccess) {
     return KPT_FA90_CUDA_ERROR;
   }
-  const int64_t m_blocks = (seqlen_q + T::kBlockM - 1) / T::kBlockM;
-  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(heads),
-                  static_cast<unsigned>(batch));
-  kernel<<<grid, T::kThreads, T::kAlloc, stream>>>(params);
+  const int64_t tiles = (seqlen_q + T::kBlockM - 1) / T::kBlockM * heads * batch;
+  int64_t ctas = tiles;
+  if (persistent) {  // one CTA per SM (one fits: shared memory)
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return KPT_FA90_CUDA_ERROR;
+    }
+    ctas = std::min<int64_t>(tiles, sms);
+  }
+  if (ctas > 0x7fffffff) return KPT_FA90_UNSUPPORTED;
+  kernel<<<static_cast<unsigned>(ctas), T::kThreads, T::kTotal, stream>>>(params);
   return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
 }
 
@@ -238,18 +316,19 @@ int overlap_block_n(int head_dim, bool masked, int64_t seqlen_k) {
 }
 
 int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen_q,
-                   int64_t heads, int64_t batch, cudaStream_t stream) {
+                   int64_t heads, int64_t batch, bool persistent, cudaStream_t stream) {
   const bool masked = params.window_left >= 0 || params.window_right >= 0;
+  const bool p = persistent;
   if (overlap_block_n(head_dim, masked, params.seqlen_k) == 176) {
-    return bf16 ? launch<true, 128, 176>(params, seqlen_q, heads, batch, stream)
-                : launch<false, 128, 176>(params, seqlen_q, heads, batch, stream);
+    return bf16 ? launch<true, 128, 176>(params, seqlen_q, heads, batch, p, stream)
+                : launch<false, 128, 176>(params, seqlen_q, heads, batch, p, stream);
   }
   if (head_dim == 128) {
-    return bf16 ? launch<true, 128, 128>(params, seqlen_q, heads, batch, stream)
-                : launch<false, 128, 128>(params, seqlen_q, heads, batch, stream);
+    return bf16 ? launch<true, 128, 128>(params, seqlen_q, heads, batch, p, stream)
+                : launch<false, 128, 128>(params, seqlen_q, heads, batch, p, stream);
   }
-  return bf16 ? launch<true, 64, 128>(params, seqlen_q, heads, batch, stream)
-              : launch<false, 64, 128>(params, seqlen_q, heads, batch, stream);
+  return bf16 ? launch<true, 64, 128>(params, seqlen_q, heads, batch, p, stream)
+              : launch<false, 64, 128>(params, seqlen_q, heads, batch, p, stream);
 }
 
 }  // namespace kpt_fa90

@@ -49,8 +49,10 @@ HALF = [torch.bfloat16, torch.float16]
 LENGTHS = [(1, 1), (17, 17), (113, 113), (1000, 1000), (17, 300), (300, 17), (128, 256),
            (257, 129), (385, 385), (200, 700)]
 MASKS = {"full": {}, "causal": {"causal": True}}
-# Every GPU test runs each kernel variant: the default and the FA3-schedule "overlap" one.
-CONFIGS = {"base": {"impl": "sm90"}, "overlap": {"impl": "sm90", "variant": "overlap"}}
+# Every GPU test runs each kernel variant: the default, the FA3-schedule "overlap" one and its
+# persistent form.
+CONFIGS = {"base": {"impl": "sm90"}, "overlap": {"impl": "sm90", "variant": "overlap"},
+           "persistent": {"impl": "sm90", "variant": "persistent"}}
 
 
 @pytest.fixture(params=list(CONFIGS))
@@ -129,6 +131,26 @@ def test_large_causal_rows_without_keys(d, config):
     whole 128-row tiles that the kernel skips."""
     call = make_call(_shape(700, 200, d, causal=True), torch.bfloat16, torch.device("cuda"))
     _run_and_check(call, config)
+
+
+def _unaligned(t: torch.Tensor) -> torch.Tensor:
+    """An (B, S, H, D) tensor whose rows are D + 2 elements apart: even strides, 4-byte
+    aligned, but not 16-byte multiples, so TMA cannot store it."""
+    b, s, h, d = t.shape
+    wide = torch.full((b, s, h, d + 2), float("nan"), device=t.device, dtype=t.dtype)
+    return wide[..., :d]
+
+
+@needs_sm90
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_unaligned_out_takes_the_register_epilogue(d, config):
+    """out with rows TMA cannot describe is written from registers; the aligned case (every
+    other test) goes through shared memory and TMA stores."""
+    call = make_call(_shape(333, 300, d, causal=True), torch.bfloat16, torch.device("cuda"))
+    call = dataclasses.replace(call, out=_unaligned(call.out))
+    assert not _sm90.call_reasons(call)
+    _run_and_check(call, config)
+    assert torch.isnan(call.out._base[..., d:]).all()  # nothing written past each row
 
 
 @needs_sm90
@@ -220,6 +242,23 @@ def test_backward_transposed_views_and_rows_without_keys(d):
     _run_and_check_backward(call)
 
 
+@needs_sm90
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_backward_unaligned_outputs(d):
+    """out, dq, dk and dv with rows 16-byte accesses and TMA cannot use: the backward reads
+    and writes them two elements at a time (its aligned paths are what every other test runs)."""
+    shape = dict(_shape(333, 300, d, causal=True), heads_q=8, heads_kv=2)  # GQA too
+    call = make_backward_call(shape, torch.bfloat16, torch.device("cuda"), seed=4)
+    out = _unaligned(call.out)
+    out.copy_(call.out)
+    call = dataclasses.replace(call, out=out, dq=_unaligned(call.dq), dk=_unaligned(call.dk),
+                               dv=_unaligned(call.dv))
+    assert not _sm90.backward_call_reasons(call)
+    _run_and_check_backward(call)
+    for t in (call.dq, call.dk, call.dv):
+        assert torch.isnan(t._base[..., d:]).all()  # nothing written past each row
+
+
 def _backward_problem(device: str, seqlen: int, d: int, mask: str, deterministic: bool = False,
                       window_left: int = -1, softcap: float = 0.0):
     """The Problem of a backward call on empty tensors (dispatch reads only shapes)."""
@@ -259,13 +298,15 @@ def test_hopper_backward_dispatch(d, mask, seqlen, sm90, deterministic):
     (256, dict(mask="full", softcap=30.0), True),
     (256, dict(mask="causal", softcap=30.0), False),
     (_cuda.SM90_BACKWARD_MIN_SEQLEN, dict(mask="causal", softcap=30.0), True),
-    (_cuda.SM90_BACKWARD_MIN_SEQLEN, dict(mask="causal", window_left=1024), False),
+    (_cuda.SM90_BACKWARD_WINDOW_MIN_SEQLEN, dict(mask="causal", window_left=1024), True),
+    (_cuda.SM90_BACKWARD_WINDOW_MIN_SEQLEN - 1, dict(mask="causal", window_left=1024), False),
     (256, dict(mask="causal", window_left=1024, softcap=30.0), False),
-], ids=["softcap", "softcap_causal", "softcap_causal_long", "window", "window_softcap"])
+], ids=["softcap", "softcap_causal", "softcap_causal_long", "window", "window_short",
+        "window_softcap"])
 def test_hopper_backward_dispatch_softcap_and_windows(seqlen, extra, sm90):
     """A soft cap without a mask at D = 128 takes the sm90 backward at any length (measured
     faster at 4096 tokens); a causal one only from the long-sequence threshold; sliding windows
-    keep Triton's."""
+    from their own (measured) threshold."""
     problem = _backward_problem("cuda", seqlen, 128, **extra)
     assert SPEC_BACKWARD.static_choice(problem)[0].name == ("cuda" if sm90 else "triton")
 
@@ -279,20 +320,28 @@ def _cpu_call(**extra) -> Call:
 
 
 @needs_sm90
-@pytest.mark.parametrize("d,mask,backend", [(128, "full", "cuda"), (128, "causal", "cuda"),
-                                            (64, "full", "cuda"), (64, "causal", "triton")])
-def test_hopper_dispatch_prefers_the_overlap_kernel_where_it_measured_faster(d, mask, backend):
-    call = make_call(_shape(256, 256, d, **MASKS[mask]), torch.bfloat16, torch.device("cuda"))
+@pytest.mark.parametrize("d,extra,backend,variant", [
+    (128, {}, "cuda", "persistent"), (128, {"causal": True}, "cuda", "overlap"),
+    (128, {"causal": True, "window_left": 100}, "cuda", "persistent"),
+    (64, {}, "cuda", "persistent"), (64, {"causal": True}, "triton", None)])
+def test_hopper_dispatch_prefers_the_overlap_kernel_where_it_measured_faster(d, extra, backend,
+                                                                            variant):
+    """The overlap kernel leads on Hopper, in its persistent form unless the mask is causal
+    (uneven tiles: the hardware's one-CTA-per-tile scheduling balances them better)."""
+    call = make_call(_shape(256, 256, d, **extra), torch.bfloat16, torch.device("cuda"))
     chosen, config = SPEC.static_choice(problem_of(call))
     assert chosen.name == backend
     if backend == "cuda":
-        assert config == CONFIGS["overlap"]
+        assert config == CONFIGS[variant]
 
 
 def test_prefer_hooks_are_empty_off_hopper():
     assert _cuda.prefer(problem_of(_cpu_call())) == ()
     problem = _backward_problem("cpu", _cuda.SM90_BACKWARD_MIN_SEQLEN, 128, "full")
     assert _cuda.prefer_backward(problem) == ()
+    problem = _backward_problem("cpu", _cuda.SM90_BACKWARD_WINDOW_MIN_SEQLEN, 128, "causal",
+                                window_left=1024)
+    assert problem["mask"] == "window" and _cuda.prefer_backward(problem) == ()
 
 
 def test_reasons_on_cpu():
@@ -327,6 +376,12 @@ def test_call_reasons_strides():
     k = torch.randn(2, 7, 4, 64, dtype=torch.bfloat16).transpose(-1, -2).contiguous()
     k = k.transpose(-1, -2)
     assert any("last dim" in r for r in _sm90.call_reasons(dataclasses.replace(call, k=k)))
+    # out only needs pairs: rows 66 elements apart are fine, an odd stride is not.
+    out = torch.empty(2, 5, 4, 66, dtype=torch.bfloat16)[..., :64]
+    assert _sm90.call_reasons(dataclasses.replace(call, out=out)) == []
+    odd = torch.empty(2, 5, 4, 65, dtype=torch.bfloat16)[..., 1:]
+    assert any("out" in r and "4-byte" in r
+               for r in _sm90.call_reasons(dataclasses.replace(call, out=odd)))
     # Strides of size-1 dims are never used, so they need no alignment.
     one = torch.randn(1, 5, 4, 64, dtype=torch.bfloat16).as_strided((1, 5, 4, 64),
                                                                      (3, 256, 64, 1))

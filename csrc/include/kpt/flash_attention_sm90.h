@@ -11,6 +11,7 @@
 // Kernel variants (see kpt/ops/flash_attention/SM90_NOTES.md).
 #define KPT_FA90_VARIANT_BASE 0     // one S accumulator, no explicit warpgroup scheduling
 #define KPT_FA90_VARIANT_OVERLAP 1  // next QK^T overlapped with softmax, ping-pong, deeper ring
+#define KPT_FA90_VARIANT_PERSISTENT 2  // the overlap kernel with one CTA per SM walking tiles
 
 #define KPT_FA90_OK 0
 #define KPT_FA90_UNSUPPORTED 1      // a shape/stride/dtype the kernel does not handle

@@ -86,8 +86,14 @@ def _sm90_config(problem: Problem) -> list[Config]:
     if not _sm90_offered(problem):
         return []
     # The overlap variant (FA3 schedule: ping-pong and QK/softmax overlap) passes the GPU tests
-    # and was faster than the base kernel on every benchmarked case (bench/RESULTS.md).
-    return [{"impl": "sm90", "variant": "overlap"}, {"impl": "sm90"}]
+    # and was faster than the base kernel on every benchmarked case (bench/RESULTS.md). Its
+    # persistent form leads where the query tiles are (nearly) equally long: 0-8% faster on the
+    # H200 without a mask or with a window; with a causal mask its static tile striding leaves
+    # CTAs unevenly loaded (4-23% slower), so the hardware's scheduling of one CTA per tile wins.
+    overlap = {"impl": "sm90", "variant": "overlap"}
+    persistent = {"impl": "sm90", "variant": "persistent"}
+    first, second = (overlap, persistent) if problem["mask"] == "causal" else (persistent, overlap)
+    return [first, second, {"impl": "sm90"}]
 
 
 def prefer(problem: Problem) -> tuple[str, ...]:
@@ -102,20 +108,28 @@ def prefer(problem: Problem) -> tuple[str, ...]:
 
 
 # From this length on (queries and keys) the sm90 backward beat Triton's on the H200 at head
-# dim 128, full or causal; below it Triton's won, except with a soft cap and no mask, where the
-# sm90 kernel led at 4096 tokens too (bench/RESULTS.md, session 6).
+# dim 128, full or causal (3-9% at 8192 and 16384 tokens; a tie at 2048 and 4096); with a soft
+# cap and no mask it led at 4096 tokens too (bench/RESULTS.md, sessions 6 and 7).
 SM90_BACKWARD_MIN_SEQLEN = 8192
+# Sliding windows (causal, 1024 to the left) at head dim 128: the sm90 backward led by 3-4% in
+# two runs at 4096 tokens (session 7); shorter sequences were not measured and keep Triton's.
+SM90_BACKWARD_WINDOW_MIN_SEQLEN = 4096
 
 
 def prefer_backward(problem: Problem) -> tuple[str, ...]:
     """The backward's ``prefer`` hook: on Hopper, the cuda backend (its sm90 kernel) before
-    Triton at head dim 128 for long sequences (full or causal) and for a soft cap without a
-    mask; Triton keeps D = 64, sliding windows, the rest of the shorter sequences and
-    deterministic problems."""
-    if problem["head_dim"] != 128 or problem["mask"] not in ("full", "causal"):
+    Triton at head dim 128 for long sequences (full or causal), for sliding windows from 4096
+    tokens and for a soft cap without a mask; Triton keeps D = 64, the rest of the shorter
+    sequences and deterministic problems."""
+    if problem["head_dim"] != 128:
         return ()
-    long = min(problem["seqlen_q"], problem["seqlen_k"]) >= SM90_BACKWARD_MIN_SEQLEN
-    if not (long or (problem["softcap"] and problem["mask"] == "full")):
+    shortest = min(problem["seqlen_q"], problem["seqlen_k"])
+    if problem["mask"] == "window":
+        wanted = shortest >= SM90_BACKWARD_WINDOW_MIN_SEQLEN
+    else:
+        wanted = shortest >= SM90_BACKWARD_MIN_SEQLEN or (problem["softcap"]
+                                                          and problem["mask"] == "full")
+    if not wanted:
         return ()
     return ("cuda",) if _sm90_offered(problem, backward=True) else ()
 

@@ -33,8 +33,9 @@ SPEC = JitSpec(
 )
 
 # config["variant"] -> KPT_FA90_VARIANT_* (flash_attention_sm90.h): "base" (the default when
-# the key is absent) and "overlap" (the FA3 schedule); both pass the GPU tests.
-VARIANTS = {"base": 0, "overlap": 1}
+# the key is absent), "overlap" (the FA3 schedule) and "persistent" (the overlap kernel with one
+# CTA per SM walking the query tiles); all pass the GPU tests.
+VARIANTS = {"base": 0, "overlap": 1, "persistent": 2}
 
 HEAD_DIMS = (64, 128)
 _HALF = (torch.float16, torch.bfloat16)
@@ -96,7 +97,11 @@ def call_reasons(call) -> list[str]:
             continue
         if t.stride(-1) != 1:
             reasons.append(f"sm90 kernel: {name} needs a contiguous last dim")
-        reasons += _tma_reasons(name, t)
+        elif name != "out":
+            reasons += _tma_reasons(name, t)
+        else:
+            # out is stored by TMA when its rows allow it, else two elements at a time.
+            reasons += _pair_reasons(name, t)
     lse = call.lse
     if lse.dtype != torch.float32 or not lse.is_contiguous():
         reasons.append("sm90 kernel: lse must be contiguous float32 (B, H, Sq)")
@@ -151,9 +156,19 @@ def _tma_reasons(name: str, t: torch.Tensor) -> list[str]:
     return []
 
 
+def _pair_reasons(name: str, t: torch.Tensor) -> list[str]:
+    """An output (or out, read by the backward) accessed two elements at a time where its rows
+    are not TMA-aligned: a 4-byte aligned address and even strides."""
+    if t.data_ptr() % 4 or any(s % 2 for s in t.stride()[:3]):
+        return [f"sm90 kernel: {name} needs a 4-byte aligned address and even strides, got "
+                f"strides {tuple(t.stride())}"]
+    return []
+
+
 def backward_call_reasons(call) -> list[str]:
     """Layout reasons of a backward call: q, k, v and dout are read by TMA (16-byte aligned);
-    out is read and dq, dk, dv written two elements at a time (4-byte aligned)."""
+    out is read and dq, dk, dv written either with TMA / 16-byte accesses where their rows
+    allow it or two elements at a time (4-byte aligned)."""
     reasons = []
     for name in ("q", "k", "v", "dout", "out", "dq", "dk", "dv"):
         t = getattr(call, name)
@@ -164,9 +179,8 @@ def backward_call_reasons(call) -> list[str]:
             reasons.append(f"sm90 kernel: {name} needs a contiguous last dim")
         elif name in ("q", "k", "v", "dout"):
             reasons += _tma_reasons(name, t)
-        elif t.data_ptr() % 4 or any(s % 2 for s in t.stride()[:3]):
-            reasons.append(f"sm90 kernel: {name} needs a 4-byte aligned address and even "
-                           f"strides, got strides {tuple(t.stride())}")
+        else:
+            reasons += _pair_reasons(name, t)
     return reasons
 
 
