@@ -402,6 +402,19 @@ __device__ __forceinline__ void softmax(float (&sc)[kHalf], float fold, float (&
   }
 }
 
+// A row's softmax sum from this thread's partial one: the 4 threads of a quad hold the row.
+__device__ __forceinline__ float quad_sum(float partial) {
+  partial += __shfl_xor_sync(0xffffffffu, partial, 1);
+  return partial + __shfl_xor_sync(0xffffffffu, partial, 2);
+}
+
+// The natural-log lse of `row` from its log2-domain max and sum (-inf where it saw nothing).
+__device__ __forceinline__ void store_lse(const Params& p, int batch, int head, int row,
+                                          float row_max, float sum) {
+  const float lse = sum > 0.f ? (row_max + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+  p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
+}
+
 // Epilogue of a consumer thread: normalise its O rows (row0, row0 + 8), store those below
 // seqlen_q from registers, and (one thread per row) the natural-log lse.
 template <bool kBf16, int kD>
@@ -411,9 +424,7 @@ __device__ __forceinline__ void store_output(const Params& p, int batch, int hea
   const int64_t out_base = batch * p.out_batch + head * p.out_head;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float sum = row_sum[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float sum = quad_sum(row_sum[h]);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int row = row0 + 8 * h;
     if (row >= p.seqlen_q) continue;
@@ -423,11 +434,7 @@ __device__ __forceinline__ void store_output(const Params& p, int batch, int hea
     for (int j = 0; j < kD / 8; ++j) {
       dst[4 * j] = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
     }
-    if (lane % 4 == 0) {
-      // Natural-log lse from the log2-domain max and sum.
-      const float lse = sum > 0.f ? (row_max[h] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
-      p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
-    }
+    if (lane % 4 == 0) store_lse(p, batch, head, row, row_max[h], sum);
   }
 }
 
@@ -446,9 +453,7 @@ __device__ __forceinline__ void store_output_tma(const Params& p, int batch, int
                                                  bool wait_read = true) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float sum = row_sum[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float sum = quad_sum(row_sum[h]);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int row = row0 + 8 * h;
     const int r = row - wg_row_lo;
@@ -458,10 +463,7 @@ __device__ __forceinline__ void store_output_tma(const Params& p, int batch, int
       const uint32_t v = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
       asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
     }
-    if (row < p.seqlen_q && tid % 4 == 0) {
-      const float lse = sum > 0.f ? (row_max[h] + log2f(sum)) * 0.69314718055994531f : -INFINITY;
-      p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
-    }
+    if (row < p.seqlen_q && tid % 4 == 0) store_lse(p, batch, head, row, row_max[h], sum);
   }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   asm volatile("bar.sync %0, 128;" ::"r"(bar_id) : "memory");
