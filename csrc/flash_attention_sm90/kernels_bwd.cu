@@ -471,6 +471,22 @@ __device__ __forceinline__ float2 unpack2(uint32_t v) {
   }
 }
 
+// Row r of lse2 and delta (see BwdParams) for query q of (batch * heads + head) bh, from the
+// row's rowsum(dO * O) `acc`: padding rows (q >= seqlen_q) get P = 0 through lse2 = +inf.
+__device__ __forceinline__ void write_prep_row(int64_t r, int q, int64_t bh, int seqlen_q,
+                                               float acc, const float* lse, const float* dlse,
+                                               float* lse2, float* delta) {
+  if (q >= seqlen_q) {
+    lse2[r] = INFINITY;
+    delta[r] = 0.f;
+    return;
+  }
+  const int64_t li = bh * seqlen_q + q;
+  const float l = lse[li];
+  delta[r] = dlse == nullptr ? acc : acc - dlse[li];
+  lse2[r] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+}
+
 // lse2 and delta (see BwdParams) of one (batch, head, padded query row) per kLanes = D / 8
 // threads: each loads 16 bytes of O and of dO (8 elements) and the group sums its products
 // with shuffles. Needs 16-byte aligned rows of out and dout (kpt_fa90_backward checks; the
@@ -502,17 +518,7 @@ __global__ void __launch_bounds__(256) attention_bwd_prep_vec(
   }
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (valid && part == 0) {
-    if (q >= seqlen_q) {
-      lse2[r] = INFINITY;
-      delta[r] = 0.f;
-    } else {
-      const int64_t li = bh * seqlen_q + q;
-      const float l = lse[li];
-      delta[r] = dlse == nullptr ? acc : acc - dlse[li];
-      lse2[r] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
-    }
-  }
+  if (valid && part == 0) write_prep_row(r, q, bh, seqlen_q, acc, lse, dlse, lse2, delta);
 }
 
 // The same for any even strides and 4-byte aligned rows: one warp per row, 4-byte loads.
@@ -524,33 +530,23 @@ __global__ void __launch_bounds__(256) attention_bwd_prep(
     int seqlen_q, int seqlen_q_pad, int head_dim) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (r >= rows) return;
+  if (r >= rows) return;  // whole warps: one row per warp
   const int q = static_cast<int>(r % seqlen_q_pad);
   const int64_t bh = r / seqlen_q_pad;
   const int64_t b = bh / heads, h = bh % heads;
-  if (q >= seqlen_q) {
-    if (lane == 0) {
-      lse2[r] = INFINITY;
-      delta[r] = 0.f;
-    }
-    return;
-  }
-  const uint16_t* o = out + b * out_batch + q * out_seq + h * out_head;
-  const uint16_t* g = dout + b * dout_batch + q * dout_seq + h * dout_head;
   float acc = 0.f;
-  for (int d = 2 * lane; d < head_dim; d += 64) {
-    const float2 a = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(o + d));
-    const float2 c = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(g + d));
-    acc = fmaf(a.x, c.x, fmaf(a.y, c.y, acc));
+  if (q < seqlen_q) {
+    const uint16_t* o = out + b * out_batch + q * out_seq + h * out_head;
+    const uint16_t* g = dout + b * dout_batch + q * dout_seq + h * dout_head;
+    for (int d = 2 * lane; d < head_dim; d += 64) {
+      const float2 a = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(o + d));
+      const float2 c = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(g + d));
+      acc = fmaf(a.x, c.x, fmaf(a.y, c.y, acc));
+    }
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) {
-    const int64_t li = bh * seqlen_q + q;
-    const float l = lse[li];
-    delta[r] = dlse == nullptr ? acc : acc - dlse[li];
-    lse2[r] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
-  }
+  if (lane == 0) write_prep_row(r, q, bh, seqlen_q, acc, lse, dlse, lse2, delta);
 }
 
 // dq (B, Sq, H, D) strided from the fp32 buffer: one 128-thread block per staged 64 x 64 part

@@ -133,6 +133,29 @@ def test_large_causal_rows_without_keys(d, config):
     _run_and_check(call, config)
 
 
+@needs_sm90
+@pytest.mark.parametrize("d,extra", [
+    (128, {}),                                      # Sk = 1408: 176-key blocks, O in Q's rows
+    (128, {"softcap": 5.0}),
+    (128, {"causal": True}),                        # Sq > Sk: whole tiles see no key
+    (128, {"causal": True, "window_left": 300}),    # own O buffer, 128-key blocks
+    (64, {}),
+    (64, {"causal": True}),
+], ids=["full176", "softcap176", "causal", "window", "d64", "d64_causal"])
+def test_persistent_walks_many_tiles_per_cta(d, extra):
+    """Several query tiles per persistent CTA (the other tests' shapes have fewer tiles than
+    SMs): the K/V ring's stages and parities run on across tiles, Q is reloaded only after its
+    release, O's staging buffer is reused after its previous store, tiles without keys are
+    skipped by producer and consumers alike."""
+    shape = dict(batch=3, seqlen_q=1999, seqlen_k=1408, heads_q=32, heads_kv=8, head_dim=d,
+                 **extra)
+    rows = 192 if d == 64 else 128  # the overlap kernel's query tile
+    tiles = -(-shape["seqlen_q"] // rows) * shape["heads_q"] * shape["batch"]
+    assert tiles >= 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    call = make_call(shape, torch.bfloat16, torch.device("cuda"), seed=5)
+    _run_and_check(call, CONFIGS["persistent"])
+
+
 def _unaligned(t: torch.Tensor) -> torch.Tensor:
     """An (B, S, H, D) tensor whose rows are D + 2 elements apart: even strides, 4-byte
     aligned, but not 16-byte multiples, so TMA cannot store it."""
