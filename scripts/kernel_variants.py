@@ -38,6 +38,12 @@ CASES = [  # name, B, H, S, D, mask: False (full), True (causal) or "window" (ca
     ("B2S8192c", 2, 32, 8192, 128, True),
     ("B8S2048", 8, 32, 2048, 128, False),
     ("B8S2048c", 8, 32, 2048, 128, True),
+    ("B16S1024", 16, 32, 1024, 128, False),
+    ("B16S1024c", 16, 32, 1024, 128, True),
+    ("B32S512c", 32, 32, 512, 128, True),
+    ("B16S1024D64", 16, 16, 1024, 64, False),
+    ("B16S1024D64c", 16, 16, 1024, 64, True),
+    ("B8S2048win", 8, 32, 2048, 128, "window"),
 ]
 if os.environ.get("KPT_EXP_CASES"):
     CASES = [c for c in CASES if c[0] in os.environ["KPT_EXP_CASES"].split(",")]

@@ -138,6 +138,13 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint3
          (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
+// The descriptor of the tile `bytes` (a multiple of 16) past the one `desc` describes: one
+// 64-bit add instead of rebuilding the fields. Shared memory ends below 256 KiB, so the 14-bit
+// start-address field (address / 16) never carries into the next field.
+__device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
+  return desc + (bytes >> 4);
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 }
@@ -258,10 +265,10 @@ __device__ __forceinline__ void issue_qk(float* sc, uint32_t q_tile, uint32_t k_
 // TMA box (LBO); a 16-key step is 16 rows = 2048 bytes. P comes packed from registers.
 template <class L, bool kBf16, int kD>
 __device__ __forceinline__ void issue_pv(float* o, const uint32_t* pa, uint32_t v_tile) {
+  const uint64_t v_desc = make_desc(v_tile, L::kKVChunk, 1024);
 #pragma unroll
   for (int kk = 0; kk < L::kN / 16; ++kk) {
-    const uint64_t b = make_desc(v_tile + kk * 16 * kRowBytes, L::kKVChunk, 1024);
-    pv_gemm<kBf16, kD>(o, &pa[4 * kk], b);
+    pv_gemm<kBf16, kD>(o, &pa[4 * kk], desc_at(v_desc, kk * 16 * kRowBytes));
   }
 }
 
@@ -358,14 +365,14 @@ __device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kHa
                     (p.window_right < 0 || n0 + kN - 1 <= wg_row_lo + diag + p.window_right) &&
                     (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
   if (full) return fold;
+  // Bitwise, not short-circuit, operators: selects instead of a branch per score.
 #pragma unroll
   for (int i = 0; i < kHalf; ++i) {
-    const int row = row0 + 8 * ((i / 2) % 2);
     const int col = n0 + 8 * (i / 4) + col0 + i % 2;
-    const bool visible = col < p.seqlen_k &&
-                         (p.window_right < 0 || col <= row + diag + p.window_right) &&
-                         (p.window_left < 0 || col >= row + diag - p.window_left);
-    if (!visible) sc[i] = -INFINITY;
+    const int rel = col - (row0 + 8 * ((i / 2) % 2)) - diag;  // key - diagonal
+    const bool visible = (col < p.seqlen_k) & ((p.window_right < 0) | (rel <= p.window_right)) &
+                         ((p.window_left < 0) | (rel >= -p.window_left));
+    sc[i] = visible ? sc[i] : -INFINITY;
   }
   return fold;
 }

@@ -155,7 +155,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   const int per_head = m_end > m_begin ? (m_end - 1) / kBwdRows - m_first + 1 : 0;
   const int items = per_head * p.group;  // the same for both consumer warpgroups
 
-  const int warpgroup = threadIdx.x / 128;
+  // Through a shuffle so that the compiler knows it is warp-uniform: the descriptors built
+  // from it then stay in uniform registers.
+  const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
   if (threadIdx.x == 0) {
     bar_init(kv_full, 1);
     for (int s = 0; s < kBwdStages; ++s) {
@@ -213,8 +215,17 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
 
   if (items > 0) wait(kv_full, 0);
-  const uint32_t k_wg = base + L::kK + wg * 64 * kRowBytes;
-  const uint32_t v_wg = base + L::kV + wg * 64 * kRowBytes;
+  // wgmma descriptors, built once; per product and k-step only a constant offset is added.
+  // K-major reads (S^T, dP^T): this warpgroup's 64 rows of K / V, and stage 0 of Q / dO.
+  const uint64_t k_desc = make_desc(base + L::kK + wg * 64 * kRowBytes, 16, 1024);
+  const uint64_t v_desc = make_desc(base + L::kV + wg * 64 * kRowBytes, 16, 1024);
+  const uint64_t q_desc = make_desc(base + L::kQ, 16, 1024);
+  const uint64_t do_desc = make_desc(base + L::kDO, 16, 1024);
+  // MN-major reads: Q / dO as the B of dK / dV, dS^T as the A and K as the B of dQ.
+  const uint64_t q_mn_desc = make_desc(base + L::kQ, L::kQChunk, 1024);
+  const uint64_t do_mn_desc = make_desc(base + L::kDO, L::kQChunk, 1024);
+  const uint64_t ds_mn_desc = make_desc(base + L::kDS, L::kDSBytes, 1024);
+  const uint64_t k_mn_desc = make_desc(base + L::kK, L::kKVChunk, 1024);
 
   uint32_t pa[kBwdRows / 4], ds[kBwdRows / 4];
   float dq[32];
@@ -247,13 +258,12 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 
   // acc = A B^T over kD for A = this warpgroup's 64 rows of a [128 x kD] tile (K or V) and
   // B = a [64 x kD] tile (Q or dO); one commit group each.
-  auto issue_transposed = [&](float* acc, uint32_t a_tile, uint32_t b_tile) {
+  auto issue_transposed = [&](float* acc, uint64_t a_desc, uint64_t b_desc) {
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t offset = (kk % 4) * 32;
-      wgmma_ss_n64<kBf16, false>(
-          acc, make_desc(a_tile + (kk / 4) * L::kKVChunk + offset, 16, 1024),
-          make_desc(b_tile + (kk / 4) * L::kQChunk + offset, 16, 1024), kk > 0);
+      wgmma_ss_n64<kBf16, false>(acc, desc_at(a_desc, (kk / 4) * L::kKVChunk + offset),
+                                 desc_at(b_desc, (kk / 4) * L::kQChunk + offset), kk > 0);
     }
     wgmma_commit();
   };
@@ -265,20 +275,31 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     pin(sc);
     pin(dp);
     wgmma_fence();
-    issue_transposed(sc, k_wg, base + L::kQ + s * L::kQBytes);
-    issue_transposed(dp, v_wg, base + L::kDO + s * L::kQBytes);
+    issue_transposed(sc, k_desc, desc_at(q_desc, s * L::kQBytes));
+    issue_transposed(dp, v_desc, desc_at(do_desc, s * L::kQBytes));
   };
   if (items > 0) issue_scores(0);
 
+  // Item it is (head, query block mb): the blocks of one head, then the next head.
+  int head = head_kv * p.group, mb = m_first;
   for (int it = 0; it < items; ++it) {
-    const int head = head_kv * p.group + it / per_head;
-    const int m0 = (m_first + it % per_head) * kBwdRows;
+    const int m0 = mb * kBwdRows;
     const int s = it % kBwdStages;
-    const uint32_t q_tile = base + L::kQ + s * L::kQBytes;
-    const uint32_t do_tile = base + L::kDO + s * L::kQBytes;
     const float* lse_s = reinterpret_cast<const float*>(smem + L::kLse + s * kBwdRows * 4);
     const float* delta_s = reinterpret_cast<const float*>(smem + L::kDelta + s * kBwdRows * 4);
     // S^T and dP^T of this item were issued at the end of the previous one (or above).
+
+    // This thread's 16 query columns, 8j + col0 + {0, 1}, of lse2 and delta: eight 8-byte
+    // loads each, issued before the waits so that their latency hides under the products.
+    float lse_r[kBwdRows / 4], delta_r[kBwdRows / 4];
+    auto load_cols = [&](float (&dst)[kBwdRows / 4], const float* src) {
+#pragma unroll
+      for (int j = 0; j < kBwdRows / 8; ++j) {
+        const float2 v = *reinterpret_cast<const float2*>(src + 8 * j + col0);
+        dst[2 * j] = v.x;
+        dst[2 * j + 1] = v.y;
+      }
+    };
 
     // Element i of sc / dp: key krow + 8 ((i / 2) % 2) of this warpgroup, query
     // m0 + 8 (i / 4) + col0 + i % 2.
@@ -286,16 +307,24 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
         key_lo + 64 <= p.seqlen_k &&
         (p.window_right < 0 || key_lo + 63 <= m0 + diag + p.window_right) &&
         (p.window_left < 0 || key_lo >= m0 + 63 + diag - p.window_left);
+    // Bitwise, not short-circuit, operators: selects instead of a branch per element.
     auto visible = [&](int i) {
       const int key = key_lo + krow + 8 * ((i / 2) % 2);
-      const int query = m0 + 8 * (i / 4) + col0 + i % 2;
-      return key < p.seqlen_k &&
-             (p.window_right < 0 || key <= query + diag + p.window_right) &&
-             (p.window_left < 0 || key >= query + diag - p.window_left);
+      const int rel = key - (m0 + 8 * (i / 4) + col0 + i % 2) - diag;  // key - diagonal
+      return (key < p.seqlen_k) & ((p.window_right < 0) | (rel <= p.window_right)) &
+             ((p.window_left < 0) | (rel >= -p.window_left));
+    };
+    // Zeroes P where the key is invisible; one branch per item, taken only at a mask's edge.
+    auto mask_p = [&]() {
+      if (!visible_all) {
+#pragma unroll
+        for (int i = 0; i < kBwdRows / 2; ++i) sc[i] = visible(i) ? sc[i] : 0.f;
+      }
     };
 
     if constexpr (kSoftcap) {
       // P and dS in one pass once dP^T is done too: both need t = tanh(s * scale / cap).
+      // (lse2 and delta are read per element here: hoisting them spills at D = 128.)
       wgmma_wait<0>();
       pin(sc);
       pin(dp);
@@ -303,34 +332,31 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       for (int i = 0; i < kBwdRows / 2; ++i) {
         const int col = 8 * (i / 4) + col0 + i % 2;
         const float t = fast_tanh(sc[i] * p.score_scale);
-        float prob = fast_exp2(fmaf(p.softcap_log2, t, -lse_s[col]));
-        if (!visible_all && !visible(i)) prob = 0.f;
-        sc[i] = prob;
-        dp[i] = prob * (dp[i] - delta_s[col]) * (1.f - t * t) * p.ds_scale;
+        const float prob = fast_exp2(fmaf(p.softcap_log2, t, -lse_s[col]));
+        sc[i] = visible_all | visible(i) ? prob : 0.f;
+        dp[i] = sc[i] * (dp[i] - delta_s[col]) * (1.f - t * t) * p.ds_scale;
       }
     } else {
+      load_cols(lse_r, lse_s);
       wgmma_wait<1>();
       pin(sc);
 #pragma unroll
       for (int i = 0; i < kBwdRows / 2; ++i) {
-        const int col = 8 * (i / 4) + col0 + i % 2;
-        float prob = fast_exp2(fmaf(sc[i], p.score_scale, -lse_s[col]));
-        if (!visible_all && !visible(i)) prob = 0.f;
-        sc[i] = prob;
+        sc[i] = fast_exp2(fmaf(sc[i], p.score_scale, -lse_r[2 * (i / 4) + i % 2]));
       }
+      mask_p();
     }
 
     // acc += A B over the 64 queries: A (P^T or dS^T) from registers, B = a [64 x kD] tile
     // (dO or Q), MN-major as V is in the forward; one commit group.
     auto accumulate_rs = [&](float (&acc)[kD / 2], uint32_t (&a)[kBwdRows / 4],
-                             uint32_t b_tile) {
+                             uint64_t b_desc) {
       pin(acc);
       pin(a);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBwdRows / 16; ++kk) {
-        pv_gemm<kBf16, kD>(acc, &a[4 * kk], make_desc(b_tile + kk * 16 * kRowBytes, L::kQChunk,
-                                                      1024));
+        pv_gemm<kBf16, kD>(acc, &a[4 * kk], desc_at(b_desc, kk * 16 * kRowBytes));
       }
       wgmma_commit();
     };
@@ -338,15 +364,15 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     // dV += P^T dO.
 #pragma unroll
     for (int i = 0; i < kBwdRows / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
-    accumulate_rs(dv, pa, do_tile);
+    accumulate_rs(dv, pa, desc_at(do_mn_desc, s * L::kQBytes));
 
     if constexpr (!kSoftcap) {
+      load_cols(delta_r, delta_s);
       wgmma_wait<1>();  // dP^T (the dV product may still run)
       pin(dp);
 #pragma unroll
       for (int i = 0; i < kBwdRows / 2; ++i) {
-        const int col = 8 * (i / 4) + col0 + i % 2;
-        dp[i] = sc[i] * (dp[i] - delta_s[col]) * p.ds_scale;
+        dp[i] = sc[i] * (dp[i] - delta_r[2 * (i / 4) + i % 2]) * p.ds_scale;
       }
     }
 
@@ -374,9 +400,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
         wgmma_ss_n64<kBf16, true>(
-            dq, make_desc(ds_buf + kk * 16 * kRowBytes, L::kDSBytes, 1024),
-            make_desc(base + L::kK + wg * L::kKVChunk + kk * 16 * kRowBytes, L::kKVChunk, 1024),
-            kk > 0);
+            dq, desc_at(ds_mn_desc, (it & 1) * L::kDSBytes + kk * 16 * kRowBytes),
+            desc_at(k_mn_desc, wg * L::kKVChunk + kk * 16 * kRowBytes), kk > 0);
       }
     } else {
       pin(dq);
@@ -384,14 +409,13 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < 64 / 16; ++kk) {
         wgmma_ss_n64<kBf16, true>(
-            dq, make_desc(ds_buf + (wg * 64 + kk * 16) * kRowBytes, L::kDSBytes, 1024),
-            make_desc(base + L::kK + (wg * 64 + kk * 16) * kRowBytes, L::kKVChunk, 1024),
-            kk > 0);
+            dq, desc_at(ds_mn_desc, (it & 1) * L::kDSBytes + (wg * 64 + kk * 16) * kRowBytes),
+            desc_at(k_mn_desc, (wg * 64 + kk * 16) * kRowBytes), kk > 0);
       }
     }
     wgmma_commit();
     // dK += dS^T Q, issued after dQ so that dQ's staging runs under it.
-    accumulate_rs(dk, ds, q_tile);
+    accumulate_rs(dk, ds, desc_at(q_mn_desc, s * L::kQBytes));
     wgmma_wait<1>();  // dV and dQ
     pin(dq);
     pin(dv);
@@ -406,6 +430,10 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     // load to wait for).
     issue_scores(it + 1);  // unconditional: under a branch ptxas serializes the wgmmas (C7515)
     send_dq(head, m0);
+    if (++mb == m_first + per_head) {
+      mb = m_first;
+      ++head;
+    }
   }
   wgmma_wait_all();
   pin(sc);

@@ -299,12 +299,13 @@ def _backward_problem(device: str, seqlen: int, d: int, mask: str, deterministic
     (64, "causal", 256, False),
     (128, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN, True),
     (128, "causal", _cuda.SM90_BACKWARD_MIN_SEQLEN, True),
-    (64, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN, False),
+    (64, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN, True),
+    (64, "causal", 4096, True),
     (128, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN - 64, False),
 ])
 def test_hopper_backward_dispatch(d, mask, seqlen, sm90, deterministic):
-    """The dispatcher puts the sm90 backward first only where it measured faster than
-    Triton's (long sequences at D = 128, full or causal) and never for a deterministic call;
+    """The dispatcher puts the sm90 backward first where it measured faster than Triton's
+    (from 512 tokens at head dims 64 and 128, every mask) and never for a deterministic call;
     within the cuda backend the sm90 kernel is the default unless the call asks for
     determinism (it adds dq with fp32 reductions), where the deterministic mma kernel is."""
     problem = _backward_problem("cuda", seqlen, d, mask, deterministic)
@@ -321,15 +322,14 @@ def test_hopper_backward_dispatch(d, mask, seqlen, sm90, deterministic):
     (256, dict(mask="full", softcap=30.0), True),
     (256, dict(mask="causal", softcap=30.0), False),
     (_cuda.SM90_BACKWARD_MIN_SEQLEN, dict(mask="causal", softcap=30.0), True),
-    (_cuda.SM90_BACKWARD_WINDOW_MIN_SEQLEN, dict(mask="causal", window_left=1024), True),
-    (_cuda.SM90_BACKWARD_WINDOW_MIN_SEQLEN - 1, dict(mask="causal", window_left=1024), False),
+    (_cuda.SM90_BACKWARD_MIN_SEQLEN, dict(mask="causal", window_left=1024), True),
+    (_cuda.SM90_BACKWARD_MIN_SEQLEN - 1, dict(mask="causal", window_left=1024), False),
     (256, dict(mask="causal", window_left=1024, softcap=30.0), False),
 ], ids=["softcap", "softcap_causal", "softcap_causal_long", "window", "window_short",
         "window_softcap"])
 def test_hopper_backward_dispatch_softcap_and_windows(seqlen, extra, sm90):
     """A soft cap without a mask at D = 128 takes the sm90 backward at any length (measured
-    faster at 4096 tokens); a causal one only from the long-sequence threshold; sliding windows
-    from their own (measured) threshold."""
+    faster at 4096 tokens); causal soft caps and sliding windows from the common threshold."""
     problem = _backward_problem("cuda", seqlen, 128, **extra)
     assert SPEC_BACKWARD.static_choice(problem)[0].name == ("cuda" if sm90 else "triton")
 
@@ -362,7 +362,7 @@ def test_prefer_hooks_are_empty_off_hopper():
     assert _cuda.prefer(problem_of(_cpu_call())) == ()
     problem = _backward_problem("cpu", _cuda.SM90_BACKWARD_MIN_SEQLEN, 128, "full")
     assert _cuda.prefer_backward(problem) == ()
-    problem = _backward_problem("cpu", _cuda.SM90_BACKWARD_WINDOW_MIN_SEQLEN, 128, "causal",
+    problem = _backward_problem("cpu", _cuda.SM90_BACKWARD_MIN_SEQLEN, 128, "causal",
                                 window_left=1024)
     assert problem["mask"] == "window" and _cuda.prefer_backward(problem) == ()
 

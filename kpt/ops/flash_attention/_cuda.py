@@ -107,28 +107,21 @@ def prefer(problem: Problem) -> tuple[str, ...]:
     return ("cuda",)
 
 
-# From this length on (queries and keys) the sm90 backward beat Triton's on the H200 at head
-# dim 128, full or causal (3-9% at 8192 and 16384 tokens; a tie at 2048 and 4096); with a soft
-# cap and no mask it led at 4096 tokens too (bench/RESULTS.md, sessions 6 and 7).
-SM90_BACKWARD_MIN_SEQLEN = 8192
-# Sliding windows (causal, 1024 to the left) at head dim 128: the sm90 backward led by 3-4% in
-# two runs at 4096 tokens (session 7); shorter sequences were not measured and keep Triton's.
-SM90_BACKWARD_WINDOW_MIN_SEQLEN = 4096
+# From this length on (queries and keys) the sm90 backward is dispatch's first choice: since
+# session 8 it beat Triton's on the H200 in every case measured, 512 to 16384 tokens, head dims
+# 64 and 128, full, causal and sliding-window masks (1.01-1.43x; a tie at D = 64 causal, 1024
+# tokens; bench/RESULTS.md). Shorter sequences were not measured and keep Triton's.
+SM90_BACKWARD_MIN_SEQLEN = 512
 
 
 def prefer_backward(problem: Problem) -> tuple[str, ...]:
     """The backward's ``prefer`` hook: on Hopper, the cuda backend (its sm90 kernel) before
-    Triton at head dim 128 for long sequences (full or causal), for sliding windows from 4096
-    tokens and for a soft cap without a mask; Triton keeps D = 64, the rest of the shorter
-    sequences and deterministic problems."""
-    if problem["head_dim"] != 128:
-        return ()
+    Triton from ``SM90_BACKWARD_MIN_SEQLEN`` tokens, and for a soft cap without a mask at any
+    length; Triton keeps shorter sequences and deterministic problems (the sm90 kernel adds dq
+    with fp32 reductions, so ``_sm90_offered`` declines those)."""
     shortest = min(problem["seqlen_q"], problem["seqlen_k"])
-    if problem["mask"] == "window":
-        wanted = shortest >= SM90_BACKWARD_WINDOW_MIN_SEQLEN
-    else:
-        wanted = shortest >= SM90_BACKWARD_MIN_SEQLEN or (problem["softcap"]
-                                                          and problem["mask"] == "full")
+    wanted = shortest >= SM90_BACKWARD_MIN_SEQLEN or (problem["softcap"]
+                                                      and problem["mask"] == "full")
     if not wanted:
         return ()
     return ("cuda",) if _sm90_offered(problem, backward=True) else ()
