@@ -109,7 +109,7 @@ def prefer(problem: Problem) -> tuple[str, ...]:
 
 # From this length on (queries and keys) the sm90 backward is dispatch's first choice: since
 # session 8 it beat Triton's on the H200 in every case measured, 512 to 16384 tokens, head dims
-# 64 and 128, full, causal and sliding-window masks (1.01-1.43x; a tie at D = 64 causal, 1024
+# 64 and 128, full, causal and sliding-window masks (1.01-1.41x; a tie at D = 64 causal, 1024
 # tokens; bench/RESULTS.md). Shorter sequences were not measured and keep Triton's.
 SM90_BACKWARD_MIN_SEQLEN = 512
 
