@@ -11,7 +11,8 @@ the cases below, with Triton's backward timed next to the first variant. A table
       old=src=path/to/other/csrc
 
 ``KPT_EXP_CASES=B4S4096,B2S8192c`` limits the cases; ``KPT_EXP_FWD_ONLY=1`` times only the
-forward. The switches themselves live in the
+forward; ``KPT_EXP_FWD_VARIANTS=overlap,dynamic`` times those sm90 forward variants instead of
+the dispatched forward. The switches themselves live in the
 kernel sources only while an experiment runs (SM90_NOTES.md records the outcomes).
 """
 from __future__ import annotations
@@ -146,11 +147,23 @@ def _time_case(name: str, case: tuple, with_triton: bool) -> None:
     pairs = sum(min(i + 1, left + 1) if left >= 0 else i + 1 for i in range(s)) if causal \
         else s * s
     fwd_flops = 4 * b * h * pairs * d
-    with torch.no_grad():
-        us = graph_time_us([functools.partial(flash_attention, q, k, v, causal=causal,
-                                              window=window, backend="cuda")],
-                           calls=5, replays=5)
-    print(f"ROW {label}:fwd {name} {us:.0f} {fwd_flops / us / 1e6:.0f}", flush=True)
+    fwd_variants = [x for x in os.environ.get("KPT_EXP_FWD_VARIANTS", "").split(",") if x]
+    if fwd_variants:  # the named sm90 forward variants instead of the dispatched forward
+        from kpt.ops.flash_attention import Call
+
+        fwd_call = Call(q, k, v, None, None, s, s, d ** -0.5, left, 0 if causal else -1, 0.0,
+                        torch.empty_like(q), torch.empty_like(lse))
+        for variant in fwd_variants:
+            fn = functools.partial(_sm90.run, fwd_call, {"impl": "sm90", "variant": variant})
+            us = graph_time_us([fn], calls=5, replays=5)
+            print(f"ROW {label}:fwd {name}/{variant} {us:.0f} {fwd_flops / us / 1e6:.0f}",
+                  flush=True)
+    else:
+        with torch.no_grad():
+            us = graph_time_us([functools.partial(flash_attention, q, k, v, causal=causal,
+                                                  window=window, backend="cuda")],
+                               calls=5, replays=5)
+        print(f"ROW {label}:fwd {name} {us:.0f} {fwd_flops / us / 1e6:.0f}", flush=True)
     if os.environ.get("KPT_EXP_FWD_ONLY") == "1":
         return
 

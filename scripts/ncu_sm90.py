@@ -1,6 +1,9 @@
 """Run the sm90 flash-attention kernels once each for Nsight Compute (GPU machine only).
 
-  python scripts/ncu_sm90.py CASE [CASE ...]   CASE: bwd, bwdc, fwd, fwdc (B4 H32 S4096 D128)
+  python scripts/ncu_sm90.py CASE [CASE ...]   CASE: bwd, bwdc, fwd, fwdc (B4 H32 S4096 D128),
+                                               bwd64c, fwd64, fwd64c (B8 H16 S2048 D64)
+
+KPT_NCU_VARIANT names the forward variant (default "overlap").
 
 Each case runs twice (the first is a warm-up that ncu skips with --launch-skip).
 """
@@ -19,11 +22,11 @@ def main() -> None:
     from kpt.ops.flash_attention import BackwardCall, Call, _sm90
 
     _sm90.SPEC.load()
-    b, h, s, d = 4, 32, 4096, 128
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16,
-                                 generator=gen) for _ in range(4))
     for case in sys.argv[1:]:
+        b, h, s, d = (8, 16, 2048, 64) if "64" in case else (4, 32, 4096, 128)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16,
+                                     generator=gen) for _ in range(4))
         causal = case.endswith("c")
         out = torch.empty_like(q)
         lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)

@@ -51,11 +51,16 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
   const int dtype = q.scalar_type() == at::kBFloat16 ? KPT_FA90_BF16 : KPT_FA90_FP16;
+  // The dynamic variant's tile counter: zeroed on the current stream, freed (stream-ordered,
+  // by the caching allocator) once the launch is done with it.
+  at::Tensor counter;
+  if (variant == KPT_FA90_VARIANT_DYNAMIC) counter = at::zeros({1}, q.options().dtype(at::kInt));
   const int code = kpt_fa90_forward(
       dtype, static_cast<int>(q.size(3)), q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs,
       out.data_ptr(), os, lse.data_ptr<float>(), q.size(0), q.size(1), k.size(1), q.size(2),
       k.size(2), static_cast<float>(scale), static_cast<float>(softcap), window_left,
       window_right, static_cast<int>(variant),
+      counter.defined() ? reinterpret_cast<unsigned int*>(counter.data_ptr<int>()) : nullptr,
       reinterpret_cast<void*>(static_cast<intptr_t>(stream)));
   TORCH_CHECK(code == KPT_FA90_OK, kOp, ": kpt_fa90_forward failed: ",
               kpt_fa90_error_string(code), " (code ", code, ")");

@@ -31,6 +31,11 @@ struct Params {
   float score_scale;    // to the log2 domain: scale * log2(e), or scale / softcap with softcap
   float softcap_log2;   // softcap * log2(e); 0 without soft cap
   int window_left, window_right;
+  // Persistent overlap kernel only: a zeroed counter the CTAs take query tiles from (dynamic
+  // scheduling), or nullptr for the static stride; and how many (batch, head) pairs its tile
+  // order groups together (1: a head's tiles, longest first, then the next head's).
+  unsigned int* tile_counter;
+  int head_group;
 };
 
 // ---- PTX helpers -----------------------------------------------------------------------------

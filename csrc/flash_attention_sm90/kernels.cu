@@ -213,7 +213,7 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
                                 float* lse, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                 int64_t heads, int64_t heads_kv, float scale, float softcap,
                                 int64_t window_left, int64_t window_right, int variant,
-                                void* stream) {
+                                unsigned int* tile_counter, void* stream) {
   using namespace kpt_fa90;
   // The Python launcher validates all of this first; these checks keep the C entry point safe.
   if ((dtype != KPT_FA90_FP16 && dtype != KPT_FA90_BF16) || (head_dim != 64 && head_dim != 128) ||
@@ -223,7 +223,8 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
       !aligned_strides(v_strides) || out_strides[0] % 2 || out_strides[1] % 2 ||
       out_strides[2] % 2 ||
       (variant != KPT_FA90_VARIANT_BASE && variant != KPT_FA90_VARIANT_OVERLAP &&
-       variant != KPT_FA90_VARIANT_PERSISTENT)) {
+       variant != KPT_FA90_VARIANT_PERSISTENT && variant != KPT_FA90_VARIANT_DYNAMIC) ||
+      (variant == KPT_FA90_VARIANT_DYNAMIC) != (tile_counter != nullptr)) {
     return KPT_FA90_UNSUPPORTED;
   }
   for (const void* ptr : {q, k, v}) {
@@ -236,6 +237,8 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   params.out_seq = out_strides[1];
   params.out_head = out_strides[2];
   params.lse = lse;
+  params.tile_counter = tile_counter;
+  params.head_group = 1;
   params.seqlen_q = static_cast<int>(seqlen_q);
   params.seqlen_k = static_cast<int>(seqlen_k);
   params.heads = static_cast<int>(heads);
@@ -275,7 +278,9 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   const bool bf16 = dtype == KPT_FA90_BF16;
   if (overlap) {
     return launch_overlap(params, bf16, head_dim, seqlen_q, heads, batch,
-                          variant == KPT_FA90_VARIANT_PERSISTENT, s);
+                          variant == KPT_FA90_VARIANT_PERSISTENT ||
+                              variant == KPT_FA90_VARIANT_DYNAMIC,
+                          s);
   }
   const int64_t m_blocks = (seqlen_q + kBlockM - 1) / kBlockM;
   if (head_dim == 128) {

@@ -12,8 +12,9 @@
 //   * per head_dim tiles: D=128 uses 2 consumers (128 rows) and a 2-stage K/V ring of 128-key
 //     blocks (160 KiB), or of 176-key blocks without a mask when the keys pad well (209 KiB);
 //     D=64, whose softmax is as long as its GEMMs, uses 3 consumers (192 rows) and 3 stages.
-// Persistent CTAs (variant "persistent"): one CTA per SM walks query tiles blockIdx.x,
-// + gridDim.x, ... (the non-persistent grid runs the same loop once per CTA). The
+// Persistent CTAs (variants "persistent" and "dynamic"): one CTA per SM walks query tiles
+// blockIdx.x, + gridDim.x, ... or, with dynamic scheduling, takes the next tile nobody has
+// taken from a counter (the non-persistent grid runs the same loop once per CTA). The
 // producer loads the next tile's Q as soon as every consumer has issued its last S GEMM of the
 // tile, and its K/V as ring stages free up, so loads, barrier set-up and the CTA launch no
 // longer sit between tiles; O leaves through its own shared-memory buffer and TMA stores
@@ -50,12 +51,17 @@ constexpr int consumers_for() {
 template <int kD, int kBlockKeys>
 struct Tile : SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 : 2> {
   using Base = SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 : 2>;
-  // q_empty (all consumer threads release Q) after the ring's barriers.
+  // q_empty (all consumer threads release Q) after the ring's barriers, then the tile-id
+  // channel of the dynamic scheduler: id_full[2], id_empty[2] and two 8-byte id slots.
   static constexpr int kQEmpty = Base::kBytes;
+  static constexpr int kIdFull = kQEmpty + 8;
+  static constexpr int kIdEmpty = kIdFull + 16;
+  static constexpr int kIdSlot = kIdEmpty + 16;
+  static constexpr int kEnd = kIdSlot + 16;
   // O's own staging buffer [rows x kD] (kD / 64 chunks like Q) where shared memory has room.
-  static constexpr int kO = (kQEmpty + 8 + 1023) / 1024 * 1024;
+  static constexpr int kO = (kEnd + 1023) / 1024 * 1024;
   static constexpr bool kSeparateO = kO + Base::kQBytes + 1024 <= 227 * 1024;
-  static constexpr int kTotal = kSeparateO ? kO + Base::kQBytes + 1024 : kQEmpty + 8 + 1024;
+  static constexpr int kTotal = kSeparateO ? kO + Base::kQBytes + 1024 : kEnd + 1024;
   static constexpr int kConsumers = consumers_for<kD>();
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // setmaxnreg budgets: 128 x (producer + consumers x kConsumers) <= 64 Ki registers.
@@ -93,10 +99,22 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   auto v_empty = [&](int s) { return ring_bar(bars, s, 4); };
 
   const uint32_t q_empty = base + T::kQEmpty;
+  // Dynamic scheduling: the producer takes the next tile from p.tile_counter and hands its
+  // index to the consumers through two slots (id_full: published, id_empty: read by all).
+  // Not with 176-key blocks (full masks only, whose tiles are equally long): at 24 registers the
+  // producer spills with the scheduling code (the launcher never asks for it there).
+  const bool dynamic = kBlockKeys != 176 && p.tile_counter != nullptr;
+  auto id_full = [&](int n) { return base + T::kIdFull + 8 * (n & 1); };
+  auto id_empty = [&](int n) { return base + T::kIdEmpty + 8 * (n & 1); };
+  auto id_slot = [&](int n) { return base + T::kIdSlot + 8 * (n & 1); };
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     bar_init(q_full, 1);
     bar_init(q_empty, kConsumers * 128);
+    for (int n = 0; n < 2; ++n) {
+      bar_init(id_full(n), 1);
+      bar_init(id_empty(n), kConsumers * 128);
+    }
     for (int s = 0; s < kStages; ++s) {
       bar_init(k_full(s), 1);
       bar_init(v_full(s), 1);
@@ -107,17 +125,25 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   }
   __syncthreads();
 
-  // Tiles in launch order: query tiles of one (batch, head), longest causal ones first, then
-  // the next head; a CTA takes every gridDim.x-th.
+  // Tile order: (batch, head) pairs in groups of p.head_group; inside a group the longest
+  // (last) query block of each pair first, then the next longest. With groups of 1 this is the
+  // launch order (a head's tiles, longest first, then the next head). A CTA takes every
+  // gridDim.x-th tile, or with dynamic scheduling the next one nobody has taken.
+  // (The launcher keeps the tile count below 2^31; its memory could not hold more.)
   const int m_blocks = (p.seqlen_q + T::kBlockM - 1) / T::kBlockM;
-  const int64_t tiles = static_cast<int64_t>(m_blocks) * p.heads * p.batch;
+  const int pairs = p.heads * p.batch;
+  const int tiles = m_blocks * pairs;
+  const int group_tiles = m_blocks * p.head_group;
   struct TileInfo {
     int m0, head, batch, n_last, blocks;
   };
-  auto tile_info = [&](int64_t t) {
+  auto tile_info = [&](int t) {
     TileInfo ti;
-    const int64_t bh = t / m_blocks;
-    ti.m0 = (m_blocks - 1 - static_cast<int>(t % m_blocks)) * T::kBlockM;
+    const int group = t / group_tiles;
+    const int in_group = t - group * group_tiles;
+    const int width = min(p.head_group, pairs - group * p.head_group);
+    const int bh = group * p.head_group + in_group % width;
+    ti.m0 = (m_blocks - 1 - in_group / width) * T::kBlockM;
     ti.head = static_cast<int>(bh % p.heads);
     ti.batch = static_cast<int>(bh / p.heads);
     int n_begin, n_end;
@@ -133,7 +159,20 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(T::kProducerRegs));
     if (threadIdx.x != 0) return;
     int ring = 0, q_uses = 0;
-    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    int t = blockIdx.x;
+    for (int n = 0;; ++n) {
+      if (dynamic) {
+        // Taken as soon as the previous tile's loads are issued, so the index is ready well
+        // before the consumers finish that tile; the end (t >= tiles) is published too.
+        if (n > 0) t = static_cast<int>(min(gridDim.x + atomicAdd(p.tile_counter, 1u),
+                                            static_cast<unsigned>(tiles)));
+        wait(id_empty(n), ((n >> 1) & 1) ^ 1);
+        asm volatile("st.shared.s32 [%0], %1;" ::"r"(id_slot(n)), "r"(t) : "memory");
+        bar_arrive(id_full(n));  // release: the slot's store is visible to the waiters
+      } else if (n > 0) {
+        t += gridDim.x;
+      }
+      if (t >= tiles) break;
       const TileInfo ti = tile_info(t);
       if (ti.blocks <= 0) continue;
       wait(q_empty, (q_uses & 1) ^ 1);  // fresh barriers pass parity 1
@@ -162,7 +201,16 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   const int o_bar = 1 + kConsumers + wg;  // this warpgroup's own named barrier
   int ring = 0, q_uses = 0;
 
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+  int t = blockIdx.x;
+  for (int n = 0;; ++n) {
+    if (dynamic) {
+      wait(id_full(n), (n >> 1) & 1);
+      asm volatile("ld.shared.s32 %0, [%1];" : "=r"(t) : "r"(id_slot(n)) : "memory");
+      bar_arrive(id_empty(n));
+    } else if (n > 0) {
+      t += gridDim.x;
+    }
+    if (t >= tiles) break;
     const TileInfo ti = tile_info(t);
     const int m0 = ti.m0, head = ti.head, batch = ti.batch, n_last = ti.n_last;
     const int blocks = ti.blocks;
@@ -276,14 +324,32 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
 #endif
 }
 
+// With a causal or window mask, dynamic scheduling orders the tiles longest first across groups
+// of (batch, head) pairs whose K and V together take about this many bytes, so the CTAs
+// running at one time still share them in L2. Measured on the H200 (B8 H16 S2048 D64 causal):
+// groups of one pair (a head's tiles longest first, then the next head's) leave the last
+// heads' long tiles for the end and the SMs ~10% idle (Nsight Compute); 16 MiB groups gave
+// 314 -> 333 TFLOP/s there, 64 MiB 328. Without a mask all tiles are equally long and a head's
+// tiles stay together (groups of one).
+#ifndef KPT_FA90_L2_GROUP_BYTES
+#define KPT_FA90_L2_GROUP_BYTES (16 << 20)
+#endif
+
 template <bool kBf16, int kD, int kN>
-int launch(const Params& params, int64_t seqlen_q, int64_t heads, int64_t batch,
-           bool persistent, cudaStream_t stream) {
+int launch(Params params, int64_t seqlen_q, int64_t heads, int64_t batch, bool persistent,
+           cudaStream_t stream) {
   using T = Tile<kD, kN>;
   auto kernel = attention_fwd_overlap<kBf16, kD, kN>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kTotal) !=
       cudaSuccess) {
     return KPT_FA90_CUDA_ERROR;
+  }
+  // "dynamic" with 176-key blocks (no mask, long key sequences; its tiles are equally long)
+  // launches one CTA per tile: on the H200 that measured 629 against 605 TFLOP/s for persistent
+  // CTAs at B1 H32 S16384 (the producer has no registers for the scheduling code there either).
+  if (params.tile_counter != nullptr && kN == 176) {
+    params.tile_counter = nullptr;
+    persistent = false;
   }
   const int64_t tiles = (seqlen_q + T::kBlockM - 1) / T::kBlockM * heads * batch;
   int64_t ctas = tiles;
@@ -295,7 +361,18 @@ int launch(const Params& params, int64_t seqlen_q, int64_t heads, int64_t batch,
     }
     ctas = std::min<int64_t>(tiles, sms);
   }
-  if (ctas > 0x7fffffff) return KPT_FA90_UNSUPPORTED;
+  // Tile indices are int32 in the kernel (and 32-bit in the dynamic counter, which ends at
+  // tiles + CTAs).
+  if (tiles + ctas > 0x7fffffff) return KPT_FA90_UNSUPPORTED;
+  params.head_group = 1;
+  if (params.tile_counter != nullptr) {
+    if (!persistent) params.tile_counter = nullptr;
+    const bool masked = params.window_left >= 0 || params.window_right >= 0;
+    const int64_t pair_bytes = static_cast<int64_t>(params.seqlen_k) * kD * 2 * 2;
+    const int64_t group_bytes = masked ? KPT_FA90_L2_GROUP_BYTES : 0;
+    params.head_group = static_cast<int>(std::max<int64_t>(
+        1, std::min<int64_t>(heads * batch, group_bytes / pair_bytes)));
+  }
   kernel<<<static_cast<unsigned>(ctas), T::kThreads, T::kTotal, stream>>>(params);
   return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
 }
@@ -317,6 +394,7 @@ int overlap_block_n(int head_dim, bool masked, int64_t seqlen_k) {
 
 int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen_q,
                    int64_t heads, int64_t batch, bool persistent, cudaStream_t stream) {
+  // persistent with params.tile_counter set: dynamic scheduling (see the kernel).
   const bool masked = params.window_left >= 0 || params.window_right >= 0;
   const bool p = persistent;
   if (overlap_block_n(head_dim, masked, params.seqlen_k) == 176) {

@@ -51,6 +51,8 @@ _LOADED: dict[tuple, types.ModuleType] = {}
 _FAILED: dict[str, BuildError] = {}  # build hash -> the error; a process never retries a hash
 _GUARD = threading.Lock()
 _KEY_LOCKS: dict[tuple, threading.Lock] = {}
+# (spec, the environment variables its directories come from) -> load()'s key.
+_KEYS: dict[tuple, tuple] = {}
 
 
 @dataclass(frozen=True)
@@ -242,8 +244,15 @@ class JitSpec:
         return module
 
     def _key(self) -> tuple:
-        # The directories are part of the key so that tests (and tools) may switch them.
-        return (self, str(csrc_dir()), str(cache_dir()))
+        # The directories are part of the key so that tests (and tools) may switch them. They
+        # are resolved once per value of the variables they come from: resolving them costs
+        # file-system calls (~30 us), and load() runs on every kernel call.
+        env = (os.environ.get("KPT_CSRC_DIR"), os.environ.get("KPT_CACHE_DIR"),
+               os.environ.get("HOME"))
+        key = _KEYS.get((self, env))
+        if key is None:
+            key = _KEYS.setdefault((self, env), (self, str(csrc_dir()), str(cache_dir())))
+        return key
 
     def _load_or_build(self) -> types.ModuleType:
         if self.with_cuda and _gpu_runtime() is None:

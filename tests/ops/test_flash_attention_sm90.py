@@ -50,9 +50,10 @@ LENGTHS = [(1, 1), (17, 17), (113, 113), (1000, 1000), (17, 300), (300, 17), (12
            (257, 129), (385, 385), (200, 700)]
 MASKS = {"full": {}, "causal": {"causal": True}}
 # Every GPU test runs each kernel variant: the default, the FA3-schedule "overlap" one and its
-# persistent form.
+# persistent forms (static tile stride, and tiles taken from a counter).
 CONFIGS = {"base": {"impl": "sm90"}, "overlap": {"impl": "sm90", "variant": "overlap"},
-           "persistent": {"impl": "sm90", "variant": "persistent"}}
+           "persistent": {"impl": "sm90", "variant": "persistent"},
+           "dynamic": {"impl": "sm90", "variant": "dynamic"}}
 
 
 @pytest.fixture(params=list(CONFIGS))
@@ -153,7 +154,34 @@ def test_persistent_walks_many_tiles_per_cta(d, extra):
     tiles = -(-shape["seqlen_q"] // rows) * shape["heads_q"] * shape["batch"]
     assert tiles >= 4 * torch.cuda.get_device_properties(0).multi_processor_count
     call = make_call(shape, torch.bfloat16, torch.device("cuda"), seed=5)
-    _run_and_check(call, CONFIGS["persistent"])
+    for variant in ("persistent", "dynamic", "dynamic"):  # the counter is fresh each call
+        _run_and_check(call, CONFIGS[variant])
+
+
+@needs_sm90
+def test_dynamic_variant_replays_in_a_cuda_graph():
+    """The dynamic variant zeroes its tile counter on the stream before each launch, so a
+    captured call replays correctly (a counter left at its final value would skip every tile
+    after the first wave and leave the poisoned outputs behind)."""
+    shape = dict(batch=2, seqlen_q=2000, seqlen_k=2000, heads_q=32, heads_kv=8, head_dim=128,
+                 causal=True)
+    call = make_call(shape, torch.bfloat16, torch.device("cuda"), seed=7)
+    _sm90.run(call, CONFIGS["dynamic"])  # build and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _sm90.run(call, CONFIGS["dynamic"])
+    for seed in (11, 12):
+        fresh = make_call(shape, torch.bfloat16, torch.device("cuda"), seed=seed)
+        for name in ("q", "k", "v"):
+            getattr(call, name).copy_(getattr(fresh, name))
+        expected = clone_outputs(call)
+        ref.run(expected, {})
+        poison(call)
+        graph.replay()
+        torch.cuda.synchronize()
+        failure = check(call, expected)
+        assert failure is None, failure
 
 
 def _unaligned(t: torch.Tensor) -> torch.Tensor:
@@ -343,19 +371,18 @@ def _cpu_call(**extra) -> Call:
 
 
 @needs_sm90
-@pytest.mark.parametrize("d,extra,backend,variant", [
-    (128, {}, "cuda", "persistent"), (128, {"causal": True}, "cuda", "overlap"),
-    (128, {"causal": True, "window_left": 100}, "cuda", "persistent"),
-    (64, {}, "cuda", "persistent"), (64, {"causal": True}, "triton", None)])
-def test_hopper_dispatch_prefers_the_overlap_kernel_where_it_measured_faster(d, extra, backend,
-                                                                            variant):
-    """The overlap kernel leads on Hopper, in its persistent form unless the mask is causal
-    (uneven tiles: the hardware's one-CTA-per-tile scheduling balances them better)."""
+@pytest.mark.parametrize("d,extra,backend", [
+    (128, {}, "cuda"), (128, {"causal": True}, "cuda"),
+    (128, {"causal": True, "window_left": 100}, "cuda"),
+    (64, {}, "cuda"), (64, {"causal": True}, "cuda")])
+def test_hopper_dispatch_prefers_the_dynamic_kernel_where_it_measured_faster(d, extra, backend):
+    """On Hopper the overlap kernel in persistent CTAs with dynamic tile scheduling leads,
+    wherever it measured faster than Triton's forward."""
     call = make_call(_shape(256, 256, d, **extra), torch.bfloat16, torch.device("cuda"))
     chosen, config = SPEC.static_choice(problem_of(call))
     assert chosen.name == backend
     if backend == "cuda":
-        assert config == CONFIGS[variant]
+        assert config == CONFIGS["dynamic"]
 
 
 def test_prefer_hooks_are_empty_off_hopper():

@@ -12,6 +12,7 @@
 #define KPT_FA90_VARIANT_BASE 0     // one S accumulator, no explicit warpgroup scheduling
 #define KPT_FA90_VARIANT_OVERLAP 1  // next QK^T overlapped with softmax, ping-pong, deeper ring
 #define KPT_FA90_VARIANT_PERSISTENT 2  // the overlap kernel with one CTA per SM walking tiles
+#define KPT_FA90_VARIANT_DYNAMIC 3     // persistent, taking tiles from a counter (load balance)
 
 #define KPT_FA90_OK 0
 #define KPT_FA90_UNSUPPORTED 1      // a shape/stride/dtype the kernel does not handle
@@ -26,13 +27,17 @@ extern "C" {
 // q (B, Sq, H, D), k and v (B, Sk, Hkv, D), out like q: strides in elements, given as
 // {batch, seq, head} (the head_dim stride is 1). lse is contiguous float32 (B, H, Sq).
 // window_left / window_right < 0 mean unbounded; causal is window_right == 0. softcap <= 0
-// disables the soft cap. variant is a KPT_FA90_VARIANT_* value. Returns KPT_FA90_OK or an error code (see kpt_fa90_error_string).
+// disables the soft cap. variant is a KPT_FA90_VARIANT_* value; KPT_FA90_VARIANT_DYNAMIC needs
+// tile_counter, one zeroed uint32 in device memory that the launch counts tiles with (stream-
+// ordered: one counter per launch in flight), and every other variant NULL. Returns KPT_FA90_OK
+// or an error code (see kpt_fa90_error_string).
 int kpt_fa90_forward(int dtype, int head_dim, const void* q, const int64_t* q_strides,
                      const void* k, const int64_t* k_strides, const void* v,
                      const int64_t* v_strides, void* out, const int64_t* out_strides, float* lse,
                      int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads,
                      int64_t heads_kv, float scale, float softcap, int64_t window_left,
-                     int64_t window_right, int variant, void* stream);
+                     int64_t window_right, int variant, unsigned int* tile_counter,
+                     void* stream);
 
 // Backward (kernels_bwd.cu): dq like q, dk and dv like k and v (strides in elements, the
 // head_dim stride 1). dout is shaped like out; lse is the forward's contiguous float32

@@ -85,26 +85,21 @@ def _sm90_offered(problem: Problem, backward: bool = False) -> bool:
 def _sm90_config(problem: Problem) -> list[Config]:
     if not _sm90_offered(problem):
         return []
-    # The overlap variant (FA3 schedule: ping-pong and QK/softmax overlap) passes the GPU tests
-    # and was faster than the base kernel on every benchmarked case (bench/RESULTS.md). Its
-    # persistent form leads where the query tiles are (nearly) equally long: 0-8% faster on the
-    # H200 without a mask or with a window; with a causal mask its static tile striding leaves
-    # CTAs unevenly loaded (4-23% slower), so the hardware's scheduling of one CTA per tile wins.
-    overlap = {"impl": "sm90", "variant": "overlap"}
-    persistent = {"impl": "sm90", "variant": "persistent"}
-    first, second = (overlap, persistent) if problem["mask"] == "causal" else (persistent, overlap)
-    return [first, second, {"impl": "sm90"}]
+    # "dynamic" (the overlap kernel's FA3 schedule in persistent CTAs that take query tiles from
+    # a counter, longest first) leads for every mask: in one interleaved run on the H200
+    # (scripts/forward_variants_ab.py) it matched the one-CTA-per-tile "overlap" launch within
+    # 2% without a mask and beat it by 5-13% with causal and window masks, where the static
+    # stride of "persistent" had lost up to 23% (SM90_NOTES.md, session 9).
+    return [{"impl": "sm90", "variant": "dynamic"}, {"impl": "sm90", "variant": "overlap"},
+            {"impl": "sm90"}]
 
 
 def prefer(problem: Problem) -> tuple[str, ...]:
-    """The forward's ``prefer`` hook: on Hopper, the cuda backend (its sm90 overlap kernel)
-    before Triton wherever it measured faster on the H200: head dim 128 with any mask, and
-    head dim 64 without one (with causal masks at D = 64 Triton stays ahead; bench/RESULTS.md)."""
-    if not _sm90_config(problem):
-        return ()
-    if problem["head_dim"] == 64 and problem["mask"] != "full":
-        return ()
-    return ("cuda",)
+    """The forward's ``prefer`` hook: on Hopper, the cuda backend (its sm90 kernels) before
+    Triton. With dynamic tile scheduling the sm90 forward measured faster than Triton's in every
+    benchmarked case, head dim 64 with a causal mask included (332 vs 314 TFLOP/s at B8 H16
+    S2048; bench/RESULTS.md, session 9)."""
+    return ("cuda",) if _sm90_config(problem) else ()
 
 
 # From this length on (queries and keys) the sm90 backward is dispatch's first choice: since

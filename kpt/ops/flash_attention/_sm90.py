@@ -33,9 +33,10 @@ SPEC = JitSpec(
 )
 
 # config["variant"] -> KPT_FA90_VARIANT_* (flash_attention_sm90.h): "base" (the default when
-# the key is absent), "overlap" (the FA3 schedule) and "persistent" (the overlap kernel with one
-# CTA per SM walking the query tiles); all pass the GPU tests.
-VARIANTS = {"base": 0, "overlap": 1, "persistent": 2}
+# the key is absent), "overlap" (the FA3 schedule), "persistent" (the overlap kernel with one
+# CTA per SM walking the query tiles with a static stride) and "dynamic" (persistent, each CTA
+# taking the next untaken tile from a counter); all pass the GPU tests.
+VARIANTS = {"base": 0, "overlap": 1, "persistent": 2, "dynamic": 3}
 
 HEAD_DIMS = (64, 128)
 _HALF = (torch.float16, torch.bfloat16)
