@@ -1,6 +1,7 @@
 """Run the sm90 flash-attention kernels once each for Nsight Compute (GPU machine only).
 
   python scripts/ncu_sm90.py CASE [CASE ...]   CASE: bwd, bwdc, fwd, fwdc (B4 H32 S4096 D128),
+                                               fwdw (the same, causal window 1024),
                                                bwd64c, fwd64, fwd64c (B8 H16 S2048 D64)
 
 KPT_NCU_VARIANT names the forward variant (default "overlap").
@@ -27,11 +28,13 @@ def main() -> None:
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16,
                                      generator=gen) for _ in range(4))
-        causal = case.endswith("c")
+        causal = case.endswith(("c", "w"))
+        left = 1024 if case.endswith("w") else -1
         out = torch.empty_like(q)
         lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
         variant = os.environ.get("KPT_NCU_VARIANT", "overlap")
-        call = Call(q, k, v, None, None, s, s, d ** -0.5, -1, 0 if causal else -1, 0.0, out, lse)
+        call = Call(q, k, v, None, None, s, s, d ** -0.5, left, 0 if causal else -1, 0.0, out,
+                    lse)
         for _ in range(2):
             if case.startswith("fwd"):
                 _sm90.run(call, {"impl": "sm90", "variant": variant})

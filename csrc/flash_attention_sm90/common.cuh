@@ -370,14 +370,33 @@ __device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kHa
                     (p.window_right < 0 || n0 + kN - 1 <= wg_row_lo + diag + p.window_right) &&
                     (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
   if (full) return fold;
-  // Bitwise, not short-circuit, operators: selects instead of a branch per score.
+  // Per row, the visible columns as an interval [lo, hi) relative to this thread's first
+  // column, so each score costs two compares against its compile-time offset and a select
+  // (the per-score column arithmetic of the plain form compiled to ~10 instructions).
+  // 64-bit, then clamped: the window sizes may be as large as the caller likes.
+  const int base = n0 + col0;
+  int lo[2], hi[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t key0 = static_cast<int64_t>(row0 + 8 * h) + diag;  // the diagonal's key
+    int64_t end = p.seqlen_k;
+    if (p.window_right >= 0) end = min(end, key0 + p.window_right + 1);
+    const int64_t begin = p.window_left >= 0 ? key0 - p.window_left : 0;
+    hi[h] = static_cast<int>(max(end - base, int64_t{-1}));
+    lo[h] = static_cast<int>(min(max(begin - base, int64_t{-1}), int64_t{kN}));
+  }
+  if (p.window_left < 0) {  // causal or the key tail only: one compare per score
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      sc[i] = 8 * (i / 4) + i % 2 < hi[(i / 2) % 2] ? sc[i] : -INFINITY;
+    }
+    return fold;
+  }
 #pragma unroll
   for (int i = 0; i < kHalf; ++i) {
-    const int col = n0 + 8 * (i / 4) + col0 + i % 2;
-    const int rel = col - (row0 + 8 * ((i / 2) % 2)) - diag;  // key - diagonal
-    const bool visible = (col < p.seqlen_k) & ((p.window_right < 0) | (rel <= p.window_right)) &
-                         ((p.window_left < 0) | (rel >= -p.window_left));
-    sc[i] = visible ? sc[i] : -INFINITY;
+    const int off = 8 * (i / 4) + i % 2;  // the score's column - base
+    const int h = (i / 2) % 2;
+    sc[i] = (off >= lo[h]) & (off < hi[h]) ? sc[i] : -INFINITY;
   }
   return fold;
 }
@@ -385,10 +404,18 @@ __device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kHa
 // Online softmax of one block in place: sc (log2-domain scores once multiplied by `fold` > 0)
 // becomes exp2(fold * s - max); row_max is kept in the scaled domain. Returns through
 // `correction` the factor O must be scaled by, which the caller applies once the PV GEMM
-// reading the old O has finished. Each row lives in the 4 threads of a quad.
+// reading the old O has finished, and returns whether any row of this warp moved its max
+// (when none did, every correction is 1 and the caller skips the rescale of O).
+// The max a row uses moves only when the block's max exceeds it by more than kLazyMax (log2
+// units), so after the first blocks O is rarely rescaled. Exact either way: O and the sum are
+// kept relative to the same max, and the probabilities stay below 2^kLazyMax (256), far inside
+// fp16/bf16 range and with the same relative precision.
+constexpr float kLazyMax = 8.f;
+
 template <int kHalf>
-__device__ __forceinline__ void softmax(float (&sc)[kHalf], float fold, float (&row_max)[2],
+__device__ __forceinline__ bool softmax(float (&sc)[kHalf], float fold, float (&row_max)[2],
                                         float (&row_sum)[2], float (&correction)[2]) {
+  bool moved = false;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float mx = -INFINITY;
@@ -398,11 +425,15 @@ __device__ __forceinline__ void softmax(float (&sc)[kHalf], float fold, float (&
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    mx = fmaxf(row_max[h], mx * fold);
+    mx *= fold;
+    // -inf + kLazyMax is -inf: a row's first visible block always sets its max.
+    const bool move = mx > row_max[h] + kLazyMax;
+    const float use = move ? mx : row_max[h];
     // Nothing visible yet: max stays -inf and the shift 0 avoids (-inf) - (-inf) = NaN.
-    const float shift = mx == -INFINITY ? 0.f : mx;
-    correction[h] = fast_exp2(row_max[h] - shift);
-    row_max[h] = mx;
+    const float shift = use == -INFINITY ? 0.f : use;
+    correction[h] = move ? fast_exp2(row_max[h] - shift) : 1.f;
+    moved |= move;
+    row_max[h] = use;
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < kHalf / 4; ++j) {
@@ -412,6 +443,7 @@ __device__ __forceinline__ void softmax(float (&sc)[kHalf], float fold, float (&
     }
     row_sum[h] = row_sum[h] * correction[h] + sum;
   }
+  return __any_sync(0xffffffffu, moved);
 }
 
 // A row's softmax sum from this thread's partial one: the 4 threads of a quad hold the row.

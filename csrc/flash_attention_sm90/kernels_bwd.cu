@@ -307,18 +307,32 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
         key_lo + 64 <= p.seqlen_k &&
         (p.window_right < 0 || key_lo + 63 <= m0 + diag + p.window_right) &&
         (p.window_left < 0 || key_lo >= m0 + 63 + diag - p.window_left);
-    // Bitwise, not short-circuit, operators: selects instead of a branch per element.
-    auto visible = [&](int i) {
-      const int key = key_lo + krow + 8 * ((i / 2) % 2);
-      const int rel = key - (m0 + 8 * (i / 4) + col0 + i % 2) - diag;  // key - diagonal
-      return (key < p.seqlen_k) & ((p.window_right < 0) | (rel <= p.window_right)) &
-             ((p.window_left < 0) | (rel >= -p.window_left));
+    // Per key row h, the visible queries as offsets [lo, hi) from this thread's first query
+    // column m0 + col0, so that an element costs two compares against its compile-time
+    // offset 8 (i / 4) + i % 2 and a select (64-bit, then clamped: windows may be huge).
+    auto bounds = [&](int (&lo)[2], int (&hi)[2]) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int key = key_lo + krow + 8 * h;
+        const int64_t k0 = static_cast<int64_t>(key) - diag - (m0 + col0);  // its diagonal
+        const int64_t begin = p.window_right >= 0 ? k0 - p.window_right : -1;
+        const int64_t end = key >= p.seqlen_k ? -1
+                            : p.window_left >= 0 ? k0 + p.window_left + 1 : kBwdRows;
+        lo[h] = static_cast<int>(min(max(begin, int64_t{-1}), int64_t{kBwdRows}));
+        hi[h] = static_cast<int>(min(max(end, int64_t{-1}), int64_t{kBwdRows}));
+      }
+    };
+    auto inside = [&](int i, const int (&lo)[2], const int (&hi)[2]) {
+      const int off = 8 * (i / 4) + i % 2;
+      return (off >= lo[(i / 2) % 2]) & (off < hi[(i / 2) % 2]);
     };
     // Zeroes P where the key is invisible; one branch per item, taken only at a mask's edge.
     auto mask_p = [&]() {
       if (!visible_all) {
+        int lo[2], hi[2];
+        bounds(lo, hi);
 #pragma unroll
-        for (int i = 0; i < kBwdRows / 2; ++i) sc[i] = visible(i) ? sc[i] : 0.f;
+        for (int i = 0; i < kBwdRows / 2; ++i) sc[i] = inside(i, lo, hi) ? sc[i] : 0.f;
       }
     };
 
@@ -333,7 +347,13 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
         const int col = 8 * (i / 4) + col0 + i % 2;
         const float t = fast_tanh(sc[i] * p.score_scale);
         const float prob = fast_exp2(fmaf(p.softcap_log2, t, -lse_s[col]));
-        sc[i] = visible_all | visible(i) ? prob : 0.f;
+        // The plain per-element test here: the bounds' four registers spill at D = 128.
+        const int key = key_lo + krow + 8 * ((i / 2) % 2);
+        const int rel = key - (m0 + col) - diag;  // key - diagonal
+        const bool visible = (key < p.seqlen_k) &
+                             ((p.window_right < 0) | (rel <= p.window_right)) &
+                             ((p.window_left < 0) | (rel >= -p.window_left));
+        sc[i] = visible_all | visible ? prob : 0.f;
         dp[i] = sc[i] * (dp[i] - delta_s[col]) * (1.f - t * t) * p.ds_scale;
       }
     } else {

@@ -192,15 +192,19 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   const int col0 = 2 * (lane % 4);
   const uint32_t q_tile = base + T::kQ + wg * 64 * kRowBytes;
   const uint32_t o_stage = (T::kSeparateO ? base + T::kO : base + T::kQ) + wg * 64 * kRowBytes;
-  // Turn ring: warpgroup g waits on barrier 1 + g and passes to the next one. The last
-  // warpgroup hands out the first turn of a tile and skips its final pass, so every barrier
-  // gets as many arrivals as waits per tile (nothing is left pending between tiles or at exit).
+  // Turn ring: warpgroup g waits on barrier 1 + g and passes to the next one. It runs on
+  // across tiles (every warpgroup takes `blocks` turns per tile), so a warpgroup that finishes
+  // a tile starts the next one's first S GEMM while the others still run their last GEMMs and
+  // epilogues, instead of the tile's first turn waiting for every epilogue. The last warpgroup
+  // hands out the very first turn; the first one takes the one pass left over at the end, so
+  // every barrier gets as many arrivals as waits (nothing is left pending at exit).
   const int my_turn = 1 + wg;
   const int next_turn = 1 + (wg + 1) % kConsumers;
   const bool last_wg = wg == kConsumers - 1;
   const int o_bar = 1 + kConsumers + wg;  // this warpgroup's own named barrier
   int ring = 0, q_uses = 0;
 
+  if (last_wg) turn_pass(1);
   int t = blockIdx.x;
   for (int n = 0;; ++n) {
     if (dynamic) {
@@ -224,11 +228,10 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
     float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
 
     if (blocks > 0) {
-      if (last_wg) turn_pass(1);
-
       float sc[kN / 2];
       uint32_t pa[kN / 4];
       float correction[2];
+      bool moved;  // some row of this warp moved its max: O needs the correction
 
       wait(q_full, q_uses & 1);
       ++q_uses;
@@ -241,12 +244,12 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
         wgmma_fence();
         issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s0 * T::kKVBytes);
         wgmma_commit();
-        if (!(last_wg && blocks == 1)) turn_pass(next_turn);
+        turn_pass(next_turn);
         wgmma_wait_all();
         pin(sc);
         bar_arrive(k_empty(s0));
         const float fold = scale_and_mask(p, sc, n_last * kN, wg_row_lo, row0, col0);
-        softmax(sc, fold, row_max, row_sum, correction);  // O is 0: its rescale is harmless
+        moved = softmax(sc, fold, row_max, row_sum, correction);  // O is 0: harmless
 #pragma unroll
         for (int i = 0; i < kN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
 
@@ -266,21 +269,22 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
           issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s * T::kKVBytes);
           wgmma_commit();
           // O to the running max of block it - 1 while the S GEMM runs (the PV GEMM that read
-          // O last finished in the previous iteration), then O += P(it-1) V(it-1).
-          rescale<kD>(o, correction);
+          // O last finished in the previous iteration), then O += P(it-1) V(it-1). The max
+          // rarely moves after the first blocks (kLazyMax), and then the warp skips it.
+          if (moved) rescale<kD>(o, correction);
           pin(o);
           wait(v_full(sp), parity_p);
           wgmma_fence();
           issue_pv<T, kBf16, kD>(o, pa, base + T::kV + sp * T::kKVBytes);
           wgmma_commit();
-          if (!(last_wg && it == blocks - 1)) turn_pass(next_turn);
+          turn_pass(next_turn);
 
           // Softmax of S(it) while the PV GEMM runs; it must not touch o or pa.
           wgmma_wait<1>();
           pin(sc);
           bar_arrive(k_empty(s));
           const float fold = scale_and_mask(p, sc, (n_last - it) * kN, wg_row_lo, row0, col0);
-          softmax(sc, fold, row_max, row_sum, correction);
+          moved = softmax(sc, fold, row_max, row_sum, correction);
 
           wgmma_wait_all();
           pin(o);
@@ -295,7 +299,7 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
         if constexpr (T::kSeparateO) bar_arrive(q_empty);
         // The last block's PV, outside the turn ring.
         const int sl = (ring + blocks - 1) % kStages;
-        rescale<kD>(o, correction);
+        if (moved) rescale<kD>(o, correction);
         pv_and_release<T, kBf16, kD>(o, pa, base + T::kV + sl * T::kKVBytes, v_full(sl),
                                      ((ring + blocks - 1) / kStages) & 1, v_empty(sl));
       }
@@ -320,6 +324,7 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
       }
     }
   }
+  if (wg == 0) turn_wait(1);  // the last warpgroup's final pass
   if (T::kSeparateO && p.store_tma && tid == 0) bulk_wait_read();
 #endif
 }

@@ -36,7 +36,8 @@ class Marker:
     """What a finished build recorded: its hash and the Python module it produced.
 
     The module name is recorded because cpp_extension renames an extension (``name_v1``)
-    when one process builds two versions of the same name.
+    when one process builds two versions of the same name, and because builds made before
+    module names carried the build hash are plain ``name``.
     """
 
     hash: str
@@ -85,12 +86,22 @@ def load_finished(build_dir: Path, build_hash: str) -> types.ModuleType | None:
     if marker is None:
         return None
     try:
-        return import_library(marker.module, build_dir / marker.library)
+        module = import_library(marker.module, build_dir / marker.library)
     except ImportError as err:
         raise BuildError(
             f"the cached build in {build_dir} is marked finished but does not import: {err}\n"
             f"hint: delete {build_dir} to rebuild"
         ) from err
+    loaded = Path(module.__file__ or "").resolve().parent
+    if loaded != build_dir.resolve():
+        # Python handed back a module of the same name loaded earlier from another build
+        # (caches written before builds got their own module names): never run its code.
+        raise BuildError(
+            f"importing the cached build in {build_dir} returned the module loaded from "
+            f"{loaded} (same module name {marker.module!r})\n"
+            f"hint: delete {build_dir} to rebuild it under its own name"
+        )
+    return module
 
 
 @contextlib.contextmanager

@@ -79,9 +79,10 @@ def _gpu_runtime() -> str | None:
 class JitSpec:
     """One JIT-built extension: a name and its sources relative to :func:`csrc_dir`.
 
-    ``name`` becomes the Python module name (the binding uses ``TORCH_EXTENSION_NAME``). CUDA is
-    compiled in only when a ``.cu`` source is present, so a pure C++ spec builds with a CPU
-    torch too. Lists given for the tuple fields are converted.
+    Each build's Python module is ``<name>_<build hash>`` (the binding uses
+    ``TORCH_EXTENSION_NAME``), so builds of one spec from different source trees load side by
+    side in one process. CUDA is compiled in only when a ``.cu`` source is present, so a pure
+    C++ spec builds with a CPU torch too. Lists given for the tuple fields are converted.
     """
 
     name: str
@@ -300,8 +301,11 @@ class JitSpec:
         build_dir.mkdir(parents=True)
         log.info("kpt: building JIT extension %r in %s", self.name, build_dir)
         start = time.perf_counter()
+        # One module name per build (its PyInit_ symbol): two builds of a spec from different
+        # trees can then live in one process; under the plain name the second import could
+        # hand back the module of the first.
         module = _build.build(
-            self.name,
+            f"{self.name}_{plan.hash}",
             plan.inputs,
             self.sources,
             cflags=plan.cflags,

@@ -18,7 +18,7 @@ from kpt.jit import BuildError, _build
 from kpt.jit import spec as jit_spec
 from kpt.jit._cache import MARKER
 
-from .helpers import TOY_SPEC, compiler_runs, instrument, load_toy_worker
+from .helpers import TOY_SPEC, compiler_runs, instrument, load_toy_worker, write_toy_csrc
 
 # Generous: a spawned process imports torch (seconds on a loaded 2-core machine) and the
 # toy build takes about one second; a hang is what these limits catch.
@@ -60,6 +60,22 @@ def test_edit_rebuilds(toy_env):
     jit_spec._LOADED.clear()
     assert TOY_SPEC.load().add(2, 3) == 105
     assert compiler_runs(toy_env["counter"]) == 2
+
+
+def test_two_trees_load_side_by_side_in_one_process(toy_env, tmp_path, monkeypatch):
+    """Switching KPT_CSRC_DIR in a process (kernel A/B tools do) gives each tree its own
+    build and module, also when both come from the disk cache: builds get their own module
+    names, so an import never hands back the other tree's module."""
+    other = write_toy_csrc(tmp_path / "other", offset=100)
+    trees = {toy_env["csrc"]: 5, other: 105}
+    for _ in range(2):  # built, then loaded from the cache by a "new process"
+        for tree, expected in trees.items():
+            monkeypatch.setenv("KPT_CSRC_DIR", str(tree))
+            module = TOY_SPEC.load()
+            assert module.add(2, 3) == expected
+            assert Path(module.__file__).parent == TOY_SPEC.build_dir()
+        monkeypatch.setattr(jit_spec, "_LOADED", {})
+        monkeypatch.setattr(jit_spec, "_KEYS", {})
 
 
 def test_concurrent_processes_build_once(toy_env):
