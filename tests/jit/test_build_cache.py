@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,22 @@ def test_two_trees_load_side_by_side_in_one_process(toy_env, tmp_path, monkeypat
             assert Path(module.__file__).parent == TOY_SPEC.build_dir()
         monkeypatch.setattr(jit_spec, "_LOADED", {})
         monkeypatch.setattr(jit_spec, "_KEYS", {})
+
+
+def test_cached_build_answered_by_another_module_is_refused(toy_env, monkeypatch):
+    """If an import of a cached build hands back a module loaded from elsewhere (what plain
+    module names allowed), load() raises instead of running the other build's code."""
+    from kpt.jit import _cache
+
+    real = TOY_SPEC.load()
+    monkeypatch.setattr(jit_spec, "_LOADED", {})
+    monkeypatch.setattr(jit_spec, "_FAILED", {})
+    stranger = types.ModuleType(real.__name__)
+    stranger.__file__ = str(toy_env["cache"].parent / "elsewhere" / Path(real.__file__).name)
+    monkeypatch.setattr(_cache, "import_library", lambda name, path: stranger)
+    _forbid_compiling(monkeypatch)
+    with pytest.raises(BuildError, match="returned the module loaded from"):
+        TOY_SPEC.load()
 
 
 def test_concurrent_processes_build_once(toy_env):
