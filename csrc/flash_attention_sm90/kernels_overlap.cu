@@ -20,7 +20,9 @@
 // longer sit between tiles; O leaves through its own shared-memory buffer and TMA stores
 // (where shared memory has room: not with 176-key blocks, which stage O in the Q rows and
 // release Q after the store has read it).
-// Masks are applied only to key blocks that are not fully visible to a warpgroup's 64 rows.
+// Masks are applied only to key blocks that are not fully visible to a warpgroup's 64 rows,
+// and a warpgroup skips the leading key blocks none of its rows can see (192-row tiles at
+// D = 64: the causal diagonal, and rows past seqlen_q); it still takes their turns.
 // Every mbarrier wait is bounded (wait() ends the launch with an error); the named barriers
 // cannot hang because every consumer warpgroup runs the same number of turns (see the ring).
 
@@ -51,13 +53,14 @@ constexpr int consumers_for() {
 template <int kD, int kBlockKeys>
 struct Tile : SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 : 2> {
   using Base = SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 : 2>;
-  // q_empty (all consumer threads release Q) after the ring's barriers, then the tile-id
-  // channel of the dynamic scheduler: id_full[2], id_empty[2] and two 8-byte id slots.
+  // q_empty (all consumer threads release Q) after the ring's barriers, then the tile
+  // channel of the dynamic scheduler: id_full[2], id_empty[2] and two 16-byte slots (tile
+  // index, first query row, head, batch; 16-byte aligned for one vector access).
   static constexpr int kQEmpty = Base::kBytes;
   static constexpr int kIdFull = kQEmpty + 8;
   static constexpr int kIdEmpty = kIdFull + 16;
-  static constexpr int kIdSlot = kIdEmpty + 16;
-  static constexpr int kEnd = kIdSlot + 16;
+  static constexpr int kIdSlot = (kIdEmpty + 16 + 15) / 16 * 16;
+  static constexpr int kEnd = kIdSlot + 32;
   // O's own staging buffer [rows x kD] (kD / 64 chunks like Q) where shared memory has room.
   static constexpr int kO = (kEnd + 1023) / 1024 * 1024;
   static constexpr bool kSeparateO = kO + Base::kQBytes + 1024 <= 227 * 1024;
@@ -106,7 +109,7 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   const bool dynamic = kBlockKeys != 176 && p.tile_counter != nullptr;
   auto id_full = [&](int n) { return base + T::kIdFull + 8 * (n & 1); };
   auto id_empty = [&](int n) { return base + T::kIdEmpty + 8 * (n & 1); };
-  auto id_slot = [&](int n) { return base + T::kIdSlot + 8 * (n & 1); };
+  auto id_slot = [&](int n) { return base + T::kIdSlot + 16 * (n & 1); };
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     bar_init(q_full, 1);
@@ -137,8 +140,9 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   struct TileInfo {
     int m0, head, batch, n_last, blocks;
   };
-  auto tile_info = [&](int t) {
-    TileInfo ti;
+  // Where tile t sits (the integer divisions: with dynamic scheduling only the producer runs
+  // them, and publishes the result with the index).
+  auto tile_coords = [&](int t, TileInfo& ti) {
     const int group = t / group_tiles;
     const int in_group = t - group * group_tiles;
     const int width = min(p.head_group, pairs - group * p.head_group);
@@ -146,12 +150,14 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
     ti.m0 = (m_blocks - 1 - in_group / width) * T::kBlockM;
     ti.head = static_cast<int>(bh % p.heads);
     ti.batch = static_cast<int>(bh / p.heads);
+  };
+  // Its key blocks, from the highest (n_last) down: the same for every consumer warpgroup.
+  auto tile_keys = [&](TileInfo& ti) {
     int n_begin, n_end;
     key_range(p, ti.m0, T::kBlockM, n_begin, n_end);
     const int n_first = n_begin / kN;
     ti.n_last = n_end > n_begin ? (n_end - 1) / kN : n_first - 1;
-    ti.blocks = ti.n_last - n_first + 1;  // the same for every consumer warpgroup
-    return ti;
+    ti.blocks = ti.n_last - n_first + 1;
   };
 
   if (warpgroup == 0) {
@@ -161,19 +167,24 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
     int ring = 0, q_uses = 0;
     int t = blockIdx.x;
     for (int n = 0;; ++n) {
+      TileInfo ti;
       if (dynamic) {
         // Taken as soon as the previous tile's loads are issued, so the index is ready well
         // before the consumers finish that tile; the end (t >= tiles) is published too.
         if (n > 0) t = static_cast<int>(min(gridDim.x + atomicAdd(p.tile_counter, 1u),
                                             static_cast<unsigned>(tiles)));
+        if (t < tiles) tile_coords(t, ti);
         wait(id_empty(n), ((n >> 1) & 1) ^ 1);
-        asm volatile("st.shared.s32 [%0], %1;" ::"r"(id_slot(n)), "r"(t) : "memory");
+        asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};" ::"r"(id_slot(n)), "r"(t),
+                     "r"(ti.m0), "r"(ti.head), "r"(ti.batch)
+                     : "memory");
         bar_arrive(id_full(n));  // release: the slot's store is visible to the waiters
       } else if (n > 0) {
         t += gridDim.x;
       }
       if (t >= tiles) break;
-      const TileInfo ti = tile_info(t);
+      if (!dynamic) tile_coords(t, ti);
+      tile_keys(ti);
       if (ti.blocks <= 0) continue;
       wait(q_empty, (q_uses & 1) ^ 1);  // fresh barriers pass parity 1
       ++q_uses;
@@ -207,19 +218,47 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   if (last_wg) turn_pass(1);
   int t = blockIdx.x;
   for (int n = 0;; ++n) {
+    TileInfo ti;
     if (dynamic) {
       wait(id_full(n), (n >> 1) & 1);
-      asm volatile("ld.shared.s32 %0, [%1];" : "=r"(t) : "r"(id_slot(n)) : "memory");
+      asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(t), "=r"(ti.m0), "=r"(ti.head), "=r"(ti.batch)
+                   : "r"(id_slot(n))
+                   : "memory");
       bar_arrive(id_empty(n));
     } else if (n > 0) {
       t += gridDim.x;
     }
     if (t >= tiles) break;
-    const TileInfo ti = tile_info(t);
-    const int m0 = ti.m0, head = ti.head, batch = ti.batch, n_last = ti.n_last;
+    if (!dynamic) tile_coords(t, ti);
+    tile_keys(ti);
+    const int m0 = ti.m0, head = ti.head, batch = ti.batch;
     const int blocks = ti.blocks;
     const int wg_row_lo = m0 + wg * 64;
     const int row0 = wg_row_lo + warp * 16 + lane / 4;  // and row0 + 8 (accumulator layout)
+    // The tile's first `skip` key blocks (its highest keys) are invisible to all of this
+    // warpgroup's rows: it only takes their turns and releases their stages. With 192-row
+    // tiles over 128-key blocks (D = 64) that is one block in about ten of a causal tile at
+    // 2048 tokens; and all but one of them for a warpgroup whose rows all lie past seqlen_q
+    // (at least one block runs the normal path, so the loop below keeps its shape).
+    int skip = 0;
+    if (kConsumers * 64 > kN && blocks > 0 &&
+        (p.window_right >= 0 || wg_row_lo >= p.seqlen_q)) {
+      // The keys this warpgroup's last row sees end before key_end (int32 is safe: the
+      // lengths are below kMaxSeqlen and the windows clamped to seqlen_q + seqlen_k).
+      const int key_end =
+          wg_row_lo >= p.seqlen_q
+              ? 0
+              : min(p.seqlen_k, min(wg_row_lo + 63, p.seqlen_q - 1) +
+                                    (p.seqlen_k - p.seqlen_q) + p.window_right + 1);
+      skip = key_end <= 0 ? blocks - 1
+                          : min(max(ti.n_last - (key_end - 1) / kN, 0), blocks - 1);
+    }
+    // Warp-uniform, and through the shuffle the compiler knows it: skip then lives in a
+    // uniform register. As a per-thread value it cost the 160-register D = 64 consumers
+    // 24-48 bytes of spills (and ~30% of their speed).
+    skip = __shfl_sync(0xffffffffu, skip, 0);
+    const int n_last = ti.n_last;
 
     float o[kD / 2];
 #pragma unroll
@@ -235,11 +274,23 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
 
       wait(q_full, q_uses & 1);
       ++q_uses;
-      {
-        // Block 0: S only (no P yet).
-        const int s0 = ring % kStages;
+      for (int it = 0; it < skip; ++it) {  // invisible blocks: the turn and the releases only
+        const int s = (ring + it) % kStages;
+        const uint32_t parity = ((ring + it) / kStages) & 1;
         turn_wait(my_turn);
-        wait(k_full(s0), (ring / kStages) & 1);
+        wait(k_full(s), parity);
+        bar_arrive(k_empty(s));
+        // V(j)'s load proves that every warpgroup released the stage's previous V, so this
+        // arrival counts towards this use of the stage.
+        wait(v_full(s), parity);
+        bar_arrive(v_empty(s));
+        turn_pass(next_turn);
+      }
+      {
+        // The first visible block: S only (no P yet).
+        const int s0 = (ring + skip) % kStages;
+        turn_wait(my_turn);
+        wait(k_full(s0), ((ring + skip) / kStages) & 1);
         pin(sc);
         wgmma_fence();
         issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s0 * T::kKVBytes);
@@ -248,12 +299,12 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
         wgmma_wait_all();
         pin(sc);
         bar_arrive(k_empty(s0));
-        const float fold = scale_and_mask(p, sc, n_last * kN, wg_row_lo, row0, col0);
+        const float fold = scale_and_mask(p, sc, (n_last - skip) * kN, wg_row_lo, row0, col0);
         moved = softmax(sc, fold, row_max, row_sum, correction);  // O is 0: harmless
 #pragma unroll
         for (int i = 0; i < kN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
 
-        for (int it = 1; it < blocks; ++it) {
+        for (int it = skip + 1; it < blocks; ++it) {
           const int s = (ring + it) % kStages;
           const uint32_t parity = ((ring + it) / kStages) & 1;
           const int sp = (ring + it - 1) % kStages;
