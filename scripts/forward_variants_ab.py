@@ -11,9 +11,12 @@ cuDNN backend on (B, H, S, D) copies of the same inputs (cases without a window 
 ``KPT_AB_CASES=B4S4096,B8S2048D64c`` limits the cases; ``KPT_AB_SLEEP=2`` idles the GPU that
 many seconds before each measurement (below its power limit the clock stays high, and
 differences in instruction count show that a sustained load's lower clock hides).
-``VARIANT@DIR`` times a variant built from another source tree (a copy of ``csrc/``, DIR
-relative to the repository, through ``KPT_CSRC_DIR``), so that a kernel change is compared
-with the build before it in one process:
+``KPT_AB_ROUNDS`` (default 3) and ``KPT_AB_CALLS`` (launches per timed graph, default 5) set how
+many alternating rounds run and how long each measurement lasts: at B4 S4096 one launch takes
+~1.7 ms, so ``KPT_AB_CALLS=40`` measures a third of a second of sustained load, at the clock
+the power limit allows. ``VARIANT@DIR`` times a variant built from another source tree (a
+copy of ``csrc/``, DIR relative to the repository, through ``KPT_CSRC_DIR``), so that a kernel
+change is compared with the build before it in one process:
 
   python scripts/forward_variants_ab.py dynamic@old/csrc dynamic
 
@@ -90,7 +93,7 @@ def main() -> None:
         triton_config = _triton.configs(problem_of(call))[0]
         names = [n for n in variants if n != "cudnn" or (left < 0 and softcap == 0.0)]
         times: dict[str, list[float]] = {name: [] for name in names}
-        for rep in range(3):
+        for rep in range(int(os.environ.get("KPT_AB_ROUNDS", "3"))):
             for name in names if rep % 2 == 0 else names[::-1]:
                 if name == "cudnn":
                     fn = cudnn
@@ -104,7 +107,8 @@ def main() -> None:
                     if tree:
                         fn = functools.partial(_in_tree, os.path.join(ROOT, tree), fn)
                 time.sleep(float(os.environ.get("KPT_AB_SLEEP", "0")))
-                times[name].append(graph_time_us([fn], calls=5, replays=5))
+                times[name].append(graph_time_us(
+                    [fn], calls=int(os.environ.get("KPT_AB_CALLS", "5")), replays=5))
 
         def tflops(name: str, us: float, flops: float = flops) -> float:
             return flops * (2.5 if name.startswith("bwd") else 1.0) / us / 1e6

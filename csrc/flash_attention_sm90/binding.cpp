@@ -51,16 +51,27 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
   const int dtype = q.scalar_type() == at::kBFloat16 ? KPT_FA90_BF16 : KPT_FA90_FP16;
-  // The dynamic variant's tile counter: zeroed on the current stream, freed (stream-ordered,
-  // by the caching allocator) once the launch is done with it.
-  at::Tensor counter;
-  if (variant == KPT_FA90_VARIANT_DYNAMIC) counter = at::zeros({1}, q.options().dtype(at::kInt));
+  // The dynamic variant's tile counter (and the counters of its split tiles): zeroed on the
+  // current stream; the split's workspace; both freed (stream-ordered, by the caching
+  // allocator) once the launch is done with them.
+  at::Tensor counter, split;
+  if (variant == KPT_FA90_VARIANT_DYNAMIC) {
+    int64_t words = 0, floats = 0;
+    const int rc = kpt_fa90_forward_scratch(static_cast<int>(q.size(3)), q.size(0), q.size(1),
+                                            k.size(1), q.size(2), window_left, window_right,
+                                            static_cast<int>(variant), &words, &floats);
+    TORCH_CHECK(rc == KPT_FA90_OK, kOp, ": kpt_fa90_forward_scratch failed: ",
+                kpt_fa90_error_string(rc));
+    counter = at::zeros({words}, q.options().dtype(at::kInt));
+    if (floats > 0) split = at::empty({floats}, q.options().dtype(at::kFloat));
+  }
   const int code = kpt_fa90_forward(
       dtype, static_cast<int>(q.size(3)), q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs,
       out.data_ptr(), os, lse.data_ptr<float>(), q.size(0), q.size(1), k.size(1), q.size(2),
       k.size(2), static_cast<float>(scale), static_cast<float>(softcap), window_left,
       window_right, static_cast<int>(variant),
       counter.defined() ? reinterpret_cast<unsigned int*>(counter.data_ptr<int>()) : nullptr,
+      split.defined() ? split.data_ptr<float>() : nullptr,
       reinterpret_cast<void*>(static_cast<intptr_t>(stream)));
   TORCH_CHECK(code == KPT_FA90_OK, kOp, ": kpt_fa90_forward failed: ",
               kpt_fa90_error_string(code), " (code ", code, ")");
@@ -115,6 +126,19 @@ void backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, con
               kpt_fa90_error_string(code), " (code ", code, ")");
 }
 
+std::tuple<int64_t, int64_t> forward_scratch(int64_t head_dim, int64_t batch, int64_t seqlen_q,
+                                             int64_t seqlen_k, int64_t heads,
+                                             int64_t window_left, int64_t window_right,
+                                             int64_t variant) {
+  int64_t words = 0, floats = 0;
+  const int rc = kpt_fa90_forward_scratch(static_cast<int>(head_dim), batch, seqlen_q, seqlen_k,
+                                          heads, window_left, window_right,
+                                          static_cast<int>(variant), &words, &floats);
+  TORCH_CHECK(rc == KPT_FA90_OK, kOp, ": kpt_fa90_forward_scratch failed: ",
+              kpt_fa90_error_string(rc));
+  return {words, floats};
+}
+
 int64_t backward_workspace(int64_t batch, int64_t seqlen_q, int64_t heads, int64_t head_dim) {
   return kpt_fa90_backward_workspace(batch, seqlen_q, heads, static_cast<int>(head_dim));
 }
@@ -132,6 +156,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("workspace"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
         py::arg("window_right"), py::arg("stream"));
+  m.def("forward_scratch", &forward_scratch,
+        "(zeroed uint32 counter words, float32 workspace elements) a forward launch of this "
+        "variant uses on the current device; workspace > 0: the dynamic variant splits its last "
+        "tiles over their key blocks",
+        py::arg("head_dim"), py::arg("batch"), py::arg("seqlen_q"), py::arg("seqlen_k"),
+        py::arg("heads"), py::arg("window_left"), py::arg("window_right"), py::arg("variant"));
   m.def("backward_workspace", &backward_workspace,
         "float32 elements of the backward's workspace", py::arg("batch"), py::arg("seqlen_q"),
         py::arg("heads"), py::arg("head_dim"));

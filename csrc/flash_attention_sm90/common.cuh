@@ -36,6 +36,14 @@ struct Params {
   // order groups together (1: a head's tiles, longest first, then the next head's).
   unsigned int* tile_counter;
   int head_group;
+  // Dynamic scheduling without a mask: the last query tiles, which would otherwise run alone at
+  // the end on a few SMs, are split over their key blocks into split_pieces pieces (0: no
+  // split). Work items below split_from are whole tiles; the others are pieces, whose partial
+  // O and statistics go to split_ws, and split_count (zeroed, one per tail tile and consumer
+  // warp) tells the last piece to finish that it merges them (see kernels_overlap.cu).
+  int split_from, split_pieces;
+  float4* split_ws;
+  unsigned int* split_count;
 };
 
 // ---- PTX helpers -----------------------------------------------------------------------------
@@ -346,14 +354,53 @@ __device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t
   }
 }
 
+// Whether key block n0 (kN keys) is fully visible to all 64 rows from wg_row_lo: inside the
+// keys, and inside the window of every row.
+template <int kN>
+__device__ __forceinline__ bool block_fully_visible(const Params& p, int n0, int wg_row_lo) {
+  const int diag = p.seqlen_k - p.seqlen_q;
+  return n0 + kN <= p.seqlen_k &&
+         (p.window_right < 0 || n0 + kN - 1 <= wg_row_lo + diag + p.window_right) &&
+         (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
+}
+
+// The same test for a whole tile at once: a tile visits key blocks n_last, n_last - 1, ...
+// (iteration it reads block n_last - it), and the blocks fully visible to the 64 rows from
+// wg_row_lo are the iterations [first, last] (the key tail and the right window edge are
+// where the visit starts, the left window edge where it ends). The overlap kernel computes
+// this once per tile, so that the per-block test compares two registers: computed per block,
+// it reloaded the lengths and windows from constant memory (three dependent LDC + compare +
+// branch steps) between the S GEMM's completion and the softmax.
+__device__ __forceinline__ int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+template <int kN>
+__device__ __forceinline__ void fully_visible_iterations(const Params& p, int n_last,
+                                                         int wg_row_lo, int& first, int& last) {
+  const int64_t diag = static_cast<int64_t>(p.seqlen_k) - p.seqlen_q;
+  // n0 + kN <= seqlen_k, n0 = (n_last - it) * kN.
+  int64_t lo = n_last - floor_div(static_cast<int64_t>(p.seqlen_k) - kN, kN);
+  if (p.window_right >= 0) {  // n0 + kN - 1 <= wg_row_lo + diag + window_right
+    lo = max(lo, n_last - floor_div(wg_row_lo + diag + p.window_right - kN + 1, kN));
+  }
+  int64_t hi = int64_t{1} << 30;
+  if (p.window_left >= 0) {  // n0 >= wg_row_lo + 63 + diag - window_left
+    hi = n_last + floor_div(-(wg_row_lo + 63 + diag - p.window_left), kN);
+  }
+  first = static_cast<int>(min(max(lo, int64_t{0}), int64_t{1} << 30));
+  last = static_cast<int>(min(max(hi, int64_t{-1}), int64_t{1} << 30));
+}
+
 // Scores of key block n0 for the softmax, then the mask where the block is not fully visible to
-// all 64 rows of this warpgroup (rows row0 and row0 + 8 per thread). Returns the factor the
-// softmax still has to apply: with a positive scale and no soft cap the scores stay raw and the
-// scale is folded into the exponent's FMA (one instruction less per score); a soft cap (or a
-// non-positive scale, which would flip the row max) is applied here and 1 is returned.
+// all 64 rows of this warpgroup (rows row0 and row0 + 8 per thread; `full` is
+// block_fully_visible for this block, which scale_and_mask below tests itself). Returns the
+// factor the softmax still has to apply: with a positive scale and no soft cap the scores stay
+// raw and the scale is folded into the exponent's FMA (one instruction less per score); a soft
+// cap (or a non-positive scale, which would flip the row max) is applied here and 1 is
+// returned.
 template <int kHalf>  // kHalf = key block / 2 scores per thread
-__device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kHalf], int n0,
-                                                int wg_row_lo, int row0, int col0) {
+__device__ __forceinline__ float scale_and_mask_known(const Params& p, float (&sc)[kHalf],
+                                                      int n0, int row0, int col0, bool full) {
   constexpr int kN = 2 * kHalf;
   float fold = 1.f;
   if (p.softcap_log2 > 0.f) {
@@ -365,11 +412,8 @@ __device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kHa
 #pragma unroll
     for (int i = 0; i < kHalf; ++i) sc[i] *= p.score_scale;
   }
-  const int diag = p.seqlen_k - p.seqlen_q;
-  const bool full = n0 + kN <= p.seqlen_k &&
-                    (p.window_right < 0 || n0 + kN - 1 <= wg_row_lo + diag + p.window_right) &&
-                    (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
   if (full) return fold;
+  const int diag = p.seqlen_k - p.seqlen_q;
   // Per row, the visible columns as an interval [lo, hi) relative to this thread's first
   // column, so each score costs two compares against its compile-time offset and a select
   // (the per-score column arithmetic of the plain form compiled to ~10 instructions).
@@ -399,6 +443,13 @@ __device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kHa
     sc[i] = (off >= lo[h]) & (off < hi[h]) ? sc[i] : -INFINITY;
   }
   return fold;
+}
+
+template <int kHalf>
+__device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kHalf], int n0,
+                                                int wg_row_lo, int row0, int col0) {
+  return scale_and_mask_known(p, sc, n0, row0, col0,
+                              block_fully_visible<2 * kHalf>(p, n0, wg_row_lo));
 }
 
 // Online softmax of one block in place: sc (log2-domain scores once multiplied by `fold` > 0)
@@ -545,5 +596,11 @@ int overlap_block_m(int head_dim);
 int overlap_block_n(int head_dim, bool masked, int64_t seqlen_k);
 int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen_q,
                    int64_t heads, int64_t batch, bool persistent, cudaStream_t stream);
+// The dynamic variant's split of its last tiles on a device with `sms` SMs: pieces per split
+// tile (0: none) and the first split tile; and the scratch it needs: uint32 counter words (the
+// tile counter, then the split counters) and float4 elements of workspace.
+void overlap_split_plan(int head_dim, bool masked, int64_t seqlen_q, int64_t seqlen_k,
+                        int64_t heads, int64_t batch, int sms, int& pieces, int64_t& split_from,
+                        int64_t& counter_words, int64_t& workspace_float4);
 
 }  // namespace kpt_fa90

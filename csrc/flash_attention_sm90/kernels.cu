@@ -198,6 +198,11 @@ int launch(const Params& params, int64_t m_blocks, int64_t heads, int64_t batch,
   return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
 }
 
+// Windows wider than any sequence are unbounded (-1); this keeps the int arithmetic in range.
+int normalized_window(int64_t window, int64_t seqlen_q, int64_t seqlen_k) {
+  return window < 0 || window > seqlen_k + seqlen_q ? -1 : static_cast<int>(window);
+}
+
 bool aligned_strides(const int64_t* strides) {
   for (int i = 0; i < 3; ++i) {
     if (strides[i] % 8 != 0) return false;  // 16 bytes of 16-bit elements (TMA)
@@ -213,7 +218,8 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
                                 float* lse, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                 int64_t heads, int64_t heads_kv, float scale, float softcap,
                                 int64_t window_left, int64_t window_right, int variant,
-                                unsigned int* tile_counter, void* stream) {
+                                unsigned int* tile_counter, float* split_workspace,
+                                void* stream) {
   using namespace kpt_fa90;
   // The Python launcher validates all of this first; these checks keep the C entry point safe.
   if ((dtype != KPT_FA90_FP16 && dtype != KPT_FA90_BF16) || (head_dim != 64 && head_dim != 128) ||
@@ -239,6 +245,7 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   params.lse = lse;
   params.tile_counter = tile_counter;
   params.head_group = 1;
+  params.split_ws = reinterpret_cast<float4*>(split_workspace);
   params.seqlen_q = static_cast<int>(seqlen_q);
   params.seqlen_k = static_cast<int>(seqlen_k);
   params.heads = static_cast<int>(heads);
@@ -252,11 +259,8 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
     params.score_scale = scale * kLog2e;
     params.softcap_log2 = 0.f;
   }
-  // Windows wider than any sequence are unbounded; this keeps the int arithmetic in range.
-  params.window_left = window_left < 0 || window_left > seqlen_k + seqlen_q
-                           ? -1 : static_cast<int>(window_left);
-  params.window_right = window_right < 0 || window_right > seqlen_k + seqlen_q
-                            ? -1 : static_cast<int>(window_right);
+  params.window_left = normalized_window(window_left, seqlen_q, seqlen_k);
+  params.window_right = normalized_window(window_right, seqlen_q, seqlen_k);
   const bool overlap = variant != KPT_FA90_VARIANT_BASE;  // persistent: the overlap kernel
   const bool masked = params.window_left >= 0 || params.window_right >= 0;
   const int block_m = overlap ? overlap_block_m(head_dim) : kBlockM;
@@ -289,6 +293,29 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   }
   return bf16 ? launch<true, 64>(params, m_blocks, heads, batch, s)
               : launch<false, 64>(params, m_blocks, heads, batch, s);
+}
+
+extern "C" int kpt_fa90_forward_scratch(int head_dim, int64_t batch, int64_t seqlen_q,
+                                        int64_t seqlen_k, int64_t heads, int64_t window_left,
+                                        int64_t window_right, int variant,
+                                        int64_t* counter_words, int64_t* workspace_floats) {
+  using namespace kpt_fa90;
+  *counter_words = variant == KPT_FA90_VARIANT_DYNAMIC ? 1 : 0;
+  *workspace_floats = 0;
+  if (variant != KPT_FA90_VARIANT_DYNAMIC) return KPT_FA90_OK;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return KPT_FA90_CUDA_ERROR;
+  }
+  const bool masked = normalized_window(window_left, seqlen_q, seqlen_k) >= 0 ||
+                      normalized_window(window_right, seqlen_q, seqlen_k) >= 0;
+  int pieces = 0;
+  int64_t split_from = 0, float4s = 0;
+  overlap_split_plan(head_dim, masked, seqlen_q, seqlen_k, heads, batch, sms, pieces,
+                     split_from, *counter_words, float4s);
+  *workspace_floats = 4 * float4s;
+  return KPT_FA90_OK;
 }
 
 extern "C" const char* kpt_fa90_error_string(int code) {

@@ -92,6 +92,8 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   constexpr int kN = T::kN;
   constexpr int kStages = T::kStages;
   constexpr int kConsumers = T::kConsumers;
+  // Only D = 128 with 128-key blocks splits its last tiles (p.split_pieces; see the epilogue).
+  constexpr bool kCanSplit = kD == 128 && kBlockKeys == 128;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t bars = base + T::kBars;
@@ -159,24 +161,48 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
     ti.n_last = n_end > n_begin ? (n_end - 1) / kN : n_first - 1;
     ti.blocks = ti.n_last - n_first + 1;
   };
+  // Piece `piece` of a split tile: its share of the key blocks (split_pieces <= blocks, so no
+  // piece is empty).
+  auto piece_keys = [&](TileInfo& ti, int piece) {
+    const int begin = piece * ti.blocks / p.split_pieces;
+    const int end = (piece + 1) * ti.blocks / p.split_pieces;
+    ti.n_last -= begin;
+    ti.blocks = end - begin;
+  };
+  // Work items of the dynamic scheduler: tiles below split_from whole, then split_pieces
+  // pieces of each remaining tile.
+  const int items = kCanSplit && p.split_pieces > 0
+                        ? p.split_from + (tiles - p.split_from) * p.split_pieces
+                        : tiles;
 
   if (warpgroup == 0) {
     // ---- producer: per tile, Q once Q is released, then K and V of each key block ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(T::kProducerRegs));
     if (threadIdx.x != 0) return;
     int ring = 0, q_uses = 0;
-    int t = blockIdx.x;
+    int t = blockIdx.x, w = blockIdx.x;
     for (int n = 0;; ++n) {
       TileInfo ti;
+      int piece = -1;
       if (dynamic) {
         // Taken as soon as the previous tile's loads are issued, so the index is ready well
         // before the consumers finish that tile; the end (t >= tiles) is published too.
-        if (n > 0) t = static_cast<int>(min(gridDim.x + atomicAdd(p.tile_counter, 1u),
-                                            static_cast<unsigned>(tiles)));
+        if (n > 0) w = static_cast<int>(min(gridDim.x + atomicAdd(p.tile_counter, 1u),
+                                            static_cast<unsigned>(items)));
+        t = w < items ? w : tiles;
+        if (kCanSplit && w >= p.split_from && w < items && p.split_pieces > 0) {
+          const int q = w - p.split_from;
+          t = p.split_from + q / p.split_pieces;
+          piece = q - (t - p.split_from) * p.split_pieces;
+        }
         if (t < tiles) tile_coords(t, ti);
         wait(id_empty(n), ((n >> 1) & 1) ^ 1);
+        // Head and batch share a word (both below 2^16: the launcher checks).
         asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};" ::"r"(id_slot(n)), "r"(t),
-                     "r"(ti.m0), "r"(ti.head), "r"(ti.batch)
+                     "r"(ti.m0),
+                     "r"(static_cast<int>(static_cast<unsigned>(ti.head) |
+                                          (static_cast<unsigned>(ti.batch) << 16))),
+                     "r"(piece)
                      : "memory");
         bar_arrive(id_full(n));  // release: the slot's store is visible to the waiters
       } else if (n > 0) {
@@ -185,6 +211,7 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
       if (t >= tiles) break;
       if (!dynamic) tile_coords(t, ti);
       tile_keys(ti);
+      if (kCanSplit && piece >= 0) piece_keys(ti, piece);
       if (ti.blocks <= 0) continue;
       wait(q_empty, (q_uses & 1) ^ 1);  // fresh barriers pass parity 1
       ++q_uses;
@@ -219,19 +246,26 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   int t = blockIdx.x;
   for (int n = 0;; ++n) {
     TileInfo ti;
+    int piece = -1;
     if (dynamic) {
+      int head_batch;
       wait(id_full(n), (n >> 1) & 1);
       asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(t), "=r"(ti.m0), "=r"(ti.head), "=r"(ti.batch)
+                   : "=r"(t), "=r"(ti.m0), "=r"(head_batch), "=r"(piece)
                    : "r"(id_slot(n))
                    : "memory");
       bar_arrive(id_empty(n));
+      ti.head = head_batch & 0xffff;
+      ti.batch = static_cast<int>(static_cast<unsigned>(head_batch) >> 16);
+      if (!kCanSplit) piece = -1;
+      piece = __shfl_sync(0xffffffffu, piece, 0);  // warp-uniform (a uniform register)
     } else if (n > 0) {
       t += gridDim.x;
     }
     if (t >= tiles) break;
     if (!dynamic) tile_coords(t, ti);
     tile_keys(ti);
+    if (kCanSplit && piece >= 0) piece_keys(ti, piece);
     const int m0 = ti.m0, head = ti.head, batch = ti.batch;
     const int blocks = ti.blocks;
     const int wg_row_lo = m0 + wg * 64;
@@ -259,6 +293,12 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
     // 24-48 bytes of spills (and ~30% of their speed).
     skip = __shfl_sync(0xffffffffu, skip, 0);
     const int n_last = ti.n_last;
+    // The iterations whose key block is fully visible to this warpgroup's rows (no mask),
+    // warp-uniform like skip.
+    int full_first, full_last;
+    fully_visible_iterations<kN>(p, n_last, wg_row_lo, full_first, full_last);
+    full_first = __shfl_sync(0xffffffffu, full_first, 0);
+    full_last = __shfl_sync(0xffffffffu, full_last, 0);
 
     float o[kD / 2];
 #pragma unroll
@@ -299,7 +339,8 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
         wgmma_wait_all();
         pin(sc);
         bar_arrive(k_empty(s0));
-        const float fold = scale_and_mask(p, sc, (n_last - skip) * kN, wg_row_lo, row0, col0);
+        const float fold = scale_and_mask_known(p, sc, (n_last - skip) * kN, row0, col0,
+                                                skip >= full_first && skip <= full_last);
         moved = softmax(sc, fold, row_max, row_sum, correction);  // O is 0: harmless
 #pragma unroll
         for (int i = 0; i < kN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
@@ -334,7 +375,8 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
           wgmma_wait<1>();
           pin(sc);
           bar_arrive(k_empty(s));
-          const float fold = scale_and_mask(p, sc, (n_last - it) * kN, wg_row_lo, row0, col0);
+          const float fold = scale_and_mask_known(p, sc, (n_last - it) * kN, row0, col0,
+                                                  it >= full_first && it <= full_last);
           moved = softmax(sc, fold, row_max, row_sum, correction);
 
           wgmma_wait_all();
@@ -357,7 +399,61 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
       ring += blocks;
     }
 
-    if (p.store_tma) {
+    if (kCanSplit && piece >= 0) {
+      // A piece of a split tile. Each warp writes its unnormalised O and its rows' max and
+      // partial sums to the workspace (17 float4 per thread, in the accumulator layout, so the
+      // thread at the same position of another piece reads them back), then counts itself
+      // done for its 16 rows; the warp that completes the count merges the other pieces into
+      // its registers (O and sums rescaled to the larger max) and stores O and lse.
+      constexpr int kSlots = kD / 8 + 1;
+      const int tail = t - p.split_from;
+      const int me = wg * 128 + tid;
+      auto slot = [&](int pc, int j) {
+        return p.split_ws +
+               ((static_cast<int64_t>(tail) * p.split_pieces + pc) * kSlots + j) *
+                   (kConsumers * 128) +
+               me;
+      };
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) {
+        *slot(piece, j) = make_float4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+      }
+      *slot(piece, kD / 8) = make_float4(row_max[0], row_max[1], row_sum[0], row_sum[1]);
+      __threadfence();  // the partials before the count (the merging warp reads them after)
+      __syncwarp();
+      unsigned done = 0;
+      if (lane == 0) {
+        done = atomicAdd(p.split_count + tail * (kConsumers * 4) + wg * 4 + warp, 1u);
+      }
+      done = __shfl_sync(0xffffffffu, done, 0);
+      if (done == static_cast<unsigned>(p.split_pieces - 1)) {
+        __threadfence();
+        for (int pc = 0; pc < p.split_pieces; ++pc) {
+          if (pc == piece) continue;
+          const float4 stats = __ldcg(slot(pc, kD / 8));
+          const float other_max[2] = {stats.x, stats.y};
+          const float other_sum[2] = {stats.z, stats.w};
+          float a[2], b[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float m = fmaxf(row_max[h], other_max[h]);  // -inf for rows without keys
+            a[h] = row_max[h] == m ? 1.f : exp2f(row_max[h] - m);
+            b[h] = other_max[h] == m ? 1.f : exp2f(other_max[h] - m);
+            row_sum[h] = row_sum[h] * a[h] + other_sum[h] * b[h];
+            row_max[h] = m;
+          }
+#pragma unroll
+          for (int j = 0; j < kD / 8; ++j) {
+            const float4 v = __ldcg(slot(pc, j));
+            o[4 * j] = o[4 * j] * a[0] + v.x * b[0];
+            o[4 * j + 1] = o[4 * j + 1] * a[0] + v.y * b[0];
+            o[4 * j + 2] = o[4 * j + 2] * a[1] + v.z * b[1];
+            o[4 * j + 3] = o[4 * j + 3] * a[1] + v.w * b[1];
+          }
+        }
+        store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
+      }
+    } else if (p.store_tma) {
       // O through shared memory: its own buffer, or this warpgroup's Q rows (the other
       // warpgroups read only their own rows). A previous tile's store must have read the
       // buffer first.
@@ -409,17 +505,35 @@ int launch(Params params, int64_t seqlen_q, int64_t heads, int64_t batch, bool p
   }
   const int64_t tiles = (seqlen_q + T::kBlockM - 1) / T::kBlockM * heads * batch;
   int64_t ctas = tiles;
+  int sms = 0;
   if (persistent) {  // one CTA per SM (one fits: shared memory)
-    int device = 0, sms = 0;
+    int device = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       return KPT_FA90_CUDA_ERROR;
     }
     ctas = std::min<int64_t>(tiles, sms);
   }
+  // The dynamic variant's split of its last tiles, where the caller gave the workspace
+  // (sized by overlap_split_plan for the same problem and device).
+  params.split_pieces = 0;
+  int64_t items = tiles;
+  if (params.tile_counter != nullptr && persistent && params.split_ws != nullptr) {
+    const bool masked = params.window_left >= 0 || params.window_right >= 0;
+    int pieces = 0;
+    int64_t split_from = 0, words = 0, float4s = 0;
+    overlap_split_plan(kD, masked, seqlen_q, params.seqlen_k, heads, batch, sms, pieces,
+                       split_from, words, float4s);
+    if (pieces > 0 && kD == 128 && kN == 128) {
+      params.split_pieces = pieces;
+      params.split_from = static_cast<int>(split_from);
+      params.split_count = params.tile_counter + 1;
+      items = split_from + (tiles - split_from) * pieces;
+    }
+  }
   // Tile indices are int32 in the kernel (and 32-bit in the dynamic counter, which ends at
-  // tiles + CTAs).
-  if (tiles + ctas > 0x7fffffff) return KPT_FA90_UNSUPPORTED;
+  // the work items + CTAs).
+  if (items + ctas > 0x7fffffff) return KPT_FA90_UNSUPPORTED;
   params.head_group = 1;
   if (params.tile_counter != nullptr) {
     if (!persistent) params.tile_counter = nullptr;
@@ -434,6 +548,37 @@ int launch(Params params, int64_t seqlen_q, int64_t heads, int64_t batch, bool p
 }
 
 }  // namespace
+
+// Split pieces cover at least this many key blocks: a piece still pays a tile's start, its
+// partial O's round trip through the workspace and, for the last one, the merge.
+constexpr int kSplitMinBlocks = 4;
+
+void overlap_split_plan(int head_dim, bool masked, int64_t seqlen_q, int64_t seqlen_k,
+                        int64_t heads, int64_t batch, int sms, int& pieces, int64_t& split_from,
+                        int64_t& counter_words, int64_t& workspace_float4) {
+  using T = Tile<128, 128>;
+  pieces = 0;
+  split_from = 0;
+  counter_words = 1;  // the tile counter
+  workspace_float4 = 0;
+  // Without a mask all tiles are equally long, so the tiles past the last full round of the
+  // SMs would run alone at the end (with a mask the longest-first order already ends on short
+  // tiles). Those tiles are split into as many pieces as the idle SMs can take.
+  if (head_dim != 128 || masked || overlap_block_n(head_dim, masked, seqlen_k) != 128 ||
+      sms <= 0) {
+    return;
+  }
+  const int64_t tiles = (seqlen_q + T::kBlockM - 1) / T::kBlockM * heads * batch;
+  const int64_t rest = tiles % sms;
+  const int64_t blocks = (seqlen_k + T::kN - 1) / T::kN;
+  if (tiles < sms || rest == 0) return;
+  const int64_t n = std::min<int64_t>(sms / rest, blocks / kSplitMinBlocks);
+  if (n < 2) return;
+  pieces = static_cast<int>(n);
+  split_from = tiles - rest;
+  counter_words = 1 + rest * T::kConsumers * 4;
+  workspace_float4 = rest * n * (128 / 8 + 1) * T::kConsumers * 128;
+}
 
 int overlap_block_m(int head_dim) {
   return head_dim == 64 ? Tile<64, 128>::kBlockM : Tile<128, 128>::kBlockM;

@@ -158,14 +158,70 @@ def test_persistent_walks_many_tiles_per_cta(d, extra):
         _run_and_check(call, CONFIGS[variant])
 
 
+def _split_shape(rounds: int, seqlen_q: int, seqlen_k: int, **extra) -> dict:
+    """A D = 128 problem without a mask whose tiles fill `rounds` rounds of this GPU's SMs and
+    a few tiles more: the dynamic variant splits those over their key blocks."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    per_head = -(-seqlen_q // 128)
+    heads = rounds * sms // per_head + 1
+    return dict(batch=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads, heads_kv=1,
+                head_dim=128, **extra)
+
+
+def _split_planned(call) -> bool:
+    _, workspace = _sm90.SPEC.load().forward_scratch(
+        call.q.shape[-1], call.q.shape[0], call.q.shape[1], call.k.shape[1], call.q.shape[2],
+        call.window_left, call.window_right, _sm90.VARIANTS["dynamic"])
+    return workspace > 0
+
+
 @needs_sm90
-def test_dynamic_variant_replays_in_a_cuda_graph():
-    """The dynamic variant zeroes its tile counter on the stream before each launch, so a
-    captured call replays correctly (a counter left at its final value would skip every tile
-    after the first wave and leave the poisoned outputs behind)."""
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("rounds,sq,sk,extra", [
+    (1, 1000, 2000, {}),                  # 16 key blocks: 4 pieces per tail tile
+    (3, 777, 1500, {"softcap": 5.0}),     # a ragged last query tile, 12 key blocks
+    (2, 1024, 4096, {"scale": 0.05}),
+], ids=["one_round", "softcap", "scale"])
+def test_dynamic_splits_the_last_tiles(rounds, sq, sk, extra, dtype):
+    """Without a mask, the tiles past the last full round of the SMs are split over their key
+    blocks into pieces that idle SMs take; the last piece of each warp's rows to finish merges
+    the others' partial O through the workspace (pieces finish in any order)."""
+    call = make_call(_split_shape(rounds, sq, sk, **extra), dtype, torch.device("cuda"),
+                     seed=13)
+    assert _split_planned(call)
+    for _ in range(2):  # fresh counters each call
+        _run_and_check(call, CONFIGS["dynamic"])
+
+
+@needs_sm90
+def test_split_is_planned_only_where_it_helps():
+    """No split with a mask, at D = 64, with 176-key blocks, or when the tiles fill whole
+    rounds of the SMs (nothing runs alone at the end)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    scratch = _sm90.SPEC.load().forward_scratch
+    dynamic = _sm90.VARIANTS["dynamic"]
+    assert scratch(128, 1, 1000, 2000, sms // 8 + 1, -1, -1, dynamic)[1] > 0
+    assert scratch(128, 1, 1000, 2000, sms // 8 + 1, -1, 0, dynamic)[1] == 0    # causal
+    assert scratch(64, 1, 1000, 2000, sms // 8 + 1, -1, -1, dynamic)[1] == 0     # D = 64
+    assert scratch(128, 1, 1000, 1408, sms // 8 + 1, -1, -1, dynamic)[1] == 0    # 176 keys
+    assert scratch(128, 1, 1024, 2048, sms, -1, -1, dynamic)[1] == 0           # 8 rounds
+    assert scratch(128, 1, 1000, 2000, sms // 8 + 1, -1, -1,
+                   _sm90.VARIANTS["persistent"]) == (0, 0)
+
+
+@needs_sm90
+@pytest.mark.parametrize("split", [False, True], ids=["causal", "split"])
+def test_dynamic_variant_replays_in_a_cuda_graph(split):
+    """The dynamic variant zeroes its tile counter (and its split tiles' counters) on the
+    stream before each launch, so a captured call replays correctly (a counter left at its
+    final value would skip every tile after the first wave and leave the poisoned outputs
+    behind)."""
     shape = dict(batch=2, seqlen_q=2000, seqlen_k=2000, heads_q=32, heads_kv=8, head_dim=128,
                  causal=True)
+    if split:
+        shape = _split_shape(2, 1000, 2000)
     call = make_call(shape, torch.bfloat16, torch.device("cuda"), seed=7)
+    assert _split_planned(call) is split
     _sm90.run(call, CONFIGS["dynamic"])  # build and warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

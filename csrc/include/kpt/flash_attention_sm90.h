@@ -28,16 +28,22 @@ extern "C" {
 // {batch, seq, head} (the head_dim stride is 1). lse is contiguous float32 (B, H, Sq).
 // window_left / window_right < 0 mean unbounded; causal is window_right == 0. softcap <= 0
 // disables the soft cap. variant is a KPT_FA90_VARIANT_* value; KPT_FA90_VARIANT_DYNAMIC needs
-// tile_counter, one zeroed uint32 in device memory that the launch counts tiles with (stream-
-// ordered: one counter per launch in flight), and every other variant NULL. Returns KPT_FA90_OK
-// or an error code (see kpt_fa90_error_string).
+// tile_counter, zeroed uint32 words in device memory that the launch counts tiles with (stream-
+// ordered: one buffer per launch in flight), and every other variant NULL. split_workspace:
+// NULL, or (dynamic only) float32 device memory that lets the launch split its last tiles.
+// kpt_fa90_forward_scratch gives both sizes for a problem on the current device (the counter
+// words must all be zero; the workspace need not be initialised). Returns KPT_FA90_OK or an
+// error code (see kpt_fa90_error_string).
 int kpt_fa90_forward(int dtype, int head_dim, const void* q, const int64_t* q_strides,
                      const void* k, const int64_t* k_strides, const void* v,
                      const int64_t* v_strides, void* out, const int64_t* out_strides, float* lse,
                      int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads,
                      int64_t heads_kv, float scale, float softcap, int64_t window_left,
                      int64_t window_right, int variant, unsigned int* tile_counter,
-                     void* stream);
+                     float* split_workspace, void* stream);
+int kpt_fa90_forward_scratch(int head_dim, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                             int64_t heads, int64_t window_left, int64_t window_right,
+                             int variant, int64_t* counter_words, int64_t* workspace_floats);
 
 // Backward (kernels_bwd.cu): dq like q, dk and dv like k and v (strides in elements, the
 // head_dim stride 1). dout is shaped like out; lse is the forward's contiguous float32
