@@ -169,6 +169,13 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
     ti.n_last -= begin;
     ti.blocks = end - begin;
   };
+  // Where the published or strided tile t (piece `piece`, or -1) starts and what it visits:
+  // the same for the producer and the consumers.
+  auto tile_plan = [&](int t, int piece, TileInfo& ti) {
+    if (!dynamic) tile_coords(t, ti);
+    tile_keys(ti);
+    if (kCanSplit && piece >= 0) piece_keys(ti, piece);
+  };
   // Work items of the dynamic scheduler: tiles below split_from whole, then split_pieces
   // pieces of each remaining tile.
   const int items = kCanSplit && p.split_pieces > 0
@@ -209,9 +216,7 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
         t += gridDim.x;
       }
       if (t >= tiles) break;
-      if (!dynamic) tile_coords(t, ti);
-      tile_keys(ti);
-      if (kCanSplit && piece >= 0) piece_keys(ti, piece);
+      tile_plan(t, piece, ti);
       if (ti.blocks <= 0) continue;
       wait(q_empty, (q_uses & 1) ^ 1);  // fresh barriers pass parity 1
       ++q_uses;
@@ -263,9 +268,7 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
       t += gridDim.x;
     }
     if (t >= tiles) break;
-    if (!dynamic) tile_coords(t, ti);
-    tile_keys(ti);
-    if (kCanSplit && piece >= 0) piece_keys(ti, piece);
+    tile_plan(t, piece, ti);
     const int m0 = ti.m0, head = ti.head, batch = ti.batch;
     const int blocks = ti.blocks;
     const int wg_row_lo = m0 + wg * 64;
