@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <tuple>
 
 #include "kpt/flash_attention_sm90.h"
 
@@ -38,6 +39,21 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(out.sizes() == q.sizes(), kOp, ": out must be shaped like q");
 }
 
+// The counter words and workspace floats a forward launch of `variant` needs on the current
+// device (kpt_fa90_forward_scratch).
+std::tuple<int64_t, int64_t> forward_scratch(int64_t head_dim, int64_t batch, int64_t seqlen_q,
+                                             int64_t seqlen_k, int64_t heads,
+                                             int64_t window_left, int64_t window_right,
+                                             int64_t variant) {
+  int64_t words = 0, floats = 0;
+  const int rc = kpt_fa90_forward_scratch(static_cast<int>(head_dim), batch, seqlen_q, seqlen_k,
+                                          heads, window_left, window_right,
+                                          static_cast<int>(variant), &words, &floats);
+  TORCH_CHECK(rc == KPT_FA90_OK, kOp, ": kpt_fa90_forward_scratch failed: ",
+              kpt_fa90_error_string(rc));
+  return {words, floats};
+}
+
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
              const at::Tensor& lse, double scale, double softcap, int64_t window_left,
              int64_t window_right, int64_t variant, int64_t stream) {
@@ -56,12 +72,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   // allocator) once the launch is done with them.
   at::Tensor counter, split;
   if (variant == KPT_FA90_VARIANT_DYNAMIC) {
-    int64_t words = 0, floats = 0;
-    const int rc = kpt_fa90_forward_scratch(static_cast<int>(q.size(3)), q.size(0), q.size(1),
-                                            k.size(1), q.size(2), window_left, window_right,
-                                            static_cast<int>(variant), &words, &floats);
-    TORCH_CHECK(rc == KPT_FA90_OK, kOp, ": kpt_fa90_forward_scratch failed: ",
-                kpt_fa90_error_string(rc));
+    const auto [words, floats] = forward_scratch(q.size(3), q.size(0), q.size(1), k.size(1),
+                                                 q.size(2), window_left, window_right, variant);
     counter = at::zeros({words}, q.options().dtype(at::kInt));
     if (floats > 0) split = at::empty({floats}, q.options().dtype(at::kFloat));
   }
@@ -124,19 +136,6 @@ void backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, con
       reinterpret_cast<void*>(static_cast<intptr_t>(stream)));
   TORCH_CHECK(code == KPT_FA90_OK, kOp, ": kpt_fa90_backward failed: ",
               kpt_fa90_error_string(code), " (code ", code, ")");
-}
-
-std::tuple<int64_t, int64_t> forward_scratch(int64_t head_dim, int64_t batch, int64_t seqlen_q,
-                                             int64_t seqlen_k, int64_t heads,
-                                             int64_t window_left, int64_t window_right,
-                                             int64_t variant) {
-  int64_t words = 0, floats = 0;
-  const int rc = kpt_fa90_forward_scratch(static_cast<int>(head_dim), batch, seqlen_q, seqlen_k,
-                                          heads, window_left, window_right,
-                                          static_cast<int>(variant), &words, &floats);
-  TORCH_CHECK(rc == KPT_FA90_OK, kOp, ": kpt_fa90_forward_scratch failed: ",
-              kpt_fa90_error_string(rc));
-  return {words, floats};
 }
 
 int64_t backward_workspace(int64_t batch, int64_t seqlen_q, int64_t heads, int64_t head_dim) {
