@@ -6,7 +6,8 @@ D64, full and causal; on the first shape also causal with a 1024-key sliding win
 full with soft-cap 30 (SDPA has neither: only flex and kpt run those).
 
 Run: ``KPT_BENCH_BASELINE=sdpa_cudnn pytest bench/bench_flash_attention.py`` (needs CUDA).
-Kernel times come from CUDA-graph replay (a few calls captured once, median of 3 replays), so
+Kernel times come from CUDA-graph replay (a few calls captured once, replayed for
+``KPT_BENCH_WARMUP_MS`` = 300 ms, then the median of 3 replays; see ``bench/conftest.py``), so
 no implementation's host overhead counts; latency is the eager call, synchronised. The backward
 is timed as (forward + backward) minus forward, each measured the same way, so it includes the
 preprocess kernel and any output gradient bookkeeping of autograd. TFLOP/s uses 4*B*H*Sq*Sk*D

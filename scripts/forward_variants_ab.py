@@ -107,8 +107,9 @@ def main() -> None:
                     if tree:
                         fn = functools.partial(_in_tree, os.path.join(ROOT, tree), fn)
                 time.sleep(float(os.environ.get("KPT_AB_SLEEP", "0")))
-                times[name].append(graph_time_us(
-                    [fn], calls=int(os.environ.get("KPT_AB_CALLS", "5")), replays=5))
+                times[name].append(graph_time_us(  # KPT_AB_CALLS sets the load: no warm-up
+                    [fn], calls=int(os.environ.get("KPT_AB_CALLS", "5")), replays=5,
+                    warmup_ms=0.0))
 
         def tflops(name: str, us: float, flops: float = flops) -> float:
             return flops * (2.5 if name.startswith("bwd") else 1.0) / us / 1e6

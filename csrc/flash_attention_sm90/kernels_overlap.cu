@@ -484,10 +484,13 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
 // running at one time still share them in L2. Measured on the H200 (B8 H16 S2048 D64 causal):
 // groups of one pair (a head's tiles longest first, then the next head's) leave the last
 // heads' long tiles for the end and the SMs ~10% idle (Nsight Compute); 16 MiB groups gave
-// 314 -> 333 TFLOP/s there, 64 MiB 328. Without a mask all tiles are equally long and a head's
-// tiles stay together (groups of one).
+// 314 -> 333 TFLOP/s there, 64 MiB 328. Session 13, four processes of interleaved runs:
+// 8 MiB groups matched 16 MiB at D = 64 causal (398-412 vs 398-408) and with a 1024-key window,
+// and beat them at B4 H32 S4096 D128 causal (558-566 vs 538-549; 16 MiB is 8 pairs there,
+// probably too many to stay in L2 beside the streamed Q and O). Without a mask all tiles are
+// equally long and a head's tiles stay together (groups of one).
 #ifndef KPT_FA90_L2_GROUP_BYTES
-#define KPT_FA90_L2_GROUP_BYTES (16 << 20)
+#define KPT_FA90_L2_GROUP_BYTES (8 << 20)
 #endif
 
 template <bool kBf16, int kD, int kN>
