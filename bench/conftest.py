@@ -28,7 +28,7 @@ RESULTS: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
 WARMUP_MS = float(os.environ.get("KPT_BENCH_WARMUP_MS", "300"))
 
 
-def _warm_up(run: Callable[[], Any], warmup_ms: float) -> None:
+def warm_up(run: Callable[[], Any], warmup_ms: float) -> None:
     """Runs ``run`` (synchronised) until ``warmup_ms`` of wall time have passed."""
     deadline = time.perf_counter() + warmup_ms / 1e3
     while time.perf_counter() < deadline:
@@ -53,7 +53,7 @@ def graph_time_us(fns: list[Callable[[], Any]], calls: int = 24, replays: int = 
             fns[i % len(fns)]()
     graph.replay()
     torch.cuda.synchronize()
-    _warm_up(graph.replay, WARMUP_MS if warmup_ms is None else warmup_ms)
+    warm_up(graph.replay, WARMUP_MS if warmup_ms is None else warmup_ms)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,7 +76,7 @@ def event_time_us(fns: list[Callable[[], Any]], calls: int = 50,
 
     each()
     torch.cuda.synchronize()
-    _warm_up(each, WARMUP_MS if warmup_ms is None else warmup_ms)
+    warm_up(each, WARMUP_MS if warmup_ms is None else warmup_ms)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for i in range(calls):

@@ -40,10 +40,9 @@ def _sampled(run, seconds: float) -> tuple[float, float, float]:
     """(seconds per run() call, median MHz, median W) over `seconds` of back-to-back calls."""
     import torch
 
-    deadline = time.perf_counter() + 0.5
-    while time.perf_counter() < deadline:  # warm-up: the clock settles at the power limit
-        run()
-        torch.cuda.synchronize()
+    from bench.conftest import warm_up
+
+    warm_up(run, 500.0)  # the clock settles at the power limit
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw",
                             "--format=csv,noheader,nounits", "-lms", "50"],
                            stdout=subprocess.PIPE, text=True)
