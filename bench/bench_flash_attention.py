@@ -6,13 +6,15 @@ D64, full and causal; on the first shape also causal with a 1024-key sliding win
 full with soft-cap 30 (SDPA has neither: only flex and kpt run those).
 
 Run: ``KPT_BENCH_BASELINE=sdpa_cudnn pytest bench/bench_flash_attention.py`` (needs CUDA).
-Kernel times come from CUDA-graph replay (a few calls captured once, replayed for
-``KPT_BENCH_WARMUP_MS`` = 300 ms, then the median of 3 replays; see ``bench/conftest.py``), so
-no implementation's host overhead counts; latency is the eager call, synchronised. The backward
-is timed as (forward + backward) minus forward, each measured the same way, so it includes the
-preprocess kernel and any output gradient bookkeeping of autograd. TFLOP/s uses 4*B*H*Sq*Sk*D
-for the forward (halved when causal; counted over the visible pairs for a sliding window) and
-2.5x that for the backward.
+Kernel times come from CUDA-graph replay (a few calls captured once, replayed back to back for
+``KPT_BENCH_WARMUP_MS`` = 1000 ms, then the median of 3 windows of >= 100 ms; see
+``bench/conftest.py``), so no implementation's host overhead counts and every one runs at the
+clock its power allows under sustained load (``mhz``: the SM clock read in the timed windows;
+``per_ghz``: TFLOP/s per GHz, the work per cycle); latency is the eager call, synchronised.
+The backward is timed as (forward + backward) minus forward, each measured the same way, so it
+includes the preprocess kernel and any output gradient bookkeeping of autograd. TFLOP/s uses
+4*B*H*Sq*Sk*D for the forward (halved when causal; counted over the visible pairs for a sliding
+window) and 2.5x that for the backward.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import event_time_us, graph_time_us, record
+from bench.conftest import Timing, event_timing, graph_timing, record
 from kpt.ops import flash_attention
 from kpt.ops.flash_attention import SPEC, Call, problem_of
 
@@ -41,12 +43,13 @@ CASES = [
     ("B8-H16-S2048-D64", "full"), ("B8-H16-S2048-D64", "causal"),
 ]
 IMPLS = ["kpt_triton", "kpt_cuda", "kpt_cuda_mma", "kpt_cuda_sm90_overlap",
-         "kpt_cuda_sm90_persistent", "kpt_auto", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
-         "torch_flex_compiled"]
+         "kpt_cuda_sm90_persistent", "kpt_cuda_sm90_dynamic", "kpt_auto", "sdpa_cudnn",
+         "sdpa_flash", "sdpa_efficient", "torch_flex_compiled"]
 # Forward-only variants timed next to the default choice: {impl: (backend, config)}.
 CONFIG_IMPLS = {"kpt_cuda_mma": ("cuda", {"impl": "mma"}),
                 "kpt_cuda_sm90_overlap": ("cuda", {"impl": "sm90", "variant": "overlap"}),
-                "kpt_cuda_sm90_persistent": ("cuda", {"impl": "sm90", "variant": "persistent"})}
+                "kpt_cuda_sm90_persistent": ("cuda", {"impl": "sm90", "variant": "persistent"}),
+                "kpt_cuda_sm90_dynamic": ("cuda", {"impl": "sm90", "variant": "dynamic"})}
 WINDOW = 1024
 SOFTCAP = 30.0
 CALLS = {"fwd": 5, "bwd": 3}
@@ -176,16 +179,16 @@ def _forward_fn(impl: str, shape: str, mask: str):
     return _flex_forward(shape, mask)
 
 
-def _kernel_us(fn, calls: int) -> float:
-    """Per-call GPU time: ``calls`` calls captured in one CUDA graph, median of 3 replays, so
-    no implementation's host overhead (Python dispatch, launch) is counted. A call that cannot
-    be captured is timed back to back between two events instead (its host time then hides
-    behind the queued kernels only when it is shorter than they are)."""
+def _kernel_timing(fn, calls: int) -> Timing:
+    """Per-call GPU time: ``calls`` calls captured in one CUDA graph, median of 3 timed windows,
+    so no implementation's host overhead (Python dispatch, launch) is counted. A call that
+    cannot be captured is timed back to back between two events instead (its host time then
+    hides behind the queued kernels only when it is shorter than they are)."""
     try:
-        return graph_time_us([fn], calls=calls, replays=3)
+        return graph_timing([fn], calls=calls, replays=3)
     except RuntimeError:
         torch.cuda.synchronize()
-        return event_time_us([fn], calls=calls)
+        return event_timing([fn], calls=calls)
 
 
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
@@ -205,11 +208,11 @@ def test_flash_attention(benchmark, cuda_only, shape, mask, impl, direction):
         torch.autograd.grad(forward(q, k, v), (q, k, v), dout)
 
     try:
-        fwd_us = _kernel_us(fwd, CALLS["fwd"])
-        if direction == "fwd":
-            kernel = fwd_us
-        else:
-            kernel = max(_kernel_us(fwd_bwd, CALLS["bwd"]) - fwd_us, 0.0)
+        timing = _kernel_timing(fwd, CALLS["fwd"])
+        kernel = timing.us
+        if direction == "bwd":
+            timing = _kernel_timing(fwd_bwd, CALLS["bwd"])
+            kernel = max(timing.us - kernel, 0.0)
     except RuntimeError as err:  # an SDPA backend that does not take this shape
         torch.cuda.synchronize()
         pytest.skip(f"{impl}: {str(err).splitlines()[0]}")
@@ -225,7 +228,10 @@ def test_flash_attention(benchmark, cuda_only, shape, mask, impl, direction):
     label = impl
     if impl == "kpt_auto":
         label = f"{impl}[{SPEC.choose(_problem(shape, mask))[0].name}]"
-    benchmark.extra_info.update(kernel_us=kernel, latency_us=latency, tflops=tflops)
+    # The clock of the timed windows (of forward + backward for "bwd"), and the work per cycle.
+    clock = {} if timing.mhz is None else {"mhz": timing.mhz,
+                                           "per_ghz": tflops / timing.mhz * 1e3}
+    benchmark.extra_info.update(kernel_us=kernel, latency_us=latency, tflops=tflops, **clock)
     record(f"{direction} {shape} {mask}", label, kernel_us=kernel, latency_us=latency,
-           tflops=tflops)
+           tflops=tflops, **clock)
 

@@ -6,7 +6,9 @@ BlockMask (BLOCK_SIZE 128). ``kpt_cuda`` runs the same cases on the hand-written
 the named mods of ``kpt.ops.flex_attention.mods`` (its BlockMask built from them); ``kpt_flash``
 runs those named mods on the ``flash`` backend (``kpt.ops.flash_attention``'s own dispatch).
 TFLOP/s count 4*B*H*Sq*Skv*D for the forward, times the visible
-fraction of the score matrix, and 2.5x that for the backward.
+fraction of the score matrix, and 2.5x that for the backward. Kernel times are back-to-back
+calls between events under sustained load (``bench/conftest.py``: 1 s of warm-up, then the
+median of 3 windows of >= 100 ms; ``mhz`` is the SM clock read in them).
 
 Run: ``KPT_BENCH_BASELINE=torch_flex_compiled pytest bench/bench_flex_attention.py`` (needs a
 CUDA device; about 2-3 minutes, most of it torch.compile).
@@ -19,7 +21,7 @@ import functools
 import pytest
 import torch
 
-from bench.conftest import event_time_us, record
+from bench.conftest import event_timing, record
 from kpt.ops.flex_attention import SPEC, flex_attention, mods
 
 B, H, S, D = 4, 32, 4096, 128
@@ -133,7 +135,8 @@ def test_flex_attention(benchmark, cuda_only, case, mode, impl):
         if reasons:
             pytest.skip(f"{name}: " + "; ".join(reasons))
     fn = _fn(impl, case, mode)
-    kernel = event_time_us([fn], calls=10)
+    timing = event_timing([fn], calls=10)
+    kernel = timing.us
 
     def one_call():
         fn()
@@ -143,6 +146,8 @@ def test_flex_attention(benchmark, cuda_only, case, mode, impl):
     latency = benchmark.stats.stats.median * 1e6
     flops = 4 * B * H * S * S * D * CASES[case][2] * (1.0 if mode == "fwd" else 3.5)
     tflops = flops / (kernel * 1e-6) / 1e12
-    benchmark.extra_info.update(kernel_us=kernel, latency_us=latency, tflops=tflops)
+    clock = {} if timing.mhz is None else {"mhz": timing.mhz,
+                                           "per_ghz": tflops / timing.mhz * 1e3}
+    benchmark.extra_info.update(kernel_us=kernel, latency_us=latency, tflops=tflops, **clock)
     record(f"flex {case} {mode} B{B} H{H} S{S} D{D}", impl, kernel_us=kernel,
-           latency_us=latency, tflops=tflops)
+           latency_us=latency, tflops=tflops, **clock)

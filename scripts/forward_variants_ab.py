@@ -109,7 +109,7 @@ def main() -> None:
                 time.sleep(float(os.environ.get("KPT_AB_SLEEP", "0")))
                 times[name].append(graph_time_us(  # KPT_AB_CALLS sets the load: no warm-up
                     [fn], calls=int(os.environ.get("KPT_AB_CALLS", "5")), replays=5,
-                    warmup_ms=0.0))
+                    warmup_ms=0.0, window_ms=0.0))
 
         def tflops(name: str, us: float, flops: float = flops) -> float:
             return flops * (2.5 if name.startswith("bwd") else 1.0) / us / 1e6

@@ -3,7 +3,7 @@
 Under sustained load the H200 runs at its power limit, and the clock it can hold depends on the
 energy each kernel spends per cycle. Two kernels that take the same number of cycles cold can
 then differ in speed. This runs each implementation back to back for a few seconds (CUDA-graph
-replays, after half a second of warm-up) while ``nvidia-smi`` samples the SM clock and the board
+replays, after a second of warm-up) while ``nvidia-smi`` samples the SM clock and the board
 power every 50 ms, and prints per implementation:
 
   TFLOP/s, median MHz and W, TFLOP/s per GHz (work per cycle) and TFLOP per kJ (work per
@@ -42,7 +42,7 @@ def _sampled(run, seconds: float) -> tuple[float, float, float]:
 
     from bench.conftest import warm_up
 
-    warm_up(run, 500.0)  # the clock settles at the power limit
+    warm_up(run, 1000.0)  # the power average, and with it the clock, settles at the limit
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw",
                             "--format=csv,noheader,nounits", "-lms", "50"],
                            stdout=subprocess.PIPE, text=True)

@@ -7,6 +7,7 @@ reasons it declares (``SPEC.reasons``), never by name.
 
 from __future__ import annotations
 
+import importlib
 import math
 import zlib
 
@@ -357,6 +358,78 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(compiled_loss, eager_loss)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_eager_fast_path_matches_the_custom_op(device):
+    """Plain eager calls skip the custom op's wrappers (flash_attention's _eager), yet compute
+    what the op computes, forward and backward, bit for bit on the same backend; under a
+    dispatch mode the call goes through the op, which the mode then sees."""
+    case = CASES["combined"]
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = make_qkv(case, dtype, device, 31, transposed=True)
+    dout, dlse = grad_inputs(case, device, 31)
+    kw = options(case)
+    fast = run_with_grads(q, k, v, dout, dlse, **kw)
+    with _OpLog() as log:
+        logged = run_with_grads(q, k, v, dout, dlse, **kw)
+    assert "kpt.flash_attention.default" in log.ops
+    assert "kpt.flash_attention_backward.default" in log.ops
+    # the op directly, with its own autograd
+    scale = kw.get("scale", q.shape[-1] ** -0.5)
+    left, right = kw.get("window", (-1, -1))
+    out, lse = torch.ops.kpt.flash_attention(q, k, v, None, None, q.shape[1], k.shape[1], scale,
+                                             left, 0 if kw.get("causal") else right,
+                                             float(kw.get("softcap", 0.0)), True, False, "")
+    loss = (out.float() * dout).sum() + (lse.masked_fill(lse == float("-inf"), 0.0) * dlse).sum()
+    op_grads = torch.autograd.grad(loss, (q, k, v))
+    for other in (logged, (out.detach(), lse.detach(), op_grads)):
+        assert torch.equal(fast[0], other[0]) and torch.equal(fast[1], other[1])
+        for a, b in zip(fast[2], other[2]):
+            assert torch.equal(a, b)
+
+
+def test_eager_fast_path_declines_what_must_see_the_op():
+    fa = importlib.import_module("kpt.ops.flash_attention")
+    q, k, v = make_qkv(CASES["plain"], torch.float32, "cpu", 5)
+    assert fa._eager(q, k, v, None, None)
+    with _OpLog():
+        assert not fa._eager(q, k, v, None, None)
+    with torch.overrides.TorchFunctionMode():
+        assert not fa._eager(q, k, v, None, None)
+    assert not torch.func.vmap(lambda x: torch.tensor(fa._eager(x, x, x)))(q).any()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(q)
+    assert not fa._eager(fake, k, v, None, None)
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_double_backward_is_a_clear_error(path):
+    """Second derivatives are not implemented: differentiating the gradients raises (on both
+    paths) instead of silently dropping the terms through the backward kernels."""
+    q, k, v = make_qkv(CASES["plain"], torch.float32, "cpu", 6)
+    if path == "op":
+        out = torch.ops.kpt.flash_attention(q, k, v, None, None, q.shape[1], k.shape[1], 0.25,
+                                            -1, -1, 0.0, False, False, "")[0]
+    else:
+        out = flash_attention(q, k, v)
+    (gq,) = torch.autograd.grad(out.square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(gq.sum(), (q,))
 
 
 def test_defaults_and_auto_dispatch():

@@ -426,6 +426,17 @@ def _outputs(q: Tensor, varlen: bool) -> tuple[Tensor, Tensor]:
     return q.new_empty(q.shape), torch.empty(q.shape[0], heads, q.shape[1], device=q.device)
 
 
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None,
+                  cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                  window_left: int, window_right: int, softcap: float, return_lse: bool,
+                  deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+    out, lse = _outputs(q, cu_seqlens_q is not None)
+    call = Call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                window_left, window_right, softcap, out, lse)
+    SPEC.launch(problem_of(call), call, backend or None)
+    return out, lse
+
+
 @torch.library.custom_op("kpt::flash_attention", mutates_args=())
 def _flash_attention_op(
     q: Tensor,
@@ -443,11 +454,8 @@ def _flash_attention_op(
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    out, lse = _outputs(q, cu_seqlens_q is not None)
-    call = Call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                window_left, window_right, softcap, out, lse)
-    SPEC.launch(problem_of(call), call, backend or None)
-    return out, lse
+    return _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                         window_left, window_right, softcap, return_lse, deterministic, backend)
 
 
 @_flash_attention_op.register_fake
@@ -458,6 +466,22 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, wi
         return q.new_empty(q.shape), q.new_empty((heads, q.shape[0]), dtype=torch.float32)
     return q.new_empty(q.shape), q.new_empty((q.shape[0], heads, q.shape[1]),
                                              dtype=torch.float32)
+
+
+def _backward_impl(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+                   out: Tensor, lse: Tensor, cu_seqlens_q: Tensor | None,
+                   cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+                   scale: float, window_left: int, window_right: int, softcap: float,
+                   deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    varlen = cu_seqlens_q is not None
+    # Varlen tokens outside every sequence get zero gradients; batched ones are all written.
+    alloc = torch.zeros if varlen else torch.empty
+    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    call = BackwardCall(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, scale, window_left, window_right, softcap, deterministic,
+                        dq, dk, dv)
+    SPEC_BACKWARD.launch(backward_problem_of(call), call, backend or None)
+    return dq, dk, dv
 
 
 @torch.library.custom_op("kpt::flash_attention_backward", mutates_args=())
@@ -480,15 +504,9 @@ def _flash_attention_backward_op(
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    varlen = cu_seqlens_q is not None
-    # Varlen tokens outside every sequence get zero gradients; batched ones are all written.
-    alloc = torch.zeros if varlen else torch.empty
-    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    call = BackwardCall(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k, scale, window_left, window_right, softcap, deterministic,
-                        dq, dk, dv)
-    SPEC_BACKWARD.launch(backward_problem_of(call), call, backend or None)
-    return dq, dk, dv
+    return _backward_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                          max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
+                          deterministic, backend)
 
 
 @_flash_attention_backward_op.register_fake
@@ -511,13 +529,82 @@ def _backward(ctx, dout: Tensor | None, dlse: Tensor | None):
     dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
     if not return_lse:  # lse was never handed out: its gradient is zero, skip reading it
         dlse = None
-    dq, dk, dv = torch.ops.kpt.flash_attention_backward(
-        dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
-        deterministic, backend)
+    args = (dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
+            deterministic, backend)
+    if not _eager(dout, dlse, q, k, v, out, lse, cu_q, cu_k):
+        dq, dk, dv = torch.ops.kpt.flash_attention_backward(*args)
+    elif torch.is_grad_enabled():  # create_graph=True: gradients that refuse to differentiate
+        dq, dk, dv = _BackwardFunction.apply(*args)
+    else:
+        dq, dk, dv = _backward_impl(*args)
     return (dq, dk, dv) + (None,) * 11
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(f"{OP}: second derivatives (double backward) are not implemented")
+
+
 _flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_flash_attention_backward_op.register_autograd(_no_double_backward,
+                                               setup_context=lambda ctx, inputs, output: None)
+
+
+# ---- eager fast path -----------------------------------------------------------------------
+#
+# The custom op's Python layers (dispatcher, autograd wrapper, alias checks) cost about as
+# much host time per call as everything kpt does itself (session 14, H200 host: ~155 us per
+# public call against ~50 us for the sm90 launch alone). Where nothing but plain eager
+# execution can see the call, the public function runs the same implementation directly, with
+# autograd through an equivalent autograd.Function. Compilation and tracing (torch.compile,
+# export, jit tracing), functorch transforms, dispatch and torch-function modes, and tensor
+# subclasses (FakeTensor, FunctionalTensor, ...) keep the custom op, which is what they see.
+
+
+def _mode_active() -> bool:
+    c = torch._C
+    checks = ("_len_torch_dispatch_stack", "_is_torch_function_mode_enabled",
+              "_are_functorch_transforms_active")
+    return any(getattr(c, name, lambda: False)() for name in checks)
+
+
+def _eager(*tensors: Tensor | None) -> bool:
+    """Whether this call may bypass the custom op (plain tensors, eager, no mode active)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _mode_active():
+        return False
+    return all(t is None or type(t) is Tensor for t in tensors)
+
+
+class _FlashAttentionFunction(torch.autograd.Function):
+    """The custom op's autograd, for the eager fast path: same forward, context and backward."""
+
+    @staticmethod
+    def forward(*args: Any) -> tuple[Tensor, Tensor]:
+        return _forward_impl(*args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple:
+        return _backward(ctx, dout, dlse)
+
+
+class _BackwardFunction(torch.autograd.Function):
+    """The backward under ``create_graph=True`` on the eager path: the backward op's autograd
+    (an error on differentiating it again)."""
+
+    @staticmethod
+    def forward(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        return _backward_impl(*args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple:
+        _no_double_backward(ctx, *grads)
 
 
 def flash_attention(
@@ -582,10 +669,15 @@ def flash_attention(
                        "deterministic": deterministic})
     if backend is not None:
         SPEC.backend(backend)
-    out, lse = torch.ops.kpt.flash_attention(
-        _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-        cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(softcap),
-        return_lse, deterministic, backend or "")
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(softcap),
+            return_lse, deterministic, backend or "")
+    if not _eager(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        out, lse = torch.ops.kpt.flash_attention(*args)
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _FlashAttentionFunction.apply(*args)
+    else:
+        out, lse = _forward_impl(*args)
     return (out, lse) if return_lse else out
 
 

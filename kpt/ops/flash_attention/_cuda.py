@@ -350,7 +350,10 @@ def _sm90_ran(call, config: Config, backward: bool) -> bool:
         raise BackendUnavailable(f"{OP}: the sm90 kernels do not import")
     if (module.backward_call_reasons if backward else module.call_reasons)(call):
         return False
-    (module.run_backward if backward else module.run)(call, config)
+    if backward:
+        module.run_backward(call, config)
+    else:
+        module.run(call, config, layout_checked=True)
     return True
 
 

@@ -15,6 +15,7 @@ then only end at their time limit (the launch fails with a CUDA error).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -109,9 +110,11 @@ def call_reasons(call) -> list[str]:
     return reasons
 
 
-def run(call, config: Config) -> None:
+def run(call, config: Config, layout_checked: bool = False) -> None:
     """Write ``call.out`` and ``call.lse``. ``config`` may name a ``variant`` (``VARIANTS``,
-    default ``"base"``); any other key is rejected."""
+    default ``"base"``); any other key is rejected. ``layout_checked``: the caller has just
+    found no :func:`call_reasons` (the cuda backend does, to choose between this kernel and its
+    mma kernels), so they are not computed again."""
     unknown = set(config) - {"impl", "variant"}
     if unknown:
         raise ValueError(f"{OP}[sm90]: unknown config keys {sorted(unknown)}")
@@ -119,7 +122,9 @@ def run(call, config: Config) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"{OP}[sm90]: unknown variant {variant!r}, expected one of "
                          f"{sorted(VARIANTS)}")
-    reasons = supports(problem_of(call)) + call_reasons(call)
+    reasons = list(_supports_cached(problem_of(call)))
+    if not layout_checked:
+        reasons += call_reasons(call)
     if reasons:
         raise ValueError(f"{OP}[sm90]: cannot run this call: " + "; ".join(reasons))
     q, k = call.q, call.k
@@ -132,11 +137,26 @@ def run(call, config: Config) -> None:
         call.lse.fill_(float("-inf"))
         return
     module = SPEC.load()
-    with torch.cuda.device(q.device):
+    with _on_device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         module.forward(q, k, call.v, call.out, call.lse, float(call.scale), float(call.softcap),
                        int(call.window_left), int(call.window_right), VARIANTS[variant],
                        stream)
+
+
+@functools.lru_cache(maxsize=1024)
+def _supports_cached(problem: Problem) -> tuple[str, ...]:
+    """:func:`supports` per problem, remembered (it depends on nothing else once the build
+    reason is known): run() checks it on every call."""
+    return tuple(supports(problem))
+
+
+def _on_device(device: torch.device):
+    """``torch.cuda.device(device)`` only where it is not already current (entering one costs
+    several microseconds per call)."""
+    if device.index is None or torch.cuda.current_device() == device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def supports_backward(problem: Problem) -> list[str]:
@@ -204,7 +224,7 @@ def run_backward(call, config: Config) -> None:
     lse = call.lse.float().contiguous()
     dlse = None if call.dlse is None else call.dlse.float().contiguous()
     module = SPEC.load()
-    with torch.cuda.device(q.device):
+    with _on_device(q.device):
         workspace = torch.empty(module.backward_workspace(batch, seqlen_q, heads, head_dim),
                                 dtype=torch.float32, device=q.device)
         stream = torch.cuda.current_stream(q.device).cuda_stream
