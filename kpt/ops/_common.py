@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -134,3 +135,12 @@ def native_backends(module: str, *, dtypes: frozenset, run_cuda: str, run_hip: s
                     available=lazy(module, "cuda_unavailable"), **shared),
             Backend(name="hip", run=lazy(module, run_hip), rocm=True,
                     available=lazy(module, "hip_unavailable"), **shared))
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` only where ``device`` is not already current: bindings
+    launch on the current device, and entering the context costs several microseconds per
+    call even when it changes nothing."""
+    if device.index is None or torch.cuda.current_device() == device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

@@ -9,7 +9,6 @@ ranges) that ``flex_attention``'s CUDA backend builds on.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kpt.jit import BuildError, JitSpec
-from kpt.ops._common import is_rocm, jit_unavailable
+from kpt.ops._common import is_rocm, jit_unavailable, on_device
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "flash_attention"
@@ -140,12 +139,6 @@ def backward_configs(problem: Problem) -> list[Config]:
         return [{"impl": "simt"}]
     sm90 = [{"impl": "sm90"}] if _sm90_offered(problem, backward=True) else []
     return [*sm90, {"impl": "mma"}, {"impl": "simt"}]
-
-
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    if torch.cuda.current_device() == device.index:
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
 
 
 def _misaligned(t: Tensor) -> str | None:
@@ -282,7 +275,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
     if (config or {}).get("impl") == "sm90":
         raise ValueError(f"{OP}: the sm90 impl is reached through the registry only")
     module = _module(q.device)
-    with _on_device(q.device):
+    with on_device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         module.forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
                        float(scale), int(window_left), int(window_right), float(softcap),
@@ -317,7 +310,7 @@ def backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
         dlse = torch.empty_strided(lse_dense.shape, lse_dense.stride(), dtype=torch.float32,
                                    device=q.device).copy_(dlse)
     module = _module(q.device)
-    with _on_device(q.device):
+    with on_device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         module.backward(dout, None if dlse is None else dlse.float(), q, k, v, out, lse_dense,
                         delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_q, max_k,

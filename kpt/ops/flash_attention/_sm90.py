@@ -15,12 +15,12 @@ then only end at their time limit (the launch fails with a CUDA error).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 
 from kpt.jit import JitSpec
+from kpt.ops._common import on_device
 from kpt.ops._registry import Config, Problem
 
 from . import backward_problem_of, problem_of
@@ -137,7 +137,7 @@ def run(call, config: Config, layout_checked: bool = False) -> None:
         call.lse.fill_(float("-inf"))
         return
     module = SPEC.load()
-    with _on_device(q.device):
+    with on_device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         module.forward(q, k, call.v, call.out, call.lse, float(call.scale), float(call.softcap),
                        int(call.window_left), int(call.window_right), VARIANTS[variant],
@@ -149,14 +149,6 @@ def _supports_cached(problem: Problem) -> tuple[str, ...]:
     """:func:`supports` per problem, remembered (it depends on nothing else once the build
     reason is known): run() checks it on every call."""
     return tuple(supports(problem))
-
-
-def _on_device(device: torch.device):
-    """``torch.cuda.device(device)`` only where it is not already current (entering one costs
-    several microseconds per call)."""
-    if device.index is None or torch.cuda.current_device() == device.index:
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
 
 
 def supports_backward(problem: Problem) -> list[str]:
@@ -224,7 +216,7 @@ def run_backward(call, config: Config) -> None:
     lse = call.lse.float().contiguous()
     dlse = None if call.dlse is None else call.dlse.float().contiguous()
     module = SPEC.load()
-    with _on_device(q.device):
+    with on_device(q.device):
         workspace = torch.empty(module.backward_workspace(batch, seqlen_q, heads, head_dim),
                                 dtype=torch.float32, device=q.device)
         stream = torch.cuda.current_stream(q.device).cuda_stream

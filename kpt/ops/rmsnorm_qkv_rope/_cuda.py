@@ -19,14 +19,13 @@ Every rounding point is that of ``reference.py``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
 import torch
 
 from kpt.jit import BuildError, JitSpec
-from kpt.ops._common import is_rocm, jit_unavailable
+from kpt.ops._common import is_rocm, jit_unavailable, on_device
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "rmsnorm_qkv_rope"
@@ -106,13 +105,6 @@ def _auto_splits(n: int, k: int, tokens: int, rows_per_block: int, sms: int) -> 
     return best
 
 
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """The binding launches on the current device: make it the tensors' one if it is not."""
-    if torch.cuda.current_device() == device.index:
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
-
-
 def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` itself when its start and every row are 16-byte aligned with a contiguous last
     dim (what the kernels' 16-byte vectors need), else a contiguous copy."""
@@ -154,7 +146,7 @@ def _run(call, config: Config) -> None:
     bias = _aligned(call.qkv_bias)
     impl = config.get("gemv", "mma")
     use_gemv = tokens <= min(config.get("gemv_max_tokens", 16), MAX_GEMV_TOKENS[impl])
-    with _on_device(dev):
+    with on_device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         xn = torch.empty((tokens, hidden), device=dev, dtype=dtype)
         residual = _aligned(call.residual)
