@@ -229,8 +229,7 @@ def test_flash_attention(benchmark, cuda_only, shape, mask, impl, direction):
     if impl == "kpt_auto":
         label = f"{impl}[{SPEC.choose(_problem(shape, mask))[0].name}]"
     # The clock of the timed windows (of forward + backward for "bwd"), and the work per cycle.
-    clock = {} if timing.mhz is None else {"mhz": timing.mhz,
-                                           "per_ghz": tflops / timing.mhz * 1e3}
+    clock = timing.clock(tflops)
     benchmark.extra_info.update(kernel_us=kernel, latency_us=latency, tflops=tflops, **clock)
     record(f"{direction} {shape} {mask}", label, kernel_us=kernel, latency_us=latency,
            tflops=tflops, **clock)

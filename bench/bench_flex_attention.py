@@ -146,8 +146,7 @@ def test_flex_attention(benchmark, cuda_only, case, mode, impl):
     latency = benchmark.stats.stats.median * 1e6
     flops = 4 * B * H * S * S * D * CASES[case][2] * (1.0 if mode == "fwd" else 3.5)
     tflops = flops / (kernel * 1e-6) / 1e12
-    clock = {} if timing.mhz is None else {"mhz": timing.mhz,
-                                           "per_ghz": tflops / timing.mhz * 1e3}
+    clock = timing.clock(tflops)
     benchmark.extra_info.update(kernel_us=kernel, latency_us=latency, tflops=tflops, **clock)
     record(f"flex {case} {mode} B{B} H{H} S{S} D{D}", impl, kernel_us=kernel,
            latency_us=latency, tflops=tflops, **clock)

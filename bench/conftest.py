@@ -46,6 +46,13 @@ class Timing(NamedTuple):
     us: float  # per call, the median window
     mhz: float | None  # mean SM clock read in the timed windows; None without NVML
 
+    def clock(self, tflops: float) -> dict[str, float]:
+        """The summary's clock columns for a row of ``tflops``: ``mhz`` and ``per_ghz`` (work
+        per cycle); none without NVML."""
+        if self.mhz is None:
+            return {}
+        return {"mhz": self.mhz, "per_ghz": tflops / self.mhz * 1e3}
+
 
 def warm_up(run: Callable[[], Any], warmup_ms: float) -> float:
     """Runs ``run`` back to back until ``warmup_ms`` of wall time have passed, synchronising
