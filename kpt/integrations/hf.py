@@ -35,19 +35,26 @@ def _fused_decoder_forward(self: nn.Module, hidden_states: torch.Tensor,
                            attention_mask: torch.Tensor | None = None,
                            position_ids: torch.Tensor | None = None,
                            past_key_values: Any = None, use_cache: bool | None = False,
-                           position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
-    """A Llama-style decoder layer whose attention input path runs as one fused op."""
+                           position_embeddings: Any = None, cache: Any = None,
+                           **kwargs: Any) -> torch.Tensor:
+    """A Llama-style decoder layer whose attention input path runs as one fused op. The KV
+    cache arrives as ``cache`` from transformers 5.24 on, as ``past_key_values`` before."""
+    kv_cache = cache if cache is not None else past_key_values
     if position_ids is None:
+        # The layer's own forward, with the cache under the name the caller used.
+        if cache is not None:
+            kwargs["cache"] = cache
+        elif past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
         return type(self).forward(self, hidden_states, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  use_cache=use_cache, position_embeddings=position_embeddings,
-                                  **kwargs)
+                                  position_ids=position_ids, use_cache=use_cache,
+                                  position_embeddings=position_embeddings, **kwargs)
     attn = self.self_attn
     residual = hidden_states
     q, k, v = self.kpt_qkv(hidden_states, position_ids)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, attn.layer_idx)
+    if kv_cache is not None:
+        k, v = kv_cache.update(k, v, attn.layer_idx)
     attention = _attention_function(attn)
     out, _ = attention(
         attn, q, k, v, attention_mask,
