@@ -5,9 +5,9 @@
 // One CTA owns a 128-key block of one (batch, kv head) and keeps its dK and dV in registers
 // while it walks every query block that sees those keys, for every q head of the GQA group (so
 // GQA needs no reduction of dK/dV afterwards). Three warpgroups:
-//   warpgroup 0  producer: one thread loads K and V once, then per item (q head, 64-query
-//                block) Q, dO, the log2-domain lse and delta = rowsum(dO * O) into a 2-stage
-//                ring;
+//   warpgroup 0  producer: one thread loads K and V once, then per item (q head, block of
+//                kRows queries: 64 at D = 128, 128 at D = 64) Q, dO, the log2-domain lse and
+//                delta = rowsum(dO * O) into a 2-stage ring;
 //   warpgroups 1, 2  consumers: each owns 64 of the keys and computes, per item, with the
 //                keys as the M dimension (so P^T and dS^T come out of the accumulators already
 //                in the A-fragment layout of the next products):
@@ -16,9 +16,9 @@
 //                  dV += P^T dO, dK += dS^T Q            (A from registers)
 //                  dQ = dS K                             (dS^T stored to shared memory, read
 //                                                         transposed)
-//                At D = 128 the two warpgroups share the dQ product (each takes 64 of the 128
-//                columns over all 128 keys), so each dQ element gets one addition per CTA; at
-//                D = 64 each adds its own keys' share. A warpgroup's 64 x 64 fp32 part is
+//                The two warpgroups share the dQ product over all 128 keys (at D = 128 each
+//                takes 64 of the columns, at D = 64 64 of the 128 rows), so each dQ element
+//                gets one addition per CTA. A warpgroup's 64 x 64 fp32 part is
 //                staged in shared memory and added to an fp32 dQ buffer by one bulk reduce.
 //                Schedule per item: dQ is issued before dK so that its staging stores run
 //                under the dK product, and the next item's S^T and dP^T are issued before the
@@ -46,7 +46,12 @@ namespace kpt_fa90 {
 namespace {
 
 constexpr int kBwdKeys = 128;  // keys per CTA: 64 per consumer warpgroup (wgmma M)
-constexpr int kBwdRows = 64;   // queries per item (the N of S^T and dP^T)
+// Queries per item (the N of S^T and dP^T): 128 at D = 64, where 64-query items made products
+// too small for the per-item waits and barriers; 64 at D = 128, where the registers hold no
+// more. The dQ buffer is kept in 64-row blocks either way.
+template <int kD>
+constexpr int bwd_rows() { return kD == 64 ? 128 : 64; }
+constexpr int kDQRows = 64;
 constexpr int kBwdStages = 2;
 constexpr int kBwdThreads = 384;
 constexpr int kProducerRegs = 24;
@@ -70,16 +75,19 @@ struct BwdParams {
   int window_left, window_right;
 };
 
-// Shared memory: K and V [128 x kD] once, a ring of Q and dO [64 x kD] with their lse2 and
-// delta rows, two dS^T buffers [128 keys x 64 queries] (alternating items), the mbarriers.
+// Shared memory: K and V [128 x kD] once, a ring of Q and dO [kRows x kD] with their lse2 and
+// delta rows, two dS^T buffers [128 keys x kRows queries] (alternating items; kRows / 64
+// chunks of 64 queries, each one 128-byte swizzled row per key), the mbarriers.
 template <int kD>
 struct BwdSmem {
+  static constexpr int kRows = bwd_rows<kD>();
   static constexpr int kKVChunk = kBwdKeys * kRowBytes;  // one 64-column TMA box of K or V
-  static constexpr int kQChunk = kBwdRows * kRowBytes;   // one 64-column box of Q or dO
+  static constexpr int kQChunk = kRows * kRowBytes;      // one 64-column box of Q or dO
   static constexpr int kKVBytes = kBwdKeys * kD * 2;
-  static constexpr int kQBytes = kBwdRows * kD * 2;
-  static constexpr int kDSBytes = kBwdKeys * kBwdRows * 2;
-  static constexpr int kDQBytes = kBwdRows * 64 * 4;
+  static constexpr int kQBytes = kRows * kD * 2;
+  static constexpr int kDSChunk = kBwdKeys * kRowBytes;  // dS^T of 64 queries
+  static constexpr int kDSBytes = kBwdKeys * kRows * 2;
+  static constexpr int kDQBytes = kDQRows * 64 * 4;
   static constexpr int kK = 0;
   static constexpr int kV = kK + kKVBytes;
   static constexpr int kQ = kV + kKVBytes;
@@ -87,11 +95,11 @@ struct BwdSmem {
   static constexpr int kDS = kDO + kBwdStages * kQBytes;
   static constexpr int kDQ = kDS + 2 * kDSBytes;  // per warpgroup: 64 x 64 fp32 dQ staging
   static constexpr int kLse = kDQ + 2 * kDQBytes;
-  static constexpr int kDelta = kLse + kBwdStages * kBwdRows * 4;
-  static constexpr int kBars = kDelta + kBwdStages * kBwdRows * 4;
+  static constexpr int kDelta = kLse + kBwdStages * kRows * 4;
+  static constexpr int kBars = kDelta + kBwdStages * kRows * 4;
   static constexpr int kBytes = kBars + 8 * (1 + 2 * kBwdStages);
   static constexpr int kAlloc = kBytes + 1024;  // 1024-byte alignment of the swizzled tiles
-  static constexpr uint32_t kStageTx = 2 * kQBytes + 2 * kBwdRows * 4;
+  static constexpr uint32_t kStageTx = 2 * kQBytes + 2 * kRows * 4;
   static_assert(kAlloc <= 227 * 1024, "shared memory");
 };
 
@@ -119,6 +127,15 @@ __device__ __forceinline__ void st_shared(uint32_t addr, uint32_t value) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(value) : "memory");
 }
 
+template <bool kBf16>
+__device__ __forceinline__ float2 unpack2(uint32_t v) {
+  if constexpr (kBf16) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&v));
+  }
+}
+
 // The query rows [m_begin, m_end) some key of [n0, n0 + 128) is visible to.
 __device__ __forceinline__ void query_range(const BwdParams& p, int n0, int& m_begin,
                                             int& m_end) {
@@ -138,6 +155,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   __trap();  // see kernels.cu: only the sm_90a cubin is ever launched
 #else
   using L = BwdSmem<kD>;
+  constexpr int kRows = L::kRows;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
@@ -151,8 +169,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   const int head_kv = blockIdx.y, batch = blockIdx.z;
   int m_begin, m_end;
   query_range(p, n0, m_begin, m_end);
-  const int m_first = m_begin / kBwdRows;
-  const int per_head = m_end > m_begin ? (m_end - 1) / kBwdRows - m_first + 1 : 0;
+  const int m_first = m_begin / kRows;
+  const int per_head = m_end > m_begin ? (m_end - 1) / kRows - m_first + 1 : 0;
   const int items = per_head * p.group;  // the same for both consumer warpgroups
 
   // Through a shuffle so that the compiler knows it is warp-uniform: the descriptors built
@@ -182,7 +200,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     }
     for (int it = 0; it < items; ++it) {
       const int head = head_kv * p.group + it / per_head;
-      const int m0 = (m_first + it % per_head) * kBwdRows;
+      const int m0 = (m_first + it % per_head) * kRows;
       const int s = it % kBwdStages;
       wait(empty(s), ((it / kBwdStages) & 1) ^ 1);  // fresh barriers pass parity 1
       bar_expect_tx(full(s), L::kStageTx);
@@ -194,8 +212,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
                  c * kSwizzleElems, m0, head, batch);
       }
       const int64_t row = (static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q_pad + m0;
-      bulk_load(base + L::kLse + s * kBwdRows * 4, p.lse2 + row, kBwdRows * 4, full(s));
-      bulk_load(base + L::kDelta + s * kBwdRows * 4, p.delta + row, kBwdRows * 4, full(s));
+      bulk_load(base + L::kLse + s * kRows * 4, p.lse2 + row, kRows * 4, full(s));
+      bulk_load(base + L::kDelta + s * kRows * 4, p.delta + row, kRows * 4, full(s));
     }
     return;
   }
@@ -227,7 +245,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   const uint64_t ds_mn_desc = make_desc(base + L::kDS, L::kDSBytes, 1024);
   const uint64_t k_mn_desc = make_desc(base + L::kK, L::kKVChunk, 1024);
 
-  uint32_t pa[kBwdRows / 4], ds[kBwdRows / 4];
+  uint32_t pa[kRows / 4], ds[kRows / 4];
   float dq[32];
   // dQ leaves through shared memory: each warpgroup stages its 64 x 64 fp32 part in fragment
   // order (thread t's 32 values as 8 float4 at k * 128 + t: conflict-free stores) and one
@@ -249,26 +267,34 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     warpgroup_sync(wg);
     if (dq_leader) {
+      // D = 128: this warpgroup's 64 columns; D = 64: its 64 of the item's 128 rows.
       const int64_t block =
           ((static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q_pad + m0) * kD +
-          (kD == 128 ? wg * 4096 : 0);
+          wg * 4096;
       bulk_reduce_add(p.dq_accum + block, base + L::kDQ + wg * L::kDQBytes, L::kDQBytes);
     }
   };
 
   // acc = A B^T over kD for A = this warpgroup's 64 rows of a [128 x kD] tile (K or V) and
-  // B = a [64 x kD] tile (Q or dO); one commit group each.
+  // B = a [kRows x kD] tile (Q or dO); one commit group each.
   auto issue_transposed = [&](float* acc, uint64_t a_desc, uint64_t b_desc) {
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t offset = (kk % 4) * 32;
-      wgmma_ss_n64<kBf16, false>(acc, desc_at(a_desc, (kk / 4) * L::kKVChunk + offset),
-                                 desc_at(b_desc, (kk / 4) * L::kQChunk + offset), kk > 0);
+      const uint64_t a = desc_at(a_desc, (kk / 4) * L::kKVChunk + offset);
+      const uint64_t b = desc_at(b_desc, (kk / 4) * L::kQChunk + offset);
+      if constexpr (kRows == 64) {
+        wgmma_ss_n64<kBf16, false>(acc, a, b, kk > 0);
+      } else if constexpr (kBf16) {
+        wgmma_ss_Bf16_n128(acc, a, b, kk > 0);
+      } else {
+        wgmma_ss_F16_n128(acc, a, b, kk > 0);
+      }
     }
     wgmma_commit();
   };
-  // S^T = K Q^T and dP^T = V dO^T of item `it`: [64 keys x 64 queries], both operands K-major.
-  float sc[kBwdRows / 2], dp[kBwdRows / 2];
+  // S^T = K Q^T and dP^T = V dO^T of item `it`: [64 keys x kRows queries], both K-major.
+  float sc[kRows / 2], dp[kRows / 2];
   auto issue_scores = [&](int it) {
     const int s = it % kBwdStages;
     if (it < items) wait(full(s), (it / kBwdStages) & 1);
@@ -283,18 +309,18 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   // Item it is (head, query block mb): the blocks of one head, then the next head.
   int head = head_kv * p.group, mb = m_first;
   for (int it = 0; it < items; ++it) {
-    const int m0 = mb * kBwdRows;
+    const int m0 = mb * kRows;
     const int s = it % kBwdStages;
-    const float* lse_s = reinterpret_cast<const float*>(smem + L::kLse + s * kBwdRows * 4);
-    const float* delta_s = reinterpret_cast<const float*>(smem + L::kDelta + s * kBwdRows * 4);
+    const float* lse_s = reinterpret_cast<const float*>(smem + L::kLse + s * kRows * 4);
+    const float* delta_s = reinterpret_cast<const float*>(smem + L::kDelta + s * kRows * 4);
     // S^T and dP^T of this item were issued at the end of the previous one (or above).
 
-    // This thread's 16 query columns, 8j + col0 + {0, 1}, of lse2 and delta: eight 8-byte
-    // loads each, issued before the waits so that their latency hides under the products.
-    float lse_r[kBwdRows / 4], delta_r[kBwdRows / 4];
-    auto load_cols = [&](float (&dst)[kBwdRows / 4], const float* src) {
+    // This thread's kRows / 4 query columns, 8j + col0 + {0, 1}, of lse2 and delta: 8-byte
+    // loads, issued before the waits so that their latency hides under the products.
+    float lse_r[kRows / 4], delta_r[kRows / 4];
+    auto load_cols = [&](float (&dst)[kRows / 4], const float* src) {
 #pragma unroll
-      for (int j = 0; j < kBwdRows / 8; ++j) {
+      for (int j = 0; j < kRows / 8; ++j) {
         const float2 v = *reinterpret_cast<const float2*>(src + 8 * j + col0);
         dst[2 * j] = v.x;
         dst[2 * j + 1] = v.y;
@@ -306,7 +332,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     const bool visible_all =
         key_lo + 64 <= p.seqlen_k &&
         (p.window_right < 0 || key_lo + 63 <= m0 + diag + p.window_right) &&
-        (p.window_left < 0 || key_lo >= m0 + 63 + diag - p.window_left);
+        (p.window_left < 0 || key_lo >= m0 + kRows - 1 + diag - p.window_left);
     // Per key row h, the visible queries as offsets [lo, hi) from this thread's first query
     // column m0 + col0, so that an element costs two compares against its compile-time
     // offset 8 (i / 4) + i % 2 and a select (64-bit, then clamped: windows may be huge).
@@ -317,9 +343,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
         const int64_t k0 = static_cast<int64_t>(key) - diag - (m0 + col0);  // its diagonal
         const int64_t begin = p.window_right >= 0 ? k0 - p.window_right : -1;
         const int64_t end = key >= p.seqlen_k ? -1
-                            : p.window_left >= 0 ? k0 + p.window_left + 1 : kBwdRows;
-        lo[h] = static_cast<int>(min(max(begin, int64_t{-1}), int64_t{kBwdRows}));
-        hi[h] = static_cast<int>(min(max(end, int64_t{-1}), int64_t{kBwdRows}));
+                            : p.window_left >= 0 ? k0 + p.window_left + 1 : kRows;
+        lo[h] = static_cast<int>(min(max(begin, int64_t{-1}), int64_t{kRows}));
+        hi[h] = static_cast<int>(min(max(end, int64_t{-1}), int64_t{kRows}));
       }
     };
     auto inside = [&](int i, const int (&lo)[2], const int (&hi)[2]) {
@@ -332,7 +358,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
         int lo[2], hi[2];
         bounds(lo, hi);
 #pragma unroll
-        for (int i = 0; i < kBwdRows / 2; ++i) sc[i] = inside(i, lo, hi) ? sc[i] : 0.f;
+        for (int i = 0; i < kRows / 2; ++i) sc[i] = inside(i, lo, hi) ? sc[i] : 0.f;
       }
     };
 
@@ -343,7 +369,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       pin(sc);
       pin(dp);
 #pragma unroll
-      for (int i = 0; i < kBwdRows / 2; ++i) {
+      for (int i = 0; i < kRows / 2; ++i) {
         const int col = 8 * (i / 4) + col0 + i % 2;
         const float t = fast_tanh(sc[i] * p.score_scale);
         const float prob = fast_exp2(fmaf(p.softcap_log2, t, -lse_s[col]));
@@ -361,21 +387,21 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       wgmma_wait<1>();
       pin(sc);
 #pragma unroll
-      for (int i = 0; i < kBwdRows / 2; ++i) {
+      for (int i = 0; i < kRows / 2; ++i) {
         sc[i] = fast_exp2(fmaf(sc[i], p.score_scale, -lse_r[2 * (i / 4) + i % 2]));
       }
       mask_p();
     }
 
-    // acc += A B over the 64 queries: A (P^T or dS^T) from registers, B = a [64 x kD] tile
-    // (dO or Q), MN-major as V is in the forward; one commit group.
-    auto accumulate_rs = [&](float (&acc)[kD / 2], uint32_t (&a)[kBwdRows / 4],
+    // acc += A B over the item's queries: A (P^T or dS^T) from registers, B = a [kRows x kD]
+    // tile (dO or Q), MN-major as V is in the forward; one commit group.
+    auto accumulate_rs = [&](float (&acc)[kD / 2], uint32_t (&a)[kRows / 4],
                              uint64_t b_desc) {
       pin(acc);
       pin(a);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kBwdRows / 16; ++kk) {
+      for (int kk = 0; kk < kRows / 16; ++kk) {
         pv_gemm<kBf16, kD>(acc, &a[4 * kk], desc_at(b_desc, kk * 16 * kRowBytes));
       }
       wgmma_commit();
@@ -383,7 +409,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 
     // dV += P^T dO.
 #pragma unroll
-    for (int i = 0; i < kBwdRows / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
+    for (int i = 0; i < kRows / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
     accumulate_rs(dv, pa, desc_at(do_mn_desc, s * L::kQBytes));
 
     if constexpr (!kSoftcap) {
@@ -391,46 +417,51 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       wgmma_wait<1>();  // dP^T (the dV product may still run)
       pin(dp);
 #pragma unroll
-      for (int i = 0; i < kBwdRows / 2; ++i) {
-        dp[i] = sc[i] * (dp[i] - delta_r[2 * (i / 4) + i % 2]) * p.ds_scale;
+      for (int i = 0; i < kRows / 2; ++i) {
+        // With 128-query items the fp32 P cannot stay live next to dP^T, the dV product's
+        // operands and the accumulators (ptxas spills and serializes the wgmmas): dS takes P as
+        // rounded for the dV product, one more rounding before dS's own.
+        float prob = sc[i];
+        if constexpr (kRows == 128) {
+          const float2 pair = unpack2<kBf16>(pa[i / 2]);
+          prob = i % 2 == 0 ? pair.x : pair.y;
+        }
+        dp[i] = prob * (dp[i] - delta_r[2 * (i / 4) + i % 2]) * p.ds_scale;
       }
     }
 
     // dS^T to registers (A of dK) and to shared memory (A of dQ, read transposed): rows are
-    // keys, 64 queries = one 128-byte swizzled row; 16-byte chunk j of row r sits at j ^ (r % 8).
+    // keys; each 64 queries = one 128-byte swizzled row of a chunk, where 16-byte piece j of
+    // row r sits at j ^ (r % 8).
 #pragma unroll
-    for (int i = 0; i < kBwdRows / 4; ++i) ds[i] = pack2<kBf16>(dp[2 * i], dp[2 * i + 1]);
+    for (int i = 0; i < kRows / 4; ++i) ds[i] = pack2<kBf16>(dp[2 * i], dp[2 * i + 1]);
     const uint32_t ds_buf = base + L::kDS + (it & 1) * L::kDSBytes;
 #pragma unroll
-    for (int j = 0; j < kBwdRows / 8; ++j) {
+    for (int j = 0; j < kRows / 8; ++j) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = wg * 64 + krow + 8 * h;
-        st_shared(ds_buf + r * kRowBytes + ((j ^ (lane / 4)) * 16) + col0 * 2, ds[2 * j + h]);
+        st_shared(ds_buf + (j / 8) * L::kDSChunk + r * kRowBytes + (((j % 8) ^ (lane / 4)) * 16) +
+                      col0 * 2,
+                  ds[2 * j + h]);
       }
     }
 
-    // dQ = dS K: A = dS^T in shared memory read MN-major, B = K [keys x kD] MN-major. The
-    // generic-proxy stores must be visible to the async proxy (wgmma) first.
+    // dQ = dS K over all 128 keys: A = dS^T in shared memory read MN-major, B = K [keys x kD]
+    // MN-major. Each warpgroup takes a 64 x 64 part: at D = 128 its 64 columns of the item's
+    // 64 rows, at D = 64 its 64 of the item's 128 rows. The generic-proxy stores must be
+    // visible to the async proxy (wgmma) first, and both warpgroups' keys written.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    if constexpr (kD == 128) {
-      asm volatile("bar.sync 1, 256;" ::: "memory");  // both halves of dS^T are written
-      pin(dq);
-      wgmma_fence();
+    asm volatile("bar.sync 1, 256;" ::: "memory");
+    pin(dq);
+    wgmma_fence();
+    {
+      const uint32_t ds_part = (it & 1) * L::kDSBytes + (kRows == 128 ? wg * L::kDSChunk : 0);
+      const uint32_t k_part = kD == 128 ? wg * L::kKVChunk : 0;
 #pragma unroll
       for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
-        wgmma_ss_n64<kBf16, true>(
-            dq, desc_at(ds_mn_desc, (it & 1) * L::kDSBytes + kk * 16 * kRowBytes),
-            desc_at(k_mn_desc, wg * L::kKVChunk + kk * 16 * kRowBytes), kk > 0);
-      }
-    } else {
-      pin(dq);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 64 / 16; ++kk) {
-        wgmma_ss_n64<kBf16, true>(
-            dq, desc_at(ds_mn_desc, (it & 1) * L::kDSBytes + (wg * 64 + kk * 16) * kRowBytes),
-            desc_at(k_mn_desc, (wg * 64 + kk * 16) * kRowBytes), kk > 0);
+        wgmma_ss_n64<kBf16, true>(dq, desc_at(ds_mn_desc, ds_part + kk * 16 * kRowBytes),
+                                  desc_at(k_mn_desc, k_part + kk * 16 * kRowBytes), kk > 0);
       }
     }
     wgmma_commit();
@@ -510,14 +541,6 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 #endif
 }
 
-template <bool kBf16>
-__device__ __forceinline__ float2 unpack2(uint32_t v) {
-  if constexpr (kBf16) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-  } else {
-    return __half22float2(*reinterpret_cast<const __half2*>(&v));
-  }
-}
 
 // Row r of lse2 and delta (see BwdParams) for query q of (batch * heads + head) bh, from the
 // row's rowsum(dO * O) `acc`: padding rows (q >= seqlen_q) get P = 0 through lse2 = +inf.
@@ -660,14 +683,19 @@ int launch_bwd(const BwdParams& params, int64_t batch, int64_t heads_kv, cudaStr
   return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
 }
 
-int64_t padded_rows(int64_t seqlen_q) { return (seqlen_q + kBwdRows - 1) / kBwdRows * kBwdRows; }
+// Query rows padded to whole items; the buffers below hold that many rows per (batch, head).
+int item_rows(int head_dim) { return head_dim == 64 ? bwd_rows<64>() : bwd_rows<128>(); }
+int64_t padded_rows(int64_t seqlen_q, int head_dim) {
+  const int rows = item_rows(head_dim);
+  return (seqlen_q + rows - 1) / rows * rows;
+}
 
 }  // namespace
 }  // namespace kpt_fa90
 
 extern "C" int64_t kpt_fa90_backward_workspace(int64_t batch, int64_t seqlen_q, int64_t heads,
                                                int head_dim) {
-  return batch * heads * kpt_fa90::padded_rows(seqlen_q) * (head_dim + 2);
+  return batch * heads * kpt_fa90::padded_rows(seqlen_q, head_dim) * (head_dim + 2);
 }
 
 extern "C" int kpt_fa90_backward(
@@ -696,7 +724,7 @@ extern "C" int kpt_fa90_backward(
                           static_cast<const void*>(dv)}) {
     if (reinterpret_cast<uintptr_t>(ptr) % 4 != 0) return KPT_FA90_UNSUPPORTED;
   }
-  const int64_t pad = padded_rows(seqlen_q);
+  const int64_t pad = padded_rows(seqlen_q, head_dim);
   const int64_t rows = batch * heads * pad;
   BwdParams params{};
   params.lse2 = workspace;
@@ -724,10 +752,10 @@ extern "C" int kpt_fa90_backward(
   params.window_right = window_right < 0 || window_right > seqlen_k + seqlen_q
                             ? -1 : static_cast<int>(window_right);
   int rc = make_map(&params.tma_q, dtype, q, q_strides, batch, seqlen_q, heads, head_dim,
-                    kBwdRows);
+                    item_rows(head_dim));
   if (rc == KPT_FA90_OK) {
     rc = make_map(&params.tma_do, dtype, dout, dout_strides, batch, seqlen_q, heads, head_dim,
-                  kBwdRows);
+                  item_rows(head_dim));
   }
   if (rc == KPT_FA90_OK) {
     rc = make_map(&params.tma_k, dtype, k, k_strides, batch, seqlen_k, heads_kv, head_dim,
@@ -786,13 +814,13 @@ extern "C" int kpt_fa90_backward(
   }
   if (rc != KPT_FA90_OK) return rc;
   const int halves = head_dim / 64;
-  const unsigned parts = static_cast<unsigned>(rows / kBwdRows * halves);
+  const unsigned parts = static_cast<unsigned>(rows / kDQRows * halves);
   auto* dq16 = static_cast<uint16_t*>(dq);
   const int store8 = reinterpret_cast<uintptr_t>(dq) % 8 == 0 && dq_strides[0] % 4 == 0 &&
                      dq_strides[1] % 4 == 0 && dq_strides[2] % 4 == 0;
   auto post = bf16 ? attention_bwd_dq<true> : attention_bwd_dq<false>;
   post<<<parts, 128, 0, s>>>(params.dq_accum, dq16, dq_strides[0], dq_strides[1], dq_strides[2],
-                             params.heads, params.seqlen_q, params.seqlen_q_pad / kBwdRows,
+                             params.heads, params.seqlen_q, params.seqlen_q_pad / kDQRows,
                              halves, store8);
   return cudaGetLastError() == cudaSuccess ? KPT_FA90_OK : KPT_FA90_CUDA_ERROR;
 }
