@@ -13,7 +13,9 @@ power every 50 ms, and prints per implementation:
   KPT_POWER_SECONDS=5 KPT_POWER_CASES=D64c_bwd python scripts/sustained_power.py
 
 Cases are forward (``fwd``) or forward + backward (``bwd``: counted as 3.5x the forward's FLOPs),
-kpt's dispatched ``flash_attention`` against torch's SDPA with the cuDNN backend.
+kpt's dispatched ``flash_attention`` against torch's SDPA with the cuDNN backend. The window
+case (causal, 1024 keys to the left) has no cuDNN counterpart: kpt alone, its FLOPs counted
+over the visible keys.
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-CASES = [  # label, B, H, S, D, causal, direction
+WINDOW = 1024
+CASES = [  # label, B, H, S, D, mask (False, True: causal, "window": causal + WINDOW), direction
     ("B4S4096", 4, 32, 4096, 128, False, "fwd"),
     ("B4S4096c", 4, 32, 4096, 128, True, "fwd"),
+    ("B4win", 4, 32, 4096, 128, "window", "fwd"),
     ("D64", 8, 16, 2048, 64, False, "fwd"),
     ("D64c", 8, 16, 2048, 64, True, "fwd"),
     ("B4S4096_bwd", 4, 32, 4096, 128, False, "bwd"),
@@ -66,7 +70,7 @@ def _sampled(run, seconds: float) -> tuple[float, float, float]:
     return start_event.elapsed_time(end_event) / 1e3 / calls, mhz, watts
 
 
-def _measure(label: str, b: int, h: int, s: int, d: int, causal: bool, direction: str,
+def _measure(label: str, b: int, h: int, s: int, d: int, mask: bool | str, direction: str,
              seconds: float) -> None:
     import torch
     import torch.nn.functional as F
@@ -82,8 +86,11 @@ def _measure(label: str, b: int, h: int, s: int, d: int, causal: bool, direction
     for t in (q, k, v, qt, kt, vt):
         t.requires_grad_(grad)
 
+    causal = bool(mask)
+    window = (WINDOW, 0) if mask == "window" else (-1, -1)
+
     def kpt_call():
-        out = flash_attention(q, k, v, causal=causal)
+        out = flash_attention(q, k, v, causal=causal, window=window)
         if grad:
             torch.autograd.grad(out, (q, k, v), dout)
 
@@ -93,8 +100,13 @@ def _measure(label: str, b: int, h: int, s: int, d: int, causal: bool, direction
         if grad:
             torch.autograd.grad(out, (qt, kt, vt), doutt)
 
-    flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0) * (3.5 if grad else 1.0)
-    for name, fn in (("kpt", kpt_call), ("cudnn", cudnn_call)):
+    # Visible (query, key) pairs: all, the lower triangle, or the band of WINDOW + 1 diagonals.
+    pairs = s * s if not causal else s * (s + 1) // 2
+    if mask == "window":
+        pairs = sum(min(i + 1, WINDOW + 1) for i in range(s))
+    flops = 4 * b * h * pairs * d * (3.5 if grad else 1.0)
+    impls = (("kpt", kpt_call),) if mask == "window" else (("kpt", kpt_call), ("cudnn", cudnn_call))
+    for name, fn in impls:
         fn()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
