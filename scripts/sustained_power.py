@@ -100,8 +100,9 @@ def _measure(label: str, b: int, h: int, s: int, d: int, mask: bool | str, direc
         if grad:
             torch.autograd.grad(out, (qt, kt, vt), doutt)
 
-    # Visible (query, key) pairs: all, the lower triangle, or the band of WINDOW + 1 diagonals.
-    pairs = s * s if not causal else s * (s + 1) // 2
+    # (query, key) pairs: all, half of them when causal (the benchmarks' convention), or those
+    # in the band of WINDOW + 1 diagonals (as bench/bench_flash_attention.py counts a window).
+    pairs = s * s * (0.5 if causal else 1.0)
     if mask == "window":
         pairs = sum(min(i + 1, WINDOW + 1) for i in range(s))
     flops = 4 * b * h * pairs * d * (3.5 if grad else 1.0)
