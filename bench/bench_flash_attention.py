@@ -2,8 +2,9 @@
 and compiled flex_attention, forward and backward, bf16.
 
 Shapes (heads = kv heads, head dim D): B4 H32 S4096 D128, B1 H32 S16384 D128 and B8 H16 S2048
-D64, full and causal; on the first shape also causal with a 1024-key sliding window and
-full with soft-cap 30 (SDPA has neither: only flex and kpt run those).
+D64, full and causal; on the first shape also causal with a 1024-key sliding window, and on
+the first and the D64 shape full with soft-cap 30 (SDPA has neither: only flex and kpt run
+those).
 
 Run: ``KPT_BENCH_BASELINE=sdpa_cudnn pytest bench/bench_flash_attention.py`` (needs CUDA).
 Kernel times come from CUDA-graph replay (a few calls captured once, replayed back to back for
@@ -41,6 +42,7 @@ CASES = [
     ("B4-H32-S4096-D128", "window1024"), ("B4-H32-S4096-D128", "softcap30"),
     ("B1-H32-S16384-D128", "full"), ("B1-H32-S16384-D128", "causal"),
     ("B8-H16-S2048-D64", "full"), ("B8-H16-S2048-D64", "causal"),
+    ("B8-H16-S2048-D64", "softcap30"),
 ]
 IMPLS = ["kpt_triton", "kpt_cuda", "kpt_cuda_mma", "kpt_cuda_sm90_overlap",
          "kpt_cuda_sm90_persistent", "kpt_cuda_sm90_dynamic", "kpt_auto", "sdpa_cudnn",
