@@ -6,6 +6,8 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +42,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def module(name: str) -> types.ModuleType:
+    """``importlib.import_module(name)``, from ``sys.modules`` when already imported (the
+    import machinery's own lookup costs microseconds on every call of a hot path)."""
+    return sys.modules.get(name) or importlib.import_module(name)
+
+
 def lazy(module: str, attr: str) -> Callable[..., Any]:
     """A function that imports ``module`` (absolute name) when called, then forwards.
 
@@ -48,10 +56,42 @@ def lazy(module: str, attr: str) -> Callable[..., Any]:
     """
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+        # The attribute is looked up on every call, so that a patched one is seen.
+        return getattr(sys.modules.get(module) or importlib.import_module(module), attr)(
+            *args, **kwargs)
 
     call.__name__ = f"{module}.{attr}"
     return call
+
+
+_MODE_CHECKS = tuple(getattr(torch._C, name) for name in (
+    "_len_torch_dispatch_stack", "_is_torch_function_mode_enabled",
+    "_are_functorch_transforms_active") if hasattr(torch._C, name))
+
+
+def _mode_active() -> bool:
+    for check in _MODE_CHECKS:
+        if check():
+            return True
+    return False
+
+
+def plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call may bypass its custom op: plain tensors, eager execution, no mode.
+
+    An op's custom-op layers (dispatcher, autograd wrapper, alias checks) cost host time on
+    every call. Where nothing but plain eager execution can see the call, an op may run its
+    implementation directly (with autograd through an equivalent autograd.Function).
+    Compilation and tracing (torch.compile, export, jit tracing), functorch transforms,
+    dispatch and torch-function modes, and tensor subclasses (FakeTensor, FunctionalTensor,
+    ...) keep the custom op, which is what they must see."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _mode_active():
+        return False
+    plain = torch.Tensor
+    for t in tensors:  # a loop, not all(<generator>): this runs on every call
+        if t is not None and type(t) is not plain:
+            return False
+    return True
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -135,6 +175,19 @@ def native_backends(module: str, *, dtypes: frozenset, run_cuda: str, run_hip: s
                     available=lazy(module, "cuda_unavailable"), **shared),
             Backend(name="hip", run=lazy(module, run_hip), rocm=True,
                     available=lazy(module, "hip_unavailable"), **shared))
+
+
+def raw_stream(device: torch.device) -> int:
+    """The handle of ``device``'s current CUDA/HIP stream, for a binding's launch.
+
+    ``torch.cuda.current_stream(device).cuda_stream`` builds a Stream object and resolves the
+    device on every call (~15 us of host time per launch on the H200 machine's host); torch's
+    raw accessor (what its compiled code uses) returns the handle directly."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get_raw is not None:
+        return get_raw(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:

@@ -299,11 +299,27 @@ def test_generated_source_is_on_disk_and_has_derivative():
     assert "_kpt_tanh" in source and "def _score_grad" in source
 
 
+def _slope_factory(table):
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + table[h] * (kv_idx - q_idx)
+    return mod
+
+
 def test_captured_tensor_gradient_uses_autograd():
+    """A captured tensor that requires grad gets its gradient (through the reference with
+    autograd). The mod varies along the keys, so the gradient is not 0: a per-head constant
+    such as ``table[h]`` cancels in the softmax, and its exact gradient is 0."""
     q, k, v, _, _ = make("plain")
-    table = torch.randn(2, device=DEVICE, requires_grad=True)
-    flex_attention(q, k, v, _bias_factory(table)).sum().backward()
-    assert table.grad is not None and table.grad.abs().sum() > 0
+    g = torch.Generator().manual_seed(3)
+    table = (torch.randn(2, generator=g) * 0.1).to(DEVICE).requires_grad_(True)
+    weights = torch.randn(q.shape[:3] + (v.shape[-1],), generator=g).to(DEVICE)
+    (flex_attention(q, k, v, _slope_factory(table)) * weights).sum().backward()
+    # The same loss in float64 with the Python mod, differentiated by torch.
+    table64 = table.detach().double().requires_grad_(True)
+    out64 = float64_truth(q, k, v, _slope_factory(table64), None)[0]
+    (out64 * weights.double()).sum().backward()
+    assert table.grad is not None
+    check("d table", table.grad, table64.grad, 1e-4)  # fp32 forward and backward vs float64
 
 
 @pytest.mark.parametrize("bad", ["ndim", "head_dim", "heads", "dtype", "score_mod", "length",

@@ -211,3 +211,92 @@ def test_unsupported_mods_give_reasons_and_fall_back(name):
     want = flex_attention(q, k, v, score, bm, backend="reference")
     # The default dispatch runs another backend on the same inputs: the out tolerance above.
     assert compare("out", out, want, TOLERANCE[torch.bfloat16]) is None
+
+
+# ---- the eager fast path ----------------------------------------------------------------------
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _grads_through(fn, q, k, v, dout, dlse):
+    leaves = _leaves(q, k, v)
+    out, lse = fn(*leaves)
+    loss = (out.float() * dout).sum() + (lse.masked_fill(lse == float("-inf"), 0.0) * dlse).sum()
+    return (out.detach(), lse.detach(), torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("name", ["gqa_softcap_window", "causal_lambda_cuts_keys"])
+def test_eager_fast_path_matches_the_custom_op(name, monkeypatch):
+    """Plain eager calls skip the custom ops' layers (``kpt.ops._common.plain_eager``), yet
+    compute what the ops compute, forward and backward, bit for bit on the same backend; under
+    a dispatch mode the call goes through the ops, which the mode then sees."""
+    B, H, Hkv, sq, sk, d, score, mask, transposed = CASES[name]
+    q, k, v = (t.detach() for t in _inputs(B, H, Hkv, sq, sk, d, torch.bfloat16, transposed))
+    bm = _block_mask(mask, B, sq, sk)
+    g = torch.Generator().manual_seed(2)
+    dout = torch.randn(B, H, sq, d, generator=g).to(DEVICE)
+    dlse = torch.randn(B, H, sq, generator=g).to(DEVICE)
+    # Deterministic kernels on a GPU (flash's sm90 backward adds dq with fp32 atomics), so
+    # that the gradients of two runs can be compared bit for bit.
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+
+    def public(q, k, v):
+        return flex_attention(q, k, v, score, bm, enable_gqa=H != Hkv, return_lse=True,
+                              backend="flash")
+
+    fast = _grads_through(public, q, k, v, dout, dlse)
+    with _OpLog() as log:
+        logged = _grads_through(public, q, k, v, dout, dlse)
+    assert "kpt.flex_attention.default" in log.ops
+    assert "kpt.flex_attention_backward.default" in log.ops
+    # The op itself, with its own autograd, on the arguments the public function passes.
+    tables = kbm.normalize(bm, B, H, sq, sk, q.device) if bm is not None else \
+        kbm.all_full(sq, sk, 128, q.device)
+    m = _codegen.translate(score, tables.mask_mod if tables.has_partial else None)
+
+    def op(q, k, v):
+        return torch.ops.kpt.flex_attention(q, k, v, list(m.buffers), tables.as_list(),
+                                            tables.block_q, tables.block_kv, tables.has_partial,
+                                            d ** -0.5, m.key, "flash", True)
+
+    direct = _grads_through(op, q, k, v, dout, dlse)
+    for other in (logged, direct):
+        assert torch.equal(fast[0], other[0]) and torch.equal(fast[1], other[1])
+        for a, b in zip(fast[2], other[2]):
+            assert torch.equal(a, b)
+
+
+def test_eager_fast_path_skips_the_ops():
+    """The fast path is taken: a plain call, forward and backward, records no dispatch of the
+    custom ops in the profiler, while calling the op directly does (so the check can fail)."""
+    B, H, Hkv, sq, sk, d, score, mask, transposed = CASES["window_named"]
+    q, k, v = _inputs(B, H, Hkv, sq, sk, d, torch.bfloat16, transposed)
+    bm = _block_mask(mask, B, sq, sk)
+
+    def names(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.name for e in prof.events()}
+
+    def public():
+        flex_attention(q, k, v, score, bm, backend="flash").float().sum().backward()
+
+    def op():
+        tables = kbm.normalize(bm, B, H, sq, sk, q.device)
+        m = _codegen.translate(score, tables.mask_mod)
+        with torch.no_grad():
+            torch.ops.kpt.flex_attention(q, k, v, [], tables.as_list(), BS, BS, True,
+                                         d ** -0.5, m.key, "flash", False)
+
+    assert not any(n.startswith("kpt::flex_attention") for n in names(public))
+    assert "kpt::flex_attention" in names(op)

@@ -27,6 +27,7 @@ from kpt.ops._common import (
     compare,
     lazy,
     native_backends,
+    plain_eager,
     triton_interpreting,
     triton_unavailable,
 )
@@ -554,36 +555,26 @@ _flash_attention_backward_op.register_autograd(_no_double_backward,
 # The custom op's Python layers (dispatcher, autograd wrapper, alias checks) cost about as
 # much host time per call as everything kpt does itself (session 14, H200 host: ~155 us per
 # public call against ~50 us for the sm90 launch alone). Where nothing but plain eager
-# execution can see the call, the public function runs the same implementation directly, with
-# autograd through an equivalent autograd.Function. Compilation and tracing (torch.compile,
-# export, jit tracing), functorch transforms, dispatch and torch-function modes, and tensor
-# subclasses (FakeTensor, FunctionalTensor, ...) keep the custom op, which is what they see.
+# execution can see the call (``kpt.ops._common.plain_eager``), the public function runs the
+# same implementation directly, with autograd through an equivalent autograd.Function.
+
+_eager = plain_eager
 
 
-def _mode_active() -> bool:
-    c = torch._C
-    checks = ("_len_torch_dispatch_stack", "_is_torch_function_mode_enabled",
-              "_are_functorch_transforms_active")
-    return any(getattr(c, name, lambda: False)() for name in checks)
-
-
-def _eager(*tensors: Tensor | None) -> bool:
-    """Whether this call may bypass the custom op (plain tensors, eager, no mode active)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _mode_active():
-        return False
-    return all(t is None or type(t) is Tensor for t in tensors)
+# The fast path's autograd.Functions define ``forward(ctx, ...)`` rather than a separate
+# ``setup_context``: with ``setup_context``, ``Function.apply`` binds the arguments through
+# ``inspect.signature`` on every call (tens of microseconds of host time). The fast path never
+# runs under functorch transforms, which are what need the ``setup_context`` form.
 
 
 class _FlashAttentionFunction(torch.autograd.Function):
     """The custom op's autograd, for the eager fast path: same forward, context and backward."""
 
     @staticmethod
-    def forward(*args: Any) -> tuple[Tensor, Tensor]:
-        return _forward_impl(*args)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        _setup_context(ctx, inputs, output)
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor]:
+        output = _forward_impl(*args)
+        _setup_context(ctx, args, output)
+        return output
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple:
@@ -595,12 +586,8 @@ class _BackwardFunction(torch.autograd.Function):
     (an error on differentiating it again)."""
 
     @staticmethod
-    def forward(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
         return _backward_impl(*args)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        pass
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kpt.jit import BuildError, JitSpec
-from kpt.ops._common import is_rocm, jit_unavailable, on_device
+from kpt.ops._common import is_rocm, jit_unavailable, on_device, raw_stream
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "flash_attention"
@@ -276,7 +276,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
         raise ValueError(f"{OP}: the sm90 impl is reached through the registry only")
     module = _module(q.device)
     with on_device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
+        stream = raw_stream(q.device)
         module.forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
                        float(scale), int(window_left), int(window_right), float(softcap),
                        hooks["alibi_slopes"], hooks["prefix_len"], hooks["doc_q"],
@@ -311,7 +311,7 @@ def backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
                                    device=q.device).copy_(dlse)
     module = _module(q.device)
     with on_device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
+        stream = raw_stream(q.device)
         module.backward(dout, None if dlse is None else dlse.float(), q, k, v, out, lse_dense,
                         delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
                         float(scale), int(window_left), int(window_right), float(softcap),
@@ -344,7 +344,7 @@ def _sm90_ran(call, config: Config, backward: bool) -> bool:
     if (module.backward_call_reasons if backward else module.call_reasons)(call):
         return False
     if backward:
-        module.run_backward(call, config)
+        module.run_backward(call, config, layout_checked=True)
     else:
         module.run(call, config, layout_checked=True)
     return True

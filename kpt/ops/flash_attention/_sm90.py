@@ -20,7 +20,7 @@ import functools
 import torch
 
 from kpt.jit import JitSpec
-from kpt.ops._common import on_device
+from kpt.ops._common import on_device, raw_stream
 from kpt.ops._registry import Config, Problem
 
 from . import backward_problem_of, problem_of
@@ -138,7 +138,7 @@ def run(call, config: Config, layout_checked: bool = False) -> None:
         return
     module = SPEC.load()
     with on_device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
+        stream = raw_stream(q.device)
         module.forward(q, k, call.v, call.out, call.lse, float(call.scale), float(call.softcap),
                        int(call.window_left), int(call.window_right), VARIANTS[variant],
                        stream)
@@ -197,12 +197,16 @@ def backward_call_reasons(call) -> list[str]:
     return reasons
 
 
-def run_backward(call, config: Config) -> None:
-    """Write ``call.dq``, ``call.dk`` and ``call.dv``; ``config`` has no options but ``impl``."""
+def run_backward(call, config: Config, layout_checked: bool = False) -> None:
+    """Write ``call.dq``, ``call.dk`` and ``call.dv``; ``config`` has no options but ``impl``.
+    ``layout_checked``: as for :func:`run` (the caller has just found no
+    :func:`backward_call_reasons`)."""
     unknown = set(config) - {"impl"}
     if unknown:
         raise ValueError(f"{OP}[sm90]: unknown backward config keys {sorted(unknown)}")
-    reasons = supports_backward(backward_problem_of(call)) + backward_call_reasons(call)
+    reasons = supports_backward(backward_problem_of(call))
+    if not layout_checked:
+        reasons += backward_call_reasons(call)
     if reasons:
         raise ValueError(f"{OP}[sm90]: cannot run this backward call: " + "; ".join(reasons))
     q, k = call.q, call.k
@@ -219,7 +223,7 @@ def run_backward(call, config: Config) -> None:
     with on_device(q.device):
         workspace = torch.empty(module.backward_workspace(batch, seqlen_q, heads, head_dim),
                                 dtype=torch.float32, device=q.device)
-        stream = torch.cuda.current_stream(q.device).cuda_stream
+        stream = raw_stream(q.device)
         module.backward(call.dout, dlse, q, k, call.v, call.out, lse, call.dq, call.dk, call.dv,
                         workspace, float(call.scale), float(call.softcap),
                         int(call.window_left), int(call.window_right), stream)

@@ -33,7 +33,9 @@ from torch import Tensor
 from kpt.ops._common import (
     check_tensor,
     lazy,
+    module,
     native_backends,
+    plain_eager,
     triton_interpreting,
     triton_unavailable,
 )
@@ -198,6 +200,12 @@ SPEC = Op(
 )
 
 
+@functools.cache
+def _lowered_backends() -> tuple[Backend, Backend]:
+    """The backends that run lowered mods and need the BlockMask check (``cuda_blocks``)."""
+    return SPEC.backend("flash"), SPEC.backend("hip" if torch.version.hip else "cuda")
+
+
 def problem_of(q: Tensor, k: Tensor, v: Tensor, mods: _codegen.Translation, tables: Tables,
                grad: bool) -> Problem:
     # cuda_blocks: whether the block mask masks more than the lowered named mask, which the
@@ -207,13 +215,11 @@ def problem_of(q: Tensor, k: Tensor, v: Tensor, mods: _codegen.Translation, tabl
     # mods backends out while tracing; the launch inside the custom op decides with real
     # tensors.
     blocks: str | None = ""
-    lowered = (SPEC.backend("flash"), SPEC.backend("hip" if torch.version.hip else "cuda"))
     if torch.compiler.is_compiling():
         blocks = None
     elif any(q.device.type in b.device_types and q.dtype in b.dtypes
-             and SPEC.unavailable(b) is None for b in lowered):
-        from . import _cuda
-        blocks = _cuda.blocks_reason(q, k, mods, tables)
+             and SPEC.unavailable(b) is None for b in _lowered_backends()):
+        blocks = module(f"{__name__}._cuda").blocks_reason(q, k, mods, tables)
     return Problem.of(q.device, q.dtype, batch=q.shape[0], heads=q.shape[1],
                       kv_heads=k.shape[1], q_len=q.shape[2], kv_len=k.shape[2],
                       head_dim=q.shape[3], head_dim_v=v.shape[3], mods=mods.key,
@@ -237,18 +243,22 @@ def _mods_of(key: str, buffers: list[Tensor]) -> _codegen.Translation:
     return _codegen.Translation(**{**t.__dict__, "buffers": list(buffers)})
 
 
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, m: _codegen.Translation, t: Tables,
+                  scale: float, backend: str, problem: Problem) -> tuple[Tensor, Tensor]:
+    B, H, sq, _ = q.shape
+    out = q.new_empty(B, H, sq, v.shape[-1])
+    lse = q.new_empty(B, H, sq, dtype=torch.float32)
+    SPEC.launch(problem, Call(q, k, v, m, t, scale, out, lse), backend)
+    return out, lse
+
+
 @torch.library.custom_op("kpt::flex_attention", mutates_args=())
 def _flex_op(q: Tensor, k: Tensor, v: Tensor, buffers: list[Tensor], tables: list[Tensor],
              block_q: int, block_kv: int, has_partial: bool, scale: float, mods: str,
              backend: str, grad: bool) -> tuple[Tensor, Tensor]:
-    B, H, sq, _ = q.shape
-    out = q.new_empty(B, H, sq, v.shape[-1])
-    lse = q.new_empty(B, H, sq, dtype=torch.float32)
     t = _tables_of(tables, block_q, block_kv, has_partial, None)
     m = _mods_of(mods, buffers)
-    call = Call(q, k, v, m, t, scale, out, lse)
-    SPEC.launch(problem_of(q, k, v, m, t, grad), call, backend)
-    return out, lse
+    return _forward_impl(q, k, v, m, t, scale, backend, problem_of(q, k, v, m, t, grad))
 
 
 @_flex_op.register_fake
@@ -257,11 +267,10 @@ def _(q, k, v, buffers, tables, block_q, block_kv, has_partial, scale, mods, bac
     return q.new_empty(B, H, sq, v.shape[-1]), q.new_empty(B, H, sq, dtype=torch.float32)
 
 
-@torch.library.custom_op("kpt::flex_attention_backward", mutates_args=())
-def _flex_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                      dlse: Tensor | None, buffers: list[Tensor], tables: list[Tensor],
-                      block_q: int, block_kv: int, has_partial: bool, scale: float, mods: str,
-                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                   dlse: Tensor | None, buffers: list[Tensor], tables: list[Tensor],
+                   block_q: int, block_kv: int, has_partial: bool, scale: float, mods: str,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     t = _tables_of(tables, block_q, block_kv, has_partial, None)
     m = _mods_of(mods, buffers)
     call = BackwardCall(q, k, v, m, t, scale, out, lse.contiguous(), dout=dout, dlse=dlse,
@@ -270,6 +279,15 @@ def _flex_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     config = SPEC.choose(problem_of(q, k, v, m, t, True), backend)[1]
     _BACKWARD[backend](call, config)
     return call.dq, call.dk, call.dv
+
+
+@torch.library.custom_op("kpt::flex_attention_backward", mutates_args=())
+def _flex_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                      dlse: Tensor | None, buffers: list[Tensor], tables: list[Tensor],
+                      block_q: int, block_kv: int, has_partial: bool, scale: float, mods: str,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_impl(q, k, v, out, lse, dout, dlse, buffers, tables, block_q, block_kv,
+                          has_partial, scale, mods, backend)
 
 
 @_flex_backward_op.register_fake
@@ -297,14 +315,41 @@ def _backward(ctx, dout, dlse):
         call = Call(q, k, v, _mods_of(mods, list(buffers)), t, scale, out, lse)
         dq, dk, dv = _reference.backward(q, k, v, dout, dlse, **_reference_kwargs(call))
     else:
-        dq, dk, dv = torch.ops.kpt.flex_attention_backward(
-            q, k, v, out, lse, dout.contiguous(), dlse, list(buffers), list(tables), *ctx.args)
+        args = (q, k, v, out, lse, dout.contiguous(), dlse, list(buffers), list(tables),
+                *ctx.args)
+        # The eager fast path (see flex_attention) also skips the backward op's layers, except
+        # under create_graph=True, where the op's missing autograd must stay what is seen.
+        if not torch.is_grad_enabled() and plain_eager(*args[:7], *args[7], *args[8]):
+            dq, dk, dv = _backward_impl(*args)
+        else:
+            dq, dk, dv = torch.ops.kpt.flex_attention_backward(*args)
     # The structure must mirror the inputs: lists of tensors get lists of (no) gradients.
     return (dq, dk, dv, [None] * len(buffers), [None] * len(tables), None, None, None, None,
             None, None, None)
 
 
 _flex_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FlexFunction(torch.autograd.Function):
+    """The custom op's autograd for the eager fast path: the op's arguments (the tables and
+    the mods' tensors inside lists), plus the forward's problem and Python objects that the op
+    would rebuild; same context and backward as the op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, buffers, tables, block_q, block_kv, has_partial, scale, mods,
+                backend, grad, fast):
+        # forward(ctx, ...), not setup_context: see flash_attention's _FlashAttentionFunction.
+        m, t, problem = fast
+        output = _forward_impl(q, k, v, m, t, scale, backend, problem)
+        _setup_context(ctx, (q, k, v, buffers, tables, block_q, block_kv, has_partial, scale,
+                             mods, backend, grad), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        dq, dk, dv = _backward(ctx, dout, dlse)[:3]
+        return (dq, dk, dv) + (None,) * 10
 
 
 # ---- public function --------------------------------------------------------------------------
@@ -505,9 +550,16 @@ def flex_attention(
     grad = grad_on and any(t.requires_grad for t in (query, key, value))
     problem = problem_of(query, key, value, mods, tables, grad)
     chosen = SPEC.choose(problem, backend)[0].name
-    out, lse = torch.ops.kpt.flex_attention(
-        query, key, value, list(mods.buffers), tables.as_list(), tables.block_q,
-        tables.block_kv, tables.has_partial, scale, mods.key, chosen, grad)
+    table_list = tables.as_list()
+    args = (query, key, value, list(mods.buffers), table_list, tables.block_q,
+            tables.block_kv, tables.has_partial, scale, mods.key, chosen, grad)
+    if not plain_eager(query, key, value, *mods.buffers, *table_list):
+        out, lse = torch.ops.kpt.flex_attention(*args)
+    elif grad:
+        out, lse = _FlexFunction.apply(*args, (mods, tables, problem))
+    else:
+        # What the op's body would do, without its layers or rebuilding the problem.
+        out, lse = _forward_impl(query, key, value, mods, tables, scale, chosen, problem)
     return (out, lse) if return_lse else out
 
 

@@ -14,12 +14,12 @@ The ``flash`` backend (``_flash.py``) shares that handling (:func:`forward_views
 
 from __future__ import annotations
 
-import importlib
 import weakref
 
 import torch
 from torch import Tensor
 
+from kpt.ops._common import module
 from kpt.ops._registry import Config, Problem
 
 from . import _codegen, _lower
@@ -30,7 +30,7 @@ _LAUNCHER = "kpt.ops.flash_attention._cuda"
 
 
 def _launcher():
-    return importlib.import_module(_LAUNCHER)
+    return module(_LAUNCHER)
 
 
 def _unavailable() -> str | None:
@@ -146,12 +146,23 @@ def _writable(t: Tensor, misaligned=_launcher_misaligned) -> tuple[Tensor, bool]
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).transpose(1, 2), True
 
 
+_GEOMETRY: dict[tuple, tuple] = {}
+
+
 def plan_geometry(call) -> tuple[_lower.Lowered, _lower.Geometry]:
-    """The lowered mods and the kernel's view of the call (``supports`` said yes)."""
+    """The lowered mods and the kernel's view of the call (``supports`` said yes); remembered
+    per mods key and lengths (both are pure functions of them), since this runs every call."""
+    key = (call.mods.key, call.q.shape[2], call.k.shape[2])
+    hit = _GEOMETRY.get(key)
+    if hit is not None:
+        return hit
     low = _lower.lower(call.mods)
     geo = low if isinstance(low, str) else _lower.geometry(low, call.q.shape[2], call.k.shape[2])
     if isinstance(geo, str):  # supports() said no: never reached
         raise ValueError(f"{OP}: a lowered-mods backend called on an unsupported problem: {geo}")
+    if len(_GEOMETRY) >= 4096:
+        _GEOMETRY.clear()
+    _GEOMETRY[key] = (low, geo)
     return low, geo
 
 
@@ -174,7 +185,7 @@ def _band_forward(fa, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, k
     is the fastest kernel for the device (the wgmma kernel on Hopper, which takes no flex
     hooks). The block range is not needed: the BlockMask was checked to skip only blocks
     the band leaves out, and the kernels skip those already."""
-    flash = importlib.import_module("kpt.ops.flash_attention")
+    flash = module("kpt.ops.flash_attention")
     fcall = flash.Call(q, k, v, None, None, q.shape[1], k.shape[1], kw["scale"],
                        kw["window_left"], kw["window_right"], kw["softcap"], o, lse)
     fa.run(fcall, fa.configs(flash.problem_of(fcall))[0])
@@ -192,9 +203,11 @@ def forward_views(call, geo: _lower.Geometry, launch, misaligned=_launcher_misal
         call.out.zero_()
         call.lse.fill_(float("-inf"))
         return
-    q = call.q[:, :, : geo.sq]
-    k, v = call.k[:, :, : geo.sk], call.v[:, :, : geo.sk]
-    out = call.out[:, :, : geo.sq]
+    # Views only where the kernel sees fewer rows or keys (slicing costs host time per call).
+    q, out = (call.q, call.out) if geo.sq == sq else (call.q[:, :, : geo.sq],
+                                                      call.out[:, :, : geo.sq])
+    k, v = (call.k, call.v) if geo.sk == call.k.shape[2] else (call.k[:, :, : geo.sk],
+                                                              call.v[:, :, : geo.sk])
     lse = call.lse if geo.sq == sq else call.lse.new_empty(*call.lse.shape[:2], geo.sq)
     o, scratch = _writable(out, misaligned)
     launch(*(_bshd(t, misaligned) for t in (q, k, v)), o, lse)

@@ -24,6 +24,7 @@ import importlib
 import torch
 from torch import Tensor
 
+from kpt.ops._common import module
 from kpt.ops._registry import Config, Problem
 
 from . import _cuda
@@ -64,7 +65,7 @@ def _strided(t: Tensor) -> str | None:
 def run(call, config: Config) -> None:
     """Forward: writes ``call.out`` and ``call.lse`` (flash's lse is flex's: (B, H, Sq) fp32,
     natural log)."""
-    flash = importlib.import_module(_FLASH)
+    flash = module(_FLASH)
     low, geo = _cuda.plan_geometry(call)
 
     def launch(q, k, v, out, lse):
@@ -78,7 +79,7 @@ def run(call, config: Config) -> None:
 def backward(call, config: Config) -> None:
     """Backward: writes ``call.dq``, ``call.dk``, ``call.dv``; flash computes its own
     ``rowsum(dout * out) - dlse`` (``call.delta`` is never read)."""
-    flash = importlib.import_module(_FLASH)
+    flash = module(_FLASH)
     low, geo = _cuda.plan_geometry(call)
 
     def launch(dout, dlse, q, k, v, out, lse, dq, dk, dv):

@@ -25,7 +25,7 @@ import math
 import torch
 
 from kpt.jit import BuildError, JitSpec
-from kpt.ops._common import is_rocm, jit_unavailable, on_device
+from kpt.ops._common import is_rocm, jit_unavailable, on_device, raw_stream
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "rmsnorm_qkv_rope"
@@ -147,7 +147,7 @@ def _run(call, config: Config) -> None:
     impl = config.get("gemv", "mma")
     use_gemv = tokens <= min(config.get("gemv_max_tokens", 16), MAX_GEMV_TOKENS[impl])
     with on_device(dev):
-        stream = torch.cuda.current_stream(dev).cuda_stream
+        stream = raw_stream(dev)
         xn = torch.empty((tokens, hidden), device=dev, dtype=dtype)
         residual = _aligned(call.residual)
         module.add_rmsnorm(_aligned(call.x), residual,
