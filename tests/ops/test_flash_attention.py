@@ -33,6 +33,7 @@ from kpt.ops.flash_attention import (
 )
 from kpt.ops.flash_attention import reference as ref
 from tests.conftest import devices
+from tests.ops.op_log import OpLog
 
 HALF = [torch.bfloat16, torch.float16]
 KERNEL_BACKENDS = [b.name for b in BACKENDS if b.name != "reference"]
@@ -360,18 +361,6 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the name of every op that reaches the dispatcher."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("device", devices())
 def test_eager_fast_path_matches_the_custom_op(device):
     """Plain eager calls skip the custom op's wrappers (flash_attention's _eager), yet compute
@@ -384,7 +373,7 @@ def test_eager_fast_path_matches_the_custom_op(device):
     # deterministic: bitwise equality of the gradients must not depend on fp32 atomics
     kw = dict(options(case), deterministic=True)
     fast = run_with_grads(q, k, v, dout, dlse, **kw)
-    with _OpLog() as log:
+    with OpLog() as log:
         logged = run_with_grads(q, k, v, dout, dlse, **kw)
     assert "kpt.flash_attention.default" in log.ops
     assert "kpt.flash_attention_backward.default" in log.ops
@@ -406,7 +395,7 @@ def test_eager_fast_path_declines_what_must_see_the_op():
     fa = importlib.import_module("kpt.ops.flash_attention")
     q, k, v = make_qkv(CASES["plain"], torch.float32, "cpu", 5)
     assert fa._eager(q, k, v, None, None)
-    with _OpLog():
+    with OpLog():
         assert not fa._eager(q, k, v, None, None)
     with torch.overrides.TorchFunctionMode():
         assert not fa._eager(q, k, v, None, None)

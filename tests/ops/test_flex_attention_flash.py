@@ -32,6 +32,7 @@ from kpt.ops.flex_attention import (
 from kpt.ops.flex_attention import block_mask as kbm
 from kpt.ops.flex_attention import reference as ref
 from tests.ops.grad_checks import compare_grad
+from tests.ops.op_log import OpLog
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*flex_attention.*")]
 
@@ -216,18 +217,6 @@ def test_unsupported_mods_give_reasons_and_fall_back(name):
 # ---- the eager fast path ----------------------------------------------------------------------
 
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the name of every op that reaches the dispatcher."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _grads_through(fn, q, k, v, dout, dlse):
     leaves = _leaves(q, k, v)
     out, lse = fn(*leaves)
@@ -255,7 +244,7 @@ def test_eager_fast_path_matches_the_custom_op(name, monkeypatch):
                               backend="flash")
 
     fast = _grads_through(public, q, k, v, dout, dlse)
-    with _OpLog() as log:
+    with OpLog() as log:
         logged = _grads_through(public, q, k, v, dout, dlse)
     assert "kpt.flex_attention.default" in log.ops
     assert "kpt.flex_attention_backward.default" in log.ops
