@@ -12,7 +12,7 @@
 
 namespace kpt_fa90 {
 
-constexpr int kBlockN = 128;  // keys per pipeline stage (base kernel; overlap: 128 or 176)
+constexpr int kBlockN = 128;  // keys per pipeline stage (both kernels)
 constexpr int kSwizzleElems = 64;  // 128-byte swizzle rows hold 64 16-bit elements
 constexpr int kRowBytes = 128;
 // A wait this long means a TMA never completed (a fault): end the launch instead of hanging.
@@ -213,10 +213,8 @@ __device__ __forceinline__ float fast_tanh(float x) {
 
 template <bool kBf16, int kN = kBlockN>
 __device__ __forceinline__ void qk_gemm(float* acc, uint64_t a, uint64_t b, int accumulate) {
-  static_assert(kN == 128 || kN == 176, "key block");
-  if constexpr (kN == 176) {
-    wgmma_ss_n176<kBf16>(acc, a, b, accumulate);
-  } else if constexpr (kBf16) {
+  static_assert(kN == 128, "key block");
+  if constexpr (kBf16) {
     wgmma_ss_Bf16_n128(acc, a, b, accumulate);
   } else {
     wgmma_ss_F16_n128(acc, a, b, accumulate);
@@ -591,9 +589,6 @@ bool aligned_strides(const int64_t* strides);
 // Host: the overlap variant (kernels_overlap.cu). Its query tile height depends on head_dim
 // and sizes the box of the Q tensor map.
 int overlap_block_m(int head_dim);
-// Its key block: 176 at D = 128 without a causal/window mask (FA3's choice) unless that pads
-// the keys noticeably more than 128-key blocks do, else 128. It sizes the K and V tensor maps.
-int overlap_block_n(int head_dim, bool masked, int64_t seqlen_k);
 int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen_q,
                    int64_t heads, int64_t batch, bool persistent, cudaStream_t stream);
 // The dynamic variant's split of its last tiles on a device with `sms` SMs: pieces per split

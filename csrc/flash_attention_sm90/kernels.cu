@@ -262,15 +262,13 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   params.window_left = normalized_window(window_left, seqlen_q, seqlen_k);
   params.window_right = normalized_window(window_right, seqlen_q, seqlen_k);
   const bool overlap = variant != KPT_FA90_VARIANT_BASE;  // persistent: the overlap kernel
-  const bool masked = params.window_left >= 0 || params.window_right >= 0;
   const int block_m = overlap ? overlap_block_m(head_dim) : kBlockM;
-  const int block_n = overlap ? overlap_block_n(head_dim, masked, seqlen_k) : kBlockN;
   int rc = make_map(&params.tma_q, dtype, q, q_strides, batch, seqlen_q, heads, head_dim, block_m);
   if (rc == KPT_FA90_OK) {
-    rc = make_map(&params.tma_k, dtype, k, k_strides, batch, seqlen_k, heads_kv, head_dim, block_n);
+    rc = make_map(&params.tma_k, dtype, k, k_strides, batch, seqlen_k, heads_kv, head_dim, kBlockN);
   }
   if (rc == KPT_FA90_OK) {
-    rc = make_map(&params.tma_v, dtype, v, v_strides, batch, seqlen_k, heads_kv, head_dim, block_n);
+    rc = make_map(&params.tma_v, dtype, v, v_strides, batch, seqlen_k, heads_kv, head_dim, kBlockN);
   }
   if (rc != KPT_FA90_OK) return rc;
   // The overlap kernel stores O with TMA where out's rows allow it (else from registers).

@@ -6,20 +6,21 @@
 //   * intra-warpgroup overlap: a consumer issues S(j) = Q K(j)^T, rescales O to the running
 //     max of block j-1 while that GEMM runs, issues O += P(j-1) V(j-1), waits only for the
 //     first group (wait_group 1), runs the softmax of block j while the PV GEMM still runs,
-//     then waits for it (wait_group 0) and packs P(j). Registers hold S(j), P(j-1) and O.
+//     then waits for it (wait_group 0) and packs P(j). Registers hold S(j), P(j-1) and O,
+//     and at D = 128 also Q's A fragments: S = Q K^T reads Q from registers, so only K crosses
+//     from shared memory for it (less energy per FLOP, see SM90_NOTES.md "Session 19").
 //   * ping-pong: the consumer warpgroups take turns issuing their GEMMs (a ring of named
 //     barriers), so one group's softmax runs while the others' GEMMs occupy the tensor cores;
 //   * per head_dim tiles: D=128 uses 2 consumers (128 rows) and a 2-stage K/V ring of 128-key
-//     blocks (160 KiB), or of 176-key blocks without a mask when the keys pad well (209 KiB);
-//     D=64, whose softmax is as long as its GEMMs, uses 3 consumers (192 rows) and 3 stages.
+//     blocks (160 KiB); D=64, whose softmax is as long as its GEMMs, uses 3 consumers (192
+//     rows) and 3 stages.
 // Persistent CTAs (variants "persistent" and "dynamic"): one CTA per SM walks query tiles
 // blockIdx.x, + gridDim.x, ... or, with dynamic scheduling, takes the next tile nobody has
 // taken from a counter (the non-persistent grid runs the same loop once per CTA). The
-// producer loads the next tile's Q as soon as every consumer has issued its last S GEMM of the
-// tile, and its K/V as ring stages free up, so loads, barrier set-up and the CTA launch no
-// longer sit between tiles; O leaves through its own shared-memory buffer and TMA stores
-// (where shared memory has room: not with 176-key blocks, which stage O in the Q rows and
-// release Q after the store has read it).
+// producer loads the next tile's Q as soon as every consumer has read Q (D = 128: its
+// fragments, at the tile's start) or issued its last S GEMM (D = 64), and its K/V as ring
+// stages free up, so loads, barrier set-up and the CTA launch no longer sit between tiles; O
+// leaves through its own shared-memory buffer and TMA stores.
 // Masks are applied only to key blocks that are not fully visible to a warpgroup's 64 rows,
 // and a warpgroup skips the leading key blocks none of its rows can see (192-row tiles at
 // D = 64: the causal diagonal, and rows past seqlen_q); it still takes their turns.
@@ -43,16 +44,17 @@ namespace {
 // together (kN / 2 + kN / 4 + kD / 2 registers), which fits the consumers' setmaxnreg budget
 // since no `trap` makes ptxas ignore it (see abort_launch in common.cuh). D = 64 runs three
 // consumer warpgroups (192 query rows, 3 stages) on 160 registers each; D = 128 runs two
-// (2 stages), and with 176-key blocks (no causal/window mask) gives the consumers 240 and the
-// producer 24.
+// (2 stages) on 232, which also hold Q's fragments (kD / 4 registers; ptxas: 0 spills, and
+// the same 4 warpgroup.arrive per kernel as without them). At D = 64 the fragments spill and
+// serialise the wgmmas (C7512), so Q stays in shared memory there.
 template <int kD>
 constexpr int consumers_for() {
   return kD == 64 ? 3 : 2;
 }
 
-template <int kD, int kBlockKeys>
-struct Tile : SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 : 2> {
-  using Base = SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 : 2>;
+template <int kD>
+struct Tile : SmemLayout<kD, 64 * consumers_for<kD>(), kBlockN, kD == 64 ? 3 : 2> {
+  using Base = SmemLayout<kD, 64 * consumers_for<kD>(), kBlockN, kD == 64 ? 3 : 2>;
   // q_empty (all consumer threads release Q) after the ring's barriers, then the tile
   // channel of the dynamic scheduler: id_full[2], id_empty[2] and two 16-byte slots (tile
   // index, first query row, head, batch; 16-byte aligned for one vector access).
@@ -61,15 +63,17 @@ struct Tile : SmemLayout<kD, 64 * consumers_for<kD>(), kBlockKeys, kD == 64 ? 3 
   static constexpr int kIdEmpty = kIdFull + 16;
   static constexpr int kIdSlot = (kIdEmpty + 16 + 15) / 16 * 16;
   static constexpr int kEnd = kIdSlot + 32;
-  // O's own staging buffer [rows x kD] (kD / 64 chunks like Q) where shared memory has room.
+  // O's own staging buffer [rows x kD] (kD / 64 chunks like Q).
   static constexpr int kO = (kEnd + 1023) / 1024 * 1024;
-  static constexpr bool kSeparateO = kO + Base::kQBytes + 1024 <= 227 * 1024;
-  static constexpr int kTotal = kSeparateO ? kO + Base::kQBytes + 1024 : kEnd + 1024;
+  static constexpr int kTotal = kO + Base::kQBytes + 1024;
+  static_assert(kTotal <= 227 * 1024, "shared memory");
+  // Q's A fragments in registers (see consumers_for).
+  static constexpr bool kQRegs = kD == 128;
   static constexpr int kConsumers = consumers_for<kD>();
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // setmaxnreg budgets: 128 x (producer + consumers x kConsumers) <= 64 Ki registers.
-  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : kBlockKeys == 176 ? 24 : 40;
-  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : kBlockKeys == 176 ? 240 : 232;
+  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 40;
+  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 232;
   static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "registers");
 };
 
@@ -82,18 +86,49 @@ __device__ __forceinline__ void turn_pass(int id) {
   asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory");
 }
 
-template <bool kBf16, int kD, int kBlockKeys>
-__global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
+// Q's wgmma A fragments of this warp's 16 rows for all kD / 16 k-steps (4 registers each, the
+// m64k16 A layout), read once per tile from the 128-byte-swizzled Q rows of the warpgroup:
+// ldmatrix x4 gives matrix 0 (rows 0-7, k 0-7), 1 (rows 8-15, k 0-7), 2 (rows 0-7, k 8-15) and
+// 3 (rows 8-15, k 8-15), which are a0..a3 of the fragment.
+template <int kD, int kQChunk>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qa)[kD / 4], uint32_t q_tile,
+                                                 int warp, int lane) {
+  const int mat = lane / 8;
+  const int row = 16 * warp + lane % 8 + 8 * (mat % 2);
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const int col = (kk % 4) * 16 + 8 * (mat / 2);
+    const uint32_t addr = q_tile + (kk / 4) * kQChunk + swizzled(row, col);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(qa[4 * kk]), "=r"(qa[4 * kk + 1]), "=r"(qa[4 * kk + 2]),
+                   "=r"(qa[4 * kk + 3])
+                 : "r"(addr)
+                 : "memory");
+  }
+}
+
+// S = Q K^T with Q's fragments in registers (K K-major, as issue_qk reads it).
+template <class L, bool kBf16, int kD>
+__device__ __forceinline__ void issue_qk_regs(float* sc, const uint32_t* qa, uint32_t k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const uint64_t b = make_desc(k_tile + (kk / 4) * L::kKVChunk + (kk % 4) * 32, 16, 1024);
+    wgmma_rs_kmajor_n128<kBf16>(sc, &qa[4 * kk], b, kk > 0);
+  }
+}
+
+template <bool kBf16, int kD>
+__global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
     attention_fwd_overlap(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // see kernels.cu: only the sm_90a cubin is ever launched
 #else
-  using T = Tile<kD, kBlockKeys>;
+  using T = Tile<kD>;
   constexpr int kN = T::kN;
   constexpr int kStages = T::kStages;
   constexpr int kConsumers = T::kConsumers;
-  // Only D = 128 with 128-key blocks splits its last tiles (p.split_pieces; see the epilogue).
-  constexpr bool kCanSplit = kD == 128 && kBlockKeys == 128;
+  // Only D = 128 splits its last tiles (p.split_pieces; see the epilogue).
+  constexpr bool kCanSplit = kD == 128;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t bars = base + T::kBars;
@@ -106,9 +141,7 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   const uint32_t q_empty = base + T::kQEmpty;
   // Dynamic scheduling: the producer takes the next tile from p.tile_counter and hands its
   // index to the consumers through two slots (id_full: published, id_empty: read by all).
-  // Not with 176-key blocks (full masks only, whose tiles are equally long): at 24 registers the
-  // producer spills with the scheduling code (the launcher never asks for it there).
-  const bool dynamic = kBlockKeys != 176 && p.tile_counter != nullptr;
+  const bool dynamic = p.tile_counter != nullptr;
   auto id_full = [&](int n) { return base + T::kIdFull + 8 * (n & 1); };
   auto id_empty = [&](int n) { return base + T::kIdEmpty + 8 * (n & 1); };
   auto id_slot = [&](int n) { return base + T::kIdSlot + 16 * (n & 1); };
@@ -234,7 +267,10 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
   const int warp = tid / 32, lane = tid % 32;
   const int col0 = 2 * (lane % 4);
   const uint32_t q_tile = base + T::kQ + wg * 64 * kRowBytes;
-  const uint32_t o_stage = (T::kSeparateO ? base + T::kO : base + T::kQ) + wg * 64 * kRowBytes;
+  // D = 128: Q's fragments, read once per tile; Q's shared memory is released right after.
+  constexpr bool kQRegs = T::kQRegs;
+  uint32_t qa[kQRegs ? kD / 4 : 1];
+  const uint32_t o_stage = base + T::kO + wg * 64 * kRowBytes;
   // Turn ring: warpgroup g waits on barrier 1 + g and passes to the next one. It runs on
   // across tiles (every warpgroup takes `blocks` turns per tile), so a warpgroup that finishes
   // a tile starts the next one's first S GEMM while the others still run their last GEMMs and
@@ -317,6 +353,10 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
 
       wait(q_full, q_uses & 1);
       ++q_uses;
+      if constexpr (kQRegs) {
+        load_q_fragments<kD, T::kQChunk>(qa, q_tile, warp, lane);
+        bar_arrive(q_empty);  // Q's rows are read: the next tile's Q may load now
+      }
       for (int it = 0; it < skip; ++it) {  // invisible blocks: the turn and the releases only
         const int s = (ring + it) % kStages;
         const uint32_t parity = ((ring + it) / kStages) & 1;
@@ -336,7 +376,11 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
         wait(k_full(s0), ((ring + skip) / kStages) & 1);
         pin(sc);
         wgmma_fence();
-        issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s0 * T::kKVBytes);
+        if constexpr (kQRegs) {
+          issue_qk_regs<T, kBf16, kD>(sc, qa, base + T::kK + s0 * T::kKVBytes);
+        } else {
+          issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s0 * T::kKVBytes);
+        }
         wgmma_commit();
         turn_pass(next_turn);
         wgmma_wait_all();
@@ -361,7 +405,11 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
           pin(o);
           pin(pa);
           wgmma_fence();
+          if constexpr (kQRegs) {
+          issue_qk_regs<T, kBf16, kD>(sc, qa, base + T::kK + s * T::kKVBytes);
+        } else {
           issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s * T::kKVBytes);
+        }
           wgmma_commit();
           // O to the running max of block it - 1 while the S GEMM runs (the PV GEMM that read
           // O last finished in the previous iteration), then O += P(it-1) V(it-1). The max
@@ -390,9 +438,9 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
           for (int i = 0; i < kN / 4; ++i) pa[i] = pack2<kBf16>(sc[2 * i], sc[2 * i + 1]);
         }
 
-        // Every S GEMM of this tile is done: the producer may load the next tile's Q (unless
-        // O is staged in the Q rows, which then wait for the store below).
-        if constexpr (T::kSeparateO) bar_arrive(q_empty);
+        // Every S GEMM of this tile is done: the producer may load the next tile's Q (with
+        // Q in registers that happened at the tile's start).
+        if constexpr (!kQRegs) bar_arrive(q_empty);
         // The last block's PV, outside the turn ring.
         const int sl = (ring + blocks - 1) % kStages;
         if (moved) rescale<kD>(o, correction);
@@ -457,25 +505,18 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
         store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
       }
     } else if (p.store_tma) {
-      // O through shared memory: its own buffer, or this warpgroup's Q rows (the other
-      // warpgroups read only their own rows). A previous tile's store must have read the
-      // buffer first.
-      if (T::kSeparateO && tid == 0) bulk_wait_read();
-      if (T::kSeparateO) asm volatile("bar.sync %0, 128;" ::"r"(o_bar) : "memory");
+      // O through its own shared-memory buffer; a previous tile's store must have read it
+      // first.
+      if (tid == 0) bulk_wait_read();
+      asm volatile("bar.sync %0, 128;" ::"r"(o_bar) : "memory");
       store_output_tma<kBf16, kD>(p, batch, head, wg_row_lo, row0, col0, tid, o_stage,
-                                  T::kQChunk, o_bar, o, row_max, row_sum, !T::kSeparateO);
+                                  T::kQChunk, o_bar, o, row_max, row_sum, false);
     } else {
       store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
     }
-    if constexpr (!T::kSeparateO) {
-      if (blocks > 0) {
-        if (p.store_tma) asm volatile("bar.sync %0, 128;" ::"r"(o_bar) : "memory");
-        bar_arrive(q_empty);  // O has left the Q rows
-      }
-    }
   }
   if (wg == 0) turn_wait(1);  // the last warpgroup's final pass
-  if (T::kSeparateO && p.store_tma && tid == 0) bulk_wait_read();
+  if (p.store_tma && tid == 0) bulk_wait_read();
 #endif
 }
 
@@ -493,21 +534,14 @@ __global__ void __launch_bounds__(Tile<kD, kBlockKeys>::kThreads, 1)
 #define KPT_FA90_L2_GROUP_BYTES (8 << 20)
 #endif
 
-template <bool kBf16, int kD, int kN>
+template <bool kBf16, int kD>
 int launch(Params params, int64_t seqlen_q, int64_t heads, int64_t batch, bool persistent,
            cudaStream_t stream) {
-  using T = Tile<kD, kN>;
-  auto kernel = attention_fwd_overlap<kBf16, kD, kN>;
+  using T = Tile<kD>;
+  auto kernel = attention_fwd_overlap<kBf16, kD>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kTotal) !=
       cudaSuccess) {
     return KPT_FA90_CUDA_ERROR;
-  }
-  // "dynamic" with 176-key blocks (no mask, long key sequences; its tiles are equally long)
-  // launches one CTA per tile: on the H200 that measured 629 against 605 TFLOP/s for persistent
-  // CTAs at B1 H32 S16384 (the producer has no registers for the scheduling code there either).
-  if (params.tile_counter != nullptr && kN == 176) {
-    params.tile_counter = nullptr;
-    persistent = false;
   }
   const int64_t tiles = (seqlen_q + T::kBlockM - 1) / T::kBlockM * heads * batch;
   int64_t ctas = tiles;
@@ -530,7 +564,7 @@ int launch(Params params, int64_t seqlen_q, int64_t heads, int64_t batch, bool p
     int64_t split_from = 0, words = 0, float4s = 0;
     overlap_split_plan(kD, masked, seqlen_q, params.seqlen_k, heads, batch, sms, pieces,
                        split_from, words, float4s);
-    if (pieces > 0 && kD == 128 && kN == 128) {
+    if (pieces > 0 && kD == 128) {
       params.split_pieces = pieces;
       params.split_from = static_cast<int>(split_from);
       params.split_count = params.tile_counter + 1;
@@ -562,7 +596,7 @@ constexpr int kSplitMinBlocks = 4;
 void overlap_split_plan(int head_dim, bool masked, int64_t seqlen_q, int64_t seqlen_k,
                         int64_t heads, int64_t batch, int sms, int& pieces, int64_t& split_from,
                         int64_t& counter_words, int64_t& workspace_float4) {
-  using T = Tile<128, 128>;
+  using T = Tile<128>;
   pieces = 0;
   split_from = 0;
   counter_words = 1;  // the tile counter
@@ -570,10 +604,7 @@ void overlap_split_plan(int head_dim, bool masked, int64_t seqlen_q, int64_t seq
   // Without a mask all tiles are equally long, so the tiles past the last full round of the
   // SMs would run alone at the end (with a mask the longest-first order already ends on short
   // tiles). Those tiles are split into as many pieces as the idle SMs can take.
-  if (head_dim != 128 || masked || overlap_block_n(head_dim, masked, seqlen_k) != 128 ||
-      sms <= 0) {
-    return;
-  }
+  if (head_dim != 128 || masked || sms <= 0) return;
   const int64_t tiles = (seqlen_q + T::kBlockM - 1) / T::kBlockM * heads * batch;
   const int64_t rest = tiles % sms;
   const int64_t blocks = (seqlen_k + T::kN - 1) / T::kN;
@@ -587,33 +618,19 @@ void overlap_split_plan(int head_dim, bool masked, int64_t seqlen_q, int64_t seq
 }
 
 int overlap_block_m(int head_dim) {
-  return head_dim == 64 ? Tile<64, 128>::kBlockM : Tile<128, 128>::kBlockM;
-}
-
-int overlap_block_n(int head_dim, bool masked, int64_t seqlen_k) {
-  if (head_dim != 128 || masked) return 128;
-  // 176-key blocks pay for the keys padding their last block: measured on the H200, +3.5% at
-  // Sk = 16384 (1% more padded keys than 128-key blocks), -2.6% at Sk = 4096 (3.1% more).
-  const int64_t keys176 = (seqlen_k + 175) / 176 * 176;
-  const int64_t keys128 = (seqlen_k + 127) / 128 * 128;
-  return keys176 * 1000 <= keys128 * 1015 ? 176 : 128;
+  return head_dim == 64 ? Tile<64>::kBlockM : Tile<128>::kBlockM;
 }
 
 int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen_q,
                    int64_t heads, int64_t batch, bool persistent, cudaStream_t stream) {
   // persistent with params.tile_counter set: dynamic scheduling (see the kernel).
-  const bool masked = params.window_left >= 0 || params.window_right >= 0;
   const bool p = persistent;
-  if (overlap_block_n(head_dim, masked, params.seqlen_k) == 176) {
-    return bf16 ? launch<true, 128, 176>(params, seqlen_q, heads, batch, p, stream)
-                : launch<false, 128, 176>(params, seqlen_q, heads, batch, p, stream);
-  }
   if (head_dim == 128) {
-    return bf16 ? launch<true, 128, 128>(params, seqlen_q, heads, batch, p, stream)
-                : launch<false, 128, 128>(params, seqlen_q, heads, batch, p, stream);
+    return bf16 ? launch<true, 128>(params, seqlen_q, heads, batch, p, stream)
+                : launch<false, 128>(params, seqlen_q, heads, batch, p, stream);
   }
-  return bf16 ? launch<true, 64, 128>(params, seqlen_q, heads, batch, p, stream)
-              : launch<false, 64, 128>(params, seqlen_q, heads, batch, p, stream);
+  return bf16 ? launch<true, 64>(params, seqlen_q, heads, batch, p, stream)
+              : launch<false, 64>(params, seqlen_q, heads, batch, p, stream);
 }
 
 }  // namespace kpt_fa90

@@ -43,8 +43,7 @@ needs_sm90 = pytest.mark.skipif(not _is_sm90(), reason="needs an sm90 GPU")
 HALF = [torch.bfloat16, torch.float16]
 
 # Lengths at the kernels' regime boundaries: a single row, partial tiles (query tiles are 128
-# rows, 192 for the overlap variant at D = 64; key blocks 128, or 176 for the overlap variant
-# at D = 128 without a mask when Sk pads well: 300 and 700 here), several tiles with a ragged
+# rows, 192 for the overlap variant at D = 64; key blocks of 128), several tiles with a ragged
 # tail, and Sq != Sk both ways (bottom-right masks).
 LENGTHS = [(1, 1), (17, 17), (113, 113), (1000, 1000), (17, 300), (300, 17), (128, 256),
            (257, 129), (385, 385), (200, 700)]
@@ -105,7 +104,6 @@ def test_matches_reference(lengths, mask, d, dtype, config):
 ], ids=["gqa", "mqa", "window_causal", "window", "softcap_causal", "softcap", "scale"])
 @pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
 def test_features(extra, d, dtype, config):
-    # Sk = 700 takes 176-key blocks in the overlap variant at D = 128 when there is no mask.
     shape = dict(_shape(333, 700, d), **extra)
     _run_and_check(make_call(shape, dtype, torch.device("cuda"), seed=1), config)
 
@@ -136,18 +134,19 @@ def test_large_causal_rows_without_keys(d, config):
 
 @needs_sm90
 @pytest.mark.parametrize("d,extra", [
-    (128, {}),                                      # Sk = 1408: 176-key blocks, O in Q's rows
+    (128, {}),                                      # Q read into registers, released early
     (128, {"softcap": 5.0}),
     (128, {"causal": True}),                        # Sq > Sk: whole tiles see no key
     (128, {"causal": True, "window_left": 300}),    # own O buffer, 128-key blocks
     (64, {}),
     (64, {"causal": True}),
-], ids=["full176", "softcap176", "causal", "window", "d64", "d64_causal"])
+], ids=["full", "softcap", "causal", "window", "d64", "d64_causal"])
 def test_persistent_walks_many_tiles_per_cta(d, extra):
     """Several query tiles per persistent CTA (the other tests' shapes have fewer tiles than
     SMs): the K/V ring's stages and parities run on across tiles, Q is reloaded only after its
-    release, O's staging buffer is reused after its previous store, tiles without keys are
-    skipped by producer and consumers alike."""
+    release (at D = 128 as soon as its fragments are in registers, while the tile still runs),
+    O's staging buffer is reused after its previous store, tiles without keys are skipped by
+    producer and consumers alike."""
     shape = dict(batch=3, seqlen_q=1999, seqlen_k=1408, heads_q=32, heads_kv=8, head_dim=d,
                  **extra)
     rows = 192 if d == 64 else 128  # the overlap kernel's query tile
@@ -195,15 +194,16 @@ def test_dynamic_splits_the_last_tiles(rounds, sq, sk, extra, dtype):
 
 @needs_sm90
 def test_split_is_planned_only_where_it_helps():
-    """No split with a mask, at D = 64, with 176-key blocks, or when the tiles fill whole
-    rounds of the SMs (nothing runs alone at the end)."""
+    """No split with a mask, at D = 64, with too few key blocks for two pieces of 4, or when the
+    tiles fill whole rounds of the SMs (nothing runs alone at the end)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     scratch = _sm90.SPEC.load().forward_scratch
     dynamic = _sm90.VARIANTS["dynamic"]
     assert scratch(128, 1, 1000, 2000, sms // 8 + 1, -1, -1, dynamic)[1] > 0
     assert scratch(128, 1, 1000, 2000, sms // 8 + 1, -1, 0, dynamic)[1] == 0    # causal
     assert scratch(64, 1, 1000, 2000, sms // 8 + 1, -1, -1, dynamic)[1] == 0     # D = 64
-    assert scratch(128, 1, 1000, 1408, sms // 8 + 1, -1, -1, dynamic)[1] == 0    # 176 keys
+    assert scratch(128, 1, 1000, 896, sms // 8 + 1, -1, -1, dynamic)[1] == 0     # 7 blocks
+    assert scratch(128, 1, 1000, 1024, sms // 8 + 1, -1, -1, dynamic)[1] > 0     # 8 blocks
     assert scratch(128, 1, 1024, 2048, sms, -1, -1, dynamic)[1] == 0           # 8 rounds
     assert scratch(128, 1, 1000, 2000, sms // 8 + 1, -1, -1,
                    _sm90.VARIANTS["persistent"]) == (0, 0)
