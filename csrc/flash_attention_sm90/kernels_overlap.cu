@@ -406,10 +406,10 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
           pin(pa);
           wgmma_fence();
           if constexpr (kQRegs) {
-          issue_qk_regs<T, kBf16, kD>(sc, qa, base + T::kK + s * T::kKVBytes);
-        } else {
-          issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s * T::kKVBytes);
-        }
+            issue_qk_regs<T, kBf16, kD>(sc, qa, base + T::kK + s * T::kKVBytes);
+          } else {
+            issue_qk<T, kBf16, kD>(sc, q_tile, base + T::kK + s * T::kKVBytes);
+          }
           wgmma_commit();
           // O to the running max of block it - 1 while the S GEMM runs (the PV GEMM that read
           // O last finished in the previous iteration), then O += P(it-1) V(it-1). The max
