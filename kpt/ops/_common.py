@@ -48,8 +48,8 @@ def module(name: str) -> types.ModuleType:
     return sys.modules.get(name) or importlib.import_module(name)
 
 
-def lazy(module: str, attr: str) -> Callable[..., Any]:
-    """A function that imports ``module`` (absolute name) when called, then forwards.
+def lazy(name: str, attr: str) -> Callable[..., Any]:
+    """A function that imports module ``name`` (absolute) when called, then forwards.
 
     Backend modules that need an optional package (triton, a JIT build) are imported only
     when that backend is actually considered, so importing kpt never fails for their sake.
@@ -57,10 +57,9 @@ def lazy(module: str, attr: str) -> Callable[..., Any]:
 
     def call(*args: Any, **kwargs: Any) -> Any:
         # The attribute is looked up on every call, so that a patched one is seen.
-        return getattr(sys.modules.get(module) or importlib.import_module(module), attr)(
-            *args, **kwargs)
+        return getattr(module(name), attr)(*args, **kwargs)
 
-    call.__name__ = f"{module}.{attr}"
+    call.__name__ = f"{name}.{attr}"
     return call
 
 
