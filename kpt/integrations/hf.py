@@ -1,15 +1,18 @@
-"""``patch(model)``: swap kpt kernels into a HuggingFace transformers model, and undo it.
+"""kpt inside HuggingFace transformers models.
 
-One table says what to replace per ``model_type``; one generic patcher applies it::
+Importing this module registers ``"kpt"`` as a transformers attention implementation, so
+``from_pretrained(..., attn_implementation="kpt")`` and ``model.set_attn_implementation("kpt")``
+run kpt's ``flash_attention`` (padding masks become varlen sequences; see
+``kpt.integrations._hf_attention``). ``patch(model)`` goes further, per one table
+``{model_type: {module path pattern: replacement}}`` applied by one generic patcher::
 
     handle = kpt.integrations.hf.patch(model)   # or patch(model, backend="triton")
-    ...
-    handle.unpatch()
+    with kpt.integrations.hf.patch(model): ...  # the handle is a context manager
+    handle.unpatch()                            # restores the model exactly
 
-Today's replacement fuses each decoder layer's input RMSNorm, q/k/v projections, Qwen3's q/k
-norms and RoPE into one ``rmsnorm_qkv_rope`` call; attention itself, the KV cache and the MLP stay
-HF's. The q/k/v projections are re-pointed at views of the fused weight, so memory does not grow
-and ``unpatch`` restores the original modules exactly.
+``supported()`` lists what each model type gets. A patched model stays the user's model: the
+same parameter objects, the same ``state_dict()`` keys and values, ``save_pretrained`` and an
+optimizer created before ``patch`` keep working, and gradients reach the original parameters.
 """
 
 from __future__ import annotations
@@ -23,132 +26,261 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from kpt.nn.rmsnorm_qkv_rope import RMSNormQKVRoPE
-from kpt.ops.rmsnorm_qkv_rope import _scaling_key, rope_from_hf_config
+try:
+    import transformers  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("kpt.integrations.hf needs transformers: pip install 'kpt[hf]'") from err
+
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kpt.integrations import _hf_attention
+from kpt.ops.rmsnorm_qkv_rope import (
+    _scaling_key,
+    rmsnorm_qkv_rope,
+    rope_from_hf_config,
+    rope_inv_freq,
+)
 
 log = logging.getLogger("kpt")
 
+_hf_attention.register()
 
-def _fused_decoder_forward(self: nn.Module, hidden_states: torch.Tensor,
-                           attention_mask: torch.Tensor | None = None,
-                           position_ids: torch.Tensor | None = None,
-                           past_key_values: Any = None, use_cache: bool | None = False,
-                           position_embeddings: Any = None, cache: Any = None,
-                           **kwargs: Any) -> torch.Tensor:
-    """A Llama-style decoder layer whose attention input path runs as one fused op. The KV
-    cache arrives as ``cache`` from transformers 5.24 on, as ``past_key_values`` before."""
+Undo = Callable[[], None]
+
+
+# ---- the fused attention input path (RMSNorm -> QKV -> q/k norm -> RoPE) -----------------------
+
+
+class _FusedInput:
+    """What a patched attention module needs to run its input path as one ``rmsnorm_qkv_rope``
+    call: references to the layer's own modules (no parameters of its own) and RoPE settings."""
+
+    def __init__(self, layer: nn.Module, config: Any, rotary_dim: int, backend: str | None):
+        attn = layer.self_attn
+        self.norm, self.attn, self.backend = layer.input_layernorm, attn, backend
+        theta, scaling, _ = rope_from_hf_config(config.to_dict())
+        self.rope_theta, self.rope_scaling, self.rotary_dim = theta, scaling, rotary_dim
+        self.head_dim = attn.head_dim
+        self.num_q_heads = attn.q_proj.weight.shape[0] // attn.head_dim
+        self.num_kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
+        self.eps = float(getattr(self.norm, "variance_epsilon", getattr(self.norm, "eps", 1e-6)))
+        self.projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        # Mistral reads its window from the config, Qwen2/3 from the module (None on full layers).
+        self.sliding_window = (attn.sliding_window if hasattr(attn, "sliding_window")
+                               else getattr(config, "sliding_window", None))
+
+    def share_storage(self) -> Undo:
+        """Point the q/k/v weights (and biases) at adjacent rows of one buffer each, keeping the
+        parameter objects, so that the fused op reads them as one matrix without a copy (it
+        checks per call; whatever re-points a parameter later, e.g. ``model.to(dtype)``, only
+        costs a copy). The returned function gives each parameter its own storage back."""
+        moved: list[nn.Parameter] = []
+        for attr in ("weight", "bias"):
+            params = [getattr(p, attr) for p in self.projections]
+            if any(p is None for p in params):
+                continue
+            buffer = torch.cat([p.detach() for p in params])
+            start = 0
+            for p in params:
+                moved.append(p)
+                p.data = buffer[start:start + p.shape[0]]
+                start += p.shape[0]
+
+        def undo() -> None:
+            for p in moved:
+                p.data = p.data.clone()
+
+        return undo
+
+    def qkv(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.projections
+        return rmsnorm_qkv_rope(
+            hidden_states, self.norm.weight, (q.weight, k.weight, v.weight), position_ids,
+            num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, eps=self.eps,
+            qkv_bias=None if q.bias is None else (q.bias, k.bias, v.bias),
+            q_norm_weight=None if self.q_norm is None else self.q_norm.weight,
+            k_norm_weight=None if self.k_norm is None else self.k_norm.weight,
+            rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+            rotary_dim=self.rotary_dim, backend=self.backend,
+        )
+
+
+def _passthrough(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    """A patched layer's input norm: the attention module normalises inside the fused op."""
+    return hidden_states
+
+
+def _fused_attention_forward(self: nn.Module, hidden_states: Tensor,
+                             position_embeddings: Any = None, attention_mask: Tensor | None = None,
+                             past_key_values: Any = None, cache: Any = None,
+                             **kwargs: Any) -> tuple[Tensor, Any]:
+    """A Llama-style attention module whose input path (the layer's RMSNorm, q/k/v projections,
+    q/k norms, RoPE) runs as one fused op on the un-normalised hidden states; the KV cache,
+    the attention implementation and the output projection stay HF's. The cache arrives as
+    ``cache`` from transformers 5.24 on, as ``past_key_values`` before."""
+    fused: _FusedInput = self._kpt_fused
+    position_ids = kwargs.get("position_ids")
     kv_cache = cache if cache is not None else past_key_values
-    if position_ids is None:
-        # The layer's own forward, with the cache under the name the caller used.
+    if position_ids is None:  # nothing to rotate with: the module's own path, norm included
         if cache is not None:
             kwargs["cache"] = cache
         elif past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
-        return type(self).forward(self, hidden_states, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=use_cache,
-                                  position_embeddings=position_embeddings, **kwargs)
-    attn = self.self_attn
-    residual = hidden_states
-    q, k, v = self.kpt_qkv(hidden_states, position_ids)
+        normed = type(fused.norm).forward(fused.norm, hidden_states)
+        return type(self).forward(self, normed, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, **kwargs)
+    q, k, v = fused.qkv(hidden_states, position_ids)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kv_cache is not None:
-        k, v = kv_cache.update(k, v, attn.layer_idx)
-    attention = _attention_function(attn)
-    out, _ = attention(
-        attn, q, k, v, attention_mask,
-        dropout=0.0 if not attn.training else attn.attention_dropout,
-        scaling=attn.scaling,
-        sliding_window=getattr(attn, "sliding_window", None),
-        **kwargs,
-    )
-    out = attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
-    hidden_states = residual + out
-    residual = hidden_states
-    hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-    return residual + hidden_states
+        k, v = kv_cache.update(k, v, self.layer_idx, kwargs=kwargs)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation,
+        sys.modules[type(self).__module__].eager_attention_forward)
+    if fused.sliding_window is not None:
+        kwargs["sliding_window"] = fused.sliding_window
+    out, weights = attention(self, q, k, v, attention_mask,
+                             dropout=0.0 if not self.training else self.attention_dropout,
+                             scaling=self.scaling, **kwargs)
+    out = self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
+    return out, weights
 
 
-def _attention_function(attn: nn.Module) -> Callable[..., Any]:
-    impl = getattr(attn.config, "_attn_implementation", "eager") or "eager"
-    if impl == "eager":
-        return sys.modules[type(attn).__module__].eager_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS[impl]
+def _rotary_module(model: nn.Module) -> nn.Module | None:
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
+            return module
+    return None
 
 
-def _layer_reasons(layer: nn.Module, config: Any) -> list[str]:
+def _fused_reasons(model: nn.Module, layer: nn.Module, config: Any) -> tuple[list[str], int]:
+    """Why ``layer`` cannot run the fused input path (empty if it can), and its rotary dim."""
     reasons = []
-    for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+    for name in ("input_layernorm", "self_attn"):
         if not hasattr(layer, name):
             reasons.append(f"layer has no {name}")
     attn = getattr(layer, "self_attn", None)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx"):
         if attn is not None and not hasattr(attn, name):
             reasons.append(f"self_attn has no {name}")
+    if reasons:
+        return reasons, 0
+    if any(p.device.type == "meta" for p in layer.parameters()):
+        reasons.append("parameters on the meta device (offloaded)")
     try:
-        _scaling_key(rope_from_hf_config(config.to_dict())[1])
-    except ValueError as err:
-        reasons.append(str(err))
-    return reasons
+        theta, scaling, _ = rope_from_hf_config(config.to_dict())
+        _scaling_key(scaling)
+    except (ValueError, KeyError, TypeError) as err:
+        return [*reasons, f"RoPE: {err}"], 0
+    rotary = _rotary_module(model)
+    if rotary is None:
+        return [*reasons, "no rotary embedding module with inv_freq found"], 0
+    # The frequencies HF actually applies decide: this catches RoPE settings a model ignores
+    # (e.g. partial_rotary_factor on Llama) or interprets differently.
+    theirs = rotary.inv_freq
+    rotary_dim = 2 * theirs.shape[-1]
+    if rotary_dim > attn.head_dim:
+        return [*reasons, f"rotary dim {rotary_dim} > head_dim {attn.head_dim}"], 0
+    ours = rope_inv_freq(rotary_dim, theta, scaling, torch.device("cpu")).to(theirs.dtype)
+    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        reasons.append(f"RoPE attention_scaling {rotary.attention_scaling} != 1")
+    elif not torch.equal(ours, theirs.detach().cpu()):
+        reasons.append("the model's RoPE frequencies differ from kpt's for this config")
+    return reasons, rotary_dim
 
 
-def _patch_decoder_layer(layer: nn.Module, config: Any, backend: str | None) -> Callable[[], None]:
-    """Fuse one decoder layer's attention input path; returns the function that undoes it."""
-    attn = layer.self_attn
-    fused = RMSNormQKVRoPE.from_hf(layer.input_layernorm, attn, config, backend=backend)
-    # Share parameters instead of duplicating them: the norms are the same objects, and q/k/v
-    # become views of the fused projection.
-    fused.norm_weight = layer.input_layernorm.weight
-    if fused.q_norm_weight is not None:
-        fused.q_norm_weight, fused.k_norm_weight = attn.q_norm.weight, attn.k_norm.weight
-    originals = {name: getattr(attn, name).weight for name in ("q_proj", "k_proj", "v_proj")}
-    original_bias = {name: getattr(attn, name).bias for name in ("q_proj", "k_proj", "v_proj")}
-    start = 0
-    for name in ("q_proj", "k_proj", "v_proj"):
-        rows = originals[name].shape[0]
-        proj = getattr(attn, name)
-        proj.weight = nn.Parameter(fused.qkv_weight.data[start : start + rows],
-                                   requires_grad=originals[name].requires_grad)
-        if fused.qkv_bias is not None:
-            proj.bias = nn.Parameter(fused.qkv_bias.data[start : start + rows],
-                                     requires_grad=original_bias[name].requires_grad)
-        start += rows
-    layer.kpt_qkv = fused
-    layer.forward = types.MethodType(_fused_decoder_forward, layer)
+def _fuse_attention_input(model: nn.Module, layer: nn.Module, config: Any,
+                          backend: str | None) -> Undo | list[str]:
+    """Run ``layer``'s RMSNorm + q/k/v projections (+ q/k norms) + RoPE as one fused op."""
+    reasons, rotary_dim = _fused_reasons(model, layer, config)
+    if reasons:
+        return reasons
+    fused = _FusedInput(layer, config, rotary_dim, backend)
+    attn, norm = layer.self_attn, layer.input_layernorm
+    restore_storage = fused.share_storage()
+    attn._kpt_fused = fused
+    attn.forward = types.MethodType(_fused_attention_forward, attn)
+    norm.forward = types.MethodType(_passthrough, norm)
 
     def undo() -> None:
-        for name in ("q_proj", "k_proj", "v_proj"):
-            proj = getattr(attn, name)
-            with torch.no_grad():
-                originals[name].copy_(proj.weight)
-                if original_bias[name] is not None:
-                    original_bias[name].copy_(proj.bias)
-            proj.weight = originals[name]
-            proj.bias = original_bias[name]
-        del layer.kpt_qkv
-        del layer.forward
+        del norm.forward, attn.forward, attn._kpt_fused
+        restore_storage()
 
     return undo
 
 
-# model_type -> {module path pattern: replacement}
-PATCHES: dict[str, dict[str, Callable[[nn.Module, Any, str | None], Callable[[], None]]]] = {
-    model_type: {"model.layers.*": _patch_decoder_layer}
-    for model_type in ("llama", "mistral", "qwen2", "qwen3")
+def _use_kpt_attention(model: nn.Module, module: nn.Module, config: Any,
+                       backend: str | None) -> Undo | list[str]:
+    """Switch the model's attention implementation to ``"kpt"``."""
+    previous = config._attn_implementation
+    set_impl = getattr(model, "set_attn_implementation", None)
+    try:
+        if set_impl is not None:
+            set_impl(_hf_attention.NAME)
+        else:
+            config._attn_implementation = _hf_attention.NAME
+    except (ValueError, NotImplementedError) as err:
+        return [f"attention implementation cannot be set: {err}"]
+    tagged = []
+    if backend is not None:
+        for sub in model.modules():
+            if hasattr(sub, "is_causal") and hasattr(sub, "config"):
+                setattr(sub, _hf_attention.BACKEND_ATTR, backend)
+                tagged.append(sub)
+
+    def undo() -> None:
+        for sub in tagged:
+            delattr(sub, _hf_attention.BACKEND_ATTR)
+        if set_impl is not None:
+            set_impl(previous)
+        else:
+            config._attn_implementation = previous
+
+    return undo
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One entry of the patch table: what it replaces, and the function that does it for one
+    matching module (returning its undo function, or the reasons it cannot)."""
+
+    what: str
+    apply: Callable[[nn.Module, nn.Module, Any, str | None], Undo | list[str]]
+
+
+ATTENTION = Replacement("attention -> kpt flash_attention (varlen for padded and packed "
+                        "batches)", _use_kpt_attention)
+FUSED_INPUT = Replacement("input RMSNorm + q/k/v projections + q/k norm + RoPE -> one "
+                          "rmsnorm_qkv_rope call", _fuse_attention_input)
+
+# model_type -> {module path pattern ("" is the model itself): replacement}
+PATCHES: dict[str, dict[str, Replacement]] = {
+    **{model_type: {"": ATTENTION, "model.layers.*": FUSED_INPUT}
+       for model_type in ("llama", "mistral", "qwen2", "qwen3")},
+    # Gemma 2's norms scale by (1 + weight) and BERT's are LayerNorms after attention: only the
+    # attention runs through kpt (soft-cap and sliding windows included for Gemma 2).
+    "gemma2": {"": ATTENTION},
+    "bert": {"": ATTENTION},
 }
+
+
+def supported() -> dict[str, dict[str, str]]:
+    """``{model_type: {module path pattern: what kpt replaces there}}``."""
+    return {mt: {pattern: r.what for pattern, r in table.items()} for mt, table in PATCHES.items()}
 
 
 @dataclass
 class PatchHandle:
-    """What ``patch`` changed: ``patched`` module paths, ``skipped`` {path: reasons}."""
+    """What ``patch`` changed: ``patched`` module paths ("" is the model), ``skipped``
+    {path: reasons}. ``unpatch()`` (or leaving a ``with`` block) undoes it."""
 
     model: nn.Module
     patched: list[str] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)
-    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _undo: list[Undo] = field(default_factory=list, repr=False)
 
     def unpatch(self) -> None:
         while self._undo:
@@ -157,12 +289,25 @@ class PatchHandle:
         if getattr(self.model, "_kpt_patch", None) is self:
             del self.model._kpt_patch
 
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unpatch()
+
+
+def _matches(path: str, pattern: str) -> bool:
+    if pattern == "":
+        return path == ""
+    return fnmatch.fnmatchcase(path, pattern) and path.count(".") == pattern.count(".")
+
 
 def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False) -> PatchHandle:
-    """Swap kpt kernels into ``model`` in place; returns a handle whose ``unpatch()`` undoes it.
+    """Swap kpt kernels into ``model`` in place, per ``PATCHES[model.config.model_type]``.
 
+    ``backend`` forces one kpt backend for every patched call (default: per-call dispatch).
     Modules that cannot be patched are left alone and listed in ``handle.skipped`` with their
-    reasons (``strict=True`` raises instead). A model type kpt has no table entry for raises.
+    reasons (``strict=True`` raises instead). A model type without a table entry raises.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -172,18 +317,24 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False)
     if getattr(model, "_kpt_patch", None) is not None:
         raise ValueError("kpt.integrations.hf.patch: model is already patched; unpatch first")
     handle = PatchHandle(model)
-    for path, module in model.named_modules():
-        for pattern, replace in PATCHES[model_type].items():
-            if not fnmatch.fnmatchcase(path, pattern) or "." in path[len(pattern) - 1 :]:
-                continue
-            reasons = _layer_reasons(module, config)
-            if reasons:
-                if strict:
-                    raise ValueError(f"kpt.integrations.hf.patch: {path}: " + "; ".join(reasons))
-                handle.skipped[path] = reasons
-                continue
-            handle._undo.append(replace(module, config, backend))
-            handle.patched.append(path)
+    table = PATCHES[model_type]
+    try:
+        for path, module in model.named_modules():
+            for pattern, replacement in table.items():
+                if not _matches(path, pattern):
+                    continue
+                result = replacement.apply(model, module, config, backend)
+                if callable(result):
+                    handle._undo.append(result)
+                    handle.patched.append(path)
+                elif strict:
+                    raise ValueError(f"kpt.integrations.hf.patch: {path or 'model'}: "
+                                     + "; ".join(result))
+                else:
+                    handle.skipped[path] = result
+    except BaseException:
+        handle.unpatch()
+        raise
     model._kpt_patch = handle
     log.info("kpt: patched %d modules of %s (%d skipped)", len(handle.patched), model_type,
              len(handle.skipped))
@@ -195,3 +346,6 @@ def unpatch(model: nn.Module) -> None:
     handle = getattr(model, "_kpt_patch", None)
     if handle is not None:
         handle.unpatch()
+
+
+__all__ = ["patch", "unpatch", "supported", "PatchHandle", "PATCHES"]

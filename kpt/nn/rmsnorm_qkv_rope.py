@@ -8,17 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kpt.ops.rmsnorm_qkv_rope import rmsnorm_qkv_rope, rope_from_hf_config, rope_inv_freq
-from kpt.ops.rmsnorm_qkv_rope.reference import rmsnorm_qkv_rope_reference
+from kpt.ops.rmsnorm_qkv_rope import rmsnorm_qkv_rope, rope_from_hf_config
 
 
 class RMSNormQKVRoPE(nn.Module):
     """(Residual add +) RMSNorm -> fused QKV projection -> optional q/k norm -> RoPE.
 
     ``forward(x, positions, residual=None)`` returns ``(q, k, v)`` shaped (..., heads, head_dim)
-    or ``(q, k, v, new_residual)``. Under autograd (grad enabled and a parameter or input that
-    requires grad) it runs the differentiable PyTorch reference instead of the fused kernels,
-    which have no backward.
+    or ``(q, k, v, new_residual)``, through the fused op on whichever backend dispatch (or
+    ``backend``) picks, in training as in inference: the op is differentiable in the input,
+    the residual and every parameter.
     """
 
     def __init__(
@@ -94,15 +93,7 @@ class RMSNormQKVRoPE(nn.Module):
                 module.k_norm_weight.copy_(attn.k_norm.weight)
         return module
 
-    def _needs_autograd(self, *tensors: Tensor | None) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        return any(p.requires_grad for p in self.parameters()) or any(
-            t is not None and t.requires_grad for t in tensors)
-
     def forward(self, x: Tensor, positions: Tensor, residual: Tensor | None = None):
-        if self._needs_autograd(x, residual):
-            return self._forward_differentiable(x, positions, residual)
         return rmsnorm_qkv_rope(
             x, self.norm_weight, self.qkv_weight, positions,
             num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
@@ -112,21 +103,6 @@ class RMSNormQKVRoPE(nn.Module):
             rotary_dim=self.rotary_dim, rope_style=self.rope_style, residual=residual,
             backend=self.backend,
         )
-
-    def _forward_differentiable(self, x: Tensor, positions: Tensor, residual: Tensor | None):
-        lead, hidden = x.shape[:-1], x.shape[-1]
-        inv_freq = rope_inv_freq(self.rotary_dim, self.rope_theta, self.rope_scaling, x.device)
-        q, k, v, res = rmsnorm_qkv_rope_reference(
-            x.reshape(-1, hidden), None if residual is None else residual.reshape(-1, hidden),
-            self.norm_weight, self.qkv_weight, self.qkv_bias, self.q_norm_weight,
-            self.k_norm_weight, positions.expand(lead).reshape(-1), inv_freq,
-            self.num_q_heads, self.num_kv_heads, self.head_dim, self.rotary_dim, self.eps,
-            self.rope_style == "neox",
-        )
-        outs = (q.view(*lead, self.num_q_heads, self.head_dim),
-                k.view(*lead, self.num_kv_heads, self.head_dim),
-                v.view(*lead, self.num_kv_heads, self.head_dim))
-        return outs if res is None else (*outs, res.view(*lead, hidden))
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden_size}, heads={self.num_q_heads}/{self.num_kv_heads}, "

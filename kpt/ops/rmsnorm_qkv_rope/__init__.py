@@ -7,6 +7,9 @@ Equivalent PyTorch (HF eager Llama / Qwen2 / Qwen3 attention input path), see ``
     q, k, v = split(xn @ qkv_weight.T + qkv_bias)
     q, k = q_norm_weight * rms_norm(q), k_norm_weight * rms_norm(k)   # per head, if given
     q, k = rope(q, positions), rope(k, positions)                     # first rotary_dim dims
+
+Differentiable in every floating input; the backward (``_backward.py``) is one PyTorch
+implementation, whichever backend ran the forward.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +29,14 @@ from kpt.ops._common import (
     compare,
     lazy,
     native_backends,
+    plain_eager,
     triton_interpreting,
     triton_unavailable,
 )
 from kpt.ops._registry import Backend, Op, Problem, Tuning
 
 from . import reference as _reference
+from ._backward import rmsnorm_qkv_rope_backward
 
 OP = "rmsnorm_qkv_rope"
 _HALF = frozenset({torch.float16, torch.bfloat16})
@@ -367,14 +372,14 @@ def rope_inv_freq(
 def _validate(
     x: Tensor,
     norm_weight: Tensor,
-    qkv_weight: Tensor,
+    qkv_weight: tuple[Tensor, ...],
     positions: Tensor,
     num_q_heads: int,
     num_kv_heads: int,
     head_dim: int,
     rotary_dim: int,
     eps: float,
-    qkv_bias: Tensor | None,
+    qkv_bias: tuple[Tensor, ...],
     q_norm_weight: Tensor | None,
     k_norm_weight: Tensor | None,
     residual: Tensor | None,
@@ -404,15 +409,22 @@ def _validate(
     if norm_weight.shape[0] != hidden:
         raise ValueError(f"{OP}: norm_weight has {norm_weight.shape[0]} elements, x has hidden "
                          f"size {hidden}")
-    check_tensor(OP, "qkv_weight", qkv_weight, ndim=2, dtypes=(dtype,), device=dev)
-    if tuple(qkv_weight.shape) != (n_out, hidden):
+    if not qkv_weight:
+        raise ValueError(f"{OP}: qkv_weight is an empty sequence")
+    for part in qkv_weight:
+        check_tensor(OP, "qkv_weight", part, ndim=2, dtypes=(dtype,), device=dev)
+        if part.shape[1] != hidden:
+            raise ValueError(f"{OP}: qkv_weight rows must have hidden={hidden} columns, got "
+                             f"{tuple(part.shape)}")
+    rows = sum(part.shape[0] for part in qkv_weight)
+    if rows != n_out:
         raise ValueError(f"{OP}: qkv_weight must be ((num_q_heads + 2*num_kv_heads)*head_dim, "
-                         f"hidden) = {(n_out, hidden)}, got {tuple(qkv_weight.shape)}")
-    if qkv_bias is not None:
-        check_tensor(OP, "qkv_bias", qkv_bias, ndim=1, dtypes=(dtype,), device=dev)
-        if qkv_bias.shape[0] != n_out:
-            raise ValueError(f"{OP}: qkv_bias must have {n_out} elements, got "
-                             f"{qkv_bias.shape[0]}")
+                         f"hidden) = {(n_out, hidden)}, got {rows} rows")
+    for part in qkv_bias:
+        check_tensor(OP, "qkv_bias", part, ndim=1, dtypes=(dtype,), device=dev)
+    if qkv_bias and sum(part.shape[0] for part in qkv_bias) != n_out:
+        raise ValueError(f"{OP}: qkv_bias must have {n_out} elements, got "
+                         f"{sum(part.shape[0] for part in qkv_bias)}")
     for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
         if w is not None:
             check_tensor(OP, name, w, ndim=1, dtypes=(dtype,), device=dev)
@@ -445,7 +457,39 @@ def _rows(t: Tensor, hidden: int) -> Tensor:
 # ---- custom op -----------------------------------------------------------------------------
 
 
-def _run(
+def _join_rows(parts: list[Tensor]) -> Tensor:
+    """The rows of ``parts`` stacked: a view when they are adjacent, in order, in one storage
+    (``kpt.integrations.hf`` lays a layer's q/k/v weights out so), else a copy."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first if first.is_contiguous() else first.contiguous()
+    storage, step = first.untyped_storage().data_ptr(), first.element_size()
+    end = first.data_ptr()
+    for part in parts:
+        if (part.data_ptr() != end or not part.is_contiguous() or part.dtype != first.dtype
+                or part.untyped_storage().data_ptr() != storage):
+            return torch.cat(parts)
+        end += part.numel() * step
+    rows = sum(part.shape[0] for part in parts)
+    shape = (rows, *first.shape[1:])
+    return first.as_strided(shape, torch.empty(shape, device="meta").stride())
+
+
+class _JoinRows(torch.autograd.Function):
+    """``_join_rows`` on the eager path, with the gradient split back into the parts."""
+
+    @staticmethod
+    def forward(ctx: Any, *parts: Tensor) -> Tensor:
+        ctx.sizes = [part.shape[0] for part in parts]
+        # A fresh tensor object: a view of the parts' storage, but not of an input.
+        return _join_rows([part.detach() for part in parts]).detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        return tuple(grad.split(ctx.sizes))
+
+
+def _impl(
     x: Tensor,
     residual: Tensor | None,
     norm_weight: Tensor,
@@ -475,6 +519,32 @@ def _run(
     return q, k, v, residual_out
 
 
+def _run(
+    x: Tensor,
+    residual: Tensor | None,
+    norm_weight: Tensor,
+    qkv_weight: list[Tensor],
+    qkv_bias: list[Tensor],
+    q_norm_weight: Tensor | None,
+    k_norm_weight: Tensor | None,
+    positions: Tensor,
+    inv_freq: Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rotary_dim: int,
+    eps: float,
+    neox: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op on weights and biases given as row blocks (joined here, at run time, so that
+    the zero-copy test also holds under torch.compile); an empty ``qkv_bias`` is no bias."""
+    return _impl(x, residual, norm_weight, _join_rows(qkv_weight),
+                 _join_rows(qkv_bias) if qkv_bias else None, q_norm_weight, k_norm_weight,
+                 positions, inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps, neox,
+                 backend)
+
+
 # The custom op is what torch.compile sees; eager calls skip its dispatch (~50 us of host time
 # per call, more than the decode kernels take) and run the same function directly.
 _custom_op = torch.library.custom_op("kpt::rmsnorm_qkv_rope", _run, mutates_args=())
@@ -491,17 +561,101 @@ def _(x, residual, norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weig
     return q, k, v, residual_out
 
 
+# ---- autograd ------------------------------------------------------------------------------
+
+
+def _blocks(value: Tensor | list[Tensor] | None) -> list[Tensor]:
+    if isinstance(value, list):
+        return value
+    return [] if value is None else [value]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Shared by the custom op (weight and bias as lists of row blocks) and the eager Function
+    (single tensors)."""
+    x, residual, norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight = inputs[:7]
+    weights, biases = _blocks(qkv_weight), _blocks(qkv_bias)
+    if q_norm_weight is None:  # the bias is read back only to recompute the pre-norm q/k
+        biases = []
+    # Gradients go back in the form the inputs came: row blocks for a list.
+    ctx.weight_rows = [w.shape[0] for w in weights] if isinstance(qkv_weight, list) else None
+    ctx.bias_rows = [b.shape[0] for b in qkv_bias] if isinstance(qkv_bias, list) else None
+    ctx.blocks = (len(weights), len(biases))
+    # h is x itself or the new residual (an output): saving either costs no memory.
+    ctx.save_for_backward(x if residual is None else output[3], norm_weight, *weights, *biases,
+                          q_norm_weight, k_norm_weight, inputs[7], inputs[8])
+    ctx.residual = residual is not None
+    ctx.params = inputs[9:15]
+
+
+def _needed(flag: bool | list[bool]) -> bool:
+    return any(flag) if isinstance(flag, list) else bool(flag)
+
+
+def _backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor, dres: Tensor) -> tuple:
+    needs = [_needed(flag) for flag in ctx.needs_input_grad[:7]]
+    h, norm_weight, *rest = ctx.saved_tensors
+    n_weights, n_biases = ctx.blocks
+    weights, biases, rest = rest[:n_weights], rest[n_weights:n_weights + n_biases], \
+        rest[n_weights + n_biases:]
+    # Inside the backward (and under torch.compile) blocks are concatenated: one copy.
+    weight = weights[0] if n_weights == 1 else torch.cat(weights)
+    bias = None if not biases else biases[0] if n_biases == 1 else torch.cat(biases)
+    grads = rmsnorm_qkv_rope_backward(
+        dq, dk, dv, dres if ctx.residual else None, h, norm_weight, weight, bias, *rest,
+        *ctx.params, needs=(needs[0] or needs[1], *needs[2:7]))
+    # h = x + residual: its gradient is both inputs'. One tensor handed out for both would end
+    # up as both x.grad and residual.grad, and the next accumulation would add to it twice.
+    dh, d_norm, d_weight, d_bias = grads[:4]
+    dres = dh.clone() if needs[0] and needs[1] else dh
+    if ctx.weight_rows is not None:
+        d_weight = None if d_weight is None else list(d_weight.split(ctx.weight_rows))
+    if ctx.bias_rows is not None:
+        d_bias = [] if not ctx.bias_rows else (
+            None if d_bias is None else list(d_bias.split(ctx.bias_rows)))
+    return (dh if needs[0] else None, dres if needs[1] else None, d_norm, d_weight, d_bias,
+            *grads[4:]) + (None,) * 9
+
+
+_custom_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The eager path's autograd.Function defines ``forward(ctx, ...)`` rather than a separate
+# ``setup_context``: with ``setup_context``, ``Function.apply`` binds the arguments through
+# ``inspect.signature`` on every call (tens of microseconds of host time). It runs only in
+# plain eager code (``plain_eager``); functorch transforms, modes and subclasses get the op.
+class _RMSNormQKVRoPEFunction(torch.autograd.Function):
+    """The custom op's autograd for the eager path: same forward, context and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        output = _impl(*args)
+        _setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        return _backward(ctx, *grads)
+
+
+def _requires_grad(*tensors: Tensor | None) -> bool:
+    for t in tensors:  # a loop, not any(<generator>): this runs on every call under grad mode
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def rmsnorm_qkv_rope(
     x: Tensor,
     norm_weight: Tensor,
-    qkv_weight: Tensor,
+    qkv_weight: Tensor | Sequence[Tensor],
     positions: Tensor,
     *,
     num_q_heads: int,
     num_kv_heads: int,
     head_dim: int,
     eps: float = 1e-6,
-    qkv_bias: Tensor | None = None,
+    qkv_bias: Tensor | Sequence[Tensor] | None = None,
     q_norm_weight: Tensor | None = None,
     k_norm_weight: Tensor | None = None,
     rope_theta: float = 10000.0,
@@ -518,9 +672,12 @@ def rmsnorm_qkv_rope(
         norm_weight: (hidden,) RMSNorm weight.
         qkv_weight: ((num_q_heads + 2*num_kv_heads)*head_dim, hidden): q, k, v projections
             stacked along the output dim (``torch.cat([q_proj.weight, k_proj.weight,
-            v_proj.weight])``).
+            v_proj.weight])``), or a sequence of row blocks (e.g. the three weights) that
+            are stacked: without a copy when they are adjacent in one storage, as
+            ``kpt.integrations.hf.patch`` lays them out; gradients go to each block.
         positions: integer positions broadcastable to ``x.shape[:-1]``.
-        qkv_bias: optional ((num_q_heads + 2*num_kv_heads)*head_dim,) bias (Qwen2).
+        qkv_bias: optional ((num_q_heads + 2*num_kv_heads)*head_dim,) bias (Qwen2), or its
+            blocks.
         q_norm_weight, k_norm_weight: optional (head_dim,) per-head RMSNorm weights (Qwen3).
         rope_theta, rope_scaling: RoPE base and HF-style scaling dict (``linear``, ``llama3``).
         rotary_dim: features rotated per head (default ``head_dim``); the rest pass through.
@@ -531,23 +688,45 @@ def rmsnorm_qkv_rope(
     Returns:
         q (..., num_q_heads, head_dim), k and v (..., num_kv_heads, head_dim), and the new
         residual (..., hidden) when ``residual`` was given. Rounding follows HF eager modules;
-        ``reference.py`` is the specification.
+        ``reference.py`` is the specification. Differentiable in x, residual and every weight
+        and bias (a gradient on the new residual reaches x and residual directly); the
+        backward is ``_backward.py``, the same on every backend. Double backward works in eager
+        mode.
     """
     rotary_dim = head_dim if rotary_dim is None else rotary_dim
-    _validate(x, norm_weight, qkv_weight, positions, num_q_heads, num_kv_heads, head_dim,
-              rotary_dim, eps, qkv_bias, q_norm_weight, k_norm_weight, residual, rope_style)
+    weights = list(qkv_weight) if isinstance(qkv_weight, (list, tuple)) else [qkv_weight]
+    biases = ([] if qkv_bias is None else
+              list(qkv_bias) if isinstance(qkv_bias, (list, tuple)) else [qkv_bias])
+    _validate(x, norm_weight, weights, positions, num_q_heads, num_kv_heads, head_dim,
+              rotary_dim, eps, biases, q_norm_weight, k_norm_weight, residual, rope_style)
     if backend is not None:
         SPEC.backend(backend)
     lead, hidden = x.shape[:-1], x.shape[-1]
     inv_freq = rope_inv_freq(rotary_dim, rope_theta, rope_scaling, x.device)
     pos = positions.expand(lead).reshape(-1)
-    op = torch.ops.kpt.rmsnorm_qkv_rope if torch.compiler.is_compiling() else _run
+    # Eager calls with no gradient to track run the implementation as before the autograd
+    # existed: no autograd.Function, no saved tensors.
+    weight, bias = weights, biases
+    if torch.compiler.is_compiling():
+        op = torch.ops.kpt.rmsnorm_qkv_rope
+    elif not (torch.is_grad_enabled() and (_requires_grad(
+            x, residual, norm_weight, q_norm_weight, k_norm_weight, *weights, *biases))):
+        op = _run
+    elif plain_eager(x, residual, norm_weight, q_norm_weight, k_norm_weight, *weights,
+                     *biases):
+        op = _RMSNormQKVRoPEFunction.apply
+        weight = weights[0] if len(weights) == 1 else _JoinRows.apply(*weights)
+        bias = None if not biases else biases[0] if len(biases) == 1 else \
+            _JoinRows.apply(*biases)
+        weight = weight if weight.is_contiguous() else weight.contiguous()
+    else:
+        op = torch.ops.kpt.rmsnorm_qkv_rope
     q, k, v, res = op(
         _rows(x, hidden),
         None if residual is None else _rows(residual, hidden),
         norm_weight.contiguous(),
-        qkv_weight if qkv_weight.is_contiguous() else qkv_weight.contiguous(),
-        qkv_bias,
+        weight,
+        bias,
         q_norm_weight,
         k_norm_weight,
         pos,

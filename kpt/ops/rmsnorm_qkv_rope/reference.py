@@ -18,9 +18,15 @@ import torch
 from torch import Tensor
 
 
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32, or unchanged when float64: in float64 the reference is exact math,
+    the ground truth of the tests and differentiable at full precision (gradcheck)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """HF's RMSNorm: float32 statistics, cast to the input dtype, then the weight multiply."""
-    xf = x.float()
+    xf = _wide(x)
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
 
@@ -73,9 +79,9 @@ def rmsnorm_qkv_rope_reference(
     dtype = x.dtype
     h = x + residual if residual is not None else x
     xn = rms_norm(h, norm_weight, eps)
-    acc = xn.float() @ qkv_weight.float().t()
+    acc = _wide(xn) @ _wide(qkv_weight).t()
     if qkv_bias is not None:
-        acc = acc + qkv_bias.float()
+        acc = acc + _wide(qkv_bias)
     qkv = acc.to(dtype)
     tokens = x.shape[0]
     q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
