@@ -18,7 +18,9 @@ What kpt cannot express runs HF-equivalent dense attention (SDPA with an explici
 mask, or plain math when soft-capped) and logs the reason once: a 4-D mask, attention dropout
 while training, float32 on a GPU, head dims past 256, attention sinks, a padding mask under
 torch.compile (unpadding needs the host), and decode over a padded batch (SDPA reads the cache in
-place where unpadding would copy it every step).
+place where unpadding would copy it every step). Under torch.compile, telling a packed batch from
+``position_ids`` needs the host too: that check is a graph break (once per layer, as in
+transformers' flash-attention path); decode steps (one query) never take it.
 """
 
 from __future__ import annotations
@@ -52,20 +54,20 @@ def mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_o
     mask of the keys that exist, the queries being its last ``q_length`` columns (keys past L are
     a static cache's unwritten slots). Under torch.compile, a static cache without a padding mask
     gets the full (B, 1, Sq, Sk) mask of HF's SDPA path instead (its fill level lives on the
-    device), which the attention then runs through SDPA."""
+    device), which the attention then runs through SDPA; so does one during CUDA-graph capture."""
     if attention_mask is not None:
         keys = attention_mask[:, -kv_length:]
         keys = keys if keys.dtype == torch.bool else keys.bool()
         # The all-visible test reads the mask on the host: skipped while tracing (the kernel
         # path then runs the mask through SDPA, which is correct either way).
         if (keys.shape[1] == kv_length and not torch.compiler.is_compiling()
-                and bool(keys.all())):
+                and not _capturing() and bool(keys.all())):
             return None
         return keys
     written = q_offset + q_length - kv_offset
     if not isinstance(written, Tensor) and written >= kv_length:
         return None
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _capturing():
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
         kwargs.pop("allow_is_causal_skip", None)
@@ -78,6 +80,10 @@ def mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_o
         return None
     device = kwargs.get("device") or getattr(q_offset, "device", None)
     return torch.ones(batch_size, written, dtype=torch.bool, device=device)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def register() -> None:
@@ -107,8 +113,9 @@ def _fallback_reason(module: nn.Module, query: Tensor, value: Tensor, attention_
     if query.dtype == torch.float32 and query.device.type != "cpu":
         return "float32 on a GPU (kpt's attention kernels take fp16/bf16)"
     if attention_mask is not None:
-        if torch.compiler.is_compiling():
-            return "a padding or static-cache mask under torch.compile (unpadding needs the host)"
+        if torch.compiler.is_compiling() or _capturing():
+            return ("a padding or static-cache mask under torch.compile or CUDA-graph capture "
+                    "(unpadding needs the host)")
         if query.shape[2] == 1:
             return "decode over a padded batch (SDPA reads the cache in place)"
     return None
@@ -173,20 +180,40 @@ def _packed(kwargs: dict, batch: int, seq: int, key_len: int,
     """(cu_seqlens, max_len) of a packed batch over the flattened (batch * seq) tokens, or None.
 
     From the collator's ``cu_seq_lens_q/k`` when given, else from ``position_ids`` that restart
-    inside a row; each is computed once per tensor (per forward), not per layer."""
+    inside a row."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:
-        if cu_q is not cu_k and not torch.equal(cu_q, cu_k):
-            raise ValueError("kpt attention: cu_seq_lens_q and cu_seq_lens_k differ; packed "
-                             "self-attention needs one set of sequence boundaries")
         max_len = kwargs.get("max_length_q")
-        if max_len is None:
-            max_len = int((cu_q[1:] - cu_q[:-1]).max())
+        if max_len is None or cu_q is not cu_k:
+            return _packed_from_lengths(cu_q, cu_k, max_len, device)
         return cu_q.to(device=device, dtype=torch.int32), int(max_len)
     position_ids = kwargs.get("position_ids")
-    if (position_ids is None or seq == 1 or key_len != seq or position_ids.shape[-1] != seq
-            or torch.compiler.is_compiling()):
+    if position_ids is None or seq == 1 or key_len != seq or position_ids.shape[-1] != seq:
         return None
+    if _capturing():
+        raise RuntimeError("kpt attention: whether position_ids restart (a packed batch) cannot "
+                           "be read during CUDA-graph capture; pass cu_seq_lens_q/k and "
+                           "max_length_q/k, or capture decode steps only")
+    return _packed_from_positions(position_ids, batch, seq, device)
+
+
+@torch.compiler.disable
+def _packed_from_lengths(cu_q: Tensor, cu_k: Tensor, max_len: Any,
+                         device: torch.device) -> tuple[Tensor, int]:
+    if cu_q is not cu_k and not torch.equal(cu_q, cu_k):
+        raise ValueError("kpt attention: cu_seq_lens_q and cu_seq_lens_k differ; packed "
+                         "self-attention needs one set of sequence boundaries")
+    if max_len is None:
+        max_len = (cu_q[1:] - cu_q[:-1]).max()
+    return cu_q.to(device=device, dtype=torch.int32), int(max_len)
+
+
+# Whether positions restart is data: reading it needs the host, so under torch.compile this is
+# a graph break (as in transformers' flash-attention path), never a guess.
+@torch.compiler.disable
+def _packed_from_positions(position_ids: Tensor, batch: int, seq: int,
+                           device: torch.device) -> tuple[Tensor, int] | None:
+    """Computed once per position_ids tensor (one forward), not once per layer."""
     key = (position_ids._version, batch, seq)
     cached = getattr(position_ids, "_kpt_packed", None)
     if cached is not None and cached[0] == key:

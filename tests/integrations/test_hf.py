@@ -363,10 +363,14 @@ def test_forced_triton_backend_matches(kpt_calls):
     assert kpt_calls["varlen"] == 2
 
 
-def test_torch_compile_fullgraph_prefill_and_static_cache_decode():
-    """dynamo traces the patched model in one graph (backend="eager": tracing, not codegen)."""
+def test_torch_compile_prefill_packed_and_static_cache_decode_fullgraph():
+    """dynamo traces the patched model (backend="eager": tracing, not codegen). Prefill has one
+    graph break per layer, where kpt reads whether position_ids restart (a packed batch must
+    not attend across sequences under compile either); a decode step is one full graph."""
     model = tiny("qwen3")
     ids = torch.randint(0, VOCAB, (2, 7))
+    packed_ids = torch.randint(0, VOCAB, (1, 9))
+    packed_pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
     step_ids = torch.randint(0, VOCAB, (2, 1))
     step = dict(position_ids=torch.full((2, 1), 7), cache_position=torch.tensor([7]),
                 use_cache=True)
@@ -378,9 +382,13 @@ def test_torch_compile_fullgraph_prefill_and_static_cache_decode():
 
     with torch.no_grad():
         want_prefill, want_step = model(ids).logits, decode(model.forward)
+        want_packed = torch.cat([model(packed_ids[:, a:b]).logits
+                                 for a, b in ((0, 4), (4, 7), (7, 9))], dim=1)
         with kpt_hf.patch(model):
-            compiled = torch.compile(model.forward, backend="eager", fullgraph=True)
+            compiled = torch.compile(model.forward, backend="eager")
             got_prefill = compiled(ids).logits
+            got_packed = compiled(packed_ids, position_ids=packed_pos).logits
             got_step = decode(torch.compile(model.forward, backend="eager", fullgraph=True))
     torch.testing.assert_close(got_prefill, want_prefill, **TOL)
+    torch.testing.assert_close(got_packed, want_packed, **TOL)
     torch.testing.assert_close(got_step, want_step, **TOL)
