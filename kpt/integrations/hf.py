@@ -109,9 +109,19 @@ class _FusedInput:
         )
 
 
-def _passthrough(self: nn.Module, hidden_states: Tensor) -> Tensor:
-    """A patched layer's input norm: the attention module normalises inside the fused op."""
-    return hidden_states
+class _NormInFusedOp(nn.Module):
+    """Stands in for a patched layer's input norm, whose output feeds only the attention: it
+    passes the hidden states through, since the attention's fused op normalises them. It holds
+    the norm's own weight parameter under the same name, so ``parameters()`` and ``state_dict()``
+    do not change. (A module rather than a patched ``forward``: transformers re-kernelizes hub-
+    kernel layers such as ``LlamaRMSNorm`` on ``train()``/``eval()``, resetting their forward.)"""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight = norm.weight
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return hidden_states
 
 
 def _fused_attention_forward(self: nn.Module, hidden_states: Tensor,
@@ -130,7 +140,7 @@ def _fused_attention_forward(self: nn.Module, hidden_states: Tensor,
             kwargs["cache"] = cache
         elif past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
-        normed = type(fused.norm).forward(fused.norm, hidden_states)
+        normed = fused.norm(hidden_states)
         return type(self).forward(self, normed, position_embeddings=position_embeddings,
                                   attention_mask=attention_mask, **kwargs)
     q, k, v = fused.qkv(hidden_states, position_ids)
@@ -162,6 +172,10 @@ def _fused_reasons(model: nn.Module, layer: nn.Module, config: Any) -> tuple[lis
     for name in ("input_layernorm", "self_attn"):
         if not hasattr(layer, name):
             reasons.append(f"layer has no {name}")
+    norm = getattr(layer, "input_layernorm", None)
+    if norm is not None and [n for n, _ in norm.named_parameters()] + [
+            n for n, _ in norm.named_buffers()] != ["weight"]:
+        reasons.append("input_layernorm holds more than a weight")
     attn = getattr(layer, "self_attn", None)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx"):
         if attn is not None and not hasattr(attn, name):
@@ -203,10 +217,12 @@ def _fuse_attention_input(model: nn.Module, layer: nn.Module, config: Any,
     restore_storage = fused.share_storage()
     attn._kpt_fused = fused
     attn.forward = types.MethodType(_fused_attention_forward, attn)
-    norm.forward = types.MethodType(_passthrough, norm)
+    layer.input_layernorm = _NormInFusedOp(norm)
 
     def undo() -> None:
-        del norm.forward, attn.forward, attn._kpt_fused
+        layer.input_layernorm = norm
+        vars(attn).pop("forward", None)
+        vars(attn).pop("_kpt_fused", None)
         restore_storage()
 
     return undo

@@ -125,6 +125,22 @@ def test_fused_op_runs_once_per_layer_on_the_weights_in_place(monkeypatch):
     assert not hasattr(model, "_kpt_patch")  # the context manager unpatched
 
 
+def test_mode_changes_while_patched_keep_the_patch():
+    """transformers re-kernelizes hub-kernel layers (RMSNorm) on train()/eval(); the patch must
+    survive that, and unpatch restore the original modules."""
+    model = tiny("llama")
+    norms = [layer.input_layernorm for layer in model.model.layers]
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+        with kpt_hf.patch(model):
+            model.train()
+            model.eval()
+            got = model(ids).logits
+    torch.testing.assert_close(got, want, **TOL)
+    assert [layer.input_layernorm for layer in model.model.layers] == norms
+
+
 def test_padding_never_leaks_into_real_tokens():
     """Each row of a right-padded batch equals that sequence run alone."""
     model = tiny("llama")
