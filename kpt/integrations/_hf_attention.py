@@ -11,16 +11,17 @@ bidirectional) rule, else a (B, L) boolean padding mask over the keys. What runs
   a sequence boundary;
 * a padding mask: the real tokens are gathered once per mask and run as varlen sequences
   (no padded FLOPs, no S x S mask), and the output is scattered back with zeros at the pads;
-* one query token (decode) without a mask: GQA heads sharing a kv head are packed into the
-  query dimension, so each kv head's cache is read once.
+* one query token (decode): SDPA, with the GQA heads sharing a kv head packed into the query
+  dimension so that each kv head's cache is read once, and any padding or static-cache mask
+  applied in place (kpt's flash kernels split no keys, which one-token decode needs: measured
+  slower there; a paged decode kernel is kpt's ``paged_attention``'s job).
 
 What kpt cannot express runs HF-equivalent dense attention (SDPA with an explicit boolean
 mask, or plain math when soft-capped) and logs the reason once: a 4-D mask, attention dropout
-while training, float32 on a GPU, head dims past 256, attention sinks, a padding mask under
-torch.compile (unpadding needs the host), and decode over a padded batch (SDPA reads the cache in
-place where unpadding would copy it every step). Under torch.compile, telling a packed batch from
-``position_ids`` needs the host too: that check is a graph break (once per layer, as in
-transformers' flash-attention path); decode steps (one query) never take it.
+while training, float32 on a GPU, head dims past 256, attention sinks, and a padding mask under
+torch.compile or CUDA-graph capture (unpadding needs the host). Under torch.compile, telling a
+packed batch from ``position_ids`` needs the host too: that check is a graph break (once per
+layer, as in transformers' flash-attention path); decode steps (one query) never take it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ log = logging.getLogger("kpt")
 NAME = "kpt"
 # The attention modules of a model patched with ``patch(model, backend=...)`` carry the backend.
 BACKEND_ATTR = "_kpt_attention_backend"
-# How often each path ran, by name ("flash", "varlen", "packed", "decode_gqa", or
+# How often each path ran, by name ("flash", "varlen", "packed", "decode_sdpa", or
 # "fallback: <reason>"); eager calls only (counting is skipped while torch.compile traces).
 calls: collections.Counter[str] = collections.Counter()
 _logged: set[str] = set()
@@ -116,8 +117,6 @@ def _fallback_reason(module: nn.Module, query: Tensor, value: Tensor, attention_
         if torch.compiler.is_compiling() or _capturing():
             return ("a padding or static-cache mask under torch.compile or CUDA-graph capture "
                     "(unpadding needs the host)")
-        if query.shape[2] == 1:
-            return "decode over a padded batch (SDPA reads the cache in place)"
     return None
 
 
@@ -133,6 +132,18 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     # HF's window counts the query itself (key j visible iff i - j < sliding_window); without
     # causality it is symmetric, as in HF's flash-attention path.
     window = (left, -1 if causal else left)
+    if query.shape[2] == 1 and kwargs.get("s_aux") is None:
+        # One query token: kpt's flash kernels tile queries by 64-128 rows and split no keys,
+        # so a decode step would run one CTA per (sequence, head) over the whole cache; SDPA's
+        # split kernels measured faster on an H100 (2026-12-06, bench/bench_e2e_hf.py decode
+        # rows). The heads of a GQA group share one read of their kv head (_dense_attention),
+        # and a padding or static-cache mask is applied in place (unpadding would copy the
+        # cache every step).
+        _count("decode_sdpa")
+        if attention_mask is None and (left < 0 or left + 1 >= key.shape[2]):
+            causal, window = False, (-1, -1)  # the one query sees every key: no mask at all
+        return _dense_attention(query, key, value, attention_mask, scaling, causal, window,
+                                softcap, dropout if module.training else 0.0), None
     reason = _fallback_reason(module, query, value, attention_mask, dropout, kwargs)
     if reason is not None:
         _count(f"fallback: {reason}")
@@ -159,15 +170,6 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                               cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                               max_seqlen_k=max_len, **options)
         return out.view(q.shape), None
-    batch, seq, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    if seq == 1 and heads > kv_heads and (left < 0 or left + 1 >= k.shape[1]):
-        # Decode: the one query sees every key, so the heads of a group can stand in for query
-        # rows of one kv head (no mask, no window cut), and that head's keys are read once.
-        _count("decode_gqa")
-        grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim).transpose(1, 2)
-        out = flash_attention(grouped, k, v, **options)
-        return out.transpose(1, 2).reshape(batch, 1, heads, dim), None
     _count("flash")
     return flash_attention(q, k, v, causal=causal, window=window, **options), None
 

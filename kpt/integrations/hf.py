@@ -198,10 +198,13 @@ def _fused_reasons(model: nn.Module, layer: nn.Module, config: Any) -> tuple[lis
     rotary_dim = 2 * theirs.shape[-1]
     if rotary_dim > attn.head_dim:
         return [*reasons, f"rotary dim {rotary_dim} > head_dim {attn.head_dim}"], 0
-    ours = rope_inv_freq(rotary_dim, theta, scaling, torch.device("cpu")).to(theirs.dtype)
+    ours = rope_inv_freq(rotary_dim, theta, scaling, torch.device("cpu"))
+    # A few float32 ulps apart when the model computed them on a GPU (its pow rounds
+    # differently); a setting HF applies differently moves them by orders of magnitude more.
+    tolerance = 1e-5 if theirs.dtype == torch.float32 else torch.finfo(theirs.dtype).eps
     if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
         reasons.append(f"RoPE attention_scaling {rotary.attention_scaling} != 1")
-    elif not torch.equal(ours, theirs.detach().cpu()):
+    elif not torch.allclose(ours, theirs.detach().float().cpu(), rtol=tolerance, atol=0):
         reasons.append("the model's RoPE frequencies differ from kpt's for this config")
     return reasons, rotary_dim
 

@@ -366,8 +366,9 @@ def test_supported_lists_what_each_family_gets():
 
 def test_forced_triton_backend_matches(kpt_calls):
     pytest.importorskip("triton", reason="the triton backend needs triton")
-    model = tiny("qwen3", dtype=torch.bfloat16)  # Triton's flash kernels take fp16/bf16
-    ids, mask = padded_batch([6, 3])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on a CPU: interpreter
+    model = tiny("qwen3", dtype=torch.bfloat16).to(device)  # Triton's flash takes fp16/bf16
+    ids, mask = (t.to(device) for t in padded_batch([6, 3]))
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
         with kpt_hf.patch(model, backend="triton"):
