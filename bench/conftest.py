@@ -12,7 +12,7 @@ Every measurement is taken under sustained load, at the clock the GPU's power li
   over about a second. After a pause (a test's set-up, a graph capture, a lighter kernel before)
   that average is low, and the clock stays at 1980 MHz for up to a second of full load before
   it drops to the 1550-1700 MHz that heavy attention kernels sustain (sampled every 20 ms with
-  ``nvidia-smi``, session 14). A shorter warm-up times part of that ramp, so the result depends
+  ``nvidia-smi``, 2026-11-24). A shorter warm-up times part of that ramp, so the result depends
   on what ran before it: with 300 ms, one kernel measured 5-12% apart in two processes.
 * **Timed windows.** The clock then still moves by ~5% every few tens of milliseconds. Each of
   the ``replays`` timed windows runs the graph back to back for at least

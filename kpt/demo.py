@@ -276,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
+    try:
+        import transformers  # noqa: F401
+    except ImportError as err:
+        print(f"python -m kpt.demo runs HF models and needs transformers ({err}): "
+              "pip install 'kpt[hf]'")
+        return 1
     device = torch.device(args.device)
     print(f"kpt {kpt.__version__}, torch {torch.__version__}, device {device}")
     print("\nbackends on this machine:")

@@ -39,6 +39,8 @@ elif [ "${1:-}" != "quick" ]; then
         2>&1 | tee "$out/autotune.log" | tail -20
     python3 -m kpt.autotune.cli show --all > "$out/autotune-rows.txt" 2>&1
     python3 -m kpt.autotune.cli export "$out/tuned.jsonl" 2>&1 | tail -2
+    # This GPU's rows as kpt ships them: copy $out/<gpu>.jsonl into kpt/autotune/tuned/.
+    python3 -m kpt.autotune.cli export --ship "$out" 2>&1 | tail -2
 fi
 if [ "${KPT_GPU_BENCH:-}" != "none" ]; then
     # shellcheck disable=SC2086

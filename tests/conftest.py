@@ -5,6 +5,7 @@ kernel is decorated, i.e. before kpt imports a ``_triton`` module, so it is set 
 """
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -29,3 +30,25 @@ def _isolated_kpt_state(tmp_path_factory, monkeypatch):
 
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def skip_reasons(reports) -> Counter:
+    """Skipped test reports counted by reason (location and the "Skipped: " prefix dropped)."""
+    reasons: Counter = Counter()
+    for report in reports:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else longrepr
+        reason = str(reason).strip().removeprefix("Skipped: ").splitlines() or [""]
+        reasons[reason[0]] += 1
+    return reasons
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Why tests were skipped, by reason and count, above pytest's closing counts line: on a
+    CPU machine most GPU tests skip, and a reader should see that those are all of them."""
+    reasons = skip_reasons(terminalreporter.stats.get("skipped", []))
+    if not reasons:
+        return
+    terminalreporter.write_sep("-", f"{sum(reasons.values())} skipped, by reason")
+    for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0])):
+        terminalreporter.write_line(f"{count:6d}  {reason}")

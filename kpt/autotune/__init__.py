@@ -8,6 +8,12 @@ after the database changed (tuning, import, clear).
 
 The database lives in :mod:`kpt.autotune.db`, the tuner in :mod:`kpt.autotune.tuner`, the
 command line (``kpt-autotune``) in :mod:`kpt.autotune.cli`.
+
+Imports go one way: dispatch (:mod:`kpt.ops._registry`) imports this module and, when it loads,
+lends it what lookup needs of dispatch through :func:`connect` (the registered ops, whose
+priorities break ties between rows, and its decision caches, which :func:`invalidate` clears).
+This module, the database, provenance and winner modules import nothing of ``kpt.ops``; the
+tuner and the command line, which run ops, import dispatch.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kpt.autotune import db as _db
@@ -29,6 +36,22 @@ _DEVICES: dict[tuple[str, int], str | None] = {}
 _TABLES: dict[str, dict[tuple[str, str, str], tuple[str, str]]] = {}
 _WARNED: set[str] = set()
 _LOCK = threading.Lock()
+
+
+def _nothing() -> None:
+    return None
+
+
+# Set by dispatch through connect(): the registered ops by name, and its cache-clearing function.
+_OPS: Callable[[], Mapping[str, Any]] = dict
+_CLEAR: Callable[[], None] = _nothing
+
+
+def connect(ops: Callable[[], Mapping[str, Any]], clear: Callable[[], None]) -> None:
+    """Called by dispatch when it loads: ``ops()`` returns the registered ops by name (each
+    with a ``priority`` per device type), ``clear()`` drops dispatch's cached decisions."""
+    global _OPS, _CLEAR
+    _OPS, _CLEAR = ops, clear
 
 
 def lookup(op: str, problem: Problem, bucket: str) -> tuple[str, Config] | None:
@@ -73,8 +96,9 @@ def _load(device: tuple[str, int]) -> str | None:
 def _decide(fingerprint: str, device_type: str) -> dict[tuple[str, str, str], tuple[str, str]]:
     from kpt.autotune.winner import winners
 
+    priorities = {name: op.priority.get(device_type, ()) for name, op in _OPS().items()}
     table = {}
-    for (op, dtype, bucket, _), chosen in winners(effective_rows(fingerprint), device_type).items():
+    for (op, dtype, bucket, _), chosen in winners(effective_rows(fingerprint), priorities).items():
         table[(op, dtype, bucket)] = (chosen.winner["backend"], chosen.winner["config"])
     log.debug("autotune: %d tuned choices for %s", len(table), fingerprint)
     return table
@@ -88,8 +112,7 @@ def effective_rows(fingerprint: str) -> list[_db.Row]:
     """
     shipped = _db.shipped_rows(fingerprint)
     try:
-        with _db.ResultsDB.open() as database:
-            user = database.rows(fingerprint=fingerprint)
+        user = _db.stored_rows(fingerprint=fingerprint)
     except Exception as err:  # noqa: BLE001 - a reason to skip the user rows, not an error
         _warn_once(f"autotune database {_db.default_path()} not used: {err}")
         user = []
@@ -105,23 +128,13 @@ def _warn_once(message: str) -> None:
 def invalidate() -> None:
     """Forget loaded decisions and dispatch's cached choices; the next lookup reloads."""
     from kpt.autotune import provenance
-    from kpt.ops._registry import clear_caches
 
     with _LOCK:
         _DEVICES.clear()
         _TABLES.clear()
         _WARNED.clear()
     provenance.clear_caches()
-    clear_caches()
+    _CLEAR()
 
 
-def __getattr__(name: str) -> Any:
-    # The tuner needs torch; keep `import kpt.autotune` (and its database) light without it.
-    if name in ("tune", "Result"):
-        from kpt.autotune import tuner
-
-        return getattr(tuner, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["lookup", "invalidate", "effective_rows", "tune", "Result"]
+__all__ = ["lookup", "invalidate", "effective_rows", "connect"]

@@ -2,8 +2,9 @@
 
     kpt-autotune warmup --model path/to/config.json [--tokens 1,16,128] [--dtype bf16] [--op OP]
     kpt-autotune warmup --op rmsnorm_qkv_rope --shapes shapes.json
-    kpt-autotune show [--op OP] [--all]      winners for this GPU, or every stored row
+    kpt-autotune show [--op OP] [--all]      winners for this GPU, or every shipped and stored row
     kpt-autotune export FILE | import FILE   JSON Lines (``-`` for stdout/stdin)
+    kpt-autotune export --ship [FOLDER]      this GPU's rows as the file kpt ships for it
     kpt-autotune clear [--op OP] [--yes]
     kpt-autotune doctor                      which backends work here, and why not
 """
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kpt._table import format_table
+
 NO_DEVICE = "no CUDA/ROCm device: nothing to tune; kpt uses static priorities on this machine"
 DEFAULT_TOKENS = [1 << i for i in range(14)]  # every power-of-two bucket from 1 to 8192
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
@@ -26,14 +29,6 @@ _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float
 
 class UsageError(Exception):
     """Bad input on the command line; printed without a traceback."""
-
-
-def _format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _us(value: float | None) -> str:
@@ -151,30 +146,41 @@ def _warmup(args: argparse.Namespace) -> int:
                         rep_ms=args.rep_ms, progress=not args.quiet)
     rows = [(r.op, r.bucket, _choice(r.backend, r.config), _us(r.time_us), _us(r.default_us),
              _speedup(r.speedup), len(r.invalid)) for r in results]
-    print(_format_table(["op", "bucket", "chosen", "time us", "default us", "speedup",
-                         "invalid"], rows))
+    print(format_table(rows, ["op", "bucket", "chosen", "time us", "default us", "speedup",
+                              "invalid"]))
     return 0
+
+
+def _status(row: dict) -> str:
+    from kpt.autotune import provenance
+
+    reason = provenance.stale_reason(row)
+    if reason:
+        return "stale: " + reason
+    return "ok" if row["valid"] else f"invalid: {row['error']}"
 
 
 def _show(args: argparse.Namespace) -> int:
     from kpt.autotune import db, effective_rows, provenance, winner
+    from kpt.ops._registry import all_ops
 
     if args.all:
-        with db.ResultsDB.open() as database:
-            rows = database.rows(op=args.op)
-        table = [(r["fingerprint"], r["op"], r["dtype"], r["bucket"], _choice(r["backend"],
-                  r["config"]), _us(r["median_us"]), "-" if r["spread"] is None
-                  else f"{100 * r['spread']:.1f}%", r["samples"],
-                  ("stale: " + reason) if (reason := provenance.stale_reason(r))
-                  else ("ok" if r["valid"] else f"invalid: {r['error']}")) for r in rows]
-        print(_format_table(["fingerprint", "op", "dtype", "bucket", "candidate", "median us",
-                             "spread", "n", "status"], table))
+        # Reads only: a missing database is no rows, not a new file.
+        listed = [("shipped", r) for r in db.shipped_rows() if args.op in (None, r["op"])]
+        listed += [("database", r) for r in db.stored_rows(op=args.op)]
+        table = [(where, r["fingerprint"], r["op"], r["dtype"], r["bucket"],
+                  _choice(r["backend"], r["config"]), _us(r["median_us"]),
+                  "-" if r["spread"] is None else f"{100 * r['spread']:.1f}%", r["samples"],
+                  _status(r)) for where, r in listed]
+        print(format_table(table, ["from", "fingerprint", "op", "dtype", "bucket", "candidate",
+                                   "median us", "spread", "n", "status"]))
         return 0
     fingerprint = args.fingerprint or provenance.device_fingerprint()
     if fingerprint is None:
         print("no CUDA/ROCm device here: pass --all to list every row, or --fingerprint")
         return 0
-    picks = winner.winners(effective_rows(fingerprint), "cuda")
+    priorities = {name: op.priority.get("cuda", ()) for name, op in all_ops().items()}
+    picks = winner.winners(effective_rows(fingerprint), priorities)
     table = [(op, dtype, bucket, _choice(p.winner["backend"], p.winner["config"]),
               _us(p.winner["median_us"]), _us(p.default_us), _speedup(p.speedup))
              for (op, dtype, bucket, _), p in picks.items() if args.op in (None, op)]
@@ -182,17 +188,53 @@ def _show(args: argparse.Namespace) -> int:
     if not table:
         print("no trusted tuned choices (`show --all` lists stale and invalid rows too)")
         return 0
-    print(_format_table(["op", "dtype", "bucket", "chosen", "time us", "default us",
-                         "speedup"], table))
+    print(format_table(table, ["op", "dtype", "bucket", "chosen", "time us", "default us",
+                               "speedup"]))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from kpt.autotune import db
 
-    with db.ResultsDB.open() as database:
-        count = db.dump_rows(database.rows(op=args.op), args.file)
+    if args.ship:
+        return _ship(args)
+    if args.fingerprint:
+        raise UsageError("--fingerprint goes with --ship")
+    if args.file is None:
+        raise UsageError("name the output FILE (or - for stdout), or pass --ship")
+    count = db.dump_rows(db.stored_rows(op=args.op), args.file)
     print(f"exported {count} rows to {args.file}", file=sys.stderr if args.file == "-" else None)
+    return 0
+
+
+def _ship(args: argparse.Namespace) -> int:
+    """This GPU's rows (shipped ones overlaid by the database's) whose kernels are unchanged,
+    written as ``<folder>/<gpu>.jsonl``: the file to commit under ``kpt/autotune/tuned/``."""
+    from kpt.autotune import db, effective_rows, provenance
+    from kpt.ops._registry import all_ops
+
+    if args.op:
+        raise UsageError("--ship writes every op's rows of the GPU (its file is replaced)")
+    fingerprint = args.fingerprint or provenance.device_fingerprint()
+    if fingerprint is None:
+        raise UsageError("no CUDA/ROCm device here: pass --fingerprint (`show --all` lists them)")
+    ops = all_ops()
+    rows, left_out = [], 0
+    for row in effective_rows(fingerprint):
+        if row["op"] in ops and row["source_hash"] == provenance.source_hash(row["op"],
+                                                                              row["backend"]):
+            rows.append(row)
+        else:
+            left_out += 1
+    if not rows:
+        raise UsageError(f"no rows of {fingerprint} to ship: run `kpt-autotune warmup` first")
+    folder = Path(args.file) if args.file is not None else db.SHIPPED_DIR
+    if not folder.is_dir():
+        raise UsageError(f"--ship writes into a folder: {folder} is not one")
+    target = folder / db.shipped_file_name(fingerprint)
+    count = db.dump_rows(rows, target)
+    print(f"wrote {count} rows of {fingerprint} to {target}"
+          + (f" ({left_out} rows of changed kernels or removed ops left out)" if left_out else ""))
     return 0
 
 
@@ -215,6 +257,9 @@ def _import(args: argparse.Namespace) -> int:
 def _clear(args: argparse.Namespace) -> int:
     from kpt.autotune import db, invalidate
 
+    if not db.default_path().exists():
+        print(f"deleted 0 rows (no database at {db.default_path()})")
+        return 0
     with db.ResultsDB.open() as database:
         count = len(database.rows(op=args.op))
         what = f"{count} rows" + (f" of {args.op}" if args.op else "")
@@ -244,10 +289,9 @@ def _doctor(args: argparse.Namespace) -> int:
                 lines.append(("rows stored", f"{database.count()} ({where})"))
         except db.DatabaseUnavailable as err:
             lines.append(("rows stored", f"database unavailable: {err}"))
-    width = max(len(name) for name, _ in lines)
-    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in lines))
+    print(format_table(lines))
     print()
-    print(_format_table(["op", "backend", "status"], backend_table()))
+    print(format_table(backend_table(), ["op", "backend", "status"]))
     return 0
 
 
@@ -262,7 +306,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every invalid config")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    warm = sub.add_parser("warmup", help="tune every shape a model (or a shape list) runs")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        heading = summary[0].upper() + summary[1:]
+        return sub.add_parser(name, help=summary, description=f"{heading}.\n\n{description}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    warm = command(
+        "warmup", "tune every shape a model (or a shape list) runs",
+        "Measures every backend and config of each tunable op on those shapes on this GPU,\n"
+        "checks each against the reference, and stores the times in the database; dispatch\n"
+        "then uses the winners. Without a CUDA/ROCm device there is nothing to tune.\n"
+        "Example: kpt-autotune warmup --model path/to/config.json --tokens 1,16,128")
     source = warm.add_mutually_exclusive_group()
     source.add_argument("--model", help="HF config.json, or a directory holding one")
     source.add_argument("--shapes", help="JSON list of shape dicts, or a file holding one")
@@ -270,32 +324,61 @@ def _parser() -> argparse.ArgumentParser:
     warm.add_argument("--tokens", type=_parse_tokens, default=DEFAULT_TOKENS,
                       help="token counts, comma-separated (default: powers of two 1..8192)")
     warm.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the config's, else bf16)")
-    warm.add_argument("--warmup-ms", type=float, default=25.0)
-    warm.add_argument("--rep-ms", type=float, default=100.0)
+    warm.add_argument("--warmup-ms", type=float, default=25.0,
+                      help="time each candidate runs before it is measured (default: 25)")
+    warm.add_argument("--rep-ms", type=float, default=100.0,
+                      help="time each candidate is measured for (default: 100)")
     warm.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     warm.set_defaults(func=_warmup)
 
-    show = sub.add_parser("show", help="tuned winners for this GPU, or every row with --all")
-    show.add_argument("--op")
-    show.add_argument("--all", action="store_true", help="every stored row, all fingerprints")
+    show = command(
+        "show", "tuned winners for this GPU, or every row with --all",
+        "Without --all: the choice dispatch makes per op, dtype and shape bucket on this GPU\n"
+        "(rows shipped with kpt overlaid by the database's), with the untuned default's time.\n"
+        "With --all: every shipped and stored row, of every GPU, and whether it is trusted\n"
+        "(a row measured on another kernel source or compiler version is stale). Reads only:\n"
+        "a missing database is not created.")
+    show.add_argument("--op", help="only this op")
+    show.add_argument("--all", action="store_true", help="every row, all fingerprints")
     show.add_argument("--fingerprint", help="winners for another GPU's fingerprint")
     show.set_defaults(func=_show)
 
-    export = sub.add_parser("export", help="write the database's rows as JSON Lines")
-    export.add_argument("file", help="output file, or - for stdout")
-    export.add_argument("--op")
+    export = command(
+        "export", "write the database's rows as JSON Lines",
+        "FILE gets every row of the database (- for stdout), for `kpt-autotune import`\n"
+        "elsewhere. With --ship: this GPU's trusted rows (shipped ones overlaid by the\n"
+        "database's; rows whose kernel sources changed since they were measured left out)\n"
+        "go to FOLDER/<gpu>.jsonl, default kpt/autotune/tuned/, the rows kpt ships for it:\n"
+        "    kpt-autotune warmup --model bench/llama3-8b-config.json --tokens 1,16,128,4096 \\\n"
+        "        && kpt-autotune export --ship")
+    export.add_argument("file", nargs="?", metavar="FILE|FOLDER",
+                        help="output file, - for stdout; with --ship, a folder")
+    export.add_argument("--op", help="only this op's rows")
+    export.add_argument("--ship", action="store_true",
+                        help="this GPU's trusted rows as FOLDER/<gpu>.jsonl")
+    export.add_argument("--fingerprint", help="with --ship: another GPU's rows (after import)")
     export.set_defaults(func=_export)
 
-    imp = sub.add_parser("import", help="add rows from JSON Lines or a JSON array")
+    imp = command(
+        "import", "add rows from JSON Lines or a JSON array",
+        "Creates the database if needed; an imported row replaces the stored row of the same\n"
+        "key (op, backend, config, dtype, bucket, fingerprint).")
     imp.add_argument("file", help="input file, or - for stdin")
     imp.set_defaults(func=_import)
 
-    clear = sub.add_parser("clear", help="delete stored rows")
-    clear.add_argument("--op")
+    clear = command(
+        "clear", "delete stored rows",
+        "Deletes the database's rows (all, or one op's); rows shipped with kpt stay.\n"
+        "Asks first unless --yes.")
+    clear.add_argument("--op", help="only this op's rows")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     clear.set_defaults(func=_clear)
 
-    doctor = sub.add_parser("doctor", help="backends available here, fingerprint, versions")
+    doctor = command(
+        "doctor", "backends available here, fingerprint, versions",
+        "The device, its fingerprint (what tuned rows are keyed by), the database, the\n"
+        "toolchain versions, and for every op and backend whether it runs here and why not.\n"
+        "Creates nothing.")
     doctor.set_defaults(func=_doctor)
     return parser
 

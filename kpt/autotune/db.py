@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import sys
 import threading
@@ -292,6 +293,18 @@ class ResultsDB:
             return self._db[TABLE].count
 
 
+def stored_rows(*, fingerprint: str | None = None, op: str | None = None,
+                path: str | Path | None = None) -> list[Row]:
+    """Rows of the database at ``path`` (default :func:`default_path`), read without creating
+    it: none when there is no database yet. Lookup and the read-only commands use this; only
+    writes (tuning, import) create the file."""
+    path = Path(path) if path is not None else default_path()
+    if str(path) not in _MEMORY and not path.exists():
+        return []
+    with ResultsDB.open(path) as database:
+        return database.rows(fingerprint=fingerprint, op=op)
+
+
 def _where(**equal: str | None) -> tuple[str | None, list[str]]:
     names = [k for k, v in equal.items() if v is not None]
     return (" AND ".join(f"[{k}] = ?" for k in names) or None, [equal[k] for k in names])
@@ -359,6 +372,14 @@ def shipped_rows(fingerprint: str | None = None) -> list[Row]:
                 rows.extend(r for r in load_rows(file)
                             if fingerprint is None or r["fingerprint"] == fingerprint)
     return rows
+
+
+def shipped_file_name(fingerprint: str) -> str:
+    """The file of :data:`SHIPPED_DIR` that holds a GPU's rows: its name from the fingerprint,
+    lower case, e.g. ``nvidia-h200.jsonl`` (any file name reads the same; this one is kpt's
+    convention, so that re-exporting a GPU's rows replaces its file)."""
+    name = fingerprint.split("/", 1)[0]
+    return (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu") + ".jsonl"
 
 
 def overlay(shipped: Iterable[Row], user: Iterable[Row]) -> list[Row]:

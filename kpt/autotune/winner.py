@@ -16,7 +16,7 @@ user is shown is the choice dispatch makes. The rule:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kpt.autotune.db import GROUP, Row
@@ -82,19 +82,19 @@ def pick(
     return Pick(default, default)
 
 
-def winners(rows: Iterable[Row], device_type: str = "cuda") -> dict[tuple[str, ...], Pick]:
+def winners(rows: Iterable[Row],
+            priorities: Mapping[str, Sequence[str]]) -> dict[tuple[str, ...], Pick]:
     """Picks for every group in ``rows``, keyed by (op, dtype, bucket, fingerprint).
 
-    Rows of ops that are not registered (removed or renamed) are ignored; freshness is checked
-    against the running code with :func:`kpt.autotune.provenance.stale_reason`.
+    ``priorities`` maps every registered op to its backend priority for the device type; rows
+    of other ops (removed or renamed) are ignored. Freshness is checked against the running
+    code with :func:`kpt.autotune.provenance.stale_reason`.
     """
     from kpt.autotune.provenance import stale_reason
-    from kpt.ops._registry import all_ops
 
-    ops = all_ops()
     groups: dict[tuple[str, ...], list[Row]] = {}
     for row in rows:
-        if row["op"] in ops:
+        if row["op"] in priorities:
             groups.setdefault(tuple(row[k] for k in GROUP), []).append(row)
 
     fresh: dict[tuple, bool] = {}
@@ -112,8 +112,7 @@ def winners(rows: Iterable[Row], device_type: str = "cuda") -> dict[tuple[str, .
 
     picks = {}
     for key, group in sorted(groups.items()):
-        order = ops[key[0]].priority.get(device_type, ())
-        chosen = pick(group, order, is_fresh)
+        chosen = pick(group, priorities[key[0]], is_fresh)
         if chosen is not None:
             picks[key] = chosen
     return picks

@@ -12,12 +12,13 @@ Environment: ``KPT_CACHE_DIR`` (cache root), ``KPT_CSRC_DIR`` (sources to build 
 from ._compile import compile_check
 from ._env import cache_dir, compilers, csrc_dir
 from ._errors import BuildError, CompilerMissing
-from .spec import JitSpec
+from .spec import JitSpec, base_flags
 
 __all__ = [
     "BuildError",
     "CompilerMissing",
     "JitSpec",
+    "base_flags",
     "cache_dir",
     "compile_check",
     "compilers",

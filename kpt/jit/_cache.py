@@ -5,11 +5,12 @@ Layout under ``cache_dir()/"jit"``::
     <name>-<hash>/          cpp_extension's build directory (ninja files, objects, the .so,
                             src/ snapshot of the sources, build.log when the build failed)
     <name>-<hash>/.ok       completion marker, written last and atomically
-    <name>-<hash>.lock      flock()ed while a process builds; never deleted
+    <name>-<hash>.lock      locked (an OS file lock, through ``filelock``) while a process
+                            builds; kept afterwards on POSIX
 
 Only a directory with a marker naming its hash is trusted. A build killed midway (SIGKILL, OOM,
 a full disk) leaves a directory without one, which the next builder deletes and rebuilds; its
-flock is released by the kernel when the process dies, so nobody waits on a dead builder.
+lock is released by the OS when the process dies, so nobody waits on a dead builder.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import types
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from ._errors import BuildError
 
@@ -106,23 +109,20 @@ def load_finished(build_dir: Path, build_hash: str) -> types.ModuleType | None:
 
 @contextlib.contextmanager
 def file_lock(path: Path, waiting_for: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block.
+    """Hold an exclusive lock on ``path`` (created if needed) for the block.
 
-    flock rather than a lock *file* whose existence means "locked": the kernel drops an flock
-    when its process dies, so a killed builder can never leave a lock behind that hangs others.
+    ``filelock``'s OS lock (``flock`` on POSIX, ``msvcrt.locking`` on Windows) rather than a
+    lock *file* whose existence means "locked": the OS drops the lock when its process dies,
+    so a killed builder can never leave a lock behind that hangs others.
     """
-    try:
-        import fcntl
-    except ImportError as err:  # Windows
-        raise BuildError("kpt JIT builds need POSIX flock (Linux or macOS)") from err
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("kpt: waiting for another process %s (lock %s)", waiting_for, path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("kpt: waiting for another process %s (lock %s)", waiting_for, path)
+        lock.acquire()
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()

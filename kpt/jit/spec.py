@@ -1,8 +1,8 @@
 """JitSpec: what one extension is built from, its content hash, and load-or-build.
 
 The FlashInfer scheme: a spec names sources under ``csrc/``; its hash covers everything that can
-change the binary; builds live in ``cache_dir()/"jit"/"<name>-<hash>"`` and are made under an
-flock, re-checking for a finished build after taking it, so N processes that start together
+change the binary; builds live in ``cache_dir()/"jit"/"<name>-<hash>"`` and are made under a
+file lock, re-checking for a finished build after taking it, so N processes that start together
 (one per GPU, say) compile once and the other N-1 wait and load.
 """
 
@@ -46,6 +46,14 @@ _BASE_CFLAGS = ("-O3",)
 # --use_fast_math: it trades accuracy (flushed denormals, approximate division) for speed.
 _BASE_CUDA_CFLAGS = ("-O3", "-std=c++17", "-lineinfo")
 _BASE_HIP_CFLAGS = ("-O3", "-std=c++17")
+
+
+def base_flags(runtime: str) -> tuple[str, ...]:
+    """The flags every build for ``runtime`` (``"cuda"`` or ``"hip"``) compiles with, host's
+    then device's, before the target arch and a spec's own flags: with the sources, what decides
+    the code a kernel runs (autotune provenance hashes them)."""
+    return _BASE_CFLAGS + {"cuda": _BASE_CUDA_CFLAGS, "hip": _BASE_HIP_CFLAGS}[runtime]
+
 
 _LOADED: dict[tuple, types.ModuleType] = {}
 _FAILED: dict[str, BuildError] = {}  # build hash -> the error; a process never retries a hash

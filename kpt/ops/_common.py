@@ -12,18 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 MIN_TRITON = (3, 3)
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
 
 
 @functools.cache
@@ -33,7 +24,11 @@ def triton_unavailable() -> str | None:
         import triton
     except ImportError as err:
         return f"triton is not installed ({err})"
-    if _version_tuple(triton.__version__) < MIN_TRITON:
+    try:
+        version = Version(triton.__version__)
+    except InvalidVersion:
+        return f"triton's version {triton.__version__!r} cannot be read"
+    if version.release < MIN_TRITON:
         return f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}"
     return None
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from kpt import autotune
+
 log = logging.getLogger("kpt")
 
 Config = dict[str, Any]
@@ -140,6 +142,9 @@ class Op:
     tuning: Tuning | None = None
     # Backends to try before the static priority for one problem (measured faster there).
     prefer: Callable[[Problem], tuple[str, ...]] | None = None
+    # example(device, dtype): the problem of a small typical call, which `python -m kpt.info`
+    # asks every backend about (ops with tuning hooks make theirs from those).
+    example: Callable[[torch.device, torch.dtype], Problem] | None = None
     _cache: dict[tuple, tuple[Backend, Config]] = field(default_factory=dict, repr=False)
     _broken: dict[str, str] = field(default_factory=dict, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)
@@ -352,9 +357,7 @@ def _env_backend(op: str) -> str | None:
 def _tuned_choice(op: Op, problem: Problem) -> tuple[str, Config] | None:
     if problem.device_type == "cpu" or os.environ.get("KPT_AUTOTUNE", "1") == "0":
         return None
-    from kpt.autotune import lookup
-
-    return lookup(op.name, problem, op.bucket(problem))
+    return autotune.lookup(op.name, problem, op.bucket(problem))
 
 
 _OPS: dict[str, Op] = {}
@@ -370,3 +373,8 @@ def all_ops() -> dict[str, Op]:
 def clear_caches() -> None:
     for op in _OPS.values():
         op.clear_cache()
+
+
+# The autotune lookup reads op priorities from here and clears these caches on invalidate(),
+# without importing this module (which imports it).
+autotune.connect(all_ops, clear_caches)

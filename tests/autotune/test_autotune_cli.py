@@ -94,3 +94,60 @@ def test_doctor_reports_every_backend(capsys):
     assert status["reference"] == "ok"
     if not torch.cuda.is_available():
         assert "device cpu" in status["cuda"]
+
+
+def test_read_only_commands_create_no_database(autotune_db, capsys):
+    for argv in (["show", "--all"], ["show", "--fingerprint", FINGERPRINT], ["export", "-"],
+                 ["clear", "--yes"], ["doctor"]):
+        assert main(argv) == 0, argv
+    assert list(autotune_db.parent.glob(autotune_db.name + "*")) == []
+    assert "deleted 0 rows" in capsys.readouterr().out
+
+
+def test_show_all_lists_shipped_rows_and_whether_they_are_trusted(seeded, capsys):
+    db.SHIPPED_DIR.mkdir()
+    db.dump_rows([make_row("slow", is_default=1, bucket="n64", source_hash="0" * 16)],
+                 db.SHIPPED_DIR / "test-gpu.jsonl")
+    assert main(["show", "--all"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if "n64" in ln]
+    assert line.startswith("shipped") and "stale: source_hash '0000000000000000'" in line
+
+
+def test_export_ship_writes_this_gpus_trusted_rows_as_its_shipped_file(seeded, tmp_path,
+                                                                        capsys):
+    changed = make_row("fast", '{"block":1}', median_us=3.0, bucket="n16",
+                       source_hash="0" * 16)  # measured on a kernel that has changed since
+    with db.ResultsDB.open() as database:
+        database.write([changed])
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert main(["export", "--ship", str(folder)]) == 0
+    assert "1 rows of changed kernels" in capsys.readouterr().out
+    (written,) = folder.iterdir()
+    assert written.name == db.shipped_file_name(FINGERPRINT) == "test-gpu.jsonl"
+    rows = db.load_rows(written)
+    assert sorted(r["config"] for r in rows) == ['{"block":1}', '{"block":4}', "{}"]
+    assert {(r["fingerprint"], r["bucket"]) for r in rows} == {(FINGERPRINT, "n8")}
+
+    # By default into the folder lookup reads shipped rows from; the file is then whole.
+    db.SHIPPED_DIR.mkdir()
+    assert main(["export", "--ship"]) == 0
+    assert sorted(map(str, db.shipped_rows(FINGERPRINT))) == sorted(map(str, rows))
+
+
+def test_export_rejects_inconsistent_arguments(seeded, capsys):
+    assert main(["export"]) == 2  # neither a file nor --ship
+    assert main(["export", "--fingerprint", FINGERPRINT, "-"]) == 2
+    assert main(["export", "--ship", "--op", FAKE_OP]) == 2  # would drop the other ops' rows
+    assert main(["export", "--ship", "--fingerprint", "Unknown GPU/sm_00"]) == 2  # no rows
+    assert capsys.readouterr().err.count("error:") == 4
+
+
+@pytest.mark.parametrize("command", ["warmup", "show", "export", "import", "clear", "doctor"])
+def test_every_command_has_a_description(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    paragraphs = capsys.readouterr().out.split("\n\n")
+    assert paragraphs[0].startswith(f"usage: kpt-autotune {command}")
+    assert not paragraphs[1].startswith(("positional arguments", "options"))
+    assert len(paragraphs[2].split()) > 10  # what it does, beyond the one-line summary

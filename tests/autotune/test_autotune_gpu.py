@@ -9,9 +9,10 @@ import re
 import pytest
 import torch
 
-from kpt.autotune import db, lookup, provenance, tune
+from kpt.autotune import db, lookup, provenance
 from kpt.autotune.cli import main
 from kpt.autotune.timing import CudaTimer, _event_times, summarize
+from kpt.autotune.tuner import tune
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
 

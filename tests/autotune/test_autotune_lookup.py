@@ -10,7 +10,6 @@ import pytest
 import torch
 from autotune_helpers import FAKE_OP, make_row
 
-import kpt
 from kpt.autotune import db, invalidate, lookup
 from kpt.ops._registry import Problem
 
@@ -65,11 +64,13 @@ def test_lookup_hands_out_fresh_config_dicts(tuned):
 def test_stale_rows_are_ignored(fingerprint, fake_op, monkeypatch):
     _store(make_row("slow", is_default=1, median_us=10.0),
            make_row("fast", '{"block":1}', median_us=1.0, source_hash="0123456789abcdef"),
-           make_row("fast", '{"block":2}', median_us=2.0, kpt_version="0.0.1"),
-           make_row("reference", median_us=4.0))
+           make_row("fast", '{"block":2}', median_us=2.0, torch_version="1.0.0"),
+           # kpt's own version is recorded, not compared: the source hash says which kernel ran.
+           make_row("reference", median_us=4.0, kpt_version="0.0.1"))
     assert lookup(FAKE_OP, _problem(8), "n8") == ("reference", {})
-    # After an upgrade every row is stale, the default's included: static dispatch decides.
-    monkeypatch.setattr(kpt, "__version__", "99.0")
+    # After a torch upgrade these (PyTorch-level) backends' rows are all stale, the default's
+    # included: static dispatch decides.
+    monkeypatch.setattr(torch, "__version__", "99.0")
     invalidate()
     assert lookup(FAKE_OP, _problem(8), "n8") is None
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from autotune_helpers import FAKE_OP
 
-from kpt.autotune import db, lookup, tune
+from kpt.autotune import db, lookup
+from kpt.autotune.tuner import tune
 from kpt.ops._registry import Problem
 
 
@@ -83,7 +84,8 @@ _REAL_OP_SCRIPT = textwrap.dedent("""
     import json
 
     import torch
-    from kpt.autotune import provenance, tune
+    from kpt.autotune import provenance
+    from kpt.autotune.tuner import tune
     from kpt.autotune.timing import Timing
 
     provenance.device_fingerprint = lambda device=None: "Test GPU"

@@ -553,7 +553,7 @@ _flash_attention_backward_op.register_autograd(_no_double_backward,
 # ---- eager fast path -----------------------------------------------------------------------
 #
 # The custom op's Python layers (dispatcher, autograd wrapper, alias checks) cost about as
-# much host time per call as everything kpt does itself (session 14, H200 host: ~155 us per
+# much host time per call as everything kpt does itself (2026-11-24, H200 host: ~155 us per
 # public call against ~50 us for the sm90 launch alone). Where nothing but plain eager
 # execution can see the call (``kpt.ops._common.plain_eager``), the public function runs the
 # same implementation directly, with autograd through an equivalent autograd.Function.

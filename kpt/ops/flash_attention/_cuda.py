@@ -88,7 +88,7 @@ def _sm90_config(problem: Problem) -> list[Config]:
     # a counter, longest first) leads for every mask: in one interleaved run on the H200
     # (scripts/forward_variants_ab.py) it matched the one-CTA-per-tile "overlap" launch within
     # 2% without a mask and beat it by 5-13% with causal and window masks, where the static
-    # stride of "persistent" had lost up to 23% (SM90_NOTES.md, session 9).
+    # stride of "persistent" had lost up to 23% (SM90_NOTES.md, "Tile scheduling").
     return [{"impl": "sm90", "variant": "dynamic"}, {"impl": "sm90", "variant": "overlap"},
             {"impl": "sm90"}]
 
@@ -97,14 +97,14 @@ def prefer(problem: Problem) -> tuple[str, ...]:
     """The forward's ``prefer`` hook: on Hopper, the cuda backend (its sm90 kernels) before
     Triton. With dynamic tile scheduling the sm90 forward measured faster than Triton's in every
     benchmarked case, head dim 64 with a causal mask included (332 vs 314 TFLOP/s at B8 H16
-    S2048; bench/RESULTS.md, session 9)."""
+    S2048, 2026-11-24, H200; SM90_NOTES.md, "Tile scheduling")."""
     return ("cuda",) if _sm90_config(problem) else ()
 
 
-# From this length on (queries and keys) the sm90 backward is dispatch's first choice: since
-# session 8 it beat Triton's on the H200 in every case measured, 512 to 16384 tokens, head dims
-# 64 and 128, full, causal and sliding-window masks (1.01-1.41x; a tie at D = 64 causal, 1024
-# tokens; bench/RESULTS.md). Shorter sequences were not measured and keep Triton's.
+# From this length on (queries and keys) the sm90 backward is dispatch's first choice: it beat
+# Triton's on the H200 in every case measured, 512 to 16384 tokens, head dims 64 and 128, full,
+# causal and sliding-window masks (1.01-1.41x; a tie at D = 64 causal, 1024 tokens;
+# SM90_NOTES.md, "Backward"). Shorter sequences were not measured and keep Triton's.
 SM90_BACKWARD_MIN_SEQLEN = 512
 
 

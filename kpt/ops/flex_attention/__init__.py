@@ -172,6 +172,16 @@ _BACKWARD = {"flash": lazy(f"{__name__}._flash", "backward"),
              "hip": lazy(f"{__name__}._cuda", "backward")}
 
 
+def example_problem(device: torch.device, dtype: torch.dtype) -> Problem:
+    """The problem of a small causal call (B1 H4 S128 D64), built the way a call builds it:
+    what ``python -m kpt.info`` asks every backend about."""
+    q = torch.empty(1, 4, 128, 64, device=device, dtype=dtype)
+    tables = _bm.normalize(create_block_mask(mods.causal(), 1, None, 128, 128, device=device),
+                           1, 4, 128, 128, device)
+    translated = _codegen.translate(None, tables.mask_mod if tables.has_partial else None)
+    return problem_of(q, q, q, translated, tables, grad=False)
+
+
 def _bucket(p: Problem) -> str:
     def pow2(n: int) -> int:
         return 1 << max(0, math.ceil(math.log2(max(n, 1))))
@@ -197,6 +207,7 @@ SPEC = Op(
         "mps": ("reference",),
     },
     bucket=_bucket,
+    example=example_problem,
 )
 
 

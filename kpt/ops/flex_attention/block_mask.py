@@ -116,7 +116,7 @@ def create_block_mask(
     H: int | None,
     Q_LEN: int,
     KV_LEN: int,
-    device: str | torch.device = "cuda",
+    device: str | torch.device | None = None,
     BLOCK_SIZE: int | tuple[int, int] = 128,
 ) -> BlockMask:
     """Block-sparsity tables of ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend).
@@ -124,11 +124,12 @@ def create_block_mask(
     Like ``torch.nn.attention.flex_attention.create_block_mask`` (B or H None: broadcast over
     that dim) but evaluated eagerly with broadcast index tensors, chunked over q-blocks, so it
     needs no torch.compile. The mod must work on broadcastable integer tensors (no Python
-    branching on their values), as torch's does under vmap.
+    branching on their values), as torch's does under vmap. ``device`` defaults to the current
+    CUDA device when there is one, else the CPU (torch's is always ``"cuda"``).
     """
     bq, bkv = _block_sizes(BLOCK_SIZE)
     B, H = B or 1, H or 1
-    device = torch.device(device)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     nq, nkv = -(-Q_LEN // bq), -(-KV_LEN // bkv)
     partial = torch.zeros(B, H, nq, nkv, dtype=torch.bool, device=device)
     full = torch.zeros_like(partial)
