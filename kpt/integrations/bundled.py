@@ -107,6 +107,8 @@ def sentence_embeddings(model: Any, tokenizer: Any, texts: list[str],
     """(len(texts), hidden) float32 unit vectors: the model's sentence-transformers pipeline,
     i.e. one padded batch, the mean of the last hidden states over the attention mask, L2
     normalisation. ``max_length``: all-MiniLM-L6-v2's ``max_seq_length``."""
+    if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("sentence_embeddings: texts must be a non-empty list of strings")
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt").to(model.device)
     hidden = model(**batch).last_hidden_state.float()
@@ -122,6 +124,10 @@ def perplexity(model: Any, tokenizer: Any, text: str = EVAL_TEXT, *, window: int
     ``max_tokens`` tokens when given), scored in consecutive non-overlapping windows of
     ``window`` tokens, each window's first token being context only. Log-softmax in float32
     whatever the model's dtype. Deterministic: no sampling, no padding, a fixed split."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"perplexity: window must be an int >= 2, got {window!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
+        raise ValueError(f"perplexity: max_tokens must be an int >= 2, got {max_tokens!r}")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if max_tokens is not None:
         ids = ids[:max_tokens]

@@ -267,3 +267,16 @@ def test_supported_lists_the_real_models_families():
     supported = kpt_hf.supported()
     assert {"llama", "bert"} <= set(supported), supported
     assert all(supported[name] for name in ("llama", "bert")), supported
+
+
+def test_measurements_reject_bad_arguments():
+    from kpt.integrations import bundled
+
+    for window in (0, 1, 2.5, True):
+        with pytest.raises(ValueError, match="perplexity: window"):
+            bundled.perplexity(None, None, "some text", window=window)
+    with pytest.raises(ValueError, match="perplexity: max_tokens"):
+        bundled.perplexity(None, None, "some text", max_tokens=1)
+    for texts in ([], "one string", [1, 2]):
+        with pytest.raises(TypeError, match="sentence_embeddings: texts"):
+            bundled.sentence_embeddings(None, None, texts)
