@@ -4,7 +4,7 @@
 # their summary table printed last. Logs go to $OUT (or ./gpu-out) when set.
 # Usage: bash scripts/gpu.sh [quick]     ("quick": skip the autotune warm-up)
 # KPT_GPU_TESTS / KPT_GPU_BENCH: test paths and benchmark files to run (default: all; "none"
-# skips). KPT_GPU_TUNE: "op=shapes.json ..." pairs to tune instead of the Llama-3-8B warm-up.
+# skips). KPT_GPU_HOST=1: the host time per eager call first (scripts/host_latency.py). KPT_GPU_TUNE: "op=shapes.json ..." pairs to tune instead of the Llama-3-8B warm-up.
 # Compiled kernels (kpt's JIT builds, Triton's cache) persist in .cache/ when it is carried in
 # and are copied back under $OUT/cache, so the next machine need not rebuild them.
 set -uo pipefail
@@ -22,6 +22,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 python3 -m kpt.info
 status=0
+if [ "${KPT_GPU_HOST:-0}" = "1" ]; then
+    python3 scripts/host_latency.py 2>&1 | tee "$out/host.log" | tail -40
+fi
 if [ "${KPT_GPU_TESTS:-}" != "none" ]; then
     # shellcheck disable=SC2086
     python3 -m pytest -q -p no:cacheprovider ${KPT_GPU_TESTS:-tests} 2>&1 \

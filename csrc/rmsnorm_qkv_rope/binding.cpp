@@ -165,6 +165,62 @@ void epilogue(const at::Tensor& qkv, const std::optional<at::Tensor>& bias,
       "kpt_rqr_epilogue");
 }
 
+// `t` itself when its start and every row are 16-byte aligned with a unit last stride (what
+// the kernels' 16-byte vectors need), else a contiguous copy in a fresh allocation.
+at::Tensor aligned_or_copy(const at::Tensor& t) {
+  bool rows_ok = t.dim() > 0 && t.stride(t.dim() - 1) == 1 && aligned16(t);
+  for (int64_t i = 0; rows_ok && i + 1 < t.dim(); ++i) {
+    rows_ok = t.size(i) <= 1 || t.stride(i) % 8 == 0;
+  }
+  return rows_ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+std::optional<at::Tensor> aligned_or_copy(const std::optional<at::Tensor>& t) {
+  if (!t) return std::nullopt;
+  return aligned_or_copy(*t);
+}
+
+// The whole op in one call from Python (its per-call host cost is what decode pays per layer):
+// residual add + RMSNorm, the projection (split-K GEMV when `gemv_impl` >= 0, else the BLAS
+// GEMM through ATen, bias added before its rounding), then the epilogue. Workspaces come from
+// torch's caching allocator on the current stream; `x`, `q`, `k`, `v` (and `residual_out`) are
+// the op's (tokens, ...) tensors, every shape is checked by the entry points above.
+void forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+             const std::optional<at::Tensor>& residual_out, const at::Tensor& norm_weight,
+             const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+             const std::optional<at::Tensor>& q_norm_weight,
+             const std::optional<at::Tensor>& k_norm_weight, const at::Tensor& positions,
+             const at::Tensor& inv_freq, const at::Tensor& q, const at::Tensor& k,
+             const at::Tensor& v, int64_t rotary_dim, double eps, bool neox, int64_t gemv_impl,
+             int64_t row_tiles, int64_t splits, int64_t stream) {
+  TORCH_CHECK(x.dim() == 2, kOp, ": x must be (tokens, hidden)");
+  const int64_t tokens = x.size(0), hidden = x.size(1);
+  if (tokens == 0) return;
+  const at::Tensor weight = aligned_or_copy(qkv_weight);
+  std::optional<at::Tensor> bias = aligned_or_copy(qkv_bias);
+  const std::optional<at::Tensor> res = aligned_or_copy(residual);
+  const at::Tensor xn = at::empty({tokens, hidden}, x.options());
+  add_rmsnorm(aligned_or_copy(x), res, res ? residual_out : std::nullopt,
+              aligned_or_copy(norm_weight), xn, eps, stream);
+  const int64_t n = weight.size(0);
+  at::Tensor qkv;
+  if (gemv_impl >= 0) {
+    TORCH_CHECK(splits > 0, kOp, ": the GEMV needs at least one split");
+    qkv = at::empty({splits, tokens, n}, x.options().dtype(at::kFloat));
+    gemv(xn, weight, qkv, gemv_impl, row_tiles, stream);
+  } else {
+    qkv = at::empty({tokens, n}, x.options());
+    if (bias) {
+      at::addmm_out(qkv, *bias, xn, weight.t());
+    } else {
+      at::mm_out(qkv, xn, weight.t());
+    }
+    bias = std::nullopt;  // added by the GEMM, before its rounding
+  }
+  epilogue(qkv, bias, aligned_or_copy(q_norm_weight), aligned_or_copy(k_norm_weight), positions,
+           inv_freq.contiguous(), q, k, v, rotary_dim, eps, neox, stream);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -178,6 +234,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),
         py::arg("positions"), py::arg("inv_freq"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("rotary_dim"), py::arg("eps"), py::arg("neox"), py::arg("stream"));
+  m.def("forward", &forward, "the whole op: add_rmsnorm, projection, epilogue", py::arg("x"),
+        py::arg("residual"), py::arg("residual_out"), py::arg("norm_weight"),
+        py::arg("qkv_weight"), py::arg("qkv_bias"), py::arg("q_norm_weight"),
+        py::arg("k_norm_weight"), py::arg("positions"), py::arg("inv_freq"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("rotary_dim"), py::arg("eps"), py::arg("neox"),
+        py::arg("gemv_impl"), py::arg("row_tiles"), py::arg("splits"), py::arg("stream"));
   m.attr("GEMV_MMA") = static_cast<int>(KPT_RQR_GEMV_MMA);
   m.attr("GEMV_SIMT") = static_cast<int>(KPT_RQR_GEMV_SIMT);
 }

@@ -279,6 +279,8 @@ def _visible(attention_mask: Tensor | None, batch: int, q_len: int, k_len: int, 
              window: tuple[int, int], device: torch.device) -> Tensor | None:
     """(B or 1, 1, Sq, Sk) boolean visibility from a (B, L) key mask and the causal/window rule
     (queries aligned to the end of the L real-or-padded keys), or None when all is visible."""
+    if attention_mask is None and not causal and window == (-1, -1):
+        return None  # before building anything: every decode step without a mask lands here
     length = k_len if attention_mask is None else attention_mask.shape[1]
     keys = torch.arange(k_len, device=device)
     query_pos = torch.arange(q_len, device=device)[:, None] + (length - q_len)
@@ -293,8 +295,6 @@ def _visible(attention_mask: Tensor | None, batch: int, q_len: int, k_len: int, 
     if attention_mask is not None:
         pad = F.pad(attention_mask, (0, k_len - length), value=False)
         visible = visible & pad[:, None, None, :]
-    elif not causal and window == (-1, -1) and length == k_len:
-        return None
     return visible
 
 

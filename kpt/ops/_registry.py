@@ -146,6 +146,9 @@ class Op:
     # asks every backend about (ops with tuning hooks make theirs from those).
     example: Callable[[torch.device, torch.dtype], Problem] | None = None
     _cache: dict[tuple, tuple[Backend, Config]] = field(default_factory=dict, repr=False)
+    # launch_keyed's decisions by (the caller's cheap key, requested backend): a key is a plain
+    # tuple that determines the Problem, so a hit skips building and hashing one.
+    _keyed: dict[tuple, tuple[Backend, Config]] = field(default_factory=dict, repr=False)
     _broken: dict[str, str] = field(default_factory=dict, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -317,15 +320,41 @@ class Op:
                     raise
                 self._fallback(f"{self.name}: backend {chosen.name!r} failed: {err}")
 
+    def launch_keyed(self, key: tuple, make_problem: Callable[[], Problem], call: Any,
+                     backend: str | None = None) -> str:
+        """:meth:`launch` for an op's hot path: ``key`` is a tuple of plain values that
+        determines the problem (``make_problem()`` builds it on a miss), so a repeated call
+        costs one dict lookup on it, with nothing that grows with the number of backends."""
+        requested = backend or _env_backend(self.name)
+        hit = self._keyed.get((key, requested))
+        if hit is None:
+            hit = self.choose(make_problem(), backend)
+            with self._lock:
+                if len(self._keyed) >= _CACHE_LIMIT:
+                    self._keyed.clear()
+                self._keyed[(key, requested)] = hit
+        chosen, config = hit
+        try:
+            chosen.run(call, config)
+            return chosen.name
+        except BackendUnavailable as err:  # as in launch(): recorded, then chosen again
+            self.mark_unavailable(chosen.name, str(err))
+            if backend is not None:
+                raise
+            self._fallback(f"{self.name}: backend {chosen.name!r} failed: {err}")
+            return self.launch(make_problem(), call, backend)
+
     def mark_unavailable(self, name: str, reason: str) -> None:
         with self._lock:
             self._broken[name] = reason
             self._cache.clear()
+            self._keyed.clear()
 
     def clear_cache(self) -> None:
         """Forget cached decisions (after the autotune database or environment changed)."""
         with self._lock:
             self._cache.clear()
+            self._keyed.clear()
             self._broken.clear()
             self._warned.clear()
 

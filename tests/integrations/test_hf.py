@@ -113,9 +113,10 @@ def test_patched_model_matches_hf_on_padded_batches_and_unpatch_restores(family,
 def test_fused_op_runs_once_per_layer_on_the_weights_in_place(monkeypatch):
     model = tiny("qwen2")
     weights = []
-    original = SPEC.launch
-    monkeypatch.setattr(SPEC, "launch", lambda problem, call, backend=None: weights.append(
-        (call.qkv_weight.data_ptr(), call.qkv_bias.data_ptr())) or original(problem, call, backend))
+    original = SPEC.launch_keyed
+    monkeypatch.setattr(SPEC, "launch_keyed", lambda key, make, call, backend=None: weights.append(
+        (call.qkv_weight.data_ptr(), call.qkv_bias.data_ptr())) or original(key, make, call,
+                                                                              backend))
     with torch.no_grad(), kpt_hf.patch(model):
         model(torch.randint(0, VOCAB, (2, 5)))
         # the kernel reads the layer's own q/k/v parameters: no copy of the weights per call

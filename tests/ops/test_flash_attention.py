@@ -533,6 +533,7 @@ def test_bad_input_is_rejected_before_launch(name, monkeypatch):
     args = _base_args() | override
     launched = []
     monkeypatch.setattr(SPEC, "launch", lambda *a, **kw: launched.append(a))
+    monkeypatch.setattr(SPEC, "launch_keyed", lambda *a, **kw: launched.append(a))
     with pytest.raises(error, match=text) as info:
         flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
     assert "flash_attention" in str(info.value)

@@ -347,6 +347,7 @@ def test_bad_input_is_rejected_before_launch(name, monkeypatch):
     args.update(override)
     launched = []
     monkeypatch.setattr(SPEC, "launch", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(SPEC, "launch_keyed", lambda *a, **k: launched.append(a))
     with pytest.raises(error, match=text) as info:
         rmsnorm_qkv_rope(**args)
     assert "rmsnorm_qkv_rope" in str(info.value)

@@ -272,9 +272,9 @@ def test_weight_and_bias_as_row_blocks(backend, path, layout, monkeypatch):
             for b, view in zip(blocks[name], storage.split(rows)):
                 b.data = view
     seen = []
-    launch = SPEC.launch
-    monkeypatch.setattr(SPEC, "launch", lambda problem, call, backend=None: seen.append(
-        call.qkv_weight.data_ptr()) or launch(problem, call, backend))
+    launch = SPEC.launch_keyed
+    monkeypatch.setattr(SPEC, "launch_keyed", lambda key, make, call, backend=None: seen.append(
+        call.qkv_weight.data_ptr()) or launch(key, make, call, backend))
 
     def run(**kw):
         return rmsnorm_qkv_rope(**kw, backend=backend)
@@ -367,7 +367,8 @@ GRADCHECK_CASES = {
 @pytest.mark.parametrize("name", list(GRADCHECK_CASES))
 def test_gradcheck_float64_reference(name, monkeypatch):
     reference = SPEC.backend("reference")
-    monkeypatch.setattr(SPEC, "launch", lambda problem, call, backend=None: reference.run(call, {}))
+    monkeypatch.setattr(SPEC, "launch_keyed",
+                        lambda key, make, call, backend=None: reference.run(call, {}))
     eager, op, inputs = _float64_call(GRADCHECK_CASES[name], seed=20)
     assert torch.autograd.gradcheck(eager, inputs)
     assert torch.autograd.gradcheck(op, inputs)
@@ -377,7 +378,8 @@ def test_gradcheck_float64_reference(name, monkeypatch):
 def test_double_backward_float64_reference(path, monkeypatch):
     """The backward is differentiable PyTorch, so eager double backward is exact as well."""
     reference = SPEC.backend("reference")
-    monkeypatch.setattr(SPEC, "launch", lambda problem, call, backend=None: reference.run(call, {}))
+    monkeypatch.setattr(SPEC, "launch_keyed",
+                        lambda key, make, call, backend=None: reference.run(call, {}))
     eager, op, inputs = _float64_call(GRADCHECK_CASES["gptj_partial_everything"], seed=21)
     assert torch.autograd.gradgradcheck(eager if path == "eager" else op, inputs, fast_mode=True)
 

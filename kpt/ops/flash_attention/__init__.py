@@ -434,8 +434,17 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None,
     out, lse = _outputs(q, cu_seqlens_q is not None)
     call = Call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                 window_left, window_right, softcap, out, lse)
-    SPEC.launch(problem_of(call), call, backend or None)
+    SPEC.launch_keyed(_key(call), lambda: problem_of(call), call, backend or None)
     return out, lse
+
+
+def _key(call: Call | BackwardCall, *extra: Any) -> tuple:
+    """The dispatch key: plain values that determine ``_problem(call)`` (device, dtype, sizes,
+    mask kind, soft cap, varlen), built without a Problem."""
+    q = call.q
+    return (q.device, q.dtype, call.batch, call.max_seqlen_q, call.max_seqlen_k, q.shape[-2],
+            call.k.shape[-2], q.shape[-1], call.window_left, call.window_right,
+            call.softcap > 0, call.cu_seqlens_q is not None, *extra)
 
 
 @torch.library.custom_op("kpt::flash_attention", mutates_args=())
@@ -481,7 +490,8 @@ def _backward_impl(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: T
     call = BackwardCall(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                         max_seqlen_k, scale, window_left, window_right, softcap, deterministic,
                         dq, dk, dv)
-    SPEC_BACKWARD.launch(backward_problem_of(call), call, backend or None)
+    SPEC_BACKWARD.launch_keyed(_key(call, deterministic), lambda: backward_problem_of(call),
+                               call, backend or None)
     return dq, dk, dv
 
 

@@ -23,7 +23,7 @@ from kpt.jit import JitSpec
 from kpt.ops._common import on_device, raw_stream
 from kpt.ops._registry import Config, Problem
 
-from . import backward_problem_of, problem_of
+from . import problem_of
 
 OP = "flash_attention"
 
@@ -89,8 +89,26 @@ def supports(problem: Problem) -> list[str]:
     return reasons
 
 
+def _layout_ok(call) -> bool:
+    """The common case of :func:`call_reasons`, tested cheaply (it runs on every call): 16-bit
+    q, k, v with 16-byte aligned starts and strides (8 elements) and a unit last stride, out
+    with even strides, lse contiguous float32. False sends the call to the full check."""
+    if call.q.dtype not in _HALF:
+        return False
+    for t in (call.q, call.k, call.v):
+        s = t.stride()
+        if len(s) != 4 or s[3] != 1 or (s[0] | s[1] | s[2]) & 7 or t.data_ptr() & 15:
+            return False
+    s = call.out.stride()
+    if len(s) != 4 or s[3] != 1 or (s[0] | s[1] | s[2]) & 1 or call.out.data_ptr() & 3:
+        return False
+    return call.lse.dtype == torch.float32 and call.lse.is_contiguous()
+
+
 def call_reasons(call) -> list[str]:
     """Reasons from the tensors themselves (layout), which ``Problem`` does not describe."""
+    if _layout_ok(call):
+        return []
     reasons = []
     tensors = (("q", call.q), ("k", call.k), ("v", call.v), ("out", call.out))
     for name, t in tensors:
@@ -122,7 +140,7 @@ def run(call, config: Config, layout_checked: bool = False) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"{OP}[sm90]: unknown variant {variant!r}, expected one of "
                          f"{sorted(VARIANTS)}")
-    reasons = list(_supports_cached(problem_of(call)))
+    reasons = list(_call_supports(call))
     if not layout_checked:
         reasons += call_reasons(call)
     if reasons:
@@ -144,18 +162,30 @@ def run(call, config: Config, layout_checked: bool = False) -> None:
                        stream)
 
 
-@functools.lru_cache(maxsize=1024)
-def _supports_cached(problem: Problem) -> tuple[str, ...]:
-    """:func:`supports` per problem, remembered (it depends on nothing else once the build
-    reason is known): run() checks it on every call."""
-    return tuple(supports(problem))
+_SUPPORTS: dict[tuple, tuple[str, ...]] = {}
+
+
+def _call_supports(call) -> tuple[str, ...]:
+    """:func:`supports` of the call's problem, remembered by what it reads (run() checks it on
+    every call; building the Problem would cost more than the check)."""
+    q = call.q
+    key = (q.device.index, q.dtype, q.shape[-1], call.varlen,
+           call.batch > _MAX_GRID_YZ or q.shape[-2] > _MAX_GRID_YZ,
+           max(call.max_seqlen_q, call.max_seqlen_k) >= _MAX_SEQLEN)
+    found = _SUPPORTS.get(key)
+    if found is None:
+        found = _SUPPORTS[key] = tuple(supports(problem_of(call)))
+    return found
+
+
+_NOT_DETERMINISTIC = "sm90 backward adds dq with fp32 atomics: not deterministic"
 
 
 def supports_backward(problem: Problem) -> list[str]:
     """Reasons the sm90 backward cannot run ``problem``; empty when it can."""
     reasons = supports(problem)
     if problem.get("deterministic", False):
-        reasons.append("sm90 backward adds dq with fp32 atomics: not deterministic")
+        reasons.append(_NOT_DETERMINISTIC)
     return reasons
 
 
@@ -204,7 +234,9 @@ def run_backward(call, config: Config, layout_checked: bool = False) -> None:
     unknown = set(config) - {"impl"}
     if unknown:
         raise ValueError(f"{OP}[sm90]: unknown backward config keys {sorted(unknown)}")
-    reasons = supports_backward(backward_problem_of(call))
+    reasons = list(_call_supports(call))
+    if call.deterministic:
+        reasons.append(_NOT_DETERMINISTIC)
     if not layout_checked:
         reasons += backward_call_reasons(call)
     if reasons:

@@ -515,7 +515,10 @@ def _impl(
     call = Call(x, residual, norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight,
                 positions, inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps, neox,
                 q, k, v, residual_out if residual is not None else None)
-    SPEC.launch(problem_of(call), call, backend or None)
+    # The dispatch key holds exactly what problem_of(call) reads (device, dtype, dims).
+    key = (x.device, x.dtype, tokens, hidden, num_q_heads, num_kv_heads, head_dim, rotary_dim,
+           neox, residual is not None, qkv_bias is not None, q_norm_weight is not None)
+    SPEC.launch_keyed(key, lambda: problem_of(call), call, backend or None)
     return q, k, v, residual_out
 
 
@@ -703,7 +706,7 @@ def rmsnorm_qkv_rope(
         SPEC.backend(backend)
     lead, hidden = x.shape[:-1], x.shape[-1]
     inv_freq = rope_inv_freq(rotary_dim, rope_theta, rope_scaling, x.device)
-    pos = positions.expand(lead).reshape(-1)
+    pos = positions.reshape(-1) if positions.shape == lead else positions.expand(lead).reshape(-1)
     # Eager calls with no gradient to track run the implementation as before the autograd
     # existed: no autograd.Function, no saved tensors.
     weight, bias = weights, biases

@@ -105,17 +105,6 @@ def _auto_splits(n: int, k: int, tokens: int, rows_per_block: int, sms: int) -> 
     return best
 
 
-def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` itself when its start and every row are 16-byte aligned with a contiguous last
-    dim (what the kernels' 16-byte vectors need), else a contiguous copy."""
-    if t is None:
-        return None
-    rows_ok = all(st % 8 == 0 or size <= 1 for st, size in zip(t.stride()[:-1], t.shape[:-1]))
-    if t.stride(-1) == 1 and rows_ok and t.data_ptr() % 16 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
 def _validate(call) -> None:
     x = call.x
     if x.device.type != "cuda":
@@ -131,45 +120,52 @@ def _validate(call) -> None:
                          "for the cuda/hip backend")
 
 
-def _run(call, config: Config) -> None:
+# The binding's codes for config["gemv"] (KPT_RQR_GEMV_* in kpt/rmsnorm_qkv_rope.h).
+KPT_GEMV = {"mma": 0, "simt": 1}
+_PLANS: dict[tuple, tuple[Config, tuple[int, int, int]]] = {}
+
+
+def _plan(config: Config, n: int, hidden: int, tokens: int, device_index: int,
+          simt: bool) -> tuple[int, int, int]:
+    """(GEMV code, or -1 for the GEMM; row tiles; splits) of ``config`` at this size, ``simt``
+    forcing the portable GEMV; remembered per config object (dispatch hands out the same dict
+    for a problem on every call), so the split model runs once per size."""
+    key = (id(config), n, hidden, tokens, device_index, simt)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is config:
+        return hit[1]
+    impl = "simt" if simt else config.get("gemv", "mma")
+    row_tiles = config.get("row_tiles", 1)
+    plan = (-1, 1, 0)
+    if tokens <= min(config.get("gemv_max_tokens", 16), MAX_GEMV_TOKENS[impl]):
+        rows = _GEMV_ROWS[impl] * (row_tiles if impl == "mma" else 1)
+        splits = _auto_splits(n, hidden, tokens, rows, _sm_count(device_index))
+        splits = max(1, min(round(splits * config.get("split_scale", 1.0)), hidden // 8))
+        code = KPT_GEMV[impl]
+        plan = (code, row_tiles, splits)
+    if len(_PLANS) > 4096:
+        _PLANS.clear()
+    _PLANS[key] = (config, plan)
+    return plan
+
+
+def _run(call, config: Config, simt: bool = False) -> None:
     _validate(call)
     try:
         module = SPEC.load()
     except BuildError as err:
         raise BackendUnavailable(f"{OP}: {err}") from err
-    tokens, hidden = call.tokens, call.hidden
-    if tokens == 0:
-        return
-    dev, dtype = call.x.device, call.x.dtype
+    x = call.x
+    dev = x.device
     n = (call.num_q_heads + 2 * call.num_kv_heads) * call.head_dim
-    weight = _aligned(call.qkv_weight)
-    bias = _aligned(call.qkv_bias)
-    impl = config.get("gemv", "mma")
-    use_gemv = tokens <= min(config.get("gemv_max_tokens", 16), MAX_GEMV_TOKENS[impl])
+    impl, row_tiles, splits = _plan(config, n, call.hidden, call.tokens,
+                                    dev.index if dev.index is not None else 0, simt)
     with on_device(dev):
-        stream = raw_stream(dev)
-        xn = torch.empty((tokens, hidden), device=dev, dtype=dtype)
-        residual = _aligned(call.residual)
-        module.add_rmsnorm(_aligned(call.x), residual,
-                           call.residual_out if residual is not None else None,
-                           _aligned(call.norm_weight), xn, call.eps, stream)
-        if use_gemv:
-            rows = _GEMV_ROWS[impl] * (config.get("row_tiles", 1) if impl == "mma" else 1)
-            splits = _auto_splits(n, hidden, tokens, rows, _sm_count(dev.index))
-            splits = max(1, min(round(splits * config.get("split_scale", 1.0)), hidden // 8))
-            qkv = torch.empty((splits, tokens, n), device=dev, dtype=torch.float32)
-            module.gemv(xn, weight, qkv, getattr(module, f"GEMV_{impl.upper()}"),
-                        config.get("row_tiles", 1), stream)
-        else:
-            qkv = torch.empty((tokens, n), device=dev, dtype=dtype)
-            if bias is None:
-                torch.mm(xn, weight.t(), out=qkv)
-            else:
-                torch.addmm(bias, xn, weight.t(), out=qkv)
-            bias = None  # added by the GEMM, before its rounding
-        module.epilogue(qkv, bias, _aligned(call.q_norm_weight), _aligned(call.k_norm_weight),
-                        call.positions, call.inv_freq.contiguous(), call.q, call.k, call.v,
-                        call.rotary_dim, call.eps, call.neox, stream)
+        # One native call: the three stages, their workspaces and the alignment copies.
+        module.forward(x, call.residual, call.residual_out, call.norm_weight, call.qkv_weight,
+                       call.qkv_bias, call.q_norm_weight, call.k_norm_weight, call.positions,
+                       call.inv_freq, call.q, call.k, call.v, call.rotary_dim, call.eps,
+                       call.neox, impl, row_tiles, splits, raw_stream(dev))
 
 
 def run_cuda(call, config: Config) -> None:
@@ -179,4 +175,4 @@ def run_cuda(call, config: Config) -> None:
 
 def run_hip(call, config: Config) -> None:
     """The ``hip`` backend: the same kernels built with hipcc; GEMV through the FMA variant."""
-    _run(call, dict(config, gemv="simt"))
+    _run(call, config, simt=True)

@@ -568,6 +568,8 @@ def run(call, config: dict) -> None:
     if tokens == 0:
         return
     res, h_out = call.residual, call.residual_out
+    # The kernels index positions as a dense vector: a broadcast (stride 0) view is copied.
+    pos = call.positions if call.positions.stride(0) == 1 else call.positions.contiguous()
     stats = plan["stats"]
     rstd = xn = x  # placeholders for pointer arguments a configuration does not read
     if stats != "fused":
@@ -598,13 +600,13 @@ def run(call, config: dict) -> None:
     _qkv_kernel[plan["grid"]](
         a, res if res is not None else x, h_out if h_out is not None else x,
         call.norm_weight, rstd, call.qkv_weight, ws,
-        bias, qw, kw, call.positions, call.inv_freq, q, k, v,
+        bias, qw, kw, pos, call.inv_freq, q, k, v,
         tokens, a.stride(0), res.stride(0) if res is not None else 0,
         h_out.stride(0) if h_out is not None else 0,
         q.stride(0), k.stride(0), v.stride(0), call.eps,
         **plan["shared"], **plan["gemm_meta"])
     if split > 1:
         _splitk_epilogue_kernel[plan["epi_grid"]](
-            ws, bias, qw, kw, call.positions, call.inv_freq, q, k, v,
+            ws, bias, qw, kw, pos, call.inv_freq, q, k, v,
             tokens, q.stride(0), k.stride(0), v.stride(0), call.eps,
             **plan["shared"], **plan["epi_meta"])
