@@ -19,9 +19,9 @@ bidirectional) rule, else a (B, L) boolean padding mask over the keys. What runs
 What kpt cannot express runs HF-equivalent dense attention (SDPA with an explicit boolean
 mask, or plain math when soft-capped) and logs the reason once: a 4-D mask, attention dropout
 while training, float32 on a GPU, head dims past 256, attention sinks, and a padding mask under
-torch.compile or CUDA-graph capture (unpadding needs the host). Under torch.compile, telling a
-packed batch from ``position_ids`` needs the host too: that check is a graph break (once per
-layer, as in transformers' flash-attention path); decode steps (one query) never take it.
+CUDA-graph capture (unpadding needs the host). Under torch.compile, unpadding and telling a
+packed batch from ``position_ids`` need the host too: each is a graph break (once per layer, as
+in transformers' flash-attention path); decode steps (one query) never take one.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_o
     if attention_mask is not None:
         keys = attention_mask[:, -kv_length:]
         keys = keys if keys.dtype == torch.bool else keys.bool()
-        # The all-visible test reads the mask on the host: skipped while tracing (the kernel
-        # path then runs the mask through SDPA, which is correct either way).
+        # The all-visible test reads the mask on the host: skipped while tracing (the
+        # attention then unpads the batch in an eager region, which is correct either way).
         if (keys.shape[1] == kv_length and not torch.compiler.is_compiling()
                 and not _capturing() and bool(keys.all())):
             return None
@@ -113,10 +113,8 @@ def _fallback_reason(module: nn.Module, query: Tensor, value: Tensor, attention_
         return f"head dims q/k {query.shape[-1]}, v {value.shape[-1]} (kpt: equal and <= 256)"
     if query.dtype == torch.float32 and query.device.type != "cpu":
         return "float32 on a GPU (kpt's attention kernels take fp16/bf16)"
-    if attention_mask is not None:
-        if torch.compiler.is_compiling() or _capturing():
-            return ("a padding or static-cache mask under torch.compile or CUDA-graph capture "
-                    "(unpadding needs the host)")
+    if attention_mask is not None and _capturing():
+        return "a padding or static-cache mask during CUDA-graph capture (unpadding needs the host)"
     return None
 
 
@@ -157,7 +155,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                "backend": getattr(module, BACKEND_ATTR, None)}
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if attention_mask is not None:
-        _count("varlen")
+        if torch.compiler.is_compiling():  # a graph break: the gather needs the host
+            return _padded_eager(q, k, v, attention_mask, causal, window, options), None
         return _padded(q, k, v, attention_mask, causal, window, options), None
     packed = _packed(kwargs, q.shape[0], q.shape[1], k.shape[1], q.device)
     if packed is not None:
@@ -256,6 +255,7 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, causal: bool,
     """Attention over the real tokens of a padded batch; q (B, Sq, H, D), k/v (B, Sk, Hkv, D)
     views. The queries are the last Sq mask columns; keys past the mask (a static cache's
     unwritten slots) are not read."""
+    _count("varlen")  # here, not in the caller: under torch.compile this part runs eagerly
     batch, seq, heads, dim = q.shape
     length = mask.shape[1]
     if length > k.shape[1]:
@@ -270,6 +270,12 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, causal: bool,
                           causal=causal, window=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                           max_seqlen_q=max_q, max_seqlen_k=max_k, **options)
     return out.new_zeros(batch, seq, heads, dim).index_put((rows_q, cols_q), out)
+
+
+# Under torch.compile the unpadding runs eagerly (finding the real tokens reads the mask on the
+# host): one graph break per layer, as in transformers' flash-attention path, and the layer's
+# other ops stay compiled.
+_padded_eager = torch.compiler.disable(_padded)
 
 
 # ---- dense fallback --------------------------------------------------------------------------

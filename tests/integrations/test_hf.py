@@ -381,10 +381,11 @@ def test_forced_triton_backend_matches(kpt_calls):
     assert kpt_calls["varlen"] == 2
 
 
-def test_torch_compile_prefill_packed_and_static_cache_decode_fullgraph():
+def test_torch_compile_prefill_packed_and_static_cache_decode_fullgraph(kpt_calls):
     """dynamo traces the patched model (backend="eager": tracing, not codegen). Prefill has one
     graph break per layer, where kpt reads whether position_ids restart (a packed batch must
-    not attend across sequences under compile either); a decode step is one full graph."""
+    not attend across sequences under compile either) or unpads a padded batch; a decode step
+    is one full graph."""
     model = tiny("qwen3")
     ids = torch.randint(0, VOCAB, (2, 7))
     packed_ids = torch.randint(0, VOCAB, (1, 9))
@@ -398,15 +399,24 @@ def test_torch_compile_prefill_packed_and_static_cache_decode_fullgraph():
         model(ids, past_key_values=cache, use_cache=True)  # eager prefill fills the cache
         return forward(step_ids, past_key_values=cache, **step).logits
 
+    padded_ids, padded_mask = padded_batch([7, 4])
     with torch.no_grad():
         want_prefill, want_step = model(ids).logits, decode(model.forward)
+        want_padded = model(padded_ids, attention_mask=padded_mask).logits
         want_packed = torch.cat([model(packed_ids[:, a:b]).logits
                                  for a, b in ((0, 4), (4, 7), (7, 9))], dim=1)
         with kpt_hf.patch(model):
             compiled = torch.compile(model.forward, backend="eager")
             got_prefill = compiled(ids).logits
             got_packed = compiled(packed_ids, position_ids=packed_pos).logits
+            kpt_calls.clear()
+            got_padded = compiled(padded_ids, attention_mask=padded_mask).logits
+            # the padded batch ran kpt's varlen path (an eager region), not a dense fallback
+            assert kpt_calls["varlen"] == 2 and not any(k.startswith("fallback")
+                                                        for k in kpt_calls)
             got_step = decode(torch.compile(model.forward, backend="eager", fullgraph=True))
+    real = padded_mask.bool()
+    torch.testing.assert_close(got_padded[real], want_padded[real], **TOL)
     torch.testing.assert_close(got_prefill, want_prefill, **TOL)
     torch.testing.assert_close(got_packed, want_packed, **TOL)
     torch.testing.assert_close(got_step, want_step, **TOL)
