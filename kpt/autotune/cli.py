@@ -7,6 +7,10 @@
     kpt-autotune export --ship [FOLDER]      this GPU's rows as the file kpt ships for it
     kpt-autotune clear [--op OP] [--yes]
     kpt-autotune doctor                      which backends work here, and why not
+
+Every error is one line on stderr, ``kpt-autotune COMMAND: error: ...``, and a non-zero exit:
+2 for bad input (arguments, an import file), 3 when the database or a file cannot be read or
+written, 4 for anything unexpected (``-v`` shows its traceback); 1 when ``clear`` is declined.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,10 @@ _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float
 
 class UsageError(Exception):
     """Bad input on the command line; printed without a traceback."""
+
+
+class Failure(Exception):
+    """A command that could not do all it was asked (exit status 3); printed as one line."""
 
 
 def _us(value: float | None) -> str:
@@ -193,6 +202,16 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dump(rows: list[dict], file: str | Path) -> int:
+    """:func:`~kpt.autotune.db.dump_rows`, a file that cannot be written a :class:`Failure`."""
+    from kpt.autotune import db
+
+    try:
+        return db.dump_rows(rows, file)
+    except OSError as err:
+        raise Failure(f"cannot write {file}: {err.strerror or err}") from None
+
+
 def _export(args: argparse.Namespace) -> int:
     from kpt.autotune import db
 
@@ -202,15 +221,24 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError("--fingerprint goes with --ship")
     if args.file is None:
         raise UsageError("name the output FILE (or - for stdout), or pass --ship")
-    count = db.dump_rows(db.stored_rows(op=args.op), args.file)
-    print(f"exported {count} rows to {args.file}", file=sys.stderr if args.file == "-" else None)
+    # A database that is there but cannot be read raises (DatabaseUnavailable): "exported 0
+    # rows" is said only when there are none.
+    stored = db.read_stored(op=args.op)
+    count = _dump(stored.rows, args.file)
+    where = f"from {stored.source} " if stored.exists else ""
+    note = "" if stored.exists else f" ({stored.source})"
+    print(f"exported {count} rows {where}to {args.file}{note}",
+          file=sys.stderr if args.file == "-" else None)
+    if stored.left_out:
+        raise Failure(f"{len(stored.left_out)} stored rows are not valid rows and were not "
+                      f"exported, e.g. {stored.left_out[0]}")
     return 0
 
 
 def _ship(args: argparse.Namespace) -> int:
     """This GPU's rows (shipped ones overlaid by the database's) whose kernels are unchanged,
     written as ``<folder>/<gpu>.jsonl``: the file to commit under ``kpt/autotune/tuned/``."""
-    from kpt.autotune import db, effective_rows, provenance
+    from kpt.autotune import db, provenance
     from kpt.ops._registry import all_ops
 
     if args.op:
@@ -219,8 +247,12 @@ def _ship(args: argparse.Namespace) -> int:
     if fingerprint is None:
         raise UsageError("no CUDA/ROCm device here: pass --fingerprint (`show --all` lists them)")
     ops = all_ops()
+    stored = db.read_stored(fingerprint=fingerprint)  # unreadable: an error, not "no rows"
+    if stored.left_out:
+        raise Failure(f"{len(stored.left_out)} stored rows of {fingerprint} are not valid rows, "
+                      f"e.g. {stored.left_out[0]}")
     rows, left_out = [], 0
-    for row in effective_rows(fingerprint):
+    for row in db.overlay(db.shipped_rows(fingerprint), stored.rows):
         if row["op"] in ops and row["source_hash"] == provenance.source_hash(row["op"],
                                                                               row["backend"]):
             rows.append(row)
@@ -232,7 +264,7 @@ def _ship(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise UsageError(f"--ship writes into a folder: {folder} is not one")
     target = folder / db.shipped_file_name(fingerprint)
-    count = db.dump_rows(rows, target)
+    count = _dump(rows, target)
     print(f"wrote {count} rows of {fingerprint} to {target}"
           + (f" ({left_out} rows of changed kernels or removed ops left out)" if left_out else ""))
     return 0
@@ -250,7 +282,7 @@ def _import(args: argparse.Namespace) -> int:
     with db.ResultsDB.open() as database:
         count = database.write(rows)
     invalidate()
-    print(f"imported {count} rows into {database.path or 'the in-memory database'}")
+    print(f"imported {count} rows into {database.describe()}")
     return 0
 
 
@@ -261,7 +293,8 @@ def _clear(args: argparse.Namespace) -> int:
         print(f"deleted 0 rows (no database at {db.default_path()})")
         return 0
     with db.ResultsDB.open() as database:
-        count = len(database.rows(op=args.op))
+        found, invalid = database.read_rows(op=args.op)
+        count = len(found) + len(invalid)  # what delete() removes, invalid rows included
         what = f"{count} rows" + (f" of {args.op}" if args.op else "")
         if count and not args.yes:
             if not sys.stdin.isatty():
@@ -284,9 +317,8 @@ def _doctor(args: argparse.Namespace) -> int:
         lines.append(("rows stored", "none (no database yet)"))  # doctor creates nothing
     else:
         try:
-            with db.ResultsDB.open() as database:
-                where = "in memory (fallback)" if database.in_memory else str(database.path)
-                lines.append(("rows stored", f"{database.count()} ({where})"))
+            with db.ResultsDB.open(readonly=True) as database:
+                lines.append(("rows stored", f"{database.count()} ({database.describe()})"))
         except db.DatabaseUnavailable as err:
             lines.append(("rows stored", f"database unavailable: {err}"))
     print(format_table(lines))
@@ -350,7 +382,9 @@ def _parser() -> argparse.ArgumentParser:
         "database's; rows whose kernel sources changed since they were measured left out)\n"
         "go to FOLDER/<gpu>.jsonl, default kpt/autotune/tuned/, the rows kpt ships for it:\n"
         "    kpt-autotune warmup --model bench/llama3-8b-config.json --tokens 1,16,128,4096 \\\n"
-        "        && kpt-autotune export --ship")
+        "        && kpt-autotune export --ship\n"
+        "Reads only; a database in a read-only location is read in place. A database that is\n"
+        "there but cannot be read is an error, never \"exported 0 rows\".")
     export.add_argument("file", nargs="?", metavar="FILE|FOLDER",
                         help="output file, - for stdout; with --ship, a folder")
     export.add_argument("--op", help="only this op's rows")
@@ -362,7 +396,9 @@ def _parser() -> argparse.ArgumentParser:
     imp = command(
         "import", "add rows from JSON Lines or a JSON array",
         "Creates the database if needed; an imported row replaces the stored row of the same\n"
-        "key (op, backend, config, dtype, bucket, fingerprint).")
+        "key (op, backend, config, dtype, bucket, fingerprint). Every field of every row is\n"
+        "checked first (a time must be a finite positive number): one bad row, named by its\n"
+        "line and field, and nothing is imported.")
     imp.add_argument("file", help="input file, or - for stdin")
     imp.set_defaults(func=_import)
 
@@ -383,8 +419,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``kpt-autotune``; returns the exit status (0 ok, 1 declined, 2 bad input)."""
+    """Run ``kpt-autotune``; returns the exit status: 0 ok, 1 declined, 2 bad input, 3 the
+    database or a file could not be read or written, 4 an unexpected error. Errors are one
+    line on stderr; ``-v`` adds the traceback of an unexpected one."""
+    import sqlite3
+
+    from kpt.autotune import db
+
     args = _parser().parse_args(argv)
     log = logging.getLogger("kpt")
     if not log.handlers and not logging.getLogger().handlers:
@@ -393,11 +439,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("kpt-autotune: %(levelname)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    def error(message: object, status: int) -> int:
+        print(f"kpt-autotune {args.command}: error: {_one_line(message)}", file=sys.stderr)
+        return status
+
     try:
         return args.func(args)
     except UsageError as err:
-        print(f"kpt-autotune {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return error(err, 2)
+    except (Failure, db.DatabaseUnavailable, OSError, sqlite3.Error) as err:
+        return error(err, 3)
+    except KeyboardInterrupt:
+        return error("interrupted", 130)
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback, unless asked (-v)
+        if args.verbose:
+            traceback.print_exc()
+        return error(f"unexpected {type(err).__name__}: {err} (-v shows the traceback)", 4)
 
 
 if __name__ == "__main__":

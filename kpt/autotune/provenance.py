@@ -221,9 +221,15 @@ def _jit_specs(package: Path) -> tuple[list[tuple[str, bytes]], set[str]]:
     return parts, folders
 
 
+# A folder's torch binding: host code that checks tensors and passes pointers on (the C++ side
+# of a launcher), built with the kernels but deciding nothing about the code a config runs.
+_HOST_ONLY = frozenset({"binding.cpp"})
+
+
 def _files(root: Path, folder: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
     return [(p.relative_to(root).as_posix(), p.read_bytes()) for p in sorted(folder.rglob("*"))
-            if p.suffix in _KERNEL_SUFFIXES and p.is_file() and not p.stem.startswith(skip)]
+            if p.suffix in _KERNEL_SUFFIXES and p.is_file() and not p.stem.startswith(skip)
+            and p.name not in _HOST_ONLY]
 
 
 def kernel_sources(op: str, backend: str, *, ops_dir: Path | None = None,
@@ -240,10 +246,11 @@ def kernel_sources(op: str, backend: str, *, ops_dir: Path | None = None,
     * ``reference`` and any other backend: its whole module (``reference.py``, ``_<name>.py``):
       that Python is the kernel.
 
-    Not the launchers (``_cuda.py``'s or ``_triton.py``'s wrapper code): editing how a call is
-    checked or passed on does not change the code a config runs, and must not orphan the tuned
-    rows shipped with kpt. A change to what a config *means* (a launcher that maps a config
-    key to other launch parameters) is not seen here: drop the shipped rows of that op.
+    Not the launchers (``_cuda.py``'s or ``_triton.py``'s wrapper code, and the csrc folders'
+    ``binding.cpp``, their C++ side): editing how a call is checked or passed on does not
+    change the code a config runs, and must not orphan the tuned rows shipped with kpt. A
+    change to what a config *means* (a launcher that maps a config key to other launch
+    parameters) is not seen here: drop the shipped rows of that op.
 
     ``ops_dir`` and ``csrc`` default to this installation's ``kpt/ops`` and JIT source tree;
     other values hash another checkout (to check which code old rows were measured on).
@@ -308,6 +315,8 @@ def stale_reason(row: dict[str, Any]) -> str | None:
     """Why a row does not describe the code running now, or None when it does."""
     current = provenance(row["op"], row["backend"])
     for name in STALE_FIELDS.get(row["backend"], DEFAULT_STALE_FIELDS):
+        if not row.get(name):  # e.g. a Triton row from a file without triton_version
+            return f"{name} not recorded (current {current[name]!r})"
         if row.get(name) != current[name]:
             return f"{name} {row.get(name)!r} != current {current[name]!r}"
     return None

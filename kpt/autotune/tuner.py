@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -116,8 +117,11 @@ def tune(
     """Measure every candidate of ``op`` on each shape, store the rows, return one result each.
 
     ``timer`` defaults to CUDA events on GPUs and the host clock elsewhere; ``database``
-    defaults to :meth:`ResultsDB.open`. Raises ValueError when the op has no tuning hooks or
-    no reference backend, or when the device has no fingerprint (nothing to key rows by).
+    defaults to :meth:`ResultsDB.open`, which raises :class:`~kpt.autotune.db.DatabaseUnavailable`
+    before anything is measured when the database cannot be written (pass
+    ``ResultsDB.open(allow_memory=True)`` to tune into memory for this process only). Raises
+    ValueError when the op has no tuning hooks or no reference backend, or when the device has
+    no fingerprint (nothing to key rows by).
     """
     from kpt.autotune import invalidate
 
@@ -236,8 +240,10 @@ def _measure(
         error = tuning.check(call, expected)
         if error is None:
             timing = timer(lambda: backend.run(call, config), warmup_ms, rep_ms)
-            return {"valid": 1, "median_us": timing.median_us, "spread": timing.spread,
-                    "samples": timing.samples, "error": None}
+            if math.isfinite(timing.median_us) and timing.median_us > 0:
+                return {"valid": 1, "median_us": timing.median_us, "spread": timing.spread,
+                        "samples": timing.samples, "error": None}
+            error = f"timing gave a median of {timing.median_us!r} us, not a usable time"
     except Exception as err:  # noqa: BLE001 - compile errors, CUDA errors, BackendUnavailable
         error = _describe(err)
     return {"valid": 0, "median_us": None, "spread": None, "samples": 0, "error": error}

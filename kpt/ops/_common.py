@@ -37,6 +37,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_content() -> bool:
+    """``KPT_CHECK=1``: index tensors on a GPU (``cu_seqlens``, ...) are read back and checked
+    in content on every call (a host sync each); on the CPU they always are."""
+    return os.environ.get("KPT_CHECK", "0") not in ("", "0")
+
+
 def module(name: str) -> types.ModuleType:
     """``importlib.import_module(name)``, from ``sys.modules`` when already imported (the
     import machinery's own lookup costs microseconds on every call of a hot path)."""

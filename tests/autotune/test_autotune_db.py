@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing
 
+import pytest
 from autotune_helpers import make_row
 from autotune_workers import write_rows
 
@@ -57,20 +58,23 @@ def test_truncated_database_is_detected(autotune_db, caplog):
     database.close()
 
 
-def test_unwritable_location_falls_back_to_memory(tmp_path, monkeypatch, caplog):
+def test_unwritable_location_is_an_error_unless_memory_is_asked_for(tmp_path, monkeypatch,
+                                                                      caplog):
     # Tests run as root, which ignores permission bits: a parent that is a regular file is a
     # location nobody can create.
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     monkeypatch.setenv(db.ENV_PATH, str(blocker / "autotune.db"))
+    with pytest.raises(db.DatabaseUnavailable, match="cannot write"):
+        db.ResultsDB.open()  # a writer is never handed a database whose rows reach no file
     with caplog.at_level(logging.WARNING, logger="kpt"):
-        database = db.ResultsDB.open()
+        database = db.ResultsDB.open(allow_memory=True)
     assert database.in_memory
     assert any("in-memory" in r.message for r in caplog.records)
     database.write([make_row("slow")])
     database.close()
     # The same process sees its results again; nothing was written to disk.
-    with db.ResultsDB.open() as again:
+    with db.ResultsDB.open(allow_memory=True) as again:
         assert len(again.rows()) == 1
     assert blocker.read_text() == ""
 

@@ -119,5 +119,11 @@ def test_real_op_with_reference_and_interpreted_triton(tmp_path):
     assert backends.count("reference") == 1 and backends.count("triton") >= 1
     for backend, valid, error in out["rows"]:
         assert valid or error, f"{backend}: invalid without an error text"
+    # The interpreted kernels must compute the right values: a tune where every Triton config
+    # came out invalid is a broken backend (or tuner), not a pass.
+    triton_errors = [error for backend, valid, error in out["rows"]
+                     if backend == "triton" and not valid]
+    assert backends.count("triton") > len(triton_errors), (
+        "every Triton row is invalid:\n" + "\n".join(triton_errors))
     # Equal fake times: the reference, the static default on CPU, keeps its place.
     assert out["backend"] == "reference"

@@ -107,11 +107,13 @@ def test_native_hash_covers_kernels_headers_and_flags_not_the_launcher(tree, bac
     ops, csrc = tree
     names = [name for name, _ in provenance.kernel_sources("toy", backend, ops_dir=ops,
                                                            csrc=csrc)]
-    assert names == ["_cuda.py:JitSpec", "flags", "toy/binding.cpp", "toy/kernels.cu",
-                     "toy_sm90/kernels.cu", "include/kpt/compat.h", "include/kpt/toy.h"]
+    assert names == ["_cuda.py:JitSpec", "flags", "toy/kernels.cu", "toy_sm90/kernels.cu",
+                     "include/kpt/compat.h", "include/kpt/toy.h"]
     before = _hash(tree, backend)
 
-    # The launcher, notes, and another op's kernels and header: no change.
+    # The launcher (Python and its C++ binding), notes, and another op's kernels and header:
+    # no change.
+    (csrc / "toy" / "binding.cpp").write_text("// another binding\n")
     _edit(ops / "toy" / "_cuda.py", "config[\"block\"]", "int(config[\"block\"])")
     _edit(ops / "toy" / "_cuda.py", "checks, then", "checks first, then")
     (csrc / "toy" / "NOTES.md").write_text("other notes\n")

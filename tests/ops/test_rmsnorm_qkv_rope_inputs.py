@@ -104,3 +104,37 @@ def test_keyed_dispatch_caches_and_recovers(monkeypatch):
             SPEC.launch_keyed(("k",), make, call, backend="triton")
     finally:
         SPEC.clear_cache()
+
+
+BAD_ROPE = {
+    "theta 0": (dict(rope_theta=0.0), ValueError, "rope_theta must be a finite number > 0"),
+    "theta negative": (dict(rope_theta=-5.0), ValueError, "rope_theta"),
+    "theta nan": (dict(rope_theta=float("nan")), ValueError, "rope_theta"),
+    "theta string": (dict(rope_theta="1e4"), ValueError, "rope_theta"),
+    "scaling string": (dict(rope_scaling="linear"), TypeError, "rope_scaling must be a dict"),
+    "linear without factor": (dict(rope_scaling={"rope_type": "linear"}), ValueError,
+                              "needs 'factor'"),
+    "llama3 missing keys": (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+                            ValueError, "needs 'low_freq_factor'"),
+    "factor nan": (dict(rope_scaling={"type": "linear", "factor": float("nan")}), ValueError,
+                   "finite number > 0"),
+    "llama3 band reversed": (dict(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192}), ValueError, "low_freq_factor <"),
+    "unknown type": (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ValueError,
+                     "not supported"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ROPE))
+def test_bad_rope_arguments_are_rejected_before_launch(name, monkeypatch):
+    override, error, text = BAD_ROPE[name]
+    call = make_call({"tokens": 3, "hidden": 32, **HEADS}, torch.float32, torch.device("cpu"))
+    launched = []
+    monkeypatch.setattr(SPEC, "launch", lambda *a, **kw: launched.append(a))
+    monkeypatch.setattr(SPEC, "launch_keyed", lambda *a, **kw: launched.append(a))
+    with pytest.raises(error, match=text) as info:
+        rmsnorm_qkv_rope(call.x, call.norm_weight, call.qkv_weight, call.positions, **HEADS,
+                         **override)
+    assert "rmsnorm_qkv_rope" in str(info.value)
+    assert not launched

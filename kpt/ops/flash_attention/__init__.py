@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kpt.ops._common import (
+    check_content,
     check_tensor,
     compare,
     lazy,
@@ -402,14 +403,40 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None
         raise ValueError(f"{OP}: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_seqlens_k.shape)} must have the same length")
     maxes = []
-    for name, given, cu in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q),
-                            ("max_seqlen_k", max_seqlen_k, cu_seqlens_k)):
-        if given is None:  # one host sync; pass it to avoid that (and for graph capture)
-            given = int((cu[1:] - cu[:-1]).max().item()) if cu.shape[0] > 1 else 0
-        if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+    for name, given, cu, t in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q, q),
+                               ("max_seqlen_k", max_seqlen_k, cu_seqlens_k, k)):
+        if isinstance(given, bool) or not (given is None or isinstance(given, int)) or (
+                given is not None and given < 0):
             raise ValueError(f"{OP}: {name} must be an int >= 0, got {given!r}")
-        maxes.append(given)
+        if given is None or cu.device.type == "cpu" or check_content():
+            # The boundaries are read on the host (a sync on a GPU; pass max_seqlen to avoid
+            # it, and for graph capture): well-formed, inside the tensor, and the hint true.
+            given = _check_boundaries(name, cu, t.shape[0], given)
+        # Never more than the tokens there are: the grid is sized by it, so a huge hint
+        # cannot launch (or loop over) blocks past the tensor.
+        maxes.append(min(given, t.shape[0]))
     return float(scale), left, right, maxes[0], maxes[1]
+
+
+def _check_boundaries(name: str, cu: Tensor, total: int, hint: int | None) -> int:
+    """The longest sequence of ``cu`` after checking it: starts at >= 0, never decreases, ends
+    within the ``total`` tokens of its tensor, and is not longer than ``hint`` when given."""
+    which = name.removeprefix("max_seqlen_")
+    if cu.shape[0] < 2:
+        return 0
+    values = cu.tolist()
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if values[0] < 0 or min(lengths) < 0:
+        raise ValueError(f"{OP}: cu_seqlens_{which} must start at >= 0 and never decrease, "
+                         f"got {values[:8]}{' ...' if len(values) > 8 else ''}")
+    if values[-1] > total:
+        raise ValueError(f"{OP}: cu_seqlens_{which} ends at {values[-1]}, past the {total} "
+                         f"tokens of {which}")
+    longest = max(lengths)
+    if hint is not None and hint < longest:
+        raise ValueError(f"{OP}: {name}={hint} is below the longest sequence ({longest}) in "
+                         f"cu_seqlens_{which}")
+    return longest
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:

@@ -310,22 +310,38 @@ _ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def _scaling_key(rope_scaling: Mapping[str, Any] | None) -> tuple:
+    if rope_scaling is None:
+        return ("default",)
+    if not isinstance(rope_scaling, Mapping):
+        raise TypeError(f"{OP}: rope_scaling must be a dict (HF's rope_scaling) or None, got "
+                        f"{type(rope_scaling).__name__}")
     if not rope_scaling:
         return ("default",)
     kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
     if kind == "default":
         return ("default",)
     if kind == "linear":
-        return ("linear", float(rope_scaling["factor"]))
+        return ("linear", _positive(rope_scaling, kind, "factor"))
     if kind == "llama3":
-        return (
-            "llama3",
-            float(rope_scaling["factor"]),
-            float(rope_scaling["low_freq_factor"]),
-            float(rope_scaling["high_freq_factor"]),
-            float(rope_scaling["original_max_position_embeddings"]),
-        )
+        key = ("llama3", *(_positive(rope_scaling, kind, name) for name in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")))
+        if key[2] >= key[3]:
+            raise ValueError(f"{OP}: rope_scaling llama3 needs low_freq_factor < "
+                             f"high_freq_factor, got {key[2]} and {key[3]}")
+        return key
     raise ValueError(f"{OP}: rope_scaling type {kind!r} is not supported (one of {_ROPE_TYPES})")
+
+
+def _positive(rope_scaling: Mapping[str, Any], kind: str, name: str) -> float:
+    """``rope_scaling[name]`` as a finite float > 0, else a ValueError naming the key."""
+    if name not in rope_scaling:
+        raise ValueError(f"{OP}: rope_scaling of type {kind!r} needs {name!r}")
+    value = rope_scaling[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{OP}: rope_scaling[{name!r}] must be a finite number > 0, got "
+                         f"{value!r}")
+    return float(value)
 
 
 @functools.lru_cache(maxsize=64)
@@ -358,9 +374,13 @@ def rope_inv_freq(
     device: torch.device,
 ) -> Tensor:
     """float32 inverse frequencies (rotary_dim/2,), cached per device (warm up before capture)."""
-    key = (rotary_dim, float(theta), _scaling_key(rope_scaling), device)
+    key = (rotary_dim, theta, _scaling_key(rope_scaling), device)
     cached = _INV_FREQ_DEVICE.get(key)
-    if cached is None:
+    if cached is None:  # a NaN theta never matches a key: it always lands here, and fails
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
+                math.isfinite(theta) and theta > 0):
+            raise ValueError(f"{OP}: rope_theta must be a finite number > 0, got {theta!r}")
+        key = (rotary_dim, float(theta), key[2], device)
         cached = _inv_freq_cpu(rotary_dim, float(theta), key[2]).to(device)
         _INV_FREQ_DEVICE[key] = cached
     return cached
