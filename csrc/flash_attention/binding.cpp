@@ -102,6 +102,8 @@ kpt_fa_params make_params(const at::Tensor& q, const at::Tensor& k, const at::Te
     TORCH_CHECK(cu_q->size(0) == cu_k->size(0) && cu_q->size(0) >= 1, kOp,
                 ": cu_seqlens_q/k must both be (batch + 1,)");
     p.batch = static_cast<int>(cu_q->size(0) - 1);
+    p.total_q = q.size(0);
+    p.total_k = k.size(0);
   } else {
     TORCH_CHECK(k.size(0) == q.size(0), kOp, ": q and k/v batch sizes differ");
     p.batch = static_cast<int>(q.size(0));

@@ -21,13 +21,21 @@ struct Seq {
   int q_len, k_len;
 };
 
+KPT_DEVICE int64_t clamp_index(int64_t v, int64_t lo, int64_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
 KPT_DEVICE Seq seq_of(const kpt_fa_params& p, int b) {
   Seq s;
   if (p.cu_seqlens_q != nullptr) {
-    s.q_start = p.cu_seqlens_q[b];
-    s.q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    s.k_start = p.cu_seqlens_k[b];
-    s.k_len = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+    // Clamped to the tensors whatever the boundaries hold (the host checks them where it can
+    // read them): a start in [0, total], an end in [start, total].
+    s.q_start = clamp_index(p.cu_seqlens_q[b], 0, p.total_q);
+    s.q_len = static_cast<int>(clamp_index(p.cu_seqlens_q[b + 1], s.q_start, p.total_q) -
+                               s.q_start);
+    s.k_start = clamp_index(p.cu_seqlens_k[b], 0, p.total_k);
+    s.k_len = static_cast<int>(clamp_index(p.cu_seqlens_k[b + 1], s.k_start, p.total_k) -
+                               s.k_start);
   } else {
     s.q_start = s.k_start = 0;
     s.q_len = p.seqlen_q;

@@ -5,6 +5,8 @@ there are is clamped (the grid is sized by it), never a hang."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -86,3 +88,41 @@ def test_gpu_boundaries_are_not_read_without_kpt_check(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("boundaries read"))
     flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=11,
                     max_seqlen_k=11)
+
+
+
+def _kernel_backends() -> list[tuple[str, str]]:
+    from kpt.ops.flash_attention import Call, problem_of
+
+    out = []
+    for device in DEVICES:
+        q, k, v = _inputs(device, torch.bfloat16)
+        cu = _cu(0, 6, 17, device=device)
+        problem = problem_of(Call(q, k, v, cu, cu, 11, 11, 0.25, -1, 0, 0.0, q, q))
+        out += [(device, name) for name in ("triton", "cuda")
+                if not SPEC.reasons(name, problem)]
+    return out
+
+
+@pytest.mark.parametrize(("device", "backend"), _kernel_backends())
+@pytest.mark.parametrize(("bad", "clamped"), [((0, 9, 40), (0, 9, 17)),
+                                              ((-5, 9, 17), (0, 9, 17)),
+                                              ((0, 12, 7), (0, 12, 12))],
+                         ids=["past the end", "negative", "decreasing"])
+def test_kernels_stay_inside_the_tensors_whatever_the_boundaries(device, backend, bad, clamped,
+                                                                  monkeypatch):
+    """With the host check out of the way (as on a GPU without KPT_CHECK), malformed boundaries
+    read and write nothing outside the tensors: the result is that of the boundaries clamped
+    to the tensor (no fault, no garbage), forward and backward."""
+    fa = sys.modules["kpt.ops.flash_attention"]  # the module (kpt.ops exports the function)
+    monkeypatch.setattr(fa, "_check_boundaries", lambda name, cu, total, hint: hint)
+    q, k, v = (t.requires_grad_() for t in _inputs(device, torch.bfloat16))
+    results = []
+    for values in (bad, clamped):
+        cu = _cu(*values, device=device)
+        out = flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True,
+                              max_seqlen_q=12, max_seqlen_k=12, backend=backend)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        results.append((out, *grads))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same work: bitwise equal

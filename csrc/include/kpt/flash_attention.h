@@ -52,6 +52,9 @@ typedef struct {
   int64_t lse_batch_stride, lse_head_stride;  // lse_batch_stride = 0 for varlen
   const int32_t* cu_seqlens_q;  // (B + 1,) or null (then every sequence has seqlen_q)
   const int32_t* cu_seqlens_k;
+  // Varlen: the tokens of q and of k/v. Sequence bounds are clamped to [0, total], so that no
+  // content of cu_seqlens makes a kernel access memory outside the tensors.
+  int64_t total_q, total_k;
   int batch, heads_q, heads_kv, head_dim;
   int seqlen_q, seqlen_k;  // batched lengths, or the varlen maxima (they size the grid)
   float scale;    // logit scale

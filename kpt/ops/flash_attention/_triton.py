@@ -135,14 +135,15 @@ def _part(part: tl.constexpr, lo, mid_lo, mid_hi, hi):
 
 
 @triton.jit
-def _query_block(CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+def _query_block(CU_Q, CU_K, seqlen_q, seqlen_k, total_q, total_k, VARLEN: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
     """(head, batch, q start/length, k start/length, first query row) of this program. Query
     blocks run in reverse order: with a causal mask the last blocks do the most work, and
     starting them first evens out the tail of the grid."""
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, total_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, total_k, VARLEN)
     m_start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     return h, b, q_start, q_len, k_start, k_len, m_start
 
@@ -160,11 +161,14 @@ def _bases(A, B, b64, start, h64, stride_ab, stride_as, stride_ah, stride_bb, st
 
 
 @triton.jit
-def _seq_bounds(CU, b, seqlen, VARLEN: tl.constexpr):
-    """(first token, length) of sequence ``b``."""
+def _seq_bounds(CU, b, seqlen, total, VARLEN: tl.constexpr):
+    """(first token, length) of sequence ``b``. Varlen boundaries are clamped to the ``total``
+    tokens of the tensor, so that whatever ``CU`` holds (validated on the host when it can be
+    read there) no access leaves the tensor."""
     if VARLEN:
-        start = tl.load(CU + b).to(tl.int64)
-        length = (tl.load(CU + b + 1) - start).to(tl.int32)
+        start = tl.minimum(tl.maximum(tl.load(CU + b).to(tl.int64), 0), total)
+        end = tl.minimum(tl.maximum(tl.load(CU + b + 1).to(tl.int64), start), total)
+        length = (end - start).to(tl.int32)
     else:
         start = b.to(tl.int64) * 0
         length = seqlen
@@ -215,7 +219,7 @@ def _fwd_kernel(
     Q, K, V, OUT, LSE, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, mul_in, mul_out, window_left, window_right,
+    seqlen_q, seqlen_k, total_q, total_k, mul_in, mul_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
@@ -223,8 +227,8 @@ def _fwd_kernel(
     """With ``TMA``, Q, K, V and OUT are (B, H, S, D) tensor descriptors (Hopper's bulk copy
     engine: asynchronous, multi-stage, no address arithmetic in registers); otherwise pointers
     addressed through the (batch, token, head) strides."""
-    h, b, q_start, q_len, k_start, k_len, m_start = _query_block(CU_Q, CU_K, seqlen_q, seqlen_k,
-                                                                 VARLEN, BLOCK_M)
+    h, b, q_start, q_len, k_start, k_len, m_start = _query_block(
+        CU_Q, CU_K, seqlen_q, seqlen_k, total_q, total_k, VARLEN, BLOCK_M)
     if m_start >= q_len:
         return
     diag = k_len - q_len
@@ -290,14 +294,14 @@ def _fwd_kernel(
 def _bwd_preprocess(
     OUT, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
-    stride_gb, stride_gh, stride_gs, stride_lb, stride_lh, seqlen_q,
+    stride_gb, stride_gh, stride_gs, stride_lb, stride_lh, seqlen_q, total_q,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse, in the lse layout (the softmax Jacobian's row term)."""
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, total_q, VARLEN)
     m_start = tl.program_id(0) * BLOCK_M
     if m_start >= q_len:
         return
@@ -368,7 +372,7 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
     stride_kgb, stride_kgs, stride_kgh, stride_vgb, stride_vgs, stride_vgh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, scale, mul_in, mul_out, window_left, window_right,
+    seqlen_q, seqlen_k, total_q, total_k, scale, mul_in, mul_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
@@ -377,8 +381,8 @@ def _bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     kh = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, total_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, total_k, VARLEN)
     n_start = pid_n * BLOCK_N
     if n_start >= k_len:
         return
@@ -461,14 +465,14 @@ def _bwd_dq_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
     stride_qgb, stride_qgs, stride_qgh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, scale, mul_in, mul_out, window_left, window_right,
+    seqlen_q, seqlen_k, total_q, total_k, scale, mul_in, mul_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
 ):
     """With ``TMA``, K and V are (B, H, S, D) descriptors."""
-    h, b, q_start, q_len, k_start, k_len, m_start = _query_block(CU_Q, CU_K, seqlen_q, seqlen_k,
-                                                                 VARLEN, BLOCK_M)
+    h, b, q_start, q_len, k_start, k_len, m_start = _query_block(
+        CU_Q, CU_K, seqlen_q, seqlen_k, total_q, total_k, VARLEN, BLOCK_M)
     if m_start >= q_len:
         return
     diag = k_len - q_len
@@ -636,7 +640,8 @@ def _shared(call) -> dict:
     mul_out = call.softcap * LOG2E if softcap else 1.0
     d = call.q.shape[-1]
     return dict(
-        args=dict(seqlen_q=call.max_seqlen_q, seqlen_k=call.max_seqlen_k, mul_in=mul_in,
+        args=dict(seqlen_q=call.max_seqlen_q, seqlen_k=call.max_seqlen_k,
+                  total_q=call.q.shape[0], total_k=call.k.shape[0], mul_in=mul_in,
                   mul_out=mul_out, window_left=call.window_left,
                   window_right=call.window_right),
         meta=dict(HEAD_DIM=d, GROUP=call.q.shape[-2] // call.k.shape[-2], VARLEN=call.varlen,
@@ -713,7 +718,7 @@ def run_backward(call, config: dict) -> None:
         _bwd_preprocess[(triton.cdiv(call.max_seqlen_q, 64), heads, batch)](
             call.out, call.dout, dlse, delta, cu_q,
             *_bsh(call.out, varlen), *_bsh(call.dout, varlen), *g_strides, *lse_strides,
-            call.max_seqlen_q, HEAD_DIM=meta["HEAD_DIM"], VARLEN=varlen,
+            call.max_seqlen_q, q.shape[0], HEAD_DIM=meta["HEAD_DIM"], VARLEN=varlen,
             HAS_DLSE=call.dlse is not None, BLOCK_M=64, BLOCK_D=meta["BLOCK_D"], num_warps=4)
     strides = (*_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(call.dout, varlen))
     tma = config.get("TMA", False) and _tma_fits(call, (q, k, v, call.dout))
