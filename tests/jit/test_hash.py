@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -29,6 +30,51 @@ def test_changes_with_any_file_the_build_can_include(toy_env, path):
     before = TOY_SPEC.build_hash()
     file = toy_env["csrc"] / path
     file.write_text(file.read_text() + "\n// edited\n")
+    assert TOY_SPEC.build_hash() != before
+
+
+def _same_length_edit(data: bytes) -> bytes:
+    """``data`` with one letter replaced by another: other content, the same length."""
+    at = next(i for i, byte in enumerate(data) if chr(byte).isalpha())
+    edited = data[:at] + (b"x" if data[at:at + 1] != b"x" else b"y") + data[at + 1:]
+    assert len(edited) == len(data) and edited != data
+    return edited
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["toy/binding.cpp", "toy/toy_impl.h", "include/kpt/toy.h"],
+    ids=["source", "op-folder header", "shared header"],
+)
+def test_hash_is_of_contents_not_lengths_or_times(toy_env, path):
+    """An edit that keeps a file's length (a renamed identifier, another digit) must rebuild,
+    and rewriting the same bytes later (a new mtime, a fresh checkout) must not: the hash is
+    of the contents, never of sizes or timestamps."""
+    file = toy_env["csrc"] / path
+    original = file.read_bytes()
+    before = TOY_SPEC.build_hash()
+
+    file.write_bytes(original)
+    stat = file.stat()
+    os.utime(file, ns=(stat.st_atime_ns + 10**10, stat.st_mtime_ns + 10**10))
+    assert TOY_SPEC.build_hash() == before
+
+    file.write_bytes(_same_length_edit(original))
+    edited = TOY_SPEC.build_hash()
+    assert edited != before
+    assert TOY_SPEC.build_dir() != TOY_SPEC._dir_for(before)  # a build of its own
+
+    file.write_bytes(original)
+    assert TOY_SPEC.build_hash() == before
+
+
+def test_same_length_value_change_reaches_the_hash(toy_env):
+    """The toy's offset 0 -> 1: one digit, the compiled result differs, so must the hash."""
+    header = toy_env["csrc"] / "include" / "kpt" / "toy.h"
+    before = TOY_SPEC.build_hash()
+    text = header.read_text()
+    assert text == "#define TOY_OFFSET 0\n"
+    header.write_text(text.replace("0", "1"))
     assert TOY_SPEC.build_hash() != before
 
 

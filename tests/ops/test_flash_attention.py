@@ -14,7 +14,9 @@ import zlib
 import pytest
 import torch
 
+from kpt import autotune
 from kpt.ops._common import compare
+from kpt.ops._registry import Problem
 from kpt.ops.flash_attention import (
     BACKENDS,
     BACKWARD_TOLERANCE,
@@ -34,6 +36,9 @@ from kpt.ops.flash_attention import (
 from kpt.ops.flash_attention import reference as ref
 from tests.conftest import devices
 from tests.ops.op_log import OpLog
+from tests.ops.test_flash_attention_sm90 import on_cuda, simulate_hopper
+
+fa_module = importlib.import_module("kpt.ops.flash_attention")
 
 HALF = [torch.bfloat16, torch.float16]
 KERNEL_BACKENDS = [b.name for b in BACKENDS if b.name != "reference"]
@@ -329,18 +334,118 @@ def test_varlen_nan_poisoned_padding(backend, name, device):
 # ---- determinism, compile, API -------------------------------------------------------------
 
 
+def spy_backward_problems(monkeypatch) -> list[tuple[bool, Problem]]:
+    """Record ``(call.deterministic, problem)`` for every backward problem dispatch builds
+    (once per new dispatch key: a repeated call reuses the keyed decision)."""
+    seen: list[tuple[bool, Problem]] = []
+    real = fa_module.backward_problem_of
+
+    def spy(call):
+        problem = real(call)
+        seen.append((call.deterministic, problem))
+        return problem
+
+    monkeypatch.setattr(fa_module, "backward_problem_of", spy)
+    return seen
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
-def test_deterministic_gradients_are_bitwise_identical(backend, device):
+def test_deterministic_gradients_are_bitwise_identical(backend, device, monkeypatch):
+    """Two backward passes with ``deterministic=True`` give bitwise equal gradients, and the
+    flag reaches the backward's dispatch: the problem it chooses on (which keeps the atomic
+    sm90 kernel away, see test_deterministic_backward_avoids_the_atomic_kernel) and the call
+    the backend runs. On a CPU every backend here is deterministic anyway; the flag is what
+    decides on a GPU, so it is what this test can check everywhere."""
     case = CASES["combined"]
     q, k, v = make_qkv(case, torch.bfloat16, device, 21)
     skip_unless_runs(backend, q, k, v, **options(case))
     dout, dlse = grad_inputs(case, device, 21)
     kw = dict(options(case), backend=backend, deterministic=True)
+    seen = spy_backward_problems(monkeypatch)
     first = run_with_grads(q, k, v, dout, dlse, **kw)[2]
     second = run_with_grads(q, k, v, dout, dlse, **kw)[2]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    assert seen, "the backward was dispatched without building its problem"
+    for flag, problem in seen:
+        assert flag is True and problem["deterministic"] is True
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_deterministic_flag_is_part_of_the_backward_dispatch_key(path, monkeypatch):
+    """A deterministic backward after a non-deterministic one of the same shape must be
+    dispatched anew (the keyed decision cache must not hand it the other one's kernel), on
+    the eager fast path and through the custom op alike."""
+    case = CASES["causal"]
+    q, k, v = make_qkv(case, torch.float32, "cpu", 22)
+    dout, dlse = grad_inputs(case, "cpu", 22)
+    seen = spy_backward_problems(monkeypatch)
+    for deterministic in (False, True, False):
+        if path == "op":
+            with OpLog() as log:
+                run_with_grads(q, k, v, dout, dlse, deterministic=deterministic,
+                               **options(case))
+            assert "kpt.flash_attention_backward.default" in log.ops
+        else:
+            run_with_grads(q, k, v, dout, dlse, deterministic=deterministic, **options(case))
+        if deterministic:
+            assert [flag for flag, _ in seen] == [True], seen
+            assert seen[0][1]["deterministic"] is True
+        else:  # the first call dispatches; the third reuses the first's decision
+            assert all(flag is False for flag, _ in seen), seen
+        seen.clear()
+
+
+# A backward Hopper's sm90 kernel takes unless the call asks for determinism: bf16, head dim
+# 128, 512 tokens (the measured threshold), causal. Run on the CPU to capture its problem.
+HOPPER_BACKWARD = dict(B=1, Sq=512, Sk=512, H=2, Hkv=2, D=128, causal=True)
+
+
+def _hopper_backward_problem(monkeypatch, deterministic: bool) -> Problem:
+    """The backward problem of a real ``HOPPER_BACKWARD`` call on the CPU (reference backend),
+    as dispatch would see it on the first CUDA device."""
+    case = HOPPER_BACKWARD
+    q, k, v = make_qkv(case, torch.bfloat16, "cpu", 23)
+    dout, dlse = grad_inputs(case, "cpu", 23)
+    with monkeypatch.context() as patch:
+        seen = spy_backward_problems(patch)
+        run_with_grads(q, k, v, dout, None, deterministic=deterministic, **options(case))
+    assert [flag for flag, _ in seen] == [deterministic]
+    return on_cuda(seen[0][1])
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_backward_avoids_the_atomic_kernel(deterministic, monkeypatch):
+    """On Hopper (simulated where there is none: the decision is Python) dispatch gives this
+    backward to the sm90 kernel, which adds dq with fp32 atomics, unless the call asked for
+    determinism: then Triton's backward runs, and the cuda backend, when forced, defaults to
+    its atomic-free mma kernel and never lists the sm90 one."""
+    problem = _hopper_backward_problem(monkeypatch, deterministic)
+    simulate_hopper(monkeypatch)
+    monkeypatch.setattr(autotune, "lookup", lambda *args: None)  # untuned: the static policy
+    chosen, config = SPEC_BACKWARD.choose(problem)
+    cuda_configs = SPEC_BACKWARD.backend("cuda").configs(problem)
+    forced = SPEC_BACKWARD.choose(problem, "cuda")[1]
+    if deterministic:
+        assert chosen.name == "triton"
+        assert {"impl": "sm90"} not in cuda_configs and forced == {"impl": "mma"}
+    else:  # the simulated Hopper does offer the kernel: the deterministic case is not vacuous
+        assert (chosen.name, config) == ("cuda", {"impl": "sm90"})
+        assert cuda_configs[0] == forced == {"impl": "sm90"}
+
+
+def test_deterministic_backward_ignores_a_tuned_atomic_config(monkeypatch):
+    """The tuner times non-deterministic problems, where the sm90 backward wins; a
+    deterministic call of the same shape must still not get that config: its bucket differs,
+    so the lookup (here: any row of the non-deterministic bucket) finds nothing for it."""
+    problem = _hopper_backward_problem(monkeypatch, True)
+    simulate_hopper(monkeypatch)
+    plain = SPEC_BACKWARD.bucket(_hopper_backward_problem(monkeypatch, False))
+    monkeypatch.setattr(autotune, "lookup", lambda op, problem, bucket: (
+        ("cuda", {"impl": "sm90"}) if bucket == plain else None))
+    chosen, config = SPEC_BACKWARD.choose(problem)
+    assert config != {"impl": "sm90"}, (chosen.name, config)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -3,12 +3,15 @@ reference.
 
 GPU tests run only on a compute-capability 9.0 device; the CPU tests check the declared
 reasons (``supports`` / ``call_reasons``), which must reject every unsupported call before a
-launch.
+launch. The dispatch-policy tests (the ``prefer`` hooks, their length threshold, the default
+configs) are Python decisions: they run everywhere, on a real sm90 GPU as it is and elsewhere
+with the device and the builds simulated (:func:`simulate_hopper`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -40,6 +43,41 @@ def _is_sm90() -> bool:
 
 
 needs_sm90 = pytest.mark.skipif(not _is_sm90(), reason="needs an sm90 GPU")
+
+
+def simulate_hopper(monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Make dispatch see an NVIDIA sm_90 device with the cuda backend and the sm90 kernels
+    built; returns False when it already does (a real sm90 GPU with both builds available:
+    then nothing is patched), True when it patched.
+
+    Patched for the test: ``torch.cuda.is_available`` and ``get_device_capability`` (read by
+    the registry's capability check and by ``_sm90._capability``), ``torch.version.hip`` (an
+    NVIDIA torch), ``_sm90.build_reason`` and ``_cuda.cuda_unavailable`` (the builds'
+    availability; neither compiles anything). ``_sm90._capability`` gets a fresh cache around
+    its own code, so that no value from the real device goes in and none from the simulated
+    one stays. Problems must name a ``cuda`` device (:func:`on_cuda`): no tensor is made
+    there. Only dispatch decisions are simulated: nothing may be launched.
+    """
+    if _is_sm90() and not _cuda.cuda_unavailable() and not _sm90.build_reason():
+        return False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(_sm90, "build_reason", lambda: None)
+    monkeypatch.setattr(_cuda, "cuda_unavailable", lambda: None)
+    monkeypatch.setattr(_sm90, "_capability", functools.cache(_sm90._capability.__wrapped__))
+    return True
+
+
+@pytest.fixture
+def hopper(monkeypatch) -> bool:
+    """An sm_90 device for dispatch, real or simulated (:func:`simulate_hopper`)."""
+    return simulate_hopper(monkeypatch)
+
+
+def on_cuda(problem):
+    """``problem`` (of a call on CPU tensors) as the same call on the first CUDA device."""
+    return dataclasses.replace(problem, device_type="cuda", device_index=0)
 HALF = [torch.bfloat16, torch.float16]
 
 # Lengths at the kernels' regime boundaries: a single row, partial tiles (query tiles are 128
@@ -368,24 +406,39 @@ def test_backward_unaligned_outputs(d):
 
 def _backward_problem(device: str, seqlen: int, d: int, mask: str, deterministic: bool = False,
                       window_left: int = -1, softcap: float = 0.0):
-    """The Problem of a backward call on empty tensors (dispatch reads only shapes)."""
-    q = torch.empty(1, seqlen, 2, d, dtype=torch.bfloat16, device=device)
+    """The Problem of a backward call on ``device`` (dispatch reads only shapes): made from
+    empty CPU tensors and moved to the device, so that no GPU is needed."""
+    q = torch.empty(1, seqlen, 2, d, dtype=torch.bfloat16)
     call = BackwardCall(q, None, q, q, q, q, q[..., 0], None, None, seqlen, seqlen, d ** -0.5,
                         window_left, 0 if mask == "causal" else -1, softcap, deterministic,
                         q, q, q)
-    return backward_problem_of(call)
+    problem = backward_problem_of(call)
+    return on_cuda(problem) if device == "cuda" else problem
 
 
-@needs_sm90
+# The sm90 backward's length threshold as measured (SM90_NOTES.md, "Backward": faster than
+# Triton's from 512 tokens on, shorter sequences unmeasured). The cases below spell the
+# lengths out rather than reading _cuda.SM90_BACKWARD_MIN_SEQLEN, so that moving the threshold
+# without new measurements fails here instead of moving the expectations with it.
+MEASURED_MIN_SEQLEN = 512
+
+
+def test_backward_threshold_is_the_measured_one():
+    """The constant dispatch reads is the measured threshold (the cases below pin its effect)."""
+    assert _cuda.SM90_BACKWARD_MIN_SEQLEN == MEASURED_MIN_SEQLEN
+
+
+@pytest.mark.usefixtures("hopper")
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("d,mask,seqlen,sm90", [
     (128, "full", 256, False), (128, "causal", 256, False), (64, "full", 256, False),
     (64, "causal", 256, False),
-    (128, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN, True),
-    (128, "causal", _cuda.SM90_BACKWARD_MIN_SEQLEN, True),
-    (64, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN, True),
+    (128, "full", 512, True),
+    (128, "causal", 512, True),
+    (64, "full", 512, True),
     (64, "causal", 4096, True),
-    (128, "full", _cuda.SM90_BACKWARD_MIN_SEQLEN - 64, False),
+    (128, "full", 448, False),
+    (128, "causal", 511, False),
 ])
 def test_hopper_backward_dispatch(d, mask, seqlen, sm90, deterministic):
     """The dispatcher puts the sm90 backward first where it measured faster than Triton's
@@ -401,13 +454,13 @@ def test_hopper_backward_dispatch(d, mask, seqlen, sm90, deterministic):
     assert default == ({"impl": "mma"} if deterministic else BACKWARD)
 
 
-@needs_sm90
+@pytest.mark.usefixtures("hopper")
 @pytest.mark.parametrize("seqlen,extra,sm90", [
     (256, dict(mask="full", softcap=30.0), True),
     (256, dict(mask="causal", softcap=30.0), False),
-    (_cuda.SM90_BACKWARD_MIN_SEQLEN, dict(mask="causal", softcap=30.0), True),
-    (_cuda.SM90_BACKWARD_MIN_SEQLEN, dict(mask="causal", window_left=1024), True),
-    (_cuda.SM90_BACKWARD_MIN_SEQLEN - 1, dict(mask="causal", window_left=1024), False),
+    (512, dict(mask="causal", softcap=30.0), True),
+    (512, dict(mask="causal", window_left=1024), True),
+    (511, dict(mask="causal", window_left=1024), False),
     (256, dict(mask="causal", window_left=1024, softcap=30.0), False),
 ], ids=["softcap", "softcap_causal", "softcap_causal_long", "window", "window_short",
         "window_softcap"])
@@ -426,7 +479,7 @@ def _cpu_call(**extra) -> Call:
     return make_call(shape, torch.bfloat16, torch.device("cpu"))
 
 
-@needs_sm90
+@pytest.mark.usefixtures("hopper")
 @pytest.mark.parametrize("d,extra,backend", [
     (128, {}, "cuda"), (128, {"causal": True}, "cuda"),
     (128, {"causal": True, "window_left": 100}, "cuda"),
@@ -434,8 +487,8 @@ def _cpu_call(**extra) -> Call:
 def test_hopper_dispatch_prefers_the_dynamic_kernel_where_it_measured_faster(d, extra, backend):
     """On Hopper the overlap kernel in persistent CTAs with dynamic tile scheduling leads,
     wherever it measured faster than Triton's forward."""
-    call = make_call(_shape(256, 256, d, **extra), torch.bfloat16, torch.device("cuda"))
-    chosen, config = SPEC.static_choice(problem_of(call))
+    call = make_call(_shape(256, 256, d, **extra), torch.bfloat16, torch.device("cpu"))
+    chosen, config = SPEC.static_choice(on_cuda(problem_of(call)))
     assert chosen.name == backend
     if backend == "cuda":
         assert config == CONFIGS["dynamic"]

@@ -158,8 +158,10 @@ def _mask_kind(left: int, right: int) -> str:
 
 
 def _bucket(p: Problem) -> str:
-    flags = "".join(f"-{tag}" for tag, on in (("softcap", p["softcap"]), ("varlen", p["varlen"]))
-                    if on)
+    # A deterministic backward is its own bucket: rows tuned without the flag may name a
+    # kernel that adds with atomics (the sm90 backward), which such a call must not get.
+    flags = "".join(f"-{tag}" for tag, on in (("softcap", p["softcap"]), ("varlen", p["varlen"]),
+                                              ("det", p.get("deterministic", False))) if on)
     return (f"b{_pow2_bucket(p['batch'])}-sq{_pow2_bucket(p['seqlen_q'])}"
             f"-sk{_pow2_bucket(p['seqlen_k'])}-h{p['heads_q']}-kv{p['heads_kv']}"
             f"-d{p['head_dim']}-{p['mask']}{flags}")

@@ -41,7 +41,7 @@ from kpt.ops._common import (
 )
 from kpt.ops._registry import Backend, Op, Problem
 
-from . import _codegen, mods
+from . import _checks, _codegen, mods
 from . import block_mask as _bm
 from . import reference as _reference
 from .block_mask import BlockMask, Tables, create_block_mask
@@ -424,6 +424,11 @@ def _plan(score_mod, mask_mod, device_type: str, device_index, dtype: torch.dtyp
     if mask_mod is not None and _codegen.is_torch_noop(mask_mod):
         mask_mod = None
     mods = _codegen.translate(score_mod, mask_mod)
+    # The mods' rules, as in an eager call; dynamo runs this function eagerly, so untranslated
+    # mods can be probed, over nominal index ranges (the call's sizes are not arguments here).
+    wp = torch.float64 if dtype == torch.float64 else torch.float32
+    _checks.check_mods(mods, score_mod, mask_mod,
+                       _checks.Sizes.unknown(torch.device(device_type, device_index), wp))
     locs = None if mods.reason is not None else _codegen.locate_buffers(mods, score_mod, mask_mod)
     if locs is None:
         if backend not in (None, "reference"):
@@ -506,7 +511,12 @@ def flex_attention(
         query: (B, Hq, Sq, D); key: (B or 1, Hkv, Skv, D); value: (B or 1, Hkv, Skv, Dv);
             fp16/bf16/fp32 (fp64 on the reference).
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on float32 scores; may
-            index captured 0/1/2-D tensors with the index arguments (``slopes[h]``).
+            index captured 0/1/2-D tensors with the index arguments (``slopes[h]``). Like the
+            block mask's ``mask_mod(b, h, q_idx, kv_idx) -> bool`` it must be elementwise: one
+            value per element from that element's arguments only, no reduction or slicing,
+            no Python ``if``/``and``/``int()`` on the arguments. A mod that breaks this, or
+            returns a bool score or a non-bool mask, is rejected before any backend runs
+            (ValueError / TypeError, the same for every backend; ``_checks.py``).
         block_mask: torch's ``BlockMask`` (``create_block_mask``) or kpt's
             (:func:`create_block_mask`, no torch.compile needed); its ``mask_mod`` masks
             elements of partial blocks; unlisted blocks are skipped.
@@ -545,7 +555,13 @@ def flex_attention(
         mask_mod = None
     if score_mod is not None and _codegen.is_torch_noop(score_mod):
         score_mod = None
-    mods = _codegen.translate(score_mod, mask_mod if tables.has_partial else None)
+    if not tables.has_partial:
+        mask_mod = None  # no partial block: the mask is never evaluated
+    mods = _codegen.translate(score_mod, mask_mod)
+    # Shared by every backend, before dispatch: the mods must be elementwise (_checks.RULE).
+    wp = torch.float64 if query.dtype == torch.float64 else torch.float32
+    _checks.check_mods(mods, score_mod, mask_mod,
+                       _checks.Sizes(B, H, sq, skv, query.device, wp))
     for buf in mods.buffers:
         if buf.device != query.device:
             raise ValueError(f"{OP}: a tensor captured by score_mod/mask_mod is on "
@@ -554,8 +570,7 @@ def flex_attention(
     if grad_on and any(b.requires_grad for b in mods.buffers):
         # Kernels do not produce gradients for captured tensors: autograd through the
         # reference does, with the Python mods themselves.
-        out, lse = _reference.attention(query, key, value, score_mod,
-                                        mask_mod if tables.has_partial else None, scale,
+        out, lse = _reference.attention(query, key, value, score_mod, mask_mod, scale,
                                         tables.dense(), (tables.block_q, tables.block_kv))
         return (out, lse) if return_lse else out
     grad = grad_on and any(t.requires_grad for t in (query, key, value))

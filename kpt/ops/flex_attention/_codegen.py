@@ -39,6 +39,13 @@ class TraceError(Exception):
     """A mod uses something the Triton code generator does not translate."""
 
 
+class DataDependentError(TraceError):
+    """A mod branches on, or converts to a Python number, a traced value: data-dependent Python
+    control flow, which no backend runs (mods are elementwise tensor functions). Unlike other
+    trace errors it is the mod's fault, not the code generator's: ``flex_attention`` rejects
+    it before dispatch (``_checks``) instead of falling back to the reference."""
+
+
 # ---- nodes -----------------------------------------------------------------------------------
 
 
@@ -235,12 +242,13 @@ class Sym:
     __hash__ = object.__hash__
 
     def __bool__(self):
-        raise TraceError("data-dependent Python control flow (`if`/`and`/`or`/`not` on a traced "
-                         "value); use torch.where or & | ~ instead")
+        raise DataDependentError("data-dependent Python control flow (`if`/`and`/`or`/`not` on "
+                                 "a traced value); use torch.where or & | ~ instead")
 
     def __index__(self):
-        raise TraceError("a traced value used as a Python int (data-dependent indexing or "
-                         "range); index captured tensors directly with b, h, q_idx, kv_idx")
+        raise DataDependentError("a traced value used as a Python int (data-dependent indexing "
+                                 "or range); index captured tensors directly with b, h, q_idx, "
+                                 "kv_idx")
 
     __int__ = __float__ = __index__
 

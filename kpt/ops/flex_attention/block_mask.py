@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _checks
+
 OP = "flex_attention"
 _CHUNK_ELEMENTS = 1 << 26  # bound on the mask elements evaluated at once
 _HUGE_BLOCK = 1 << 29  # torch's "no mask" BlockMask uses a block size of 2**30
@@ -130,6 +132,11 @@ def create_block_mask(
     bq, bkv = _block_sizes(BLOCK_SIZE)
     B, H = B or 1, H or 1
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if mask_mod is not None and not torch.compiler.is_compiling():
+        # flex_attention's rules for mods (elementwise, bool, no Python branching), checked
+        # here too: this is where a mask_mod is first evaluated.
+        _checks.check_mod(_checks.MASK_MOD, mask_mod,
+                          _checks.Sizes(B, H, Q_LEN, KV_LEN, device))
     nq, nkv = -(-Q_LEN // bq), -(-KV_LEN // bkv)
     partial = torch.zeros(B, H, nq, nkv, dtype=torch.bool, device=device)
     full = torch.zeros_like(partial)
