@@ -181,25 +181,29 @@ def kpt_op_calls(fn: Callable[[], Any]) -> tuple[Counter[str], Any]:
     that a patched model really runs kpt. Counts every dispatch through the op registry (eager
     calls with or without autograd, custom-op calls), outermost calls only (a ``flex_attention``
     call that runs on ``flash_attention`` counts as one ``flex_attention`` call). Not
-    thread-safe: the counter wraps the registry's launch for the duration of the call."""
+    thread-safe: the counter wraps the registry's launches for the duration of the call."""
     from kpt.ops._registry import Op
 
     calls: Counter[str] = Counter()
-    launch = Op.launch
+    originals = {name: getattr(Op, name) for name in ("launch", "launch_keyed")}
     depth = [0]
 
-    def counted(self: Op, *args: Any, **kwargs: Any) -> str:
-        if depth[0] == 0:
-            calls[self.name] += 1
-        depth[0] += 1
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            depth[0] -= 1
+    def counting(original: Callable[..., str]) -> Callable[..., str]:
+        def counted(self: Op, *args: Any, **kwargs: Any) -> str:
+            if depth[0] == 0:
+                calls[self.name] += 1
+            depth[0] += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return counted
 
-    Op.launch = counted  # type: ignore[method-assign]
+    for name, original in originals.items():
+        setattr(Op, name, counting(original))
     try:
         result = fn()
     finally:
-        Op.launch = launch  # type: ignore[method-assign]
+        for name, original in originals.items():
+            setattr(Op, name, original)
     return calls, result
