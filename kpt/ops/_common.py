@@ -43,6 +43,12 @@ def check_content() -> bool:
     return os.environ.get("KPT_CHECK", "0") not in ("", "0")
 
 
+def read_content(t: torch.Tensor) -> bool:
+    """Whether an index tensor's content is checked on the host in this call: on the CPU, or
+    anywhere under ``KPT_CHECK=1``; never while torch.compile traces (the data is not there)."""
+    return (t.device.type == "cpu" or check_content()) and not torch.compiler.is_compiling()
+
+
 def module(name: str) -> types.ModuleType:
     """``importlib.import_module(name)``, from ``sys.modules`` when already imported (the
     import machinery's own lookup costs microseconds on every call of a hot path)."""

@@ -23,12 +23,12 @@ import torch
 from torch import Tensor
 
 from kpt.ops._common import (
-    check_content,
     check_tensor,
     compare,
     lazy,
     native_backends,
     plain_eager,
+    read_content,
     triton_interpreting,
     triton_unavailable,
 )
@@ -410,7 +410,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None
         if isinstance(given, bool) or not (given is None or isinstance(given, int)) or (
                 given is not None and given < 0):
             raise ValueError(f"{OP}: {name} must be an int >= 0, got {given!r}")
-        if given is None or cu.device.type == "cpu" or check_content():
+        if given is None or read_content(cu):
             # The boundaries are read on the host (a sync on a GPU; pass max_seqlen to avoid
             # it, and for graph capture): well-formed, inside the tensor, and the hint true.
             given = _check_boundaries(name, cu, t.shape[0], given)
