@@ -1,10 +1,15 @@
 """kpt ops: every public op function, dispatched per call to the best backend."""
 
-from kpt.ops.cascade_attention import merge_attention_states, merge_attention_states_
+from kpt.ops.cascade_attention import (
+    cascade_attention,
+    merge_attention_states,
+    merge_attention_states_,
+)
 from kpt.ops.flash_attention import flash_attention
 from kpt.ops.flex_attention import flex_attention
 from kpt.ops.paged_attention import append_paged_kv, paged_attention
 from kpt.ops.rmsnorm_qkv_rope import rmsnorm_qkv_rope
 
 __all__ = ["flash_attention", "flex_attention", "paged_attention", "append_paged_kv",
-           "merge_attention_states", "merge_attention_states_", "rmsnorm_qkv_rope"]
+           "cascade_attention", "merge_attention_states",
+           "merge_attention_states_", "rmsnorm_qkv_rope"]

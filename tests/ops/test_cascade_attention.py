@@ -68,3 +68,110 @@ def test_bad_input(override, error, text):
     with pytest.raises(error, match=text) as info:
         merge_attention_states(**args)
     assert "merge_attention_states" in str(info.value)
+
+
+# ---- cascade_attention ------------------------------------------------------------------------
+
+from kpt.ops.cascade_attention import cascade_attention  # noqa: E402
+from kpt.ops.paged_attention import SPEC as PAGED_SPEC  # noqa: E402
+
+PAGE = 4
+
+
+def _cascade(seed: int, dtype: torch.dtype, queries: list[int] | None):
+    """Five requests: a 12-token prefix shared by all (one group), a second level of two groups
+    (requests 0-2: 8 tokens, 3-4: 4 tokens), then each request's own tokens (ragged, 1-7).
+    Shared lengths are page multiples, so each request's pages concatenate into one table."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, heads_kv, d = 6, 2, 16
+    own = [3, 7, 1, 5, 4]
+    level_groups = [([0, 5], [12]), ([0, 3, 5], [8, 4]), (list(range(6)), own)]
+    num_pages = 64
+    k_cache = torch.randn(num_pages, PAGE, heads_kv, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_pages, PAGE, heads_kv, d, generator=gen).to(dtype)
+    free = torch.randperm(num_pages, generator=gen).tolist()
+    levels = []
+    for indptr, lengths in level_groups:
+        pages = [[free.pop() for _ in range(-(-n // PAGE))] for n in lengths]
+        width = max(len(p) for p in pages)
+        table = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.int32)
+        levels.append((table, torch.tensor(lengths, dtype=torch.int32),
+                       torch.tensor(indptr, dtype=torch.int32)))
+    # each request's concatenated table and total length
+    rows, totals = [], []
+    for r in range(5):
+        row, total = [], 0
+        for table, lens, indptr in levels:
+            g = max(i for i, start in enumerate(indptr.tolist()[:-1]) if start <= r)
+            n = int(lens[g])
+            row += table[g, : -(-n // PAGE)].tolist()
+            total += n
+        rows.append(row)
+        totals.append(total)
+    width = max(len(r) for r in rows)
+    flat = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+    tokens = queries or [1] * 5
+    q = torch.randn(sum(tokens), heads, d, generator=gen).to(dtype)
+    cu = (torch.tensor([0, *torch.tensor(tokens).cumsum(0).tolist()], dtype=torch.int32)
+          if queries else None)
+    return q, k_cache, v_cache, levels, flat, torch.tensor(totals, dtype=torch.int32), cu
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+def test_cascade_equals_paged_attention_over_the_concatenated_pages(chunked, softcap):
+    queries = [2, 3, 1, 1, 4] if chunked else None
+    q, kc, vc, levels, flat, totals, cu = _cascade(5, torch.float32, queries)
+    kw = dict(cu_seqlens_q=cu, softcap=softcap, return_lse=True)
+    want, want_lse = _paged_ref(q, kc, vc, flat, totals, **kw)
+    for backend in ("reference", None):  # the specification, and the levels merged
+        out, lse = cascade_attention(q, kc, vc, levels, backend=backend, **kw)
+        torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)  # float32 sums reordered
+        torch.testing.assert_close(lse, want_lse, rtol=2e-5, atol=2e-5)
+
+
+def _paged_ref(q, kc, vc, table, lens, cu_seqlens_q, softcap, return_lse):
+    from kpt.ops import paged_attention
+
+    out, lse = paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu_seqlens_q,
+                               softcap=softcap, return_lse=True, backend="reference")
+    return out, (lse if cu_seqlens_q is None else lse.transpose(0, 1))
+
+
+def _triton_here() -> bool:
+    from kpt.ops.paged_attention import Call, problem_of
+
+    q, kc, vc, levels, *_ = _cascade(0, torch.bfloat16, None)
+    table, lens, _ = levels[-1]
+    call = Call(q, kc, vc, table, lens, None, 1, 0.25, -1, 0, 0.0, None, None, "NHD", q, q)
+    return not PAGED_SPEC.reasons("triton", problem_of(call))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
+def test_cascade_on_the_triton_kernel(chunked):
+    if not _triton_here():
+        pytest.skip("paged_attention's Triton backend cannot run here (CPU without "
+                    "TRITON_INTERPRET=1)")
+    queries = [1, 2, 1, 3, 1] if chunked else None
+    q, kc, vc, levels, _, _, cu = _cascade(6, torch.bfloat16, queries)
+    got = cascade_attention(q, kc, vc, levels, cu_seqlens_q=cu, backend="triton")
+    want = cascade_attention(q, kc, vc, levels, cu_seqlens_q=cu, backend="reference")
+    # each level's output is rounded to bf16 before the merge: within 2 bf16 units norm-wise
+    err = (got.double() - want.double()).norm() / want.double().norm()
+    assert err < 2**-7, err
+
+
+@pytest.mark.parametrize(("mutate", "error", "text"), [
+    (lambda lv: [], TypeError, "non-empty list"),
+    (lambda lv: [lv[0][:2]] + lv[1:], TypeError, "levels\\[0\\] must be"),
+    (lambda lv: [(lv[0][0], lv[0][1], torch.tensor([0, 4], dtype=torch.int32))] + lv[1:],
+     ValueError, "rise from 0 to the 5 requests"),
+    (lambda lv: [(lv[0][0].long(), lv[0][1], lv[0][2])] + lv[1:], TypeError, "block_table"),
+    (lambda lv: [(lv[0][0], torch.tensor([12, 1], dtype=torch.int32), lv[0][2])] + lv[1:],
+     ValueError, "table rows"),
+], ids=["empty", "pair", "indptr", "table dtype", "lengths"])
+def test_bad_levels(mutate, error, text):
+    q, kc, vc, levels, *_ = _cascade(7, torch.float32, None)
+    with pytest.raises(error, match=text) as info:
+        cascade_attention(q, kc, vc, mutate(levels))
+    assert "cascade_attention" in str(info.value)

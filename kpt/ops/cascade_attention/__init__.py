@@ -6,8 +6,15 @@ Attention over keys ``A ∪ B`` from the parts: with natural-log logsumexps ``ls
     lse = logaddexp(lse_a, lse_b)
     o   = exp(lse_a - lse) * o_a + exp(lse_b - lse) * o_b        # 0 where lse = -inf
 
-in float32, rounded once to the outputs' dtype. ``cascade_attention`` itself (shared-prefix
-levels over a paged cache) is not implemented yet; this is the piece it merges with.
+in float32, rounded once to the outputs' dtype.
+
+``cascade_attention`` runs requests whose KV is a chain of levels in one paged cache, outermost
+shared prefix first: level ``l`` is ``(block_table, seq_lens, group_indptr)``, its group ``g``
+holding row ``g`` of that table and serving requests ``group_indptr[g] .. group_indptr[g + 1] -
+1``. A request's KV is its groups' KV in level order, and the result is ``paged_attention`` over
+those keys concatenated. The queries of a group attend to a shared level together (one
+``paged_attention`` "sequence" per group, so its pages are read once per group and kv head, not
+once per request); the states of the levels are merged through their lse.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kpt.ops._common import check_tensor
+from kpt.ops._common import check_tensor, read_content
 
 OP = "merge_attention_states"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -64,4 +71,157 @@ def merge_attention_states_(o_a: Tensor, lse_a: Tensor, o_b: Tensor,
     return o_a, lse_a
 
 
-__all__ = ["merge_attention_states", "merge_attention_states_"]
+def _levels(levels, batch: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
+    op = "cascade_attention"
+    if not isinstance(levels, (list, tuple)) or not levels:
+        raise TypeError(f"{op}: levels must be a non-empty list of (block_table, seq_lens, "
+                        f"group_indptr), got {type(levels).__name__}")
+    out = []
+    for i, level in enumerate(levels):
+        if not isinstance(level, (list, tuple)) or len(level) != 3:
+            raise TypeError(f"{op}: levels[{i}] must be (block_table, seq_lens, group_indptr)")
+        table, lens, indptr = level
+        for name, t, ndim in (("block_table", table, 2), ("seq_lens", lens, 1),
+                              ("group_indptr", indptr, 1)):
+            check_tensor(op, f"levels[{i}].{name}", t, ndim=ndim, dtypes=(torch.int32,),
+                         device=device)
+        groups = table.shape[0]
+        if lens.shape[0] != groups or indptr.shape[0] != groups + 1:
+            raise ValueError(f"{op}: levels[{i}] has {groups} table rows, {lens.shape[0]} "
+                             f"lengths and {indptr.shape[0]} group_indptr entries (need G, G, "
+                             f"G + 1)")
+        if read_content(indptr):
+            values = indptr.tolist()
+            if values[0] != 0 or values[-1] != batch or any(
+                    b < a for a, b in zip(values, values[1:])):
+                raise ValueError(f"{op}: levels[{i}].group_indptr must rise from 0 to the "
+                                 f"{batch} requests, got {values[:8]}")
+        out.append((table.contiguous(), lens.contiguous(), indptr.contiguous()))
+    return out
+
+
+def _reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, levels, cu_q: Tensor, causal: bool,
+               scale: float | None, softcap: float, k_scale, v_scale,
+               kv_layout: str) -> tuple[Tensor, Tensor]:
+    """Each request's keys gathered level by level, then flash_attention's reference."""
+    from kpt.ops.flash_attention.reference import attention_forward
+    from kpt.ops.paged_attention import reference as paged
+
+    batch = cu_q.shape[0] - 1
+    keys, values, lengths = [], [], []
+    for r in range(batch):
+        ks, vs = [], []
+        for table, lens, indptr in levels:
+            g = int(torch.searchsorted(indptr, torch.tensor([r], dtype=indptr.dtype,
+                                                            device=indptr.device),
+                                       right=True)) - 1
+            row, n = table[g : g + 1], lens[g : g + 1]
+            ks.append(paged.gather(k_cache, row, n, kv_layout, k_scale)[0])
+            vs.append(paged.gather(v_cache, row, n, kv_layout, v_scale)[0])
+        keys.append(torch.cat(ks))
+        values.append(torch.cat(vs))
+        lengths.append(keys[-1].shape[0])
+    cu_k = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                        device=q.device)
+    d = q.shape[-1]
+    out, lse = attention_forward(q, torch.cat(keys), torch.cat(values), cu_q, cu_k,
+                                 d**-0.5 if scale is None else scale, -1, 0 if causal else -1,
+                                 softcap)
+    return out, lse.transpose(0, 1)
+
+
+def cascade_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    levels: list[tuple[Tensor, Tensor, Tensor]],
+    *,
+    cu_seqlens_q: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    softcap: float = 0.0,
+    k_scale: Tensor | float | None = None,
+    v_scale: Tensor | float | None = None,
+    kv_layout: str = "NHD",
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of each request over its chain of shared-prefix levels in a paged cache.
+
+    Args:
+        q: (B, Hq, D), one query per request (decode), or (Tq, Hq, D) with ``cu_seqlens_q``
+            (B + 1,) int32; a request's queries are its last tokens, and must lie in its last
+            level (a shared level is visible whole to the queries after it).
+        k_cache, v_cache, k_scale, v_scale, kv_layout, scale, softcap, causal: as in
+            ``paged_attention`` (one cache holds every level's pages).
+        levels: ``[(block_table (G, P) int32, seq_lens (G,) int32, group_indptr (G + 1,)
+            int32), ...]``, outermost first; each level's groups cover all B requests in order.
+        backend: ``"reference"`` gathers each request's keys (the specification); otherwise
+            each level runs ``paged_attention`` (with this backend, if named) and the levels'
+            states are merged.
+
+    Returns out (like q) and, with ``return_lse``, lse (float32, (Tq, Hq)).
+    """
+    from kpt.ops.paged_attention import paged_attention
+
+    op = "cascade_attention"
+    check_tensor(op, "q", q, ndim=3, dtypes=_FLOATS)
+    if cu_seqlens_q is None:
+        cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+        batch, max_m = q.shape[0], 1
+    else:
+        check_tensor(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,),
+                     device=q.device)
+        cu_q, batch = cu_seqlens_q.contiguous(), cu_seqlens_q.shape[0] - 1
+        max_m = max_seqlen_q
+        if max_m is None or read_content(cu_q):
+            counts = (cu_q[1:] - cu_q[:-1]).tolist()
+            if cu_q.tolist()[0] != 0 or min(counts, default=0) < 0 or cu_q.tolist()[-1] != \
+                    q.shape[0]:
+                raise ValueError(f"{op}: cu_seqlens_q must rise from 0 to the {q.shape[0]} "
+                                 f"queries, got {cu_q.tolist()[:8]}")
+            longest = max(counts, default=0)
+            if max_m is not None and max_m < longest:
+                raise ValueError(f"{op}: max_seqlen_q={max_m} is below the longest query run "
+                                 f"({longest})")
+            max_m = longest if max_m is None else max_m
+    levels = _levels(levels, batch, q.device)
+    if backend == "reference":
+        out, lse = _reference(q, k_cache, v_cache, levels, cu_q, causal, scale, softcap,
+                              k_scale, v_scale, kv_layout)
+        return (out, lse) if return_lse else out
+    common = dict(scale=scale, softcap=softcap, k_scale=k_scale, v_scale=v_scale,
+                  kv_layout=kv_layout, return_lse=True, backend=backend)
+    state = None
+    for i, (table, lens, indptr) in enumerate(levels):
+        last = i == len(levels) - 1
+        if last and indptr.shape[0] == batch + 1 and cu_seqlens_q is None:
+            # one group per request (the usual last level): plain decode
+            o, lse = paged_attention(q, k_cache, v_cache, table, lens, causal=causal, **common)
+        else:
+            # a group's requests are consecutive, so are their queries: one varlen "sequence"
+            # per group, its rows reading the level's pages together
+            cu = cu_q[indptr.long()]
+            if read_content(cu):
+                rows = int((cu[1:] - cu[:-1]).max()) if cu.shape[0] > 1 else 0
+            else:  # no host read: a bound (programs past a group's rows exit at once)
+                rows = q.shape[0]
+            # Stacked queries of several requests are not one sequence: only a one-request
+            # group may apply the causal rule, and a decode query (the last token) sees every
+            # key of every level anyway.
+            level_causal = causal and last and cu_seqlens_q is not None
+            if level_causal and indptr.shape[0] != batch + 1:
+                raise ValueError(f"{op}: causal chunked prefill needs a last level of one "
+                                 f"group per request (its group_indptr 0..B)")
+            o, lse = paged_attention(q, k_cache, v_cache, table, lens, cu_seqlens_q=cu,
+                                     max_seqlen_q=rows, causal=level_causal, **common)
+            lse = lse.transpose(0, 1)
+        o32, lse = o.float(), lse.contiguous()
+        state = (o32, lse) if state is None else _merge(state[0], state[1], o32, lse)
+    out, lse = state
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["cascade_attention", "merge_attention_states", "merge_attention_states_"]
