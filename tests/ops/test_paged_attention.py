@@ -364,3 +364,25 @@ def test_cuda_graph_capture_and_replay_with_new_lengths():
     graph.replay()
     want = paged_attention(q, kc, vc, table, lens, backend="reference")
     assert compare("out", out, want, TOLERANCE[torch.bfloat16]) is None
+
+
+def test_plan_run_matches_the_call_and_writes_out_in_place():
+    from kpt.ops.paged_attention import plan
+
+    q, kc, vc, table, lens, cu = _case(14, 3, 4, 2, 16, 4, [5, 9, 2], "HND", torch.float32,
+                                       queries=[2, 3, 1])
+    p = plan(q, kc, vc, table, lens, cu_seqlens_q=cu, kv_layout="HND", window=(3, 0),
+             backend="reference")
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[1], q.shape[0])
+    for layer in range(2):  # the same plan serves every layer's caches
+        kl, vl = kc.nan_to_num() * (layer + 1), vc.nan_to_num() - layer
+        got = p.run(q, kl, vl, out=out, lse=lse)
+        want = paged_attention(q, kl, vl, table, lens, cu_seqlens_q=cu, kv_layout="HND",
+                               window=(3, 0), backend="reference")
+        assert got is out
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="as planned"):
+        p.run(q[:, :2], kc, vc)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        p.run(q, kc, vc, lse=torch.empty(q.shape[0], q.shape[1]))

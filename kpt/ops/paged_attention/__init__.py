@@ -443,6 +443,81 @@ def paged_attention(
     return (out, lse) if return_lse else out
 
 
+# ---- plan / run ------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What ``plan()`` settled once per batch on the host: the tables, sizes, masks and the
+    dispatch decision. ``run`` launches with them, checking only the per-layer tensors' shapes
+    (no host sync, no allocation when ``out`` and ``lse`` are given): safe inside CUDA graphs."""
+
+    block_table: Tensor
+    seq_lens: Tensor
+    cu_seqlens_q: Tensor | None
+    max_seqlen_q: int
+    num_q_heads: int
+    head_dim: int
+    scale: float
+    window_left: int
+    window_right: int
+    softcap: float
+    k_scale: Tensor | None
+    v_scale: Tensor | None
+    kv_layout: str
+    backend: str | None
+
+    def run(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, out: Tensor | None = None,
+            lse: Tensor | None = None) -> Tensor:
+        """One layer's attention; writes and returns ``out`` (allocated when not given)."""
+        tokens = q.shape[0]
+        varlen = self.cu_seqlens_q is not None
+        want_q = (tokens, self.num_q_heads, self.head_dim)
+        if q.dim() != 3 or tuple(q.shape) != want_q:
+            raise ValueError(f"{OP}.run: q must be {want_q} as planned, got {tuple(q.shape)}")
+        if not varlen and tokens != self.block_table.shape[0]:
+            raise ValueError(f"{OP}.run: decode q needs {self.block_table.shape[0]} rows")
+        if k_cache.dtype != v_cache.dtype or k_cache.shape != v_cache.shape:
+            raise ValueError(f"{OP}.run: k_cache and v_cache differ")
+        lse_shape = (self.num_q_heads, tokens) if varlen else (tokens, self.num_q_heads)
+        if out is None:
+            out = torch.zeros_like(q)
+        elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+            raise ValueError(f"{OP}.run: out must be shaped like q ({tuple(q.shape)}, "
+                             f"{dtype_name(q.dtype)}) with a contiguous last dim")
+        if lse is None:
+            lse = torch.empty(lse_shape, device=q.device)
+        elif tuple(lse.shape) != lse_shape or lse.dtype != torch.float32:
+            raise ValueError(f"{OP}.run: lse must be float32 {lse_shape}")
+        call = Call(q, k_cache, v_cache, self.block_table, self.seq_lens, self.cu_seqlens_q,
+                    self.max_seqlen_q, self.scale, self.window_left, self.window_right,
+                    self.softcap, self.k_scale, self.v_scale, self.kv_layout, out, lse)
+        key = (q.device, q.dtype, call.batch, self.max_seqlen_q, self.block_table.shape[1],
+               q.shape[1], q.shape[2], k_cache.shape, k_cache.dtype, self.kv_layout,
+               self.window_left, self.window_right, self.softcap > 0, varlen)
+        SPEC.launch_keyed(key, lambda: problem_of(call), call, self.backend)
+        return out
+
+
+def plan(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+         *, cu_seqlens_q: Tensor | None = None, max_seqlen_q: int | None = None,
+         causal: bool = True, scale: float | None = None,
+         window: tuple[int, int] | None = None, softcap: float = 0.0,
+         k_scale: Tensor | float | None = None, v_scale: Tensor | float | None = None,
+         kv_layout: str = "NHD", backend: str | None = None) -> Plan:
+    """Validate a batch once (arguments as ``paged_attention``'s; ``q``, ``k_cache`` and
+    ``v_cache`` are examples of every layer's, typically layer 0's) and return a ``Plan`` whose
+    ``run(q, k_cache, v_cache, out=...)`` serves each layer. ``block_table``, ``seq_lens`` and
+    ``cu_seqlens_q`` are kept by reference: update them in place between graph replays."""
+    max_q, scale, left, right, softcap, ks, vs = _validate(
+        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, causal, scale,
+        window, softcap, k_scale, v_scale, kv_layout, False)
+    if backend is not None:
+        SPEC.backend(backend)
+    return Plan(block_table, seq_lens, cu_seqlens_q, max_q, q.shape[1], q.shape[2], scale,
+                left, right, softcap, ks, vs, kv_layout, backend)
+
+
 # ---- append --------------------------------------------------------------------------------
 
 
@@ -526,4 +601,5 @@ def append_paged_kv(
         torch.ops.kpt.append_paged_kv(*args)
 
 
-__all__ = ["paged_attention", "append_paged_kv", "Call", "AppendCall", "SPEC", "APPEND_SPEC"]
+__all__ = ["paged_attention", "append_paged_kv", "plan", "Plan", "Call", "AppendCall", "SPEC",
+           "APPEND_SPEC"]
