@@ -374,9 +374,10 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None
         raise ValueError(f"{OP}: q heads ({heads}) must be a positive multiple of k/v heads "
                          f"({kv_heads}) and head_dim ({d}) positive")
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1
+            or not all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w < 2**31
                        for w in window)):
-        raise ValueError(f"{OP}: window must be (left, right) ints >= -1, got {window!r}")
+        raise ValueError(f"{OP}: window must be (left, right) ints in -1 .. 2^31 - 1, got "
+                         f"{window!r}")
     left, right = int(window[0]), int(window[1])
     if causal:
         if right > 0:

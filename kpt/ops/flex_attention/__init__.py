@@ -536,6 +536,9 @@ def flex_attention(
     (a constant-folded call), their captured tensors become graph inputs of the custom op; see
     NOTES.md, "torch.compile".
     """
+    for name, flag in (("return_lse", return_lse), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"flex_attention: {name} must be a bool, got {flag!r}")
     _validate(query, key, value, score_mod, scale, enable_gqa)
     compiling = torch.compiler.is_compiling()
     if backend is not None and not compiling:

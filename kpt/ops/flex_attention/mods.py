@@ -154,6 +154,9 @@ def alibi(slopes: Tensor) -> Callable:
 def alibi_slopes(heads: int, device: str | torch.device | None = None) -> Tensor:
     """The ALiBi paper's geometric slopes ``2^(-8 i / n)`` for ``heads`` heads (float32),
     with its interleaving rule for a head count that is not a power of two."""
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"flex_attention: alibi_slopes needs a positive int head count, got "
+                         f"{heads!r}")
     n = 1 << (heads.bit_length() - 1)
     base = [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
     extra = [2.0 ** (-4.0 * (2 * i + 1) / n) for i in range(heads - n)]

@@ -323,7 +323,7 @@ def _validate(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens: An
     if window is None:
         window = (-1, -1)
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1
+            or not all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w < 2**31
                        for w in window)):
         raise ValueError(f"{OP}: window must be (left, right) ints >= -1 or None, got "
                          f"{window!r}")

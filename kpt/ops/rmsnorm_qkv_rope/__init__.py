@@ -374,11 +374,12 @@ def rope_inv_freq(
     device: torch.device,
 ) -> Tensor:
     """float32 inverse frequencies (rotary_dim/2,), cached per device (warm up before capture)."""
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ValueError(f"{OP}: rope_theta must be a finite number > 0, got {theta!r}")
     key = (rotary_dim, theta, _scaling_key(rope_scaling), device)
     cached = _INV_FREQ_DEVICE.get(key)
     if cached is None:  # a NaN theta never matches a key: it always lands here, and fails
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
-                math.isfinite(theta) and theta > 0):
+        if not (math.isfinite(theta) and theta > 0):
             raise ValueError(f"{OP}: rope_theta must be a finite number > 0, got {theta!r}")
         key = (rotary_dim, float(theta), key[2], device)
         cached = _inv_freq_cpu(rotary_dim, float(theta), key[2]).to(device)
