@@ -6,9 +6,10 @@ follows flash-attention-2's contract: ``None`` when every key is visible under t
 bidirectional) rule, else a (B, L) boolean padding mask over the keys. What runs:
 
 * no mask: ``flash_attention`` on the (B, S, H, D) views, in place; packed batches (several
-  sequences in one row, marked by restarting ``position_ids`` or by the ``cu_seq_lens_*``
-  kwargs of ``DataCollatorWithFlattening``) run as varlen sequences, so no token attends across
-  a sequence boundary;
+  sequences in one row, marked by the ``cu_seq_lens_*`` kwargs of ``DataCollatorWithFlattening``
+  or, as transformers reads them, by ``position_ids`` that do not follow their predecessor
+  while no KV cache is in use) run as varlen sequences, so no token attends across a sequence
+  boundary;
 * a padding mask: the real tokens are gathered once per mask and run as varlen sequences
   (no padded FLOPs, no S x S mask), and the output is scattered back with zeros at the pads;
 * one query token (decode): SDPA, with the GQA heads sharing a kv head packed into the query
@@ -41,6 +42,9 @@ log = logging.getLogger("kpt")
 NAME = "kpt"
 # The attention modules of a model patched with ``patch(model, backend=...)`` carry the backend.
 BACKEND_ATTR = "_kpt_attention_backend"
+# Set in the kwargs by kpt's fused attention forward when a KV cache is in use: position_ids
+# then mark no packed sequences (transformers' own rule), only cu_seq_lens kwargs do.
+CACHE_IN_USE = "kpt_cache_in_use"
 # How often each path ran, by name ("flash", "varlen", "packed", "decode_sdpa", or
 # "fallback: <reason>"); eager calls only (counting is skipped while torch.compile traces).
 calls: collections.Counter[str] = collections.Counter()
@@ -189,7 +193,8 @@ def _packed(kwargs: dict, batch: int, seq: int, key_len: int,
             return _packed_from_lengths(cu_q, cu_k, max_len, device)
         return cu_q.to(device=device, dtype=torch.int32), int(max_len)
     position_ids = kwargs.get("position_ids")
-    if position_ids is None or seq == 1 or key_len != seq or position_ids.shape[-1] != seq:
+    if (position_ids is None or seq == 1 or key_len != seq or position_ids.shape[-1] != seq
+            or kwargs.get(CACHE_IN_USE)):
         return None
     if _capturing():
         raise RuntimeError("kpt attention: whether position_ids restart (a packed batch) cannot "

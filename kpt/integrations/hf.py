@@ -152,6 +152,10 @@ def _fused_attention_forward(self: nn.Module, hidden_states: Tensor,
         sys.modules[type(self).__module__].eager_attention_forward)
     if fused.sliding_window is not None:
         kwargs["sliding_window"] = fused.sliding_window
+    if kv_cache is not None:
+        # transformers reads packed sequences from position_ids only without a cache
+        # (masking_utils); with one, every row is one sequence whatever its positions.
+        kwargs[_hf_attention.CACHE_IN_USE] = True
     out, weights = attention(self, q, k, v, attention_mask,
                              dropout=0.0 if not self.training else self.attention_dropout,
                              scaling=self.scaling, **kwargs)

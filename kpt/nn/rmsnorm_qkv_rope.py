@@ -56,10 +56,16 @@ class RMSNormQKVRoPE(nn.Module):
 
     @classmethod
     def from_hf(cls, norm: nn.Module, attn: nn.Module, config: Any = None,
-                backend: str | None = None) -> RMSNormQKVRoPE:
+                backend: str | None = None, rotary_dim: int | None = None) -> RMSNormQKVRoPE:
         """Build from a HF decoder layer's ``input_layernorm`` and ``self_attn`` (Llama, Mistral,
         Qwen2, Qwen3 and alike: ``q_proj``/``k_proj``/``v_proj``, optional ``q_norm``/``k_norm``).
-        The q/k/v weights are concatenated (copied) into one projection."""
+        The q/k/v weights are concatenated (copied) into one projection. ``rotary_dim``: the
+        features the model really rotates per head (``2 * rotary_emb.inv_freq.numel()``);
+        default from the config's ``partial_rotary_factor``, which some models ignore (HF's
+        Llama rotates every feature whatever it says): pass it for those."""
+        if type(norm).__name__.startswith("Gemma"):
+            raise ValueError(f"RMSNormQKVRoPE.from_hf: {type(norm).__name__} scales by "
+                             f"(1 + weight); this op's RMSNorm scales by weight")
         config = config if config is not None else attn.config
         cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         theta, scaling, partial = rope_from_hf_config(cfg)
@@ -77,7 +83,7 @@ class RMSNormQKVRoPE(nn.Module):
             qk_norm=qk_norm,
             rope_theta=theta,
             rope_scaling=scaling,
-            rotary_dim=int(head_dim * partial),
+            rotary_dim=int(head_dim * partial) if rotary_dim is None else rotary_dim,
             backend=backend,
             device=weight.device,
             dtype=weight.dtype,

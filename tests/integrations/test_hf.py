@@ -160,7 +160,9 @@ def test_packed_sequences_do_not_attend_across_boundaries(how, kpt_calls):
     seqs = [torch.randint(0, VOCAB, (n,)) for n in lengths]
     packed = torch.cat(seqs)[None]
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    kwargs = {"position_ids": positions}
+    # use_cache=False, as in training with DataCollatorWithFlattening: transformers reads packed
+    # sequences from position_ids only without a cache (test_position_ids_split_...)
+    kwargs = {"position_ids": positions, "use_cache": False}
     if how == "flash_kwargs":  # what DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds
         cu = torch.tensor([0, 5, 8, 14], dtype=torch.int32)
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
@@ -408,7 +410,7 @@ def test_torch_compile_prefill_packed_and_static_cache_decode_fullgraph(kpt_call
         with kpt_hf.patch(model):
             compiled = torch.compile(model.forward, backend="eager")
             got_prefill = compiled(ids).logits
-            got_packed = compiled(packed_ids, position_ids=packed_pos).logits
+            got_packed = compiled(packed_ids, position_ids=packed_pos, use_cache=False).logits
             kpt_calls.clear()
             got_padded = compiled(padded_ids, attention_mask=padded_mask).logits
             # the padded batch ran kpt's varlen path (an eager region), not a dense fallback
@@ -420,3 +422,19 @@ def test_torch_compile_prefill_packed_and_static_cache_decode_fullgraph(kpt_call
     torch.testing.assert_close(got_prefill, want_prefill, **TOL)
     torch.testing.assert_close(got_packed, want_packed, **TOL)
     torch.testing.assert_close(got_step, want_step, **TOL)
+
+
+@pytest.mark.parametrize("use_cache", [False, True], ids=["no cache", "cache"])
+@pytest.mark.parametrize("positions", [[0, 1, 2, 3, 10, 11, 12], [0, 0, 1, 1, 2, 2, 3],
+                                       [0, 1, 2, 0, 1, 2, 3]], ids=["gap", "repeats", "restart"])
+def test_position_ids_split_sequences_as_transformers_does(positions, use_cache):
+    """transformers starts a packed sequence wherever a position does not follow its
+    predecessor, and only without a cache; a patched model does the same in both cases."""
+    model = tiny("llama")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    pos = torch.tensor([positions])
+    with torch.no_grad():
+        want = model(ids, position_ids=pos, use_cache=use_cache).logits
+        with kpt_hf.patch(model):
+            got = model(ids, position_ids=pos, use_cache=use_cache).logits
+    torch.testing.assert_close(got, want, **TOL)

@@ -61,3 +61,49 @@ def test_flex_flags_must_be_bools():
 def test_alibi_slopes_need_a_positive_head_count(heads):
     with pytest.raises(ValueError, match="flex_attention: alibi_slopes"):
         mods.alibi_slopes(heads)
+
+
+def test_flex_triton_bf16_matches_the_reference():
+    """bf16 through flex's generated kernels, forward and backward (under the interpreter its
+    dots once took bf16 bits as integers: entries of ~1e9)."""
+    from kpt.ops.flex_attention import SPEC as FLEX
+
+    if "triton" not in [b.name for b in FLEX.backends] or not _triton_runs():
+        pytest.skip("flex_attention's Triton backend cannot run here (CPU without "
+                    "TRITON_INTERPRET=1)")
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 33, 16, generator=gen).to(torch.bfloat16).requires_grad_()
+    outs = [flex_attention(q, q, q, backend=b) for b in ("triton", "reference")]
+    grads = [torch.autograd.grad(o.float().square().sum(), q)[0] for o in outs]
+    for got, want in ((outs[0], outs[1]), (grads[0], grads[1])):
+        err = (got.double() - want.double()).norm() / want.double().norm()
+        assert err < 2**-6, err  # bf16: a few units of rounding, norm-wise (gradients: two
+        # roundings of P and dS more than the output)
+
+
+def test_from_hf_refuses_gemma_norms_and_takes_the_real_rotary_dim():
+    transformers = pytest.importorskip("transformers", reason="the HF layers come from it")
+    from kpt.nn import RMSNormQKVRoPE
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=64)
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small)).model.layers[0]
+    with pytest.raises(ValueError, match="1 \\+ weight"):
+        RMSNormQKVRoPE.from_hf(gemma.input_layernorm, gemma.self_attn)
+    llama_model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**small, partial_rotary_factor=0.5)).model
+    layer = llama_model.layers[0]
+    real = 2 * llama_model.rotary_emb.inv_freq.numel()
+    fused = RMSNormQKVRoPE.from_hf(layer.input_layernorm, layer.self_attn, rotary_dim=real)
+    x, pos = torch.randn(1, 5, 64), torch.arange(5)[None]
+    q, k, _ = fused(x, pos)
+    normed = layer.input_layernorm(x)
+    cos, sin = llama_model.rotary_emb(normed, pos)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hq = layer.self_attn.q_proj(normed).view(1, 5, 4, 16).transpose(1, 2)
+    hk = layer.self_attn.k_proj(normed).view(1, 5, 2, 16).transpose(1, 2)
+    want_q, want_k = apply_rotary_pos_emb(hq, hk, cos, sin)
+    # float32 on the reference: the same operations in another order, a few ulps
+    torch.testing.assert_close(q, want_q.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, want_k.transpose(1, 2), rtol=1e-5, atol=1e-5)

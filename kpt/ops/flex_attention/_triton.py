@@ -44,6 +44,11 @@ def _kpt_tanh(x):
 
 
 @triton.jit
+def _kpt_dot(a, b, PREC: tl.constexpr):
+    return DOT_BODY
+
+
+@triton.jit
 def _kpt_sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
@@ -76,7 +81,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n, off
     offs_n = start_n + tl.arange(0, BN)
     k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                 mask=(offs_n[None, :] < Skv) & (offs_d[:, None] < D), other=0.0)
-    s = tl.dot(q, k, input_precision=PREC) * sm_scale
+    s = _kpt_dot(q, k, PREC) * sm_scale
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     s = _score_mod(s, b, hq, q_idx, kv_idx BUFS)
@@ -92,7 +97,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n, off
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                 mask=(offs_n[:, None] < Skv) & (offs_dv[None, :] < DV), other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    acc = acc * alpha[:, None] + _kpt_dot(p.to(v.dtype), v, PREC)
     return acc, l_i, m_new
 
 
@@ -157,7 +162,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, sd
     lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    s = tl.dot(k, tl.trans(q), input_precision=PREC) * sm_scale
+    s = _kpt_dot(k, tl.trans(q), PREC) * sm_scale
     q_idx = offs_m[None, :]
     kv_idx = offs_n[:, None]
     sm = _score_mod(s, b, hq, q_idx, kv_idx BUFS)
@@ -165,12 +170,12 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, sd
     if MASKED:
         keep = keep & _mask_mod(b, hq, q_idx, kv_idx BUFS)
     p = tl.where(keep, tl.exp2(sm * LOG2E - lse2[None, :]), 0.0)
-    dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)
-    dp = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dv += _kpt_dot(p.to(do.dtype), do, PREC)
+    dp = _kpt_dot(v, tl.trans(do), PREC)
     ds = p * (dp - delta[None, :])
     if HAS_GRAD:
         ds = tl.where(keep, ds * _score_grad(s, b, hq, q_idx, kv_idx BUFS), 0.0)
-    dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC)
+    dk += _kpt_dot(ds.to(q.dtype), q, PREC)
     return dk, dv
 
 
@@ -238,7 +243,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start_n
                  mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
     vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
                  mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    s = tl.dot(q, kt, input_precision=PREC) * sm_scale
+    s = _kpt_dot(q, kt, PREC) * sm_scale
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     sm = _score_mod(s, b, hq, q_idx, kv_idx BUFS)
@@ -246,11 +251,11 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start_n
     if MASKED:
         keep = keep & _mask_mod(b, hq, q_idx, kv_idx BUFS)
     p = tl.where(keep, tl.exp2(sm * LOG2E - lse2[:, None]), 0.0)
-    dp = tl.dot(do, vt, input_precision=PREC)
+    dp = _kpt_dot(do, vt, PREC)
     ds = p * (dp - delta[:, None])
     if HAS_GRAD:
         ds = tl.where(keep, ds * _score_grad(s, b, hq, q_idx, kv_idx BUFS), 0.0)
-    dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    dq += _kpt_dot(ds.to(kt.dtype), tl.trans(kt), PREC)
     return dq
 
 
@@ -318,9 +323,17 @@ def _cache_root() -> Path:
     return root
 
 
+# Under the interpreter tl.dot multiplies 16-bit float operands as raw integers
+# (kpt/ops/_triton_compat.py): there the products are formed from fp32 copies (exact, the
+# values are already rounded); on a GPU the tensor cores take the operands as they are.
+_DOT_GPU = "tl.dot(a, b, input_precision=PREC)"
+_DOT_INTERPRETER = 'tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")'
+
+
 def module_source(t: _codegen.Translation) -> str:
     bufs = _codegen.buffer_params(t.specs)
-    return _HEADER + "\n" + t.source + _TEMPLATE.replace(" BUFS", bufs)
+    header = _HEADER.replace("DOT_BODY", _DOT_INTERPRETER if triton_interpreting() else _DOT_GPU)
+    return header + "\n" + t.source + _TEMPLATE.replace(" BUFS", bufs)
 
 
 def kernel_module(key: str) -> ModuleType:
@@ -332,7 +345,7 @@ def kernel_module(key: str) -> ModuleType:
         mod = _MODULES.get(key)
         if mod is None:
             t = _codegen.REGISTRY[key]
-            path = _cache_root() / f"{key}.py"
+            path = _cache_root() / f"{key}{'-interpreter' if triton_interpreting() else ''}.py"
             source = module_source(t)
             if not path.exists() or path.read_text() != source:
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
