@@ -393,7 +393,8 @@ def _validate(query, key, value, score_mod, scale, enable_gqa) -> None:
                          f"k {tuple(key.shape)}")
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"{OP}: score_mod must be callable, got {type(score_mod).__name__}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not (
+            isinstance(scale, (int, float)) and math.isfinite(scale))):
         raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
 
 

@@ -75,13 +75,29 @@ class Tables:
                 self.q_num, self.q_idx, self.full_q_num, self.full_q_idx]
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _block_sizes(block_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(block_size, int):
+    if _is_int(block_size):
         block_size = (block_size, block_size)
-    bq, bkv = (int(x) for x in block_size)
-    if bq <= 0 or bkv <= 0:
-        raise ValueError(f"{OP}: BLOCK_SIZE must be positive, got {block_size}")
-    return bq, bkv
+    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
+            or not all(_is_int(x) and x > 0 for x in block_size)):
+        raise ValueError(f"{OP}: BLOCK_SIZE must be a positive int or a pair of them, got "
+                         f"{block_size!r}")
+    return int(block_size[0]), int(block_size[1])
+
+
+def _check_sizes(B: object, H: object, q_len: object, kv_len: object) -> None:
+    for name, value, allow_none in (("B", B, True), ("H", H, True), ("Q_LEN", q_len, False),
+                                    ("KV_LEN", kv_len, False)):
+        if value is None and allow_none:
+            continue
+        if not _is_int(value) or value < (1 if name in ("B", "H") else 0):
+            least = "a positive int" if name in ("B", "H") else "an int >= 0"
+            raise ValueError(f"{OP}: {name} must be {least}{' or None' if allow_none else ''}, "
+                             f"got {value!r}")
 
 
 def _tables_from_dense(partial: Tensor, full: Tensor) -> list[Tensor]:
@@ -130,6 +146,10 @@ def create_block_mask(
     CUDA device when there is one, else the CPU (torch's is always ``"cuda"``).
     """
     bq, bkv = _block_sizes(BLOCK_SIZE)
+    _check_sizes(B, H, Q_LEN, KV_LEN)
+    if mask_mod is not None and not callable(mask_mod):
+        raise TypeError(f"{OP}: mask_mod must be callable(b, h, q_idx, kv_idx) or None, got "
+                        f"{type(mask_mod).__name__}")
     B, H = B or 1, H or 1
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if mask_mod is not None and not torch.compiler.is_compiling():

@@ -18,6 +18,7 @@ cannot express gets a reason (and another backend) rather than an approximation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,8 +131,9 @@ def _combine(name: str, masks: tuple[Callable, ...], op: Callable) -> Callable:
 
 def softcap(cap: float) -> Callable:
     """Gemma-2-style logit soft-capping: ``cap * tanh(score / cap)``, ``cap > 0``."""
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
-        raise ValueError(f"flex_attention.mods.softcap: cap must be a positive number, got "
+    if (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)
+            or not cap > 0):
+        raise ValueError(f"flex_attention.mods.softcap: cap must be a finite number > 0, got "
                          f"{cap!r}")
     cap = float(cap)
 

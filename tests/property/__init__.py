@@ -1,0 +1,1 @@
+"""Property-based tests (hypothesis): bad and edge inputs for every public function."""
