@@ -2337,8 +2337,8 @@ def _hf_packed_kwargs(_tmp: Path) -> Outcome:
 
 
 @scenario("hf", "packed batch through restarting position_ids",
-          "patch(qwen3); packed sequences with position_ids [0..4, 0..2, 0..5]: each equals the "
-          "sequence run alone")
+          "patch(qwen3); packed sequences with position_ids [0..4, 0..2, 0..5], no KV cache: "
+          "each equals the sequence run alone")
 def _hf_packed_positions(_tmp: Path) -> Outcome:
     return _hf_packed(use_kwargs=False)
 
@@ -2350,7 +2350,10 @@ def _hf_packed(use_kwargs: bool) -> Outcome:
     lengths = [5, 3, 6]
     seqs = [token_batch([n], seed=10 + i)[0][0] for i, n in enumerate(lengths)]
     packed = torch.cat(seqs)[None]
-    kwargs: dict[str, Any] = {"position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+    # use_cache=False: transformers reads packed sequences from position_ids only without a
+    # KV cache (as in training with DataCollatorWithFlattening), and kpt follows it
+    kwargs: dict[str, Any] = {"position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+                              "use_cache": False}
     if use_kwargs:
         bounds = cu(0, 5, 8, 14)
         kwargs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=6,
