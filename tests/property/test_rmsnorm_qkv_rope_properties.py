@@ -409,8 +409,7 @@ def test_invalid_arguments_raise_named_errors(args):
 @given(st.one_of(st.tuples(st.just("theta"), bad_theta),
                  st.tuples(st.just("rope_scaling"), bad_scaling)))
 def test_rope_inv_freq_rejects_bad_arguments(bad):
-    """(rotary_dim is not validated by rope_inv_freq today: the xfail
-    test_rope_inv_freq_rejects_bad_rotary_dim.)"""
+    """(rotary_dim: test_rope_inv_freq_rejects_bad_rotary_dim.)"""
     name, value = bad
     args = dict(rotary_dim=16, theta=10000.0, rope_scaling=None, device=torch.device("cpu"))
     args[name] = value
@@ -429,11 +428,6 @@ def _small(dtype=torch.float16):
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG kpt/ops/rmsnorm_qkv_rope/_triton.py: q_norm_weight / k_norm_weight are loaded as "
-    "dense vectors (qw_ptr + col) but neither _check nor rmsnorm_qkv_rope makes them "
-    "contiguous: a strided or broadcast (stride-0) norm weight gives wrong q and k "
-    "(relative error 0.1 to 10, depending on the values) on backend='triton'"))
 @pytest.mark.parametrize("layout", ["strided", "broadcast"])
 def test_triton_non_contiguous_qk_norm_weights(layout):
     args = _small()
@@ -446,10 +440,6 @@ def test_triton_non_contiguous_qk_norm_weights(layout):
         check_close(compare(f"triton.{label}", out, ref, TOLERANCE[torch.float16]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG rmsnorm_qkv_rope accepts hidden size 0 (x (T, 0), norm_weight (0,), qkv_weight "
-    "(N, 0)) and then fails in _rows with RuntimeError 'cannot reshape tensor of 0 elements "
-    "into shape [-1, 0]', on every backend"))
 def test_zero_hidden_size():
     args = _small()
     args.update(x=args["x"][:, :0], norm_weight=args["norm_weight"][:0],
@@ -468,19 +458,11 @@ def test_theta_validation_does_not_depend_on_the_cache(cached, value):
     expect_named_error(lambda: rmsnorm_qkv_rope(**_small(), rope_theta=value), OP)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG rope_inv_freq (public) does not validate rotary_dim: 0 returns an empty tensor, "
-    "odd sizes return ceil(rd/2) frequencies, 4.0 / True are taken as sizes, a negative "
-    "size raises torch's RuntimeError 'upper bound and lower bound inconsistent with step "
-    "sign', '4' / None torch's TypeError (rmsnorm_qkv_rope validates it before calling)"))
 @pytest.mark.parametrize("rotary_dim", [0, -4, 5, 4.0, True, "4", None])
 def test_rope_inv_freq_rejects_bad_rotary_dim(rotary_dim):
     expect_named_error(lambda: rope_inv_freq(rotary_dim, 10000.0, None, torch.device("cpu")),
                        OP)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG rmsnorm_qkv_rope's eps check is isinstance(eps, (int, float)) and eps > 0: eps=True "
-    "is accepted as 1.0 (num_q_heads etc. reject bools explicitly)"))
 def test_bool_eps_is_rejected():
     expect_named_error(lambda: rmsnorm_qkv_rope(**_small(), eps=True), OP)

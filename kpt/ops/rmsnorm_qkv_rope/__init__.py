@@ -374,6 +374,9 @@ def rope_inv_freq(
     device: torch.device,
 ) -> Tensor:
     """float32 inverse frequencies (rotary_dim/2,), cached per device (warm up before capture)."""
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim <= 0 \
+            or rotary_dim % 2:
+        raise ValueError(f"{OP}: rotary_dim must be a positive even int, got {rotary_dim!r}")
     if isinstance(theta, bool) or not isinstance(theta, (int, float)):
         raise ValueError(f"{OP}: rope_theta must be a finite number > 0, got {theta!r}")
     key = (rotary_dim, theta, _scaling_key(rope_scaling), device)
@@ -421,7 +424,10 @@ def _validate(
     if rotary_dim > head_dim or rotary_dim % 2:
         raise ValueError(f"{OP}: rotary_dim ({rotary_dim}) must be even and <= head_dim "
                          f"({head_dim})")
-    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+    if x.shape[-1] == 0:
+        raise ValueError(f"{OP}: x must have a hidden size > 0, got shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps > 0
+                                     and math.isfinite(eps)):
         raise ValueError(f"{OP}: eps must be a positive finite number, got {eps!r}")
     if rope_style not in ("neox", "gptj"):
         raise ValueError(f"{OP}: rope_style must be 'neox' or 'gptj', got {rope_style!r}")
@@ -751,8 +757,8 @@ def rmsnorm_qkv_rope(
         norm_weight.contiguous(),
         weight,
         bias,
-        q_norm_weight,
-        k_norm_weight,
+        None if q_norm_weight is None else q_norm_weight.contiguous(),
+        None if k_norm_weight is None else k_norm_weight.contiguous(),
         pos,
         inv_freq,
         num_q_heads,
