@@ -100,10 +100,14 @@ class JitSpec:
     extra_ldflags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"JitSpec name must be a str, got {type(self.name).__name__}")
         for field in ("sources", "extra_cflags", "extra_cuda_cflags", "extra_ldflags"):
             value = getattr(self, field)
-            if isinstance(value, str):
-                raise TypeError(f"JitSpec {self.name!r}: {field} must be a sequence of str")
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+                    isinstance(item, str) for item in value):
+                raise TypeError(f"JitSpec {self.name!r}: {field} must be a sequence of str, got "
+                                f"{value!r}")
             object.__setattr__(self, field, tuple(value))
         if not self.name.isidentifier():
             raise ValueError(f"JitSpec name {self.name!r} must be a Python identifier")
@@ -264,6 +268,17 @@ class JitSpec:
         return key
 
     def _load_or_build(self) -> types.ModuleType:
+        try:
+            return self._load_or_build_here()
+        except OSError as err:  # the cache folder itself: not a folder, read-only, full
+            if not str(getattr(err, "filename", "") or "").startswith(str(cache_dir())):
+                raise
+            raise BuildError(
+                f"kpt: the JIT cache {cache_dir() / 'jit'} cannot be used for {self.name!r}: "
+                f"{type(err).__name__}: {err}\nhint: point KPT_CACHE_DIR at a writable folder"
+            ) from err
+
+    def _load_or_build_here(self) -> types.ModuleType:
         if self.with_cuda and _gpu_runtime() is None:
             raise BuildError(
                 f"kpt: cannot build the JIT extension {self.name!r}: it has CUDA/HIP sources and "

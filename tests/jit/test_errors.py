@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kpt.jit import BuildError, CompilerMissing, JitSpec, _env, compile_check, compilers
@@ -132,3 +134,30 @@ def test_compile_check_reports_the_first_error(tmp_path, monkeypatch):
     assert "kernels.cu(2)" in message and "sm_80" in message and "full log:" in message
     log_path = tmp_path / "cache" / "jit" / "compile_check" / "op-kernels.sm_80.log"
     assert "nvcc" in log_path.read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("kind", ["a file", "read-only"])
+def test_an_unusable_cache_folder_is_a_clear_build_error(toy_env, monkeypatch, kind, tmp_path):
+    """KPT_CACHE_DIR naming a file, or a folder nobody may write: a BuildError that names the
+    cache and the fix, never a raw OSError from deep inside the build."""
+    if kind == "a file":
+        bad = tmp_path / "afile"
+        bad.write_text("x")
+    else:
+        bad = tmp_path / "ro"
+        bad.mkdir()
+        bad.chmod(0o555)
+        if os.access(bad, os.W_OK):
+            pytest.skip("this process writes through read-only permissions (root); the "
+                        "file case covers the same path")
+    monkeypatch.setenv("KPT_CACHE_DIR", str(bad))
+    with pytest.raises(BuildError, match="KPT_CACHE_DIR at a writable folder"):
+        TOY_SPEC.load()
+
+
+@pytest.mark.parametrize(("args", "text"), [((5, ("a.cpp",)), "name must be a str"),
+                                            (("ext", None), "sequence of str"),
+                                            (("ext", ("a.cpp", 3)), "sequence of str")])
+def test_jitspec_arguments_are_typed(args, text):
+    with pytest.raises(TypeError, match=text):
+        JitSpec(*args)

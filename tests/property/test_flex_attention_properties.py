@@ -606,9 +606,6 @@ def _qkv(heads=2, kv_heads=2, dtype=torch.float32):
             random_tensor(gen, (1, kv_heads, 7, 16), dtype))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG flex_attention._validate checks H % Hkv before rejecting empty head dims: zero "
-    "key/value heads (or zero query heads) raise ZeroDivisionError 'integer modulo by zero'"))
 @pytest.mark.parametrize("heads", [(2, 0), (0, 0)], ids=["kv_heads0", "heads0"])
 def test_zero_heads_raise_named_error(heads):
     q, k, v = _qkv()

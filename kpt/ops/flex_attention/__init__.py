@@ -386,8 +386,9 @@ def _validate(query, key, value, score_mod, scale, enable_gqa) -> None:
     if hk != H and not enable_gqa:
         raise ValueError(f"{OP}: query has {H} heads and key/value {hk}; pass enable_gqa=True "
                          "for grouped-query attention")
-    if H % hk:
-        raise ValueError(f"{OP}: query heads ({H}) must be a multiple of key/value heads ({hk})")
+    if H == 0 or hk == 0 or H % hk:
+        raise ValueError(f"{OP}: query heads ({H}) must be a positive multiple of key/value "
+                         f"heads ({hk})")
     if min(query.shape[2], skv, d, value.shape[-1]) == 0:
         raise ValueError(f"{OP}: empty sequence or head dim: q {tuple(query.shape)}, "
                          f"k {tuple(key.shape)}")

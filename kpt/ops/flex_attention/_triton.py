@@ -317,12 +317,18 @@ _lock = threading.Lock()
 
 
 def _cache_root() -> Path:
+    """``KPT_CACHE_DIR``/flex, or a private temp folder where that cannot be written (a file
+    in the way, a read-only location): the generated modules are small and cheap to remake."""
     try:
         from kpt.jit import cache_dir
 
         root = Path(cache_dir()) / "flex"
-    except Exception:  # kpt.jit missing or broken: a private temp dir still works
-        root = Path(tempfile.gettempdir()) / "kpt-flex"
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except Exception:  # noqa: BLE001 - kpt.jit broken, or the folder unusable: fall back
+        pass
+    root = Path(tempfile.gettempdir()) / f"kpt-flex-{os.getuid() if hasattr(os, 'getuid') else 0}"
     root.mkdir(parents=True, exist_ok=True)
     return root
 
