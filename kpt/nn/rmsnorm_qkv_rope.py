@@ -39,6 +39,19 @@ class RMSNormQKVRoPE(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
+        for arg, value in (("hidden_size", hidden_size), ("num_q_heads", num_q_heads),
+                           ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+        for arg, value in (("bias", bias), ("qk_norm", qk_norm)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: {arg} must be a bool, got {value!r}")
+        if rope_scaling is not None and not isinstance(rope_scaling, Mapping):
+            raise TypeError(f"{name}: rope_scaling must be a dict (HF's rope_scaling) or None, "
+                            f"got {type(rope_scaling).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{name}: dtype must be a floating-point torch.dtype, got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         n_out = (num_q_heads + 2 * num_kv_heads) * head_dim
         self.hidden_size, self.head_dim = hidden_size, head_dim

@@ -157,16 +157,9 @@ def test_bad_forward_inputs_are_refused_by_name(kind, seed):
     assert message is not None, f"{kind}: accepted"
 
 
-# ---- known bugs -----------------------------------------------------------------------------
+# ---- constructor arguments (once obscure errors, now named) ----------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG RMSNormQKVRoPE.__init__ validates nothing before allocating: a negative size "
-    "raises torch's RuntimeError 'Trying to create tensor with negative dimension', a float "
-    "size torch's TypeError about ones()/empty(), an integer dtype RuntimeError 'Only "
-    "Tensors of floating point ... can require gradients', and rope_scaling='linear' "
-    "ValueError 'dictionary update sequence element #0 has length 1' (dict(rope_scaling)); "
-    "none names the layer or the op"))
 @pytest.mark.parametrize("bad", [dict(hidden_size=-1), dict(num_q_heads=-3),
                                  dict(hidden_size=16.0), dict(head_dim=2.0),
                                  dict(dtype=torch.int32), dict(rope_scaling="linear")],
@@ -181,10 +174,6 @@ def test_constructor_errors_name_the_layer(bad):
     assert message is not None, f"{bad} accepted"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG RMSNormQKVRoPE stores dict(rope_scaling) and bool-tests bias: a list of pairs "
-    "[('type', 'linear'), ('factor', 2.0)] (which rmsnorm_qkv_rope rejects as not a dict) "
-    "is silently converted, and a string flag (bias='no') adds a bias"))
 @pytest.mark.parametrize("bad", [dict(rope_scaling=[("type", "linear"), ("factor", 2.0)]),
                                  dict(bias="no")], ids=["scaling_pairs", "bias_str"])
 def test_wrongly_typed_options_are_refused(bad):
