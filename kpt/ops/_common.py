@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 import os
 import sys
 import types
@@ -126,6 +127,34 @@ def check_tensor(
         raise TypeError(f"{op}: {name} must be one of ({names}), got {dtype_name(t.dtype)}")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, expected {device} like the input")
+
+
+def attention_options(op: str, causal: bool, window: Any, scale: Any, softcap: Any,
+                      head_dim: int) -> tuple[float, int, int, float]:
+    """The checked mask and logit arguments every attention op takes: (scale, window_left,
+    window_right, softcap). ``window`` is (left, right) ints in -1 .. 2^31 - 1 (-1 unbounded)
+    or None; ``causal`` fixes right to 0; ``scale`` defaults to head_dim^-0.5."""
+    if window is None:
+        window = (-1, -1)
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w < 2**31
+                       for w in window)):
+        raise ValueError(f"{op}: window must be (left, right) ints in -1 .. 2^31 - 1, got "
+                         f"{window!r}")
+    left, right = int(window[0]), int(window[1])
+    if causal:
+        if right > 0:
+            raise ValueError(f"{op}: causal=True already fixes the right window to 0, got "
+                             f"window={tuple(window)}")
+        right = 0
+    if scale is None:
+        scale = head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+            or not math.isfinite(softcap) or softcap < 0):
+        raise ValueError(f"{op}: softcap must be a finite number >= 0, got {softcap!r}")
+    return float(scale), left, right, float(softcap)
 
 
 def compare(name: str, out: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> str | None:

@@ -312,7 +312,8 @@ def test_fp8_scales_are_checked():
             paged_attention(args["q"], kc, vc, args["block_table"], args["seq_lens"], **kw)
 
 
-@pytest.mark.parametrize(("device", "dtype", "backend"), KERNEL_CASES,
+@pytest.mark.parametrize(("device", "dtype", "backend"),
+                         KERNEL_CASES + [("cpu", torch.float32, "reference")],
                          ids=lambda v: str(v).removeprefix("torch."))
 def test_kernel_stays_inside_the_cache_whatever_the_tables(device, dtype, backend, monkeypatch):
     """With the host check out of the way (a GPU without KPT_CHECK), out-of-range page ids and

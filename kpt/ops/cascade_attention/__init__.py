@@ -202,7 +202,7 @@ def cascade_attention(
         else:
             # a group's requests are consecutive, so are their queries: one varlen "sequence"
             # per group, its rows reading the level's pages together
-            cu = cu_q[indptr.long()]
+            cu = cu_q[indptr.long().clamp(0, batch)]  # in range whatever indptr holds
             if read_content(cu):
                 rows = int((cu[1:] - cu[:-1]).max()) if cu.shape[0] > 1 else 0
             else:  # no host read: a bound (programs past a group's rows exit at once)

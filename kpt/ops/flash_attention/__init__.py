@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kpt.ops._common import (
+    attention_options,
     check_tensor,
     compare,
     lazy,
@@ -373,24 +374,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None
     if d == 0 or kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"{OP}: q heads ({heads}) must be a positive multiple of k/v heads "
                          f"({kv_heads}) and head_dim ({d}) positive")
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w < 2**31
-                       for w in window)):
-        raise ValueError(f"{OP}: window must be (left, right) ints in -1 .. 2^31 - 1, got "
-                         f"{window!r}")
-    left, right = int(window[0]), int(window[1])
-    if causal:
-        if right > 0:
-            raise ValueError(f"{OP}: causal=True already fixes the right window to 0, got "
-                             f"window={tuple(window)}")
-        right = 0
-    if scale is None:
-        scale = d**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
-    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-            or not math.isfinite(softcap) or softcap < 0):
-        raise ValueError(f"{OP}: softcap must be a finite number >= 0, got {softcap!r}")
+    scale, left, right, softcap = attention_options(OP, causal, window, scale, softcap, d)
     if not varlen:
         if max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError(f"{OP}: max_seqlen_q/k are for varlen calls (with cu_seqlens)")

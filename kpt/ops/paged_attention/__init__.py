@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kpt.ops._common import (
+    attention_options,
     check_tensor,
     dtype_name,
     lazy,
@@ -320,28 +321,9 @@ def _validate(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens: An
     if read_content(block_table):
         # More queries than keys is allowed (as in flash_attention): those see nothing.
         _check_tables(OP, block_table, seq_lens, k_cache.shape[0], page_size, None)
-    if window is None:
-        window = (-1, -1)
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w < 2**31
-                       for w in window)):
-        raise ValueError(f"{OP}: window must be (left, right) ints >= -1 or None, got "
-                         f"{window!r}")
-    left, right = window
-    if causal:
-        if right > 0:
-            raise ValueError(f"{OP}: causal=True fixes the right window to 0, got window="
-                             f"{tuple(window)}")
-        right = 0
-    if scale is None:
-        scale = d**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
-    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-            or not math.isfinite(softcap) or softcap < 0):
-        raise ValueError(f"{OP}: softcap must be a finite number >= 0, got {softcap!r}")
+    scale, left, right, softcap = attention_options(OP, causal, window, scale, softcap, d)
     ks, vs = _check_scales(OP, k_cache, k_scale, v_scale, heads_kv, dev)
-    return max_q, float(scale), left, right, float(softcap), ks, vs
+    return max_q, scale, left, right, softcap, ks, vs
 
 
 # ---- custom op -----------------------------------------------------------------------------

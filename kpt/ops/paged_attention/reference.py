@@ -30,9 +30,12 @@ def gather(cache: Tensor, block_table: Tensor, seq_lens: Tensor, kv_layout: str,
     page_size = cache.shape[1] if kv_layout == "NHD" else cache.shape[2]
     heads = cache.shape[2] if kv_layout == "NHD" else cache.shape[1]
     mult = _scale_of(scale, heads)
-    parts, lengths = [], seq_lens.tolist()
+    # Clamped as the kernels clamp (lengths to the table's capacity, ids into the cache), so
+    # malformed tables on a GPU (not read back per call) give the kernels' result, no fault.
+    capacity = block_table.shape[1] * page_size
+    parts, lengths = [], [max(0, min(n, capacity)) for n in seq_lens.tolist()]
     for b, n in enumerate(lengths):
-        pages = block_table[b, : -(-n // page_size)].long()
+        pages = block_table[b, : -(-n // page_size)].long().clamp(0, cache.shape[0] - 1)
         chunk = cache[pages].float()
         if kv_layout == "HND":
             chunk = chunk.transpose(1, 2)
