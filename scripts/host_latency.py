@@ -14,13 +14,19 @@ per-call path:
 * ``rmsnorm``: ``rmsnorm_qkv_rope`` on Llama-3-8B shapes (hidden 4096, 32/8 heads, head dim
   128) against the bare ``x @ W.T`` of its QKV GEMM (target: kpt <= 1.5x), and the unfused
   eager PyTorch chain it replaces (HF's RMSNorm, one GEMM, RoPE).
+* ``paged``: ``paged_attention`` decode (B16, 2048 keys in 16-token pages, 32/8 heads, head
+  dim 128) against SDPA decode on the same keys stored contiguously, and ``Plan.run`` (the
+  per-layer call of the plan/run split).
 * ``flex``: ``flex_attention`` with a causal 1024-key sliding window against torch's compiled
   flex_attention (guards included).
 
 ``auto - direct`` is the dispatch's own cost: the default call minus the same call naming the
 backend dispatch chose (target: within 5 us).
 
-GPU machine only. ``KPT_HOST_PARTS`` picks parts (default ``flash,rmsnorm``); with ``OUT`` set
+``KPT_HOST_PROFILE=1`` also runs each case's ``kpt`` row under cProfile and prints the functions
+with the most own time (where the host time goes).
+
+GPU machine only. ``KPT_HOST_PARTS`` picks parts (default ``flash,rmsnorm,paged``); with ``OUT`` set
 the table is also written to ``$OUT/host.md``.
 
   python scripts/host_latency.py
@@ -160,6 +166,39 @@ def rmsnorm_rows() -> list[tuple[str, dict, str]]:
     return cases
 
 
+def paged_rows() -> list[tuple[str, dict, str]]:
+    import torch
+    import torch.nn.functional as F
+
+    from kpt.ops import paged_attention
+    from kpt.ops.paged_attention import SPEC, plan
+
+    batch, context, page, heads, heads_kv, head_dim = 16, 2048, 16, 32, 8, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pages = batch * context // page
+    kc, vc = (torch.randn(pages, page, heads_kv, head_dim, device="cuda", dtype=torch.bfloat16,
+                          generator=gen) for _ in range(2))
+    table = torch.randperm(pages, device="cuda", generator=gen).view(batch, -1).int()
+    lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    # The same keys, contiguous (B, Hkv, S, D), for SDPA's GQA decode.
+    kt, vt = (c[table.long()].flatten(1, 2).transpose(1, 2).contiguous() for c in (kc, vc))
+    SPEC.clear_cache()
+    paged_attention(q, kc, vc, table, lens)
+    chosen, _ = _chosen(SPEC, "paged_attention")
+    handle = plan(q, kc, vc, table, lens)
+    out = torch.empty_like(q)
+    fns = {
+        "sdpa": functools.partial(F.scaled_dot_product_attention, q.unsqueeze(2), kt, vt,
+                                  enable_gqa=True),
+        "kpt": functools.partial(paged_attention, q, kc, vc, table, lens),
+        f"kpt backend={chosen}": functools.partial(paged_attention, q, kc, vc, table, lens,
+                                                   backend=chosen),
+        "kpt plan.run": functools.partial(handle.run, q, kc, vc, out=out),
+    }
+    return [(f"paged decode B{batch} ctx{context} page{page} 32/8 D128", fns, "sdpa")]
+
+
 def _torch_window(b, h, q_idx, kv_idx):
     return (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOW)
 
@@ -197,11 +236,25 @@ def flex_rows() -> list[tuple[str, dict, str]]:
     return cases
 
 
+def profile(case: str, fn, calls: int = 2000) -> None:
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    print(f"--- {case}: kpt, cProfile of {calls} calls (own time) ---", flush=True)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+
+
 def main() -> None:
     import torch
 
-    parts = os.environ.get("KPT_HOST_PARTS", "flash,rmsnorm").split(",")
-    builders = {"flash": flash_rows, "rmsnorm": rmsnorm_rows, "flex": flex_rows}
+    parts = os.environ.get("KPT_HOST_PARTS", "flash,rmsnorm,paged").split(",")
+    builders = {"flash": flash_rows, "rmsnorm": rmsnorm_rows, "paged": paged_rows,
+                "flex": flex_rows}
     name = torch.cuda.get_device_name()
     lines = [f"Host time per eager call, {name}, torch {torch.__version__}: best of {REPEATS} "
              f"runs of {CALLS} back-to-back calls.", "",
@@ -215,6 +268,8 @@ def main() -> None:
                 line = f"| {case} | {row} | {host:.1f} | {total:.1f} | {host / base:.2f} |"
                 lines.append(line)
                 print(line, flush=True)
+            if os.environ.get("KPT_HOST_PROFILE") == "1":
+                profile(case, fns["kpt"])
             direct = [row for row in times if row.startswith("kpt backend=")]
             if direct:
                 gap = times["kpt"][0] - times[direct[0]][0]

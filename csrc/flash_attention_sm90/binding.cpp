@@ -89,6 +89,19 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
               kpt_fa90_error_string(code), " (code ", code, ")");
 }
 
+// forward into new tensors: out (contiguous, q's shape and dtype) and lse (B, H, Sq) float32,
+// allocated here (one native call for the whole eager forward).
+std::tuple<at::Tensor, at::Tensor> forward_new(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, double scale, double softcap,
+                                               int64_t window_left, int64_t window_right,
+                                               int64_t variant, int64_t stream) {
+  TORCH_CHECK(q.dim() == 4, kOp, ": q must be (B, S, H, D)");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  forward(q, k, v, out, lse, scale, softcap, window_left, window_right, variant, stream);
+  return {out, lse};
+}
+
 void check_lse(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.device() == q.device() && t.scalar_type() == at::kFloat &&
                   t.is_contiguous() && t.dim() == 3 && t.size(0) == q.size(0) &&
@@ -150,6 +163,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("softcap"),
         py::arg("window_left"), py::arg("window_right"), py::arg("variant"),
         py::arg("stream"));
+  m.def("forward_new", &forward_new, "attention forward into new (out, lse)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("softcap"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("variant"), py::arg("stream"));
   m.def("backward", &backward, "attention backward into dq, dk and dv (fp32 dq atomics)",
         py::arg("dout"), py::arg("dlse"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "kpt/rmsnorm_qkv_rope.h"
 
@@ -221,6 +222,29 @@ void forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
            inv_freq.contiguous(), q, k, v, rotary_dim, eps, neox, stream);
 }
 
+// forward into new tensors: (q, k, v, residual_out) for `tokens` rows, allocated here
+// (residual_out is empty without a residual), so that an eager call is one native call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_new(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& norm_weight,
+    const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+    const std::optional<at::Tensor>& q_norm_weight,
+    const std::optional<at::Tensor>& k_norm_weight, const at::Tensor& positions,
+    const at::Tensor& inv_freq, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t rotary_dim, double eps, bool neox, int64_t gemv_impl, int64_t row_tiles,
+    int64_t splits, int64_t stream) {
+  TORCH_CHECK(x.dim() == 2, kOp, ": x must be (tokens, hidden)");
+  const int64_t tokens = x.size(0);
+  at::Tensor q = at::empty({tokens, num_q_heads, head_dim}, x.options());
+  at::Tensor k = at::empty({tokens, num_kv_heads, head_dim}, x.options());
+  at::Tensor v = at::empty({tokens, num_kv_heads, head_dim}, x.options());
+  at::Tensor residual_out =
+      residual ? at::empty({tokens, x.size(1)}, x.options()) : at::empty({0}, x.options());
+  forward(x, residual, residual ? std::optional<at::Tensor>(residual_out) : std::nullopt,
+          norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, positions, inv_freq,
+          q, k, v, rotary_dim, eps, neox, gemv_impl, row_tiles, splits, stream);
+  return {q, k, v, residual_out};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -240,6 +264,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_norm_weight"), py::arg("positions"), py::arg("inv_freq"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("rotary_dim"), py::arg("eps"), py::arg("neox"),
         py::arg("gemv_impl"), py::arg("row_tiles"), py::arg("splits"), py::arg("stream"));
+  m.def("forward_new", &forward_new, "forward into new (q, k, v, residual_out)", py::arg("x"),
+        py::arg("residual"), py::arg("norm_weight"), py::arg("qkv_weight"),
+        py::arg("qkv_bias"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),
+        py::arg("positions"), py::arg("inv_freq"), py::arg("num_q_heads"),
+        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("eps"),
+        py::arg("neox"), py::arg("gemv_impl"), py::arg("row_tiles"), py::arg("splits"),
+        py::arg("stream"));
   m.attr("GEMV_MMA") = static_cast<int>(KPT_RQR_GEMV_MMA);
   m.attr("GEMV_SIMT") = static_cast<int>(KPT_RQR_GEMV_SIMT);
 }

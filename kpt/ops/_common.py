@@ -196,20 +196,26 @@ def jit_unavailable(spec: Callable[[], Any]) -> Callable[[], str | None]:
 
 def native_backends(module: str, *, dtypes: frozenset, run_cuda: str, run_hip: str,
                     supports: Callable[..., list[str]] | str = "supports",
-                    configs: str = "configs") -> tuple[Any, Any]:
+                    configs: str = "configs",
+                    fast: str | tuple[str, str] | None = None) -> tuple[Any, Any]:
     """The ``cuda`` (sm_80+) and ``hip`` backends of one kernel source built by nvcc and by
     hipcc. ``module`` (absolute name, imported only when the backend is considered) provides
     the launchers ``run_cuda`` / ``run_hip``, ``cuda_unavailable`` / ``hip_unavailable`` and
-    the ``configs`` function; ``supports`` is a callable or the name of one in ``module``."""
+    the ``configs`` function; ``supports`` is a callable or the name of one in ``module``;
+    ``fast`` names the module's ``Backend.fast`` function, if it has one (a pair: the cuda
+    and the hip one)."""
     from kpt.ops._registry import Backend
 
     check = lazy(module, supports) if isinstance(supports, str) else supports
     shared = dict(device_types=frozenset({"cuda"}), dtypes=dtypes, supports=check,
                   configs=lazy(module, configs))
+    fast_cuda, fast_hip = (fast, fast) if fast is None or isinstance(fast, str) else fast
     return (Backend(name="cuda", run=lazy(module, run_cuda), min_capability=(8, 0), rocm=False,
-                    available=lazy(module, "cuda_unavailable"), **shared),
+                    available=lazy(module, "cuda_unavailable"),
+                    fast=fast_cuda and lazy(module, fast_cuda), **shared),
             Backend(name="hip", run=lazy(module, run_hip), rocm=True,
-                    available=lazy(module, "hip_unavailable"), **shared))
+                    available=lazy(module, "hip_unavailable"),
+                    fast=fast_hip and lazy(module, fast_hip), **shared))
 
 
 def raw_stream(device: torch.device) -> int:

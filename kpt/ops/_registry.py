@@ -109,6 +109,10 @@ class Backend:
     available: Callable[[], str | None] = _always_available
     supports: Callable[[Problem], list[str]] = _no_reasons
     configs: Callable[[Problem], list[Config]] = _one_config
+    # fast(call, config): after ``run`` succeeded on ``call``, a launcher ``f(*inputs) ->
+    # outputs`` that repeats it on inputs of the same signature (shapes, strides, dtypes,
+    # devices, alignment, options), skipping validation and dispatch; None where it has none.
+    fast: Callable[[Any, Config], Callable[..., Any] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ class Op:
     # launch_keyed's decisions by (the caller's cheap key, requested backend): a key is a plain
     # tuple that determines the Problem, so a hit skips building and hashing one.
     _keyed: dict[tuple, tuple[Backend, Config]] = field(default_factory=dict, repr=False)
+    # Launchers by full call signature (see Backend.fast and launch_keyed's ``signature``).
+    fast: dict[tuple, Callable[..., Any]] = field(default_factory=dict, repr=False)
     _broken: dict[str, str] = field(default_factory=dict, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -321,10 +327,15 @@ class Op:
                 self._fallback(f"{self.name}: backend {chosen.name!r} failed: {err}")
 
     def launch_keyed(self, key: tuple, make_problem: Callable[[], Problem], call: Any,
-                     backend: str | None = None) -> str:
+                     backend: str | None = None, signature: tuple | None = None) -> str:
         """:meth:`launch` for an op's hot path: ``key`` is a tuple of plain values that
         determines the problem (``make_problem()`` builds it on a miss), so a repeated call
-        costs one dict lookup on it, with nothing that grows with the number of backends."""
+        costs one dict lookup on it, with nothing that grows with the number of backends.
+
+        ``signature``: everything the op's validation and this dispatch read of a validated,
+        plain eager call (tensor types, shapes, strides, dtypes, devices, alignment, options,
+        the requested backend). After a successful run, the chosen backend's ``fast`` launcher
+        is stored under it in :attr:`fast`, where the op's entry looks a repeat call up first."""
         requested = backend or _env_backend(self.name)
         hit = self._keyed.get((key, requested))
         if hit is None:
@@ -336,6 +347,13 @@ class Op:
         chosen, config = hit
         try:
             chosen.run(call, config)
+            if signature is not None and chosen.fast is not None:
+                launcher = chosen.fast(call, config)
+                if launcher is not None:
+                    with self._lock:
+                        if len(self.fast) >= _CACHE_LIMIT:
+                            self.fast.clear()
+                        self.fast[signature] = launcher
             return chosen.name
         except BackendUnavailable as err:  # as in launch(): recorded, then chosen again
             self.mark_unavailable(chosen.name, str(err))
@@ -348,6 +366,7 @@ class Op:
         with self._lock:
             self._broken[name] = reason
             self._cache.clear()
+            self.fast.clear()
             self._keyed.clear()
 
     def clear_cache(self) -> None:
@@ -355,6 +374,7 @@ class Op:
         with self._lock:
             self._cache.clear()
             self._keyed.clear()
+            self.fast.clear()
             self._broken.clear()
             self._warned.clear()
 

@@ -114,9 +114,9 @@ def test_fused_op_runs_once_per_layer_on_the_weights_in_place(monkeypatch):
     model = tiny("qwen2")
     weights = []
     original = SPEC.launch_keyed
-    monkeypatch.setattr(SPEC, "launch_keyed", lambda key, make, call, backend=None: weights.append(
+    monkeypatch.setattr(SPEC, "launch_keyed", lambda key, make, call, *rest: weights.append(
         (call.qkv_weight.data_ptr(), call.qkv_bias.data_ptr())) or original(key, make, call,
-                                                                              backend))
+                                                                              *rest))
     with torch.no_grad(), kpt_hf.patch(model):
         model(torch.randint(0, VOCAB, (2, 5)))
         # the kernel reads the layer's own q/k/v parameters: no copy of the weights per call

@@ -273,8 +273,8 @@ def test_weight_and_bias_as_row_blocks(backend, path, layout, monkeypatch):
                 b.data = view
     seen = []
     launch = SPEC.launch_keyed
-    monkeypatch.setattr(SPEC, "launch_keyed", lambda key, make, call, backend=None: seen.append(
-        call.qkv_weight.data_ptr()) or launch(key, make, call, backend))
+    monkeypatch.setattr(SPEC, "launch_keyed", lambda key, make, call, *rest: seen.append(
+        call.qkv_weight.data_ptr()) or launch(key, make, call, *rest))
 
     def run(**kw):
         return rmsnorm_qkv_rope(**kw, backend=backend)
@@ -368,7 +368,7 @@ GRADCHECK_CASES = {
 def test_gradcheck_float64_reference(name, monkeypatch):
     reference = SPEC.backend("reference")
     monkeypatch.setattr(SPEC, "launch_keyed",
-                        lambda key, make, call, backend=None: reference.run(call, {}))
+                        lambda key, make, call, *rest: reference.run(call, {}))
     eager, op, inputs = _float64_call(GRADCHECK_CASES[name], seed=20)
     assert torch.autograd.gradcheck(eager, inputs)
     assert torch.autograd.gradcheck(op, inputs)
@@ -379,7 +379,7 @@ def test_double_backward_float64_reference(path, monkeypatch):
     """The backward is differentiable PyTorch, so eager double backward is exact as well."""
     reference = SPEC.backend("reference")
     monkeypatch.setattr(SPEC, "launch_keyed",
-                        lambda key, make, call, backend=None: reference.run(call, {}))
+                        lambda key, make, call, *rest: reference.run(call, {}))
     eager, op, inputs = _float64_call(GRADCHECK_CASES["gptj_partial_everything"], seed=21)
     assert torch.autograd.gradgradcheck(eager if path == "eager" else op, inputs, fast_mode=True)
 

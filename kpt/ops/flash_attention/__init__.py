@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kpt.ops._common import (
+    _mode_active,
     attention_options,
     check_tensor,
     compare,
@@ -33,7 +34,7 @@ from kpt.ops._common import (
     triton_interpreting,
     triton_unavailable,
 )
-from kpt.ops._registry import Backend, Op, Problem, Tuning
+from kpt.ops._registry import Backend, Op, Problem, Tuning, _env_backend
 
 from . import reference as _reference
 
@@ -126,7 +127,8 @@ BACKENDS = (
         supports=_triton_supports,
         configs=lazy(f"{__name__}._triton", "configs"),
     ),
-    *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run", run_hip="run"),
+    *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run", run_hip="run",
+                     fast="fast"),
     Backend(name="reference", device_types=_REFERENCE_DEVICES, dtypes=_FLOATS,
             run=_reference.run),
 )
@@ -444,11 +446,12 @@ def _outputs(q: Tensor, varlen: bool) -> tuple[Tensor, Tensor]:
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None,
                   cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                   window_left: int, window_right: int, softcap: float, return_lse: bool,
-                  deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+                  deterministic: bool, backend: str,
+                  signature: tuple | None = None) -> tuple[Tensor, Tensor]:
     out, lse = _outputs(q, cu_seqlens_q is not None)
     call = Call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                 window_left, window_right, softcap, out, lse)
-    SPEC.launch_keyed(_key(call), lambda: problem_of(call), call, backend or None)
+    SPEC.launch_keyed(_key(call), lambda: problem_of(call), call, backend or None, signature)
     return out, lse
 
 
@@ -674,13 +677,36 @@ def flash_attention(
         out, shaped like q in q's dtype (contiguous), and lse when ``return_lse``.
         ``reference.py`` is the specification.
     """
+    signature = None
+    if cu_seqlens_q is None and cu_seqlens_k is None and not torch.compiler.is_compiling():
+        # A repeat of a call validated and dispatched before (same types, shapes, strides,
+        # dtypes, devices, alignment and options) runs the launcher stored for it (see
+        # Op.launch_keyed); anything else, or a call that needs autograd, takes the full path.
+        try:
+            signature = (
+                type(q), type(k), type(v), q.shape, k.shape, v.shape, q.stride(), k.stride(),
+                v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15, type(causal), causal,
+                type(scale), scale, window, type(softcap), softcap, type(return_lse),
+                return_lse, type(deterministic), deterministic, max_seqlen_q, max_seqlen_k,
+                backend, _env_backend(OP))
+            fast = SPEC.fast.get(signature)
+        except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable options
+            signature = fast = None
+        if fast is not None and not (torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad)) and not _mode_active():
+            out, lse = fast(q, k, v)
+            return (out, lse) if return_lse else out
     scale, left, right, max_q, max_k = _validate(
         q, k, v, causal, scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, {"causal": causal, "return_lse": return_lse,
                        "deterministic": deterministic})
     if backend is not None:
         SPEC.backend(backend)
+    given_q, given_k, given_v = q, k, v
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    if q is not given_q or k is not given_k or v is not given_v:
+        signature = None  # copies: the signature describes the given tensors, not these
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(softcap),
             return_lse, deterministic, backend or "")
     if not _eager(q, k, v, cu_seqlens_q, cu_seqlens_k):
@@ -688,7 +714,7 @@ def flash_attention(
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _FlashAttentionFunction.apply(*args)
     else:
-        out, lse = _forward_impl(*args)
+        out, lse = _forward_impl(*args, signature=signature)
     return (out, lse) if return_lse else out
 
 

@@ -365,6 +365,17 @@ def run(call, config: Config) -> None:
         call.out.copy_(out)
 
 
+def fast(call, config: Config):
+    """``Backend.fast`` of the forward: the sm90 kernel's own launcher for repeats of a call it
+    ran (dense, TMA-addressable layout); the mma kernels have none (None)."""
+    if config.get("impl") != "sm90" or call.varlen:
+        return None
+    module = _sm90_module()
+    if module is None or module.call_reasons(call):
+        return None
+    return module.fast_forward(call, config)
+
+
 def run_backward(call, config: Config) -> None:
     """Registry entry of the backward: write call.dq, call.dk, call.dv."""
     if config.get("impl") == "sm90":

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from kpt.ops._common import (
+    _mode_active,
     check_tensor,
     compare,
     lazy,
@@ -33,7 +34,7 @@ from kpt.ops._common import (
     triton_interpreting,
     triton_unavailable,
 )
-from kpt.ops._registry import Backend, Op, Problem, Tuning
+from kpt.ops._registry import Backend, Op, Problem, Tuning, _env_backend
 
 from . import reference as _reference
 from ._backward import rmsnorm_qkv_rope_backward
@@ -112,7 +113,8 @@ def _cuda_supports(p: Problem) -> list[str]:
 
 BACKENDS = (
     *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run_cuda",
-                     run_hip="run_hip", supports=_cuda_supports),
+                     run_hip="run_hip", supports=_cuda_supports,
+                     fast=("fast_cuda", "fast_hip")),
     Backend(
         name="triton",
         device_types=frozenset({"cuda", "cpu"}),
@@ -502,6 +504,24 @@ def _join_rows(parts: list[Tensor]) -> Tensor:
     return first.as_strided(shape, torch.empty(shape, device="meta").stride())
 
 
+def _join_rows_again(parts: list[Tensor]) -> Tensor:
+    """``_join_rows`` for a repeat call (the fast path, whose signature fixes the parts' shapes,
+    strides, dtype and device): the view made for the same addresses last time is reused. It
+    is kept on the first part (``_kpt_rows``), so it lives exactly as long as that tensor; it
+    reads the parts' memory, so in-place updates show through. Copies are never kept."""
+    if len(parts) == 1:
+        return _join_rows(parts)
+    first = parts[0]
+    ptrs = tuple(part.data_ptr() for part in parts)
+    kept = getattr(first, "_kpt_rows", None)
+    if kept is not None and kept[0] == ptrs:
+        return kept[1]
+    joined = _join_rows(parts)
+    if joined.data_ptr() == ptrs[0] and joined._base is not None:  # a view, not a copy
+        first._kpt_rows = (ptrs, joined)
+    return joined
+
+
 class _JoinRows(torch.autograd.Function):
     """``_join_rows`` on the eager path, with the gradient split back into the parts."""
 
@@ -533,6 +553,7 @@ def _impl(
     eps: float,
     neox: bool,
     backend: str,
+    signature: tuple | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     tokens, hidden = x.shape
     q = x.new_empty(tokens, num_q_heads, head_dim)
@@ -545,7 +566,7 @@ def _impl(
     # The dispatch key holds exactly what problem_of(call) reads (device, dtype, dims).
     key = (x.device, x.dtype, tokens, hidden, num_q_heads, num_kv_heads, head_dim, rotary_dim,
            neox, residual is not None, qkv_bias is not None, q_norm_weight is not None)
-    SPEC.launch_keyed(key, lambda: problem_of(call), call, backend or None)
+    SPEC.launch_keyed(key, lambda: problem_of(call), call, backend or None, signature)
     return q, k, v, residual_out
 
 
@@ -569,10 +590,19 @@ def _run(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op on weights and biases given as row blocks (joined here, at run time, so that
     the zero-copy test also holds under torch.compile); an empty ``qkv_bias`` is no bias."""
+    return _run_signed(x, residual, norm_weight, qkv_weight, qkv_bias, q_norm_weight,
+                       k_norm_weight, positions, inv_freq, num_q_heads, num_kv_heads, head_dim,
+                       rotary_dim, eps, neox, backend)
+
+
+def _run_signed(x, residual, norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight,
+                positions, inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps, neox,
+                backend, signature: tuple | None = None):
+    """``_run`` of a plain eager call, with its ``signature`` (see ``Op.launch_keyed``)."""
     return _impl(x, residual, norm_weight, _join_rows(qkv_weight),
                  _join_rows(qkv_bias) if qkv_bias else None, q_norm_weight, k_norm_weight,
                  positions, inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps, neox,
-                 backend)
+                 backend, signature)
 
 
 # The custom op is what torch.compile sees; eager calls skip its dispatch (~50 us of host time
@@ -727,6 +757,32 @@ def rmsnorm_qkv_rope(
     weights = list(qkv_weight) if isinstance(qkv_weight, (list, tuple)) else [qkv_weight]
     biases = ([] if qkv_bias is None else
               list(qkv_bias) if isinstance(qkv_bias, (list, tuple)) else [qkv_bias])
+    signature = None
+    if not torch.compiler.is_compiling():
+        # A repeat of a call validated and dispatched before runs the launcher stored for it
+        # (see Op.launch_keyed); anything else, or a call that needs autograd, runs in full.
+        try:
+            signature = _signature(x, norm_weight, weights, positions, num_q_heads,
+                                   num_kv_heads, head_dim, eps, biases, q_norm_weight,
+                                   k_norm_weight, rope_theta, rope_scaling, rotary_dim,
+                                   rope_style, residual, backend)
+            fast = SPEC.fast.get(signature)
+        except (AttributeError, TypeError, ValueError):  # not tensors, unhashable options
+            signature = fast = None
+        if fast is not None and not (torch.is_grad_enabled() and _requires_grad(
+                x, residual, norm_weight, q_norm_weight, k_norm_weight, *weights,
+                *biases)) and not _mode_active():
+            lead, hidden = x.shape[:-1], x.shape[-1]
+            q, k, v, res = fast(
+                _rows(x, hidden), None if residual is None else _rows(residual, hidden),
+                norm_weight.contiguous(), _join_rows_again(weights),
+                _join_rows_again(biases) if biases else None,
+                None if q_norm_weight is None else q_norm_weight.contiguous(),
+                None if k_norm_weight is None else k_norm_weight.contiguous(),
+                positions.reshape(-1) if positions.shape == lead else
+                positions.expand(lead).reshape(-1))
+            return _shaped(q, k, v, res, lead, hidden, num_q_heads, num_kv_heads, head_dim,
+                           residual is not None)
     _validate(x, norm_weight, weights, positions, num_q_heads, num_kv_heads, head_dim,
               rotary_dim, eps, biases, q_norm_weight, k_norm_weight, residual, rope_style)
     if backend is not None:
@@ -742,6 +798,9 @@ def rmsnorm_qkv_rope(
     elif not (torch.is_grad_enabled() and (_requires_grad(
             x, residual, norm_weight, q_norm_weight, k_norm_weight, *weights, *biases))):
         op = _run
+        if signature is not None and plain_eager(x, residual, norm_weight, q_norm_weight,
+                                                 k_norm_weight, *weights, *biases):
+            op = functools.partial(_run_signed, signature=signature)
     elif plain_eager(x, residual, norm_weight, q_norm_weight, k_norm_weight, *weights,
                      *biases):
         op = _RMSNormQKVRoPEFunction.apply
@@ -769,12 +828,37 @@ def rmsnorm_qkv_rope(
         rope_style == "neox",
         backend or "",
     )
+    return _shaped(q, k, v, res, lead, hidden, num_q_heads, num_kv_heads, head_dim,
+                   residual is not None)
+
+
+def _shaped(q: Tensor, k: Tensor, v: Tensor, res: Tensor, lead: tuple, hidden: int,
+            num_q_heads: int, num_kv_heads: int, head_dim: int, has_residual: bool) -> tuple:
     q = q.view(*lead, num_q_heads, head_dim)
     k = k.view(*lead, num_kv_heads, head_dim)
     v = v.view(*lead, num_kv_heads, head_dim)
-    if residual is None:
+    if not has_residual:
         return q, k, v
     return q, k, v, res.view(*lead, hidden)
+
+
+def _described(t: Tensor | None) -> tuple | None:
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
+
+
+def _signature(x, norm_weight, weights, positions, num_q_heads, num_kv_heads, head_dim, eps,
+               biases, q_norm_weight, k_norm_weight, rope_theta, rope_scaling, rotary_dim,
+               rope_style, residual, backend) -> tuple:
+    """Everything validation and dispatch read of a call: each tensor's type, shape, strides,
+    dtype and device, and every option with its type (``True`` is not a head count).
+    Alignment is not part of it: the binding copies what it cannot read in place."""
+    return (tuple(map(_described, weights)), tuple(map(_described, biases)), _described(x),
+            _described(norm_weight), _described(positions), _described(residual),
+            _described(q_norm_weight), _described(k_norm_weight), type(num_q_heads),
+            num_q_heads, type(num_kv_heads), num_kv_heads, type(head_dim), head_dim,
+            type(rotary_dim), rotary_dim, type(eps), eps, type(rope_theta), rope_theta,
+            None if rope_scaling is None else tuple(rope_scaling.items()), rope_style, backend,
+            _env_backend(OP))
 
 
 __all__ = ["rmsnorm_qkv_rope", "rope_inv_freq", "Call", "SPEC", "BACKENDS"]
