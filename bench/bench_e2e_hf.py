@@ -14,6 +14,12 @@ Case ids are ``<shape>-L<layers>-<kind>-<row>-<variant>`` (select with ``-k``):
 * ``decode``: a 2048-token context at batch 1 and 16, then ``KPT_E2E_DECODE_STEPS`` greedy
   one-token steps. ``dynamic-bN``: eager over a DynamicCache; ``static-bN``: over a StaticCache,
   one step (argmax and position update included) captured once in a CUDA graph and replayed.
+  ``paged-bN-cC``: batch 1, 16 and 64 at a context of 2048 and 16384 tokens, eager steps, on
+  ``KPT_E2E_PAGED_LAYERS`` layers (the KV of 64 x 16k tokens is 4 GiB per 8B layer): ``hf_sdpa``
+  over a DynamicCache, ``kpt`` over kpt's ``PagedCache`` (16-token pages, ``paged_attention``).
+  The context is one random sequence prefilled once at batch 1 and copied to every row (each row
+  holds its own copy, the memory of N prompts; prefilling 64 x 16k tokens at once would take
+  ~50 GB of activations); the rows' first decode tokens differ.
 
 Variants: ``hf_sdpa`` (attn_implementation="sdpa"), ``hf_sdpa_compile``, ``kpt`` (the same
 model object, patched for the case and unpatched after it) and ``kpt_compile``. Prefill and
@@ -45,10 +51,11 @@ the shared summary. Cases run by importance (``cases``), and those that would st
 
 Environment, defaults in brackets: KPT_E2E_SHAPES [8b,1b]; KPT_E2E_VARIANTS [all four];
 KPT_E2E_LAYERS [8b=4,1b=8] (prefill/train models; one number sets both); KPT_E2E_DECODE_LAYERS
-[all]; KPT_E2E_CONTEXT [2048]; KPT_E2E_DECODE_STEPS [32]; KPT_E2E_ROW_S [1.0]; KPT_E2E_TOL
-[0.1]; KPT_E2E_BUDGET_S [300]; KPT_E2E_PROFILE=1 adds ``test_e2e_profile`` (torch.profiler over
-one prefill and one train step of the 8B shape on ``KPT_E2E_PROFILE_ROW`` [padded], hf_sdpa and
-kpt: top CUDA-time ops to ``$OUT/profile-<variant>-<kind>.txt``).
+[all]; KPT_E2E_PAGED_LAYERS [4] (as KPT_E2E_LAYERS); KPT_E2E_CONTEXT [2048];
+KPT_E2E_DECODE_STEPS [32]; KPT_E2E_ROW_S [1.0]; KPT_E2E_TOL [0.1]; KPT_E2E_BUDGET_S [300];
+KPT_E2E_PROFILE=1 adds ``test_e2e_profile`` (torch.profiler over one prefill and one train step
+of the 8B shape on ``KPT_E2E_PROFILE_ROW`` [padded], hf_sdpa and kpt: top CUDA-time ops to
+``$OUT/profile-<variant>-<kind>.txt``).
 
 Run: ``OUT=out pytest -q bench/bench_e2e_hf.py -k "8b and not compile"`` (needs CUDA). CPU check
 of the inputs, references, loss and comparisons on tiny float32 models: ``python -m
@@ -96,6 +103,9 @@ PREFILL_ROWS = ("seq4096", "seq16384", "padded", "packed")
 # on the padded 8 x 8192 batch (activations of 65536 padded tokens).
 TRAIN_LAYERS = {"8b": 4, "1b": 8}
 LOSS_CHUNK = 4096
+PAGED_ROWS = tuple(f"paged-b{b}-c{c}" for c in (2048, 16384) for b in (1, 16, 64))
+PAGED_LAYERS = {"8b": 4, "1b": 4}
+PAGE_SIZE = 16
 # The KV cache keyword: ``cache`` from transformers 5.24 on, ``past_key_values`` before.
 CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters \
     else "past_key_values"
@@ -154,6 +164,9 @@ def cases() -> list[Case]:
                 for row in ("dynamic-b1", "dynamic-b16", "static-b1", "static-b16"):
                     out += [Case(shape, decode_layers[shape], "decode", row, v) for v in variants
                             if row.startswith("static") or not v.endswith("_compile")]
+                paged_layers = _per_shape("KPT_E2E_PAGED_LAYERS", PAGED_LAYERS)
+                out += [Case(shape, paged_layers[shape], "decode", row, v) for row in PAGED_ROWS
+                        for v in variants if v in ("hf_sdpa", "kpt")]
             out += [Case(shape, train_layers[shape], kind, row, v)
                     for kind in ("prefill", "train") for row in PREFILL_ROWS for v in variants
                     if v.endswith("_compile") == compiled]
@@ -387,9 +400,13 @@ class Decoder:
                       if static else DynamicCache(config=model.config))
         with torch.no_grad():
             model(prompt, use_cache=True, logits_to_keep=1, **{CACHE_KW: self.cache})
+        self._buffers(model, first, batch)
+
+    def _buffers(self, model: nn.Module, first: Tensor, batch: int) -> None:
+        """The step's inputs and outputs (fixed addresses, for graph capture)."""
         self.ids = first.clone()
-        self.pos = torch.full((batch, 1), self.context, device=prompt.device)
-        self.logits = torch.empty(batch, model.config.vocab_size, device=prompt.device,
+        self.pos = torch.full((batch, 1), self.context, device=first.device)
+        self.logits = torch.empty(batch, model.config.vocab_size, device=first.device,
                                   dtype=model.dtype)
         self.forward: Callable[..., Any] = model
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -435,6 +452,39 @@ class Decoder:
 
 def decode_reference(model: nn.Module, prompt: Tensor, first: Tensor) -> Tensor:
     return Decoder(model, prompt, first, 1, static=False).first_logits()
+
+
+class PagedDecoder(Decoder):
+    """Greedy one-token decoding after a context that row 0 of ``prompt`` holds: prefilled once
+    at batch 1, then copied to every row (``batch_repeat_interleave``), over kpt's PagedCache
+    (``paged=True``) or a DynamicCache. Eager steps."""
+
+    def __init__(self, model: nn.Module, prompt: Tensor, first: Tensor, steps: int,
+                 paged: bool) -> None:
+        self.model, self.steps, self.context = model, steps, prompt.shape[1]
+        self.first = first
+        batch = first.shape[0]
+        pages = batch * math.ceil((self.context + steps + 8) / PAGE_SIZE)
+        self.cache = (kpt_hf.PagedCache(model.config, page_size=PAGE_SIZE, num_pages=pages)
+                      if paged else DynamicCache(config=model.config))
+        with torch.no_grad():
+            model(prompt[:1], use_cache=True, logits_to_keep=1, **{CACHE_KW: self.cache})
+        self.cache.batch_repeat_interleave(batch)
+        self._buffers(model, first, batch)
+
+    def reset(self) -> None:
+        if isinstance(self.cache, kpt_hf.PagedCache):
+            self.cache.rewind(self.context)
+        else:
+            rewind(self.cache, self.context)
+        self.ids.copy_(self.first)
+        self.pos.fill_(self.context)
+
+
+def paged_row(row: str) -> tuple[int, int]:
+    """(batch, context) of a ``paged-b<batch>-c<context>`` row."""
+    batch, context = row.removeprefix("paged-b").split("-c")
+    return int(batch), int(context)
 
 
 # ---- variants ------------------------------------------------------------------------------
@@ -647,6 +697,35 @@ def _run_decode(case: Case, model: nn.Module, benchmark: Any, notes: list[str]) 
     return ms / DECODE_STEPS, setup_s + first_s, host / DECODE_STEPS, batch, f"{rel:.1e}", rel
 
 
+def _run_paged_decode(case: Case, model: nn.Module, benchmark: Any,
+                      notes: list[str]) -> Measured:
+    batch, context = paged_row(case.row)
+    prompt, first = decode_inputs(model.config.vocab_size, batch, model.device, context=context)
+    key = (case.shape, case.layers, case.row)
+    if key not in _STATE["refs"]:
+        reference = PagedDecoder(model, prompt, first, 1, paged=False)
+        _STATE["refs"][key] = reference.first_logits().cpu()
+        del reference
+    ref = _STATE["refs"][key]
+    paged = case.variant.startswith("kpt")
+    with patched(model, case.variant, notes):
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        decoder = PagedDecoder(model, prompt, first, DECODE_STEPS, paged)
+        setup_s = time.perf_counter() - start
+        paths = _attention_paths()
+        if paths is not None:
+            paths.clear()
+        ms, first_s, host = _timed(decoder.run, decoder.reset, benchmark)
+        rel = rel_diff(decoder.first_logits(), ref)
+        _paths_note(paths, notes)
+        if paged:
+            notes.append(f"KV {decoder.cache.kv_bytes() / 2**30:.2f} GiB in "
+                         f"{PAGE_SIZE}-token pages")
+        del decoder
+    return ms / DECODE_STEPS, setup_s + first_s, host / DECODE_STEPS, batch, f"{rel:.1e}", rel
+
+
 def _speedup(row: dict[str, Any], base: str) -> str:
     """``base``'s ms / this row's ms in the same row, or "-"."""
     ms = next((r["ms"] for r in TABLE if r["key"] == row["key"] and r["variant"] == base), None)
@@ -705,6 +784,8 @@ def test_e2e_hf(cuda_only, benchmark, case: Case):
     model = _model(case)
     notes: list[str] = []
     runner = _run_decode if case.kind == "decode" else _run_prefill_or_train
+    if case.row.startswith("paged"):
+        runner = _run_paged_decode
     out_of_memory = False
     try:
         ms, first, host, tokens, shown, rel = runner(case, model, benchmark, notes)
@@ -823,6 +904,17 @@ def _smoke(compile_layers: bool = False) -> None:
             print(f"decode {'static' if static else 'dynamic'} {variant:8} first step {rel:.1e}, "
                   f"token 6 {decoder.ids.flatten().tolist()}")
             assert rel < 1e-4
+    prompt, first = decode_inputs(256, 3, "cpu", context=37)
+    ref = PagedDecoder(model, prompt, first, 1, paged=False).first_logits()
+    for variant in ("hf_sdpa", "kpt"):
+        with patched(model, variant):
+            decoder = PagedDecoder(model, prompt, first, 6, paged=variant == "kpt")
+            rel = rel_diff(decoder.first_logits(), ref)
+            decoder.reset()
+            decoder.run()
+        print(f"decode paged-b3-c37 {variant:8} first step {rel:.1e}, "
+              f"token 6 {decoder.ids.flatten().tolist()}")
+        assert rel < 1e-4
 
 
 if __name__ == "__main__":

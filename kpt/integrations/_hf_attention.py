@@ -12,6 +12,8 @@ bidirectional) rule, else a (B, L) boolean padding mask over the keys. What runs
   boundary;
 * a padding mask: the real tokens are gathered once per mask and run as varlen sequences
   (no padded FLOPs, no S x S mask), and the output is scattered back with zeros at the pads;
+* keys from a ``PagedCache`` (``_hf_paged``): the cache's layer stores them and attends with
+  ``paged_attention`` or ``cascade_attention`` over its pages;
 * one query token (decode): SDPA, with the GQA heads sharing a kv head packed into the query
   dimension so that each kv head's cache is read once, and any padding or static-cache mask
   applied in place (kpt's flash kernels split no keys, which one-token decode needs: measured
@@ -45,8 +47,12 @@ BACKEND_ATTR = "_kpt_attention_backend"
 # Set in the kwargs by kpt's fused attention forward when a KV cache is in use: position_ids
 # then mark no packed sequences (transformers' own rule), only cu_seq_lens kwargs do.
 CACHE_IN_USE = "kpt_cache_in_use"
-# How often each path ran, by name ("flash", "varlen", "packed", "decode_sdpa", or
-# "fallback: <reason>"); eager calls only (counting is skipped while torch.compile traces).
+# Set on the new keys by ``PagedCache.update`` (``_hf_paged``): the layer whose pages hold them,
+# which stores them and attends with ``paged_attention`` (it has the padding mask update lacks).
+PAGED_ATTR = "_kpt_paged"
+# How often each path ran, by name ("flash", "varlen", "packed", "decode_sdpa", "paged_decode",
+# "paged_prefill", "cascade", or "fallback: <reason>"); eager calls only (counting is skipped
+# while torch.compile traces).
 calls: collections.Counter[str] = collections.Counter()
 _logged: set[str] = set()
 
@@ -129,6 +135,11 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                       **kwargs: Any) -> tuple[Tensor, None]:
     """The ``"kpt"`` attention implementation: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) ->
     (B, Sq, H, D); bottom-right aligned masks (the queries are the last tokens)."""
+    paged = getattr(key, PAGED_ATTR, None)
+    if paged is not None:
+        return paged.attend(module, query, key, value, attention_mask, dropout=dropout,
+                            scaling=scaling, sliding_window=sliding_window, softcap=softcap,
+                            is_causal=is_causal, **kwargs)
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     left = -1 if sliding_window is None else int(sliding_window) - 1
     # HF's window counts the query itself (key j visible iff i - j < sliding_window); without

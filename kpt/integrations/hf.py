@@ -10,6 +10,8 @@ run kpt's ``flash_attention`` (padding masks become varlen sequences; see
     with kpt.integrations.hf.patch(model): ...  # the handle is a context manager
     handle.unpatch()                            # restores the model exactly
 
+``patch(model, kv_cache="paged")`` also makes ``generate`` keep its KV cache in pages
+(``PagedCache``, read by kpt's ``paged_attention``; see ``kpt.integrations._hf_paged``).
 ``supported()`` lists what each model type gets. A patched model stays the user's model: the
 same parameter objects, the same ``state_dict()`` keys and values, ``save_pretrained`` and an
 optimizer created before ``patch`` keep working, and gradients reach the original parameters.
@@ -35,7 +37,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kpt.integrations import _hf_attention
+from kpt.integrations import _hf_attention, _hf_paged
+from kpt.integrations._hf_paged import PagedCache
 from kpt.ops.rmsnorm_qkv_rope import (
     _scaling_key,
     rmsnorm_qkv_rope,
@@ -325,13 +328,24 @@ def _matches(path: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(path, pattern) and path.count(".") == pattern.count(".")
 
 
-def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False) -> PatchHandle:
+KV_CACHES = (None, "paged")
+
+
+def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
+          kv_cache: str | None = None) -> PatchHandle:
     """Swap kpt kernels into ``model`` in place, per ``PATCHES[model.config.model_type]``.
 
     ``backend`` forces one kpt backend for every patched call (default: per-call dispatch).
     Modules that cannot be patched are left alone and listed in ``handle.skipped`` with their
     reasons (``strict=True`` raises instead). A model type without a table entry raises.
+    ``kv_cache="paged"``: ``generate`` (greedy or sampling, without a cache of the caller's)
+    keeps the KV cache in a ``PagedCache`` (16-token pages; ``generate(...,
+    cache_config={"page_size": n})`` for others) and decodes through kpt's ``paged_attention``;
+    a ``PagedCache`` can also be passed to the patched model directly.
     """
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kpt.integrations.hf.patch: kv_cache must be one of {KV_CACHES}, got "
+                         f"{kv_cache!r}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in PATCHES:
@@ -355,6 +369,8 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False)
                                      + "; ".join(result))
                 else:
                     handle.skipped[path] = result
+        if kv_cache == "paged":
+            handle._undo.append(_paged_generate(model, config))
     except BaseException:
         handle.unpatch()
         raise
@@ -364,6 +380,19 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False)
     return handle
 
 
+def _paged_generate(model: nn.Module, config: Any) -> Undo:
+    """``generate`` with a ``PagedCache``; the model's attention must be kpt's by now."""
+    can_generate = getattr(model, "can_generate", None)
+    if can_generate is None or not can_generate() or not hasattr(
+            model, "_prepare_cache_for_generation"):
+        raise ValueError(f"kpt.integrations.hf.patch: kv_cache='paged' is for models that "
+                         f"generate; {type(model).__name__} does not")
+    if config._attn_implementation != _hf_attention.NAME:
+        raise ValueError(f"kpt.integrations.hf.patch: kv_cache='paged' needs kpt's attention, "
+                         f"and the model's could not be switched ({config._attn_implementation!r})")
+    return _hf_paged.use_in_generate(model)
+
+
 def unpatch(model: nn.Module) -> None:
     """Undo ``patch(model)``; a no-op when the model is not patched."""
     handle = getattr(model, "_kpt_patch", None)
@@ -371,4 +400,4 @@ def unpatch(model: nn.Module) -> None:
         handle.unpatch()
 
 
-__all__ = ["patch", "unpatch", "supported", "PatchHandle", "PATCHES"]
+__all__ = ["patch", "unpatch", "supported", "PatchHandle", "PATCHES", "PagedCache"]
