@@ -164,6 +164,12 @@ def test_kernel_matches_reference(device, dtype, backend, page_size, layout, fea
     kw = FEATURES[feature] | dict(cu_seqlens_q=cu, kv_layout=layout, return_lse=True)
     out, lse = paged_attention(q, kc, vc, table, lens, backend=backend, **kw)
     want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    check_close(out, lse, want, want_lse, dtype)
+
+
+def check_close(out, lse, want, want_lse, dtype) -> None:
+    """A kernel's out and lse against the reference's (TOLERANCE, LSE_TOLERANCE), with the
+    same rows seeing no key (lse -inf), and no NaN read from a poisoned page or slot."""
     assert compare("out", out, want, TOLERANCE[dtype]) is None, \
         compare("out", out, want, TOLERANCE[dtype])
     assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))

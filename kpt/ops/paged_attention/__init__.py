@@ -23,6 +23,7 @@ from kpt.ops._common import (
     check_tensor,
     dtype_name,
     lazy,
+    native_backends,
     plain_eager,
     read_content,
     triton_interpreting,
@@ -133,8 +134,10 @@ def _triton_supports(p: Problem) -> list[str]:
     reasons = []
     if p["head_dim"] > MAX_HEAD_DIM:
         reasons.append(f"head_dim {p['head_dim']} > {MAX_HEAD_DIM}")
-    if p["kv_dtype"] in FP8:
-        reasons.append("fp8 caches: the Triton kernel reads fp16/bf16 pages only so far")
+    e4m3 = getattr(torch, "float8_e4m3fn", None)
+    if (p["kv_dtype"] == e4m3 and p.device_type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(p.device_index) < (8, 9)):
+        reasons.append("float8_e4m3fn caches: Triton converts e4m3 only on sm_89 or newer")
     if p.device_type == "cpu" and not triton_interpreting():
         reasons.append("on cpu, triton runs only under TRITON_INTERPRET=1")
     return reasons
@@ -146,6 +149,8 @@ BACKENDS = (
     Backend(name="triton", device_types=frozenset({"cuda", "cpu"}), dtypes=_HALF,
             run=lazy(f"{__name__}._triton", "run"), available=triton_unavailable,
             supports=_triton_supports),
+    # One kernel source for nvcc and hipcc; its supports() lives in _cuda.py.
+    *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run", run_hip="run"),
     Backend(name="reference", device_types=_REFERENCE_DEVICES, dtypes=_FLOATS,
             run=_reference.run),
 )
@@ -160,7 +165,7 @@ def _example(device: torch.device, dtype: torch.dtype) -> Problem:
 SPEC = Op(
     name=OP,
     backends=BACKENDS,
-    priority={"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    priority={"cuda": ("cuda", "hip", "triton", "reference"), "cpu": ("reference",)},
     bucket=_bucket,
     example=_example,
 )
@@ -432,7 +437,9 @@ def paged_attention(
 class Plan:
     """What ``plan()`` settled once per batch on the host: the tables, sizes, masks and the
     dispatch decision. ``run`` launches with them, checking only the per-layer tensors' shapes
-    (no host sync, no allocation when ``out`` and ``lse`` are given): safe inside CUDA graphs."""
+    (no host sync; with ``out`` and ``lse`` given, the only allocation is a split-KV launch's
+    partial results, from torch's caching allocator on the current stream, which graph capture
+    serves from the graph's pool): safe inside CUDA graphs."""
 
     block_table: Tensor
     seq_lens: Tensor

@@ -1,4 +1,5 @@
-"""Triton backend of ``paged_attention``: decode and chunked prefill in one kernel.
+"""Triton backend of ``paged_attention``: decode and chunked prefill in one kernel, split-KV when
+the batch gives too few programs, fp8 caches.
 
 One program owns ``BLOCK_M`` (query token, head) rows of one kv head of one sequence: the
 ``GROUP`` query heads that share a kv head are packed into the rows, so each key tile is read
@@ -7,10 +8,40 @@ once per group (decode: all of a group's heads in one tile). Keys are visited in
 any page size from 1 to 256 and both layouts (through the strides) run the same code. Page ids
 are clamped to the cache and lengths to the table's capacity: whatever the tables hold, no
 access leaves the tensors. Softmax is flash_attention's: exp2 domain, fp32 accumulators, P
-rounded to the cache dtype before the P @ V product, rows that see no key give 0 and lse -inf.
+rounded to q's dtype before the P @ V product, rows that see no key give 0 and lse -inf.
+
+fp8 caches (e4m3 / e5m2): a tile is converted to q's dtype, which is exact (every fp8 value is
+a bf16 and an fp16 value), and the scales go where the reference's float32 products are:
+``k_scale`` into the logit multiplier (s = (q . k8) * k_scale * scale), ``v_scale`` into the
+output (out = (P @ v8) * v_scale / l). The dequantised values are never rounded to 16 bits, as
+in the reference (``float(cache) * scale`` in float32); only the order of float32 products
+differs.
+
+Split-KV: decode of a few long sequences gives batch x kv heads programs, far fewer than the
+SMs, each streaming a long key range. Then the key range of every program is cut into
+``splits`` shares of whole key tiles; share ``i`` writes its normalised output and lse to
+float32 workspaces (torch's allocator, so CUDA-graph capture takes them from the graph's pool)
+and ``_combine_kernel`` merges the shares through their lse. The split count comes from shapes
+only (batch, heads, the table's capacity, the SM count), on the host, never from the lengths;
+the shares themselves are cut on the device from each sequence's actual length, so every share
+of a short sequence stays busy. No host sync: safe under CUDA graphs and ``Plan.run``.
+
+Config keys (``run``'s ``config``): ``BLOCK_N`` (keys per tile), ``SPLITS`` (1: never split;
+absent: ``num_splits``), ``num_warps``, ``num_stages``.
+
+Standing: fp8 and split-KV are checked against the reference under the interpreter only; not
+yet timed on a GPU. ``bench/bench_paged_attention.py`` has the rows and their targets (decode
+at >= 0.85x the copy bandwidth), and ``KPT_BENCH_PAGED_CONFIG`` times any config above; the
+split model's constants (``MIN_BLOCKS_PER_SM``, ``BLOCK_OVERHEAD_TILES``) are first estimates.
+Compiled for sm_90 without a GPU (Triton 3.9, ptxas; Llama-3-8B decode, 16-token pages), every
+variant pipelines its K/V loads through cp.async without spills: unsplit bf16 128 registers and
+38 KB shared (4 blocks per SM), split 150 (3), fp8 with 128-key tiles 170 (2).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import triton
@@ -22,21 +53,35 @@ from kpt.ops._triton_compat import mm as _mm
 from kpt.ops.flash_attention._triton import _tanh
 
 LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+# Resident blocks an SM needs for HBM, not latency, to bound its bandwidth (a block's 2-stage
+# pipeline keeps about one K+V tile in flight); below that the cost model stretches the time.
+MIN_BLOCKS_PER_SM = 2
+# Fixed cost of one block in key tiles: the pipeline's first load, the q tile, the output
+# (and, when split, its float32 share written and read back once more by the combine).
+BLOCK_OVERHEAD_TILES = 2
 
 
 @triton.jit
 def _paged_kernel(
-    Q, K, V, OUT, LSE, TABLE, LENS, CU_Q,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
+    Q, K, V, OUT, LSE, TABLE, LENS, CU_Q, K_SCALE, V_SCALE,
+    stride_qt, stride_qh, stride_os, stride_ot, stride_oh, stride_ls, stride_lt, stride_lh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_table,
-    num_pages, max_pages, total_q, mul_in, mul_out, window_left, window_right,
+    stride_k_scale, stride_v_scale, num_pages, max_pages, total_q, splits, mul_in, mul_out,
+    window_left, window_right,
     GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, FP8: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(2)
-    kh = tl.program_id(1)
+    # Unsplit, the code is the plain kernel's (a dynamic start of the key loop alone costs
+    # ~15 registers per thread on sm_90, one resident block per SM less).
+    if SPLIT:
+        kh = tl.program_id(1) // splits
+        share = tl.program_id(1) % splits
+    else:
+        kh = tl.program_id(1)
     n = tl.minimum(tl.maximum(tl.load(LENS + b), 0), max_pages * PAGE_SIZE)
     if VARLEN:
         q_start = tl.minimum(tl.maximum(tl.load(CU_Q + b).to(tl.int64), 0), total_q)
@@ -67,6 +112,13 @@ def _paged_kernel(
         lo = tl.maximum(diag_lo - window_left, 0) // BLOCK_N * BLOCK_N
     if HAS_RIGHT:
         hi = tl.minimum(diag_hi + window_right + 1, n)
+    if SPLIT:  # this program's share of the keys [lo, hi): whole tiles, of the actual length
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), splits), BLOCK_N) * BLOCK_N
+        lo = lo + share * chunk
+        hi = tl.minimum(hi, lo + chunk)
+    mul = mul_in
+    if FP8:
+        mul = mul_in * tl.load(K_SCALE + kh * stride_k_scale)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -83,11 +135,14 @@ def _paged_kernel(
                     + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vs + kh * stride_vh
                     + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP8:
+            k = k.to(Q.dtype.element_ty)
+            v = v.to(Q.dtype.element_ty)
         qk = _mm(q, tl.trans(k))
         if SOFTCAP:
-            s = _tanh(qk * mul_in) * mul_out
+            s = _tanh(qk * mul) * mul_out
         else:
-            s = qk * mul_in
+            s = qk * mul
         ok = row_ok[:, None] & col_ok[None, :]
         if HAS_RIGHT:
             ok = ok & (cols[None, :] <= qpos[:, None] + window_right)
@@ -103,6 +158,12 @@ def _paged_kernel(
         m_i = m_new
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if FP8:
+        out = out * tl.load(V_SCALE + kh * stride_v_scale)
+    # Unsplit: the op's out and lse. Split: this share's float32 slice of the workspaces.
+    if SPLIT:
+        OUT += share.to(tl.int64) * stride_os
+        LSE += share.to(tl.int64) * stride_ls
     tl.store(OUT + t64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
@@ -110,11 +171,82 @@ def _paged_kernel(
     tl.store(LSE + t64 * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
+@triton.jit
+def _combine_kernel(
+    O_PART, LSE_PART, OUT, LSE, CU_Q,
+    stride_ps, stride_pt, stride_ph, stride_qs, stride_qt, stride_qh,
+    stride_ot, stride_oh, stride_lt, stride_lh, total_q, splits,
+    VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One (token, head): lse = log sum_i exp(lse_i), out = sum_i exp(lse_i - lse) o_i. Tokens
+    # outside every sequence are left alone, as the unsplit kernel leaves them.
+    b = tl.program_id(2)
+    h = tl.program_id(1)
+    if VARLEN:
+        q_start = tl.minimum(tl.maximum(tl.load(CU_Q + b).to(tl.int64), 0), total_q)
+        q_end = tl.minimum(tl.maximum(tl.load(CU_Q + b + 1).to(tl.int64), q_start), total_q)
+        t = q_start + tl.program_id(0)
+        if t >= q_end:
+            return
+    else:
+        t = b.to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < splits
+    lse_s = tl.load(LSE_PART + offs_s.to(tl.int64) * stride_qs + t * stride_qt + h * stride_qh,
+                    mask=s_ok, other=float("-inf"))
+    top = tl.max(lse_s, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # every share empty: no (-inf) - (-inf)
+    w = tl.exp(lse_s - top)
+    total = tl.sum(w, 0)
+    # Shares that saw no key weigh 0: their outputs (zeros) are not even read.
+    o = tl.load(O_PART + offs_s.to(tl.int64)[:, None] * stride_ps + t * stride_pt
+                + h * stride_ph + offs_d[None, :],
+                mask=(w > 0)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    seen = total > 0
+    out = tl.sum(o * w[:, None], 0) / tl.where(seen, total, 1.0)
+    tl.store(OUT + t * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    tl.store(LSE + t * stride_lt + h * stride_lh,
+             tl.where(seen, top + tl.log(tl.where(seen, total, 1.0)), float("-inf")))
+
+
 def _cache_strides(cache: torch.Tensor, layout: str) -> tuple[int, int, int]:
     """(page, slot, head) strides in elements."""
     if layout == "NHD":
         return cache.stride(0), cache.stride(1), cache.stride(2)
     return cache.stride(0), cache.stride(2), cache.stride(1)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """SMs (CUs on ROCm) of a GPU; 0 for the CPU (the interpreter never splits by itself)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=1024)
+def num_splits(programs: int, key_tiles: int, sms: int) -> int:
+    """How many shares to cut each program's keys into: the count with the least modelled time.
+
+    The model is the busiest SM's work in key tiles: its blocks x (tiles per share + a fixed
+    cost per block), stretched when the whole grid holds fewer than ``MIN_BLOCKS_PER_SM`` blocks
+    per SM (HBM is then not saturated). Among near-equal counts (3%) the smallest wins: each
+    share adds a float32 partial output and the combine kernel. Shapes only: ``programs`` =
+    query tiles x kv heads x batch, ``key_tiles`` = the table's capacity in ``BLOCK_N`` tiles.
+    """
+    if sms <= 0 or programs >= MIN_BLOCKS_PER_SM * sms:
+        return 1
+    best_cost, best = math.inf, 1
+    for splits in range(1, min(key_tiles, MAX_SPLITS) + 1):
+        blocks = programs * splits
+        per_block = -(-key_tiles // splits) + BLOCK_OVERHEAD_TILES
+        cost = -(-blocks // sms) * per_block / min(1.0, blocks / (MIN_BLOCKS_PER_SM * sms))
+        if cost < 0.97 * best_cost:
+            best_cost, best = cost, splits
+    return best
 
 
 def run(call, config: dict) -> None:
@@ -125,23 +257,53 @@ def run(call, config: dict) -> None:
         return
     group = q.shape[1] // heads_kv
     d = q.shape[-1]
+    fp8 = call.k_scale is not None
     block_m = max(16, min(64, triton.next_power_of_2(call.max_seqlen_q * group)))
-    block_n = config.get("BLOCK_N", 64)
+    # fp8: twice the keys per tile, the same bytes in flight as a 16-bit tile of 64.
+    block_n = config.get("BLOCK_N", 128 if fp8 and not call.varlen else 64)
     block_d = max(16, triton.next_power_of_2(d))
     softcap = call.softcap > 0
     mul_in = call.scale / call.softcap if softcap else call.scale * LOG2E
     mul_out = call.softcap * LOG2E if softcap else 1.0
     lse_t, lse_h = (lse.stride(1), lse.stride(0)) if call.varlen else lse.stride()
     cu = call.cu_seqlens_q if call.varlen else call.seq_lens
-    grid = (triton.cdiv(call.max_seqlen_q * group, block_m), heads_kv, batch)
+    q_tiles = triton.cdiv(call.max_seqlen_q * group, block_m)
+    splits = config.get("SPLITS")
+    if splits is None:
+        span = call.block_table.shape[1] * call.page_size
+        if call.window_left >= 0:  # a tile sees at most its rows' window
+            span = min(span, call.window_left + call.max_seqlen_q + block_n)
+        splits = num_splits(q_tiles * heads_kv * batch, triton.cdiv(span, block_n),
+                            _sm_count(q.device))
+    if splits > 1:
+        o_dst = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+        lse_dst = torch.empty((splits, q.shape[0], q.shape[1]), dtype=torch.float32,
+                              device=q.device)
+        o_strides = o_dst.stride()[:3]
+        lse_strides = lse_dst.stride()
+    else:
+        o_dst, lse_dst = out, lse
+        o_strides = (0, out.stride(0), out.stride(1))
+        lse_strides = (0, lse_t, lse_h)
+    scale_strides = [0 if s is None or s.numel() == 1 else 1 for s in (call.k_scale,
+                                                                        call.v_scale)]
+    grid = (q_tiles, heads_kv * splits, batch)
     _paged_kernel[grid](
-        q, call.k_cache, call.v_cache, out, lse, call.block_table, call.seq_lens, cu,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse_t, lse_h,
+        q, call.k_cache, call.v_cache, o_dst, lse_dst, call.block_table, call.seq_lens, cu,
+        call.k_scale, call.v_scale,
+        q.stride(0), q.stride(1), *o_strides, *lse_strides,
         *_cache_strides(call.k_cache, call.kv_layout), *_cache_strides(call.v_cache,
                                                                        call.kv_layout),
-        call.block_table.stride(0), call.k_cache.shape[0], call.block_table.shape[1],
-        q.shape[0], mul_in, mul_out, call.window_left, call.window_right,
+        call.block_table.stride(0), *scale_strides, call.k_cache.shape[0],
+        call.block_table.shape[1], q.shape[0], splits, mul_in, mul_out, call.window_left,
+        call.window_right,
         GROUP=group, PAGE_SIZE=call.page_size, HEAD_DIM=d, VARLEN=call.varlen,
         HAS_LEFT=call.window_left >= 0, HAS_RIGHT=call.window_right >= 0, SOFTCAP=softcap,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        FP8=fp8, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+    if splits > 1:
+        _combine_kernel[(call.max_seqlen_q, q.shape[1], batch)](
+            o_dst, lse_dst, out, lse, cu, *o_strides, *lse_strides, out.stride(0),
+            out.stride(1), lse_t, lse_h, q.shape[0], splits,
+            VARLEN=call.varlen, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_D=block_d, num_warps=4)

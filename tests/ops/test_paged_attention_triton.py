@@ -1,0 +1,272 @@
+"""paged_attention's Triton kernel on what only it has: fp8 caches (e4m3 / e5m2, per-tensor and
+per-kv-head scales) and split-KV (the key range of a program cut into shares, merged by lse),
+against the reference on odd sizes (head dim 40, page sizes 1, 3 and 16, ragged lengths with 0
+and 1, GQA groups of 3 and 4), NaN-poisoned unused pages and slots, shuffled page tables. Splits
+are forced through the kernel's config; the automatic rule is checked on its own (shapes only)
+and end to end with a GPU's SM count patched in."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from kpt.ops import paged_attention
+from kpt.ops._common import compare, triton_interpreting
+from kpt.ops.paged_attention import FP8, SPEC, Call, problem_of
+from tests.ops.test_paged_attention import (
+    DEVICE_CASES,
+    FEATURES,
+    LSE_TOLERANCE,
+    TOLERANCE,
+    _case,
+    check_close,
+)
+
+_triton = pytest.importorskip("kpt.ops.paged_attention._triton")
+
+FP8_TYPES = sorted(FP8, key=str)
+# Not powers of two, so that float(fp8) * scale is not a 16-bit value: a kernel that rounded
+# the dequantised cache to bf16 would be caught (see test_fp8_lse_sees_no_16_bit_rounding).
+# Tests built on CPU tensors run the kernel under the interpreter (CI); on a GPU machine the
+# DEVICE_CASES tests above run the same kernel paths on the device instead.
+on_cpu = pytest.mark.skipif(not triton_interpreting(),
+                            reason="runs the Triton kernel on CPU tensors: TRITON_INTERPRET=1")
+K_SCALES = {"per-tensor": [0.37], "per-head": [0.61, 0.29]}
+V_SCALES = {"per-tensor": [1.3], "per-head": [0.83, 2.1]}
+
+
+def _reasons(q, kc, vc, table, lens, cu, k_scale=None, layout="NHD") -> list[str]:
+    call = Call(q, kc, vc, table, lens, cu, 1, 0.25, -1, 0, 0.0, k_scale, k_scale, layout, q, q)
+    return SPEC.reasons("triton", problem_of(call))
+
+
+def _quantise(cache, scale, fp8, layout):
+    """The fp8 cache of float32 values (NaN poison stays NaN): cache / scale, saturated."""
+    mult = scale.reshape(-1, 1) if layout == "NHD" else scale.reshape(-1, 1, 1)
+    limit = torch.finfo(fp8).max
+    return (cache.float() / mult).clamp(-limit, limit).to(fp8)
+
+
+def _fp8_case(seed, fp8, scales, layout, page_size, lengths, heads, heads_kv, dtype, device,
+              queries=None):
+    q, kc, vc, table, lens, cu = _case(seed, len(lengths), heads, heads_kv, 40, page_size,
+                                       lengths, layout, torch.float32, queries=queries)
+    ks = torch.tensor(K_SCALES[scales])
+    vs = torch.tensor(V_SCALES[scales])
+    kq, vq = _quantise(kc, ks, fp8, layout), _quantise(vc, vs, fp8, layout)
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return (q.to(device, dtype), move(kq), move(vq), move(table), move(lens), move(cu),
+            move(ks), move(vs))
+
+
+def _check(out, lse, want, want_lse, dtype):
+    # The kernel rounds P to q's dtype before P @ V and sums in another order than the
+    # reference: within 2 units of the last place norm-wise (TOLERANCE, as for every kernel of
+    # test_paged_attention). Split, each share rounds P against its own running maximum and
+    # the shares merge in float32 before the one rounding of the output: the same bound. lse is
+    # float32 throughout on both sides: 1e-5 (LSE_TOLERANCE).
+    check_close(out, lse, want, want_lse, dtype)
+
+
+@pytest.fixture
+def force_splits(monkeypatch):
+    """``force_splits(n, **config)``: every Triton launch of this test runs with that config."""
+
+    def force(splits: int, **config) -> None:
+        run = _triton.run
+        monkeypatch.setattr(_triton, "run",
+                            lambda call, cfg: run(call, cfg | config | {"SPLITS": splits}))
+
+    return force
+
+
+# ---- fp8 caches ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_CASES,
+                         ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("fp8", FP8_TYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("scales", list(K_SCALES))
+@pytest.mark.parametrize(("layout", "page_size"), [("NHD", 3), ("HND", 16), ("NHD", 1)])
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
+def test_fp8_cache_matches_reference(device, dtype, fp8, scales, layout, page_size, chunked):
+    lengths = [0, 1, page_size + 1, 3 * page_size + 5, 40]
+    queries = [min(4, n + 1) for n in lengths] if chunked else None
+    heads = (8, 2) if not chunked else (6, 2)  # GQA groups of 4 and 3
+    q, kc, vc, table, lens, cu, ks, vs = _fp8_case(
+        page_size + chunked, fp8, scales, layout, page_size, lengths, *heads, dtype, device,
+        queries)
+    if _reasons(q, kc, vc, table, lens, cu, ks, layout):
+        pytest.skip("triton: " + "; ".join(_reasons(q, kc, vc, table, lens, cu, ks, layout)))
+    kw = dict(cu_seqlens_q=cu, kv_layout=layout, k_scale=ks, v_scale=vs, return_lse=True)
+    out, lse = paged_attention(q, kc, vc, table, lens, backend="triton", **kw)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    _check(out, lse, want, want_lse, dtype)
+
+
+@on_cpu
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_fp8_cache_with_masks_and_softcap(feature):
+    fp8 = FP8_TYPES[0]
+    q, kc, vc, table, lens, cu, ks, vs = _fp8_case(
+        31, fp8, "per-head", "NHD", 4, [9, 0, 23, 2], 6, 2, torch.bfloat16, "cpu", [3, 1, 5, 2])
+    kw = FEATURES[feature] | dict(cu_seqlens_q=cu, k_scale=ks, v_scale=vs, return_lse=True)
+    out, lse = paged_attention(q, kc, vc, table, lens, backend="triton", **kw)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    _check(out, lse, want, want_lse, torch.bfloat16)
+
+
+@on_cpu
+def test_fp8_lse_sees_no_16_bit_rounding():
+    """The reference dequantises in float32 (``float(cache) * scale``). The kernel's lse agrees
+    to LSE_TOLERANCE, which a kernel rounding the dequantised keys to bf16 would miss: the
+    check can fail."""
+    fp8 = FP8_TYPES[0]
+    q, kc, vc, table, lens, _, ks, vs = _fp8_case(
+        32, fp8, "per-head", "NHD", 16, [70, 33], 8, 2, torch.bfloat16, "cpu")
+    _, lse = paged_attention(q, kc, vc, table, lens, k_scale=ks, v_scale=vs, return_lse=True,
+                             backend="triton")
+    _, want = paged_attention(q, kc, vc, table, lens, k_scale=ks, v_scale=vs,
+                              return_lse=True, backend="reference")
+    torch.testing.assert_close(lse, want, rtol=LSE_TOLERANCE, atol=LSE_TOLERANCE)
+    rounded = (kc.float().nan_to_num() * ks.reshape(-1, 1)).bfloat16()
+    _, lse16 = paged_attention(q, rounded, rounded, table, lens, return_lse=True,
+                               backend="reference")
+    assert (lse16 - want).abs().max() > 10 * LSE_TOLERANCE
+
+
+# ---- split-KV --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_CASES,
+                         ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
+def test_split_kv_matches_reference(device, dtype, splits, layout, chunked, force_splits):
+    # BLOCK_N 16 so that the longest sequence spans several tiles per share, and short ones
+    # leave shares empty (lse -inf there, weight 0 in the merge); length 0 leaves all empty.
+    lengths = [0, 1, 15, 57, 130]
+    queries = [min(5, n + 2) for n in lengths] if chunked else None
+    heads = (8, 2) if not chunked else (6, 2)
+    q, kc, vc, table, lens, cu = _case(40 + splits, len(lengths), *heads, 40, 16, lengths,
+                                       layout, dtype, device, queries)
+    if _reasons(q, kc, vc, table, lens, cu, layout=layout):
+        pytest.skip("triton: " + "; ".join(_reasons(q, kc, vc, table, lens, cu, layout=layout)))
+    force_splits(splits, BLOCK_N=16)
+    kw = dict(cu_seqlens_q=cu, kv_layout=layout, return_lse=True)
+    out, lse = paged_attention(q, kc, vc, table, lens, backend="triton", **kw)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    _check(out, lse, want, want_lse, dtype)
+
+
+@on_cpu
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_split_kv_with_masks_softcap_and_fp8(feature, force_splits):
+    """Windows cut the key range before the shares do; an fp8 cache's scales apply per share."""
+    q, kc, vc, table, lens, cu, ks, vs = _fp8_case(
+        33, FP8_TYPES[-1], "per-head", "HND", 3, [41, 0, 77, 6], 8, 2, torch.bfloat16, "cpu",
+        [4, 1, 6, 3])
+    force_splits(4, BLOCK_N=16)
+    kw = FEATURES[feature] | dict(cu_seqlens_q=cu, kv_layout="HND", k_scale=ks, v_scale=vs,
+                                  return_lse=True)
+    out, lse = paged_attention(q, kc, vc, table, lens, backend="triton", **kw)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    _check(out, lse, want, want_lse, torch.bfloat16)
+
+
+@on_cpu
+def test_split_kv_stays_inside_the_cache_whatever_the_tables(monkeypatch, force_splits):
+    """As test_paged_attention's check, with shares: bad ids and lengths clamp into range."""
+    module = sys.modules["kpt.ops.paged_attention"]
+    monkeypatch.setattr(module, "_check_tables", lambda *args: None)
+    q, kc, vc, table, lens, _ = _case(34, 2, 4, 2, 16, 4, [5, 7], "NHD", torch.bfloat16)
+    kc, vc = kc.nan_to_num(), vc.nan_to_num()
+    force_splits(3, BLOCK_N=16)
+    bad_table = table.clone()
+    bad_table[0, 1] = 10**6
+    bad_table[1, 0] = -5
+    bad_lens = torch.tensor([5, 10**6], dtype=torch.int32)
+    got = paged_attention(q, kc, vc, bad_table, bad_lens, backend="triton")
+    want = paged_attention(q, kc, vc, bad_table.clamp(0, kc.shape[0] - 1),
+                           bad_lens.clamp(max=table.shape[1] * 4), backend="reference")
+    assert compare("out", got, want, TOLERANCE[torch.bfloat16]) is None
+
+
+@on_cpu
+def test_split_kv_leaves_tokens_outside_every_sequence_alone(force_splits):
+    """Varlen rows past the last sequence keep out = 0 and lse = -inf, as unsplit."""
+    q, kc, vc, table, lens, _ = _case(35, 2, 4, 2, 16, 4, [9, 6], "NHD", torch.bfloat16)
+    q = torch.randn(5, 4, 16).bfloat16()
+    cu = torch.tensor([0, 2, 3], dtype=torch.int32)  # tokens 3 and 4 belong to no sequence
+    call = Call(q, kc, vc, table, lens, cu, 2, 0.25, -1, 0, 0.0, None, None, "NHD",
+                torch.zeros_like(q), torch.full((4, 5), float("-inf")))
+    _triton.run(call, {"SPLITS": 3, "BLOCK_N": 16})
+    assert not call.out[3:].any() and torch.isinf(call.lse[:, 3:]).all()
+    assert call.out[:3].abs().sum() > 0
+
+
+def test_num_splits_rule():
+    """Shapes only: no split once the grid fills the SMs twice over, none without an SM count
+    (the CPU), many for one long sequence, never more than the key tiles or MAX_SPLITS."""
+    sms = 132  # an H100
+    assert _triton.num_splits(2 * sms, 4096, sms) == 1
+    assert _triton.num_splits(8, 1024, 0) == 1
+    long = _triton.num_splits(8, 1024, sms)  # B1, 8 kv heads, 65536 keys in 64-key tiles
+    assert 16 <= long <= _triton.MAX_SPLITS and 8 * long >= sms
+    assert _triton.num_splits(8, 3, sms) <= 3
+    assert _triton.num_splits(64, 128, sms) > 1  # B8 at 8192 keys: 64 programs only
+    for programs in (1, 3, 8, 40, 100, 263):
+        for tiles in (1, 2, 17, 64, 1000):
+            assert 1 <= _triton.num_splits(programs, tiles, sms) <= min(tiles, _triton.MAX_SPLITS)
+
+
+@on_cpu
+def test_auto_split_on_a_gpu_sized_grid_and_plan_run_with_new_lengths(monkeypatch):
+    """With an H100's SM count patched in, a decode batch of two splits by itself; a plan then
+    serves new lengths and a moved page written in place (as between CUDA graph replays): the
+    split count depends on shapes only, the shares on the lengths read on the device."""
+    from kpt.ops.paged_attention import plan
+
+    monkeypatch.setattr(_triton, "_sm_count", lambda device: 132)
+    chosen = []
+    rule = _triton.num_splits
+    monkeypatch.setattr(_triton, "num_splits", lambda *shape: chosen.append(rule(*shape))
+                        or chosen[-1])
+    q, kc, vc, table, lens, _ = _case(36, 2, 8, 2, 40, 16, [300, 45], "NHD", torch.bfloat16)
+    p = plan(q, kc, vc, table, lens, backend="triton")
+    out = torch.empty_like(q)
+    p.run(q, kc, vc, out=out)
+    assert chosen[-1] > 1
+    want = paged_attention(q, kc, vc, table, lens, backend="reference")
+    assert compare("out", out, want, TOLERANCE[torch.bfloat16]) is None
+    lens.copy_(torch.tensor([17, 299], dtype=torch.int32))
+    table[1, : -(-299 // 16)] = table[0, : -(-299 // 16)]  # sequence 1 reads 0's keys
+    p.run(q, kc, vc, out=out)
+    assert chosen[-1] == chosen[0]
+    want = paged_attention(q, kc, vc, table, lens, backend="reference")
+    assert compare("out", out, want, TOLERANCE[torch.bfloat16]) is None
+    assert not out.isnan().any()
+
+
+def test_cuda_graph_capture_with_split_kv_and_fp8():
+    """One long-context decode step (split by the automatic rule on any GPU) captured in a CUDA
+    graph over an fp8 cache, replayed after the lengths changed in place."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graph capture needs a GPU")
+    fp8 = FP8_TYPES[-1]  # e5m2: Triton converts it on every CUDA arch it supports
+    q, kc, vc, table, lens, _, ks, vs = _fp8_case(
+        37, fp8, "per-head", "NHD", 16, [2000, 1500], 8, 2, torch.bfloat16, "cuda")
+    step = lambda: paged_attention(q, kc, vc, table, lens, k_scale=ks, v_scale=vs)  # noqa: E731
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    lens.copy_(torch.tensor([1999, 30], dtype=torch.int32))
+    graph.replay()
+    want = paged_attention(q, kc, vc, table, lens, k_scale=ks, v_scale=vs, backend="reference")
+    assert compare("out", out, want, TOLERANCE[torch.bfloat16]) is None
+
