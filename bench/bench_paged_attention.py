@@ -38,42 +38,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import Timing, event_timing, graph_timing
+from bench.conftest import COPY_BYTES, Timing, copy_gbps, kernel_timing
 from kpt.ops import flash_attention, paged_attention
 from kpt.ops._common import compare
 from kpt.ops.paged_attention import SPEC, Call, problem_of
 
 DEVICE = "cuda"
 HEADS, HEADS_KV, HEAD_DIM = 32, 8, 128
-COPY_BYTES = 1 << 30
 CONFIG = json.loads(os.environ.get("KPT_BENCH_PAGED_CONFIG", "null"))
 
 
 # ---- shared with bench_cascade_attention.py: copy bandwidth, rows, the summary -------------
-
-
-@functools.cache
-def copy_gbps() -> float:
-    """Device-to-device copy bandwidth, GB/s of bytes read + written, of a 1 GiB buffer."""
-    us = _copy_us()
-    torch.cuda.empty_cache()  # the 2 GiB of buffers are gone: give them back
-    return 2 * COPY_BYTES / (us * 1e-6) / 1e9
-
-
-def _copy_us() -> float:
-    src = torch.randint(-128, 127, (COPY_BYTES,), dtype=torch.int8, device=DEVICE)
-    dst = torch.empty_like(src)
-    return kernel_timing(lambda: dst.copy_(src), calls=4).us
-
-
-def kernel_timing(fn, calls: int = 8) -> Timing:
-    """CUDA-graph replay of ``calls`` calls; back-to-back events if the call cannot be captured
-    (its host time then hides behind the kernels only when shorter than they are)."""
-    try:
-        return graph_timing([fn], calls=calls, replays=3)
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return event_timing([fn], calls=calls)
 
 
 @dataclass

@@ -24,6 +24,7 @@ Every measurement is taken under sustained load, at the clock the GPU's power li
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import statistics
@@ -191,6 +192,33 @@ def event_time_us(fns: list[Callable[[], Any]], calls: int = 50,
                   warmup_ms: float | None = None) -> float:
     """``event_timing(...).us``."""
     return event_timing(fns, calls, warmup_ms=warmup_ms).us
+
+
+def kernel_timing(fns: Callable[[], Any] | list[Callable[[], Any]], calls: int = 8) -> Timing:
+    """CUDA-graph replay of ``calls`` calls cycling through ``fns`` (one callable or a list);
+    back-to-back events where the calls cannot be captured (their host time then hides behind
+    the kernels only when shorter than they are)."""
+    fns = fns if isinstance(fns, list) else [fns]
+    try:
+        return graph_timing(fns, calls=calls, replays=3)
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return event_timing(fns, calls=calls)
+
+
+COPY_BYTES = 1 << 30
+
+
+@functools.cache
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth, GB/s of bytes read + written, of a 1 GiB buffer: the
+    yardstick of the bandwidth-bound benchmarks (floors = bytes / this)."""
+    src = torch.randint(-128, 127, (COPY_BYTES,), dtype=torch.int8, device="cuda")
+    dst = torch.empty_like(src)
+    us = kernel_timing(functools.partial(dst.copy_, src), calls=4).us
+    del src, dst  # give the 2 GiB back before the benchmark's own tensors take their share
+    torch.cuda.empty_cache()
+    return 2 * COPY_BYTES / (us * 1e-6) / 1e9
 
 
 def record(case: str, impl: str, **numbers: float) -> None:

@@ -15,6 +15,7 @@ import torch
 from kpt.ops import append_paged_kv, paged_attention
 from kpt.ops._common import compare
 from kpt.ops.paged_attention import FP8, SPEC, Call, problem_of
+from tests.ops.rejects import assert_rejected_before_launch
 
 # Kernels round P to the cache dtype before P @ V and sum in another order than the reference:
 # norm-wise a fraction of a unit in the last place of the output; the bound is 2 units (bf16
@@ -298,14 +299,9 @@ BAD = {
 def test_bad_input_is_rejected_before_launch(name, monkeypatch):
     override, error, text = BAD[name]
     args = _good() | override
-    launched = []
-    monkeypatch.setattr(SPEC, "launch", lambda *a, **kw: launched.append(a))
-    monkeypatch.setattr(SPEC, "launch_keyed", lambda *a, **kw: launched.append(a))
-    with pytest.raises(error, match=text) as info:
-        paged_attention(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"),
-                        args.pop("block_table"), args.pop("seq_lens"), **args)
-    assert "paged_attention" in str(info.value)
-    assert not launched
+    inputs = [args.pop(n) for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens")]
+    assert_rejected_before_launch(monkeypatch, SPEC, "paged_attention", error, text,
+                                  lambda: paged_attention(*inputs, **args))
 
 
 def test_fp8_scales_are_checked():

@@ -410,7 +410,7 @@ def paged_attention(
             around the diagonal, -1 unbounded).
         k_scale, v_scale: an fp8 cache's dequantisation scales, a number or 1 / Hkv values.
         return_lse: also return the natural-log logsumexp, float32, (B, Hq) or (Hq, Tq).
-        backend: ``"triton"`` or ``"reference"``.
+        backend: ``"cuda"``, ``"hip"``, ``"triton"`` or ``"reference"``.
 
     Page ids and lengths on a GPU are not read back per call; ``KPT_CHECK=1`` checks them (ids
     in range, lengths within the table's capacity). Either way the kernels clamp them into the
