@@ -15,6 +15,9 @@ run kpt's ``flash_attention`` (padding masks become varlen sequences; see
 ``supported()`` lists what each model type gets. A patched model stays the user's model: the
 same parameter objects, the same ``state_dict()`` keys and values, ``save_pretrained`` and an
 optimizer created before ``patch`` keep working, and gradients reach the original parameters.
+The exception is ``patch(model, quantize="fp8" | "int4", **options)``, which swaps the attention
+and MLP projections for ``kpt.nn.FP8Linear`` / ``Int4Linear`` (inference only, their weights
+are buffers; ``unpatch`` puts the original modules back; see ``patch``).
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kpt.integrations import _hf_attention, _hf_paged
 from kpt.integrations._hf_paged import PagedCache
+from kpt.nn.quantized import QUANTIZED_LINEARS, FP8Linear, Int4Linear, weight_bytes
 from kpt.ops.rmsnorm_qkv_rope import (
     _scaling_key,
     rmsnorm_qkv_rope,
     rope_from_hf_config,
     rope_inv_freq,
 )
+from kpt.quant.gptq import Calibrator, gptq_int4
 
 log = logging.getLogger("kpt")
 
@@ -189,6 +194,13 @@ def _fused_reasons(model: nn.Module, layer: nn.Module, config: Any) -> tuple[lis
             reasons.append(f"self_attn has no {name}")
     if reasons:
         return reasons, 0
+    quantized = [n for n in ("q_proj", "k_proj", "v_proj")
+                 if isinstance(getattr(attn, n), QUANTIZED_LINEARS)]
+    if quantized:
+        # rmsnorm_qkv_rope multiplies by float q/k/v weights; fusing would bypass the quantized
+        # projections, so the layer keeps HF's norm + (quantized) projections + RoPE instead.
+        return [f"{'/'.join(quantized)} quantized: the fused rmsnorm_qkv_rope reads float "
+                f"q/k/v weights"], 0
     if any(p.device.type == "meta" for p in layer.parameters()):
         reasons.append("parameters on the meta device (offloaded)")
     try:
@@ -301,11 +313,14 @@ def supported() -> dict[str, dict[str, str]]:
 @dataclass
 class PatchHandle:
     """What ``patch`` changed: ``patched`` module paths ("" is the model), ``skipped``
-    {path: reasons}. ``unpatch()`` (or leaving a ``with`` block) undoes it."""
+    {path: reasons}; with ``quantize``, ``weight_bytes`` = (before, after) bytes of the
+    quantized projections' weights (and biases). ``unpatch()`` (or leaving a ``with`` block)
+    undoes it."""
 
     model: nn.Module
     patched: list[str] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    weight_bytes: tuple[int, int] | None = None
     _undo: list[Undo] = field(default_factory=list, repr=False)
 
     def unpatch(self) -> None:
@@ -322,6 +337,168 @@ class PatchHandle:
         self.unpatch()
 
 
+# ---- quantized projections (patch(model, quantize=...)) ----------------------------------------
+
+_DECODER_PROJECTIONS = (*(f"layers.*.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj",
+                                                                "o_proj")),
+                        *(f"layers.*.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")))
+# model_type -> path patterns of the projections quantize= replaces, matched against the end of a
+# module path (so that a base model and one with a head, "model."/"bert." in front, both match).
+QUANTIZED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    **{model_type: _DECODER_PROJECTIONS
+       for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma2")},
+    "bert": tuple(f"encoder.layer.*.{n}" for n in (
+        "attention.self.query", "attention.self.key", "attention.self.value",
+        "attention.output.dense", "intermediate.dense", "output.dense")),
+}
+QUANTIZE = {"fp8": FP8Linear, "int4": Int4Linear}
+ALIGN_CHECK = 256  # layer sizes every option takes: _check_quantize checks the options alone
+QUANTIZE_OPTIONS = {"fp8": ("weight_granularity", "activation", "fp8_dtype", "calibration"),
+                    "int4": ("group_size", "symmetric", "method", "act_order", "calibration")}
+INT4_METHODS = ("rtn", "gptq")
+
+
+def _tail_matches(path: str, pattern: str) -> bool:
+    parts, wanted = path.split("."), pattern.split(".")
+    return len(parts) >= len(wanted) and all(
+        fnmatch.fnmatchcase(part, want) for part, want in zip(parts[-len(wanted):], wanted))
+
+
+def _check_quantize(quantize: str | None, options: dict[str, Any]) -> None:
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"kpt.integrations.hf.patch: quantize must be None or one of "
+                         f"{tuple(QUANTIZE)}, got {quantize!r}")
+    allowed = QUANTIZE_OPTIONS.get(quantize, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"kpt.integrations.hf.patch: unexpected keyword arguments {unknown} "
+                        f"(quantize={quantize!r} takes {list(allowed)})")
+    if quantize == "fp8":
+        static = options.get("activation", "dynamic") == "static"
+        if static != ("calibration" in options):
+            raise ValueError("kpt.integrations.hf.patch: quantize='fp8' takes calibration (model "
+                             "inputs, or a function of the model) exactly when activation="
+                             "'static'")
+        reasons = FP8Linear.reasons(ALIGN_CHECK, ALIGN_CHECK, options.get(
+            "weight_granularity", "row"), options.get("activation", "dynamic"),
+            options.get("fp8_dtype", torch.float8_e4m3fn))
+    elif quantize == "int4":
+        gptq = options.get("method", "rtn") == "gptq"
+        if options.get("method", "rtn") not in INT4_METHODS:
+            raise ValueError(f"kpt.integrations.hf.patch: quantize='int4': method must be one "
+                             f"of {INT4_METHODS}, got {options['method']!r}")
+        if gptq != ("calibration" in options) or (not gptq and "act_order" in options):
+            raise ValueError("kpt.integrations.hf.patch: quantize='int4' takes calibration "
+                             "(model inputs, or a function of the model), and act_order, "
+                             "exactly when method='gptq'")
+        reasons = Int4Linear.reasons(ALIGN_CHECK, ALIGN_CHECK, options.get("group_size", 128),
+                                     options.get("symmetric", False))
+    else:
+        reasons = []
+    if reasons:
+        raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r}: " + "; ".join(reasons))
+
+
+def _calibrate(model: nn.Module, targets: dict[str, nn.Linear], calibration: Any) -> dict[
+        str, Tensor]:
+    """The largest |input| each target saw while ``model`` ran ``calibration``."""
+    amax: dict[str, Tensor] = {}
+
+    def recorder(path: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen = args[0].detach().float().abs().amax()
+            amax[path] = seen if path not in amax else torch.maximum(amax[path], seen)
+        return record
+
+    hooks = [m.register_forward_pre_hook(recorder(path)) for path, m in targets.items()]
+    try:
+        _run_calibration(model, calibration)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return amax
+
+
+def _run_calibration(model: nn.Module, calibration: Any) -> None:
+    with torch.no_grad():
+        calibration(model) if callable(calibration) else model(**calibration)
+
+
+def _quantize_projections(model: nn.Module, model_type: str, quantize: str,
+                          options: dict[str, Any], backend: str | None,
+                          handle: PatchHandle, strict: bool) -> None:
+    """Replace the projections of ``QUANTIZED_PROJECTIONS[model_type]`` with quantized layers,
+    recording undo functions, skips and weight bytes on ``handle``."""
+    patterns = QUANTIZED_PROJECTIONS[model_type]
+    targets = {path: m for path, m in model.named_modules()
+               if path and any(_tail_matches(path, p) for p in patterns)}
+    options = dict(options)
+    calibration = options.pop("calibration", None)
+    cls = QUANTIZE[quantize]
+
+    def shape_reasons(linear: nn.Linear) -> list[str]:
+        sizes = (linear.in_features, linear.out_features)
+        found = (FP8Linear.reasons(*sizes) if quantize == "fp8"
+                 else Int4Linear.reasons(*sizes, options.get("group_size", 128)))
+        return [f"{cls.__name__}: {reason}" for reason in found]
+
+    linears = {p: m for p, m in targets.items()
+               if isinstance(m, nn.Linear) and not shape_reasons(m)}
+    seen: dict[str, Any] = {}
+    if options.pop("method", "rtn") == "gptq":
+        with Calibrator(model, list(linears)) as cal:
+            _run_calibration(model, calibration)
+        seen = {p: None for p in cal.modules if cal.tokens(p)}
+        act_order = options.pop("act_order", False)
+
+        def build(path: str, linear: nn.Linear) -> nn.Module:
+            group_size = options.get("group_size", 128)
+            q = gptq_int4(linear.weight.detach(), cal.hessian(path).to(linear.weight.device),
+                          group_size, options.get("symmetric", False), act_order,
+                          is_hessian=True)
+            return Int4Linear.from_quantized(q.packed, q.scales, q.zeros, group_size=group_size,
+                                             g_idx=q.g_idx, bias=linear.bias, backend=backend)
+    else:
+        if calibration is not None:  # fp8, static activations: each input's largest |x|
+            seen = _calibrate(model, linears, calibration)
+
+        def build(path: str, linear: nn.Linear) -> nn.Module:
+            extra = {} if calibration is None else {"sample_inputs": seen[path]}
+            return cls.from_linear(linear, **options, **extra, backend=backend)
+    before = after = 0
+    for path, linear in targets.items():
+        reasons = []
+        if not isinstance(linear, nn.Linear):
+            reasons.append(f"{type(linear).__name__} is not an nn.Linear")
+        elif linear.weight.device.type == "meta":
+            reasons.append("weight on the meta device (offloaded)")
+        elif shape_reasons(linear):
+            reasons.extend(shape_reasons(linear))
+        elif calibration is not None and path not in seen:
+            reasons.append("the calibration inputs never reached it")
+        if not reasons:
+            try:
+                layer = build(path, linear)
+            except ValueError as err:
+                reasons.append(str(err))
+        if reasons:
+            if strict:
+                raise ValueError(f"kpt.integrations.hf.patch: {path}: " + "; ".join(reasons))
+            handle.skipped[path] = reasons
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, name, layer)
+        handle._undo.append(lambda parent=parent, name=name, linear=linear:
+                            setattr(parent, name, linear))
+        handle.patched.append(path)
+        before, after = before + weight_bytes(linear), after + weight_bytes(layer)
+    handle.weight_bytes = (before, after)
+    log.info("kpt: quantized %d projections to %s: %.1f MiB -> %.1f MiB of weights (%d skipped)",
+             len(handle.patched), quantize, before / 2**20, after / 2**20,
+             sum(1 for p in handle.skipped if p in targets))
+
+
 def _matches(path: str, pattern: str) -> bool:
     if pattern == "":
         return path == ""
@@ -332,7 +509,8 @@ KV_CACHES = (None, "paged")
 
 
 def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
-          kv_cache: str | None = None) -> PatchHandle:
+          kv_cache: str | None = None, quantize: str | None = None,
+          **options: Any) -> PatchHandle:
     """Swap kpt kernels into ``model`` in place, per ``PATCHES[model.config.model_type]``.
 
     ``backend`` forces one kpt backend for every patched call (default: per-call dispatch).
@@ -342,7 +520,29 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
     keeps the KV cache in a ``PagedCache`` (16-token pages; ``generate(...,
     cache_config={"page_size": n})`` for others) and decodes through kpt's ``paged_attention``;
     a ``PagedCache`` can also be passed to the patched model directly.
+
+    ``quantize="fp8"`` / ``"int4"`` replaces the projections of ``QUANTIZED_PROJECTIONS``
+    (attention q/k/v/o and MLP gate/up/down; BERT's attention and feed-forward linears) with
+    ``kpt.nn.FP8Linear`` / ``Int4Linear`` made by their ``from_linear``, taking ``options``:
+
+    * fp8: ``weight_granularity`` ("row", default, or "block"), ``activation`` ("dynamic",
+      default: per-token scales at each call; or "static": one scale per layer from
+      ``calibration``, model inputs as a dict or a function of the model, run once here),
+      ``fp8_dtype``;
+    * int4: ``group_size`` (default 128), ``symmetric`` (default False), ``method``: "rtn"
+      (default, round to nearest) or "gptq" (``kpt.quant.gptq_int4``, with Hessians from one
+      run of ``calibration`` through the float model, and optionally ``act_order``).
+
+    Projections whose shapes the layer does not take (fp8: features not multiples of 16; int4:
+    in_features not a multiple of group_size) stay float, listed in ``skipped``. Quantized
+    layers are inference only (run the model under ``torch.no_grad()``); a decoder layer whose
+    q/k/v are quantized keeps HF's input path instead of the fused ``rmsnorm_qkv_rope`` (listed
+    in ``skipped`` with that reason). ``handle.weight_bytes`` = (before, after). While patched,
+    ``state_dict()`` holds the quantized buffers in place of those weights; the handle keeps
+    the original ``nn.Linear`` modules, so host or device memory falls only once the handle and
+    they are dropped, and ``unpatch()`` puts the same modules and parameters back.
     """
+    _check_quantize(quantize, options)
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kpt.integrations.hf.patch: kv_cache must be one of {KV_CACHES}, got "
                          f"{kv_cache!r}")
@@ -356,6 +556,9 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
     handle = PatchHandle(model)
     table = PATCHES[model_type]
     try:
+        # Before the table: the fused input path then sees which q/k/v are quantized.
+        if quantize is not None:
+            _quantize_projections(model, model_type, quantize, options, backend, handle, strict)
         for path, module in model.named_modules():
             for pattern, replacement in table.items():
                 if not _matches(path, pattern):

@@ -208,12 +208,17 @@ def test_attn_implementation_kpt_without_patch(kpt_calls):
     assert kpt_calls["varlen"] == 2
 
 
-def test_bert_encoder_padded_batch(kpt_calls):
+def tiny_bert() -> transformers.BertModel:
+    """A 2-layer BertModel (random weights, seed 0) on the sdpa path."""
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=96,
                                      attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    return transformers.BertModel(config).eval()
+
+
+def test_bert_encoder_padded_batch(kpt_calls):
+    model = tiny_bert()
     ids, mask = padded_batch([9, 4, 6])
     with torch.no_grad():
         want = model(ids, attention_mask=mask).last_hidden_state
