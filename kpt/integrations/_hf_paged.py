@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +47,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kpt.integrations import _hf_attention
+from kpt.integrations._undo import Bound, Restore
 from kpt.ops.cascade_attention import cascade_attention
 from kpt.ops.paged_attention import SPEC as _PAGED_SPEC
 from kpt.ops.paged_attention import Plan, append_paged_kv, plan
@@ -525,43 +525,46 @@ def use_in_generate(model: nn.Module) -> Callable[[], None]:
 
     The hook is the model's ``_prepare_cache_for_generation`` (an instance attribute over the
     class's method): generate's own cache choice runs first, and only its default is replaced."""
-    original = model._prepare_cache_for_generation
+    model._prepare_cache_for_generation = Bound(_prepare_paged, model)
+    return Restore(_drop_override, model, "_prepare_cache_for_generation")
 
-    def prepare(self: nn.Module, generation_config: Any, model_kwargs: dict, generation_mode: Any,
-                batch_size: int, max_cache_length: int, *args: Any, **kwargs: Any) -> Any:
-        result = original(generation_config, model_kwargs, generation_mode, batch_size,
-                          max_cache_length, *args, **kwargs)
-        mode = getattr(generation_mode, "value", generation_mode)
-        for name in ("cache", "past_key_values"):
-            made = model_kwargs.get(name)
-            if (type(made) is DynamicCache and not getattr(made, "_is_user_defined", False)
-                    and generation_config.cache_implementation is None):
-                if mode not in _GENERATE_MODES:
-                    log.info("kpt %s: generate mode %s keeps transformers' DynamicCache", NAME,
-                             mode)
-                    break
-                options = dict(generation_config.cache_config or {})
-                unknown = set(options) - {"page_size", "num_pages"}
-                if unknown:
-                    raise ValueError(f"kpt {NAME}: generate's cache_config takes page_size and "
-                                     f"num_pages, got {sorted(unknown)}")
-                page_size = options.get("page_size", 16)
-                rows = max(generation_config.num_beams or 1,
-                           generation_config.num_return_sequences or 1) * batch_size
-                if options.get("num_pages") is None and isinstance(page_size, int) and \
-                        page_size > 0:
-                    options["num_pages"] = rows * max(1, math.ceil(max_cache_length / page_size))
-                model_kwargs[name] = PagedCache(self.config, page_size=page_size,
-                                                num_pages=options.get("num_pages"))
+
+def _drop_override(obj: Any, name: str) -> None:
+    vars(obj).pop(name, None)
+
+
+def _prepare_paged(self: nn.Module, generation_config: Any, model_kwargs: dict,
+                   generation_mode: Any, batch_size: int, max_cache_length: int, *args: Any,
+                   **kwargs: Any) -> Any:
+    """``use_in_generate``'s override of ``_prepare_cache_for_generation``."""
+    # The class's own cache choice first (the instance attribute is this override).
+    result = type(self)._prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length,
+        *args, **kwargs)
+    mode = getattr(generation_mode, "value", generation_mode)
+    for name in ("cache", "past_key_values"):
+        made = model_kwargs.get(name)
+        if (type(made) is DynamicCache and not getattr(made, "_is_user_defined", False)
+                and generation_config.cache_implementation is None):
+            if mode not in _GENERATE_MODES:
+                log.info("kpt %s: generate mode %s keeps transformers' DynamicCache", NAME,
+                         mode)
                 break
-        return result
-
-    model._prepare_cache_for_generation = types.MethodType(prepare, model)
-
-    def undo() -> None:
-        vars(model).pop("_prepare_cache_for_generation", None)
-
-    return undo
+            options = dict(generation_config.cache_config or {})
+            unknown = set(options) - {"page_size", "num_pages"}
+            if unknown:
+                raise ValueError(f"kpt {NAME}: generate's cache_config takes page_size and "
+                                 f"num_pages, got {sorted(unknown)}")
+            page_size = options.get("page_size", 16)
+            rows = max(generation_config.num_beams or 1,
+                       generation_config.num_return_sequences or 1) * batch_size
+            if options.get("num_pages") is None and isinstance(page_size, int) and \
+                    page_size > 0:
+                options["num_pages"] = rows * max(1, math.ceil(max_cache_length / page_size))
+            model_kwargs[name] = PagedCache(self.config, page_size=page_size,
+                                            num_pages=options.get("num_pages"))
+            break
+    return result
 
 
 __all__ = ["PagedCache", "PagedLayer", "use_in_generate"]

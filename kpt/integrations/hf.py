@@ -25,7 +25,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +41,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kpt.integrations import _hf_attention, _hf_paged
 from kpt.integrations._hf_paged import PagedCache
+from kpt.integrations._undo import Bound, Restore
 from kpt.nn.quantized import QUANTIZED_LINEARS, FP8Linear, Int4Linear, weight_bytes
 from kpt.ops.rmsnorm_qkv_rope import (
     _scaling_key,
@@ -97,11 +97,7 @@ class _FusedInput:
                 p.data = buffer[start:start + p.shape[0]]
                 start += p.shape[0]
 
-        def undo() -> None:
-            for p in moved:
-                p.data = p.data.clone()
-
-        return undo
+        return Restore(_own_storage, moved)
 
     def qkv(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.projections
@@ -228,6 +224,12 @@ def _fused_reasons(model: nn.Module, layer: nn.Module, config: Any) -> tuple[lis
     return reasons, rotary_dim
 
 
+def _own_storage(params: list[nn.Parameter]) -> None:
+    """Give each parameter its own storage back (undoes ``_FusedInput.share_storage``)."""
+    for p in params:
+        p.data = p.data.clone()
+
+
 def _fuse_attention_input(model: nn.Module, layer: nn.Module, config: Any,
                           backend: str | None) -> Undo | list[str]:
     """Run ``layer``'s RMSNorm + q/k/v projections (+ q/k norms) + RoPE as one fused op."""
@@ -238,16 +240,17 @@ def _fuse_attention_input(model: nn.Module, layer: nn.Module, config: Any,
     attn, norm = layer.self_attn, layer.input_layernorm
     restore_storage = fused.share_storage()
     attn._kpt_fused = fused
-    attn.forward = types.MethodType(_fused_attention_forward, attn)
+    attn.forward = Bound(_fused_attention_forward, attn)
     layer.input_layernorm = _NormInFusedOp(norm)
+    return Restore(_unfuse_attention_input, layer, attn, norm, restore_storage)
 
-    def undo() -> None:
-        layer.input_layernorm = norm
-        vars(attn).pop("forward", None)
-        vars(attn).pop("_kpt_fused", None)
-        restore_storage()
 
-    return undo
+def _unfuse_attention_input(layer: nn.Module, attn: nn.Module, norm: nn.Module,
+                            restore_storage: Undo) -> None:
+    layer.input_layernorm = norm
+    vars(attn).pop("forward", None)
+    vars(attn).pop("_kpt_fused", None)
+    restore_storage()
 
 
 def _use_kpt_attention(model: nn.Module, module: nn.Module, config: Any,
@@ -269,15 +272,18 @@ def _use_kpt_attention(model: nn.Module, module: nn.Module, config: Any,
                 setattr(sub, _hf_attention.BACKEND_ATTR, backend)
                 tagged.append(sub)
 
-    def undo() -> None:
-        for sub in tagged:
-            delattr(sub, _hf_attention.BACKEND_ATTR)
-        if set_impl is not None:
-            set_impl(previous)
-        else:
-            config._attn_implementation = previous
+    return Restore(_restore_attention, model, config, tagged, previous)
 
-    return undo
+
+def _restore_attention(model: nn.Module, config: Any, tagged: list[nn.Module],
+                       previous: Any) -> None:
+    for sub in tagged:
+        delattr(sub, _hf_attention.BACKEND_ATTR)
+    set_impl = getattr(model, "set_attn_implementation", None)
+    if set_impl is not None:
+        set_impl(previous)
+    else:
+        config._attn_implementation = previous
 
 
 @dataclass(frozen=True)
@@ -489,8 +495,7 @@ def _quantize_projections(model: nn.Module, model_type: str, quantize: str,
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         setattr(parent, name, layer)
-        handle._undo.append(lambda parent=parent, name=name, linear=linear:
-                            setattr(parent, name, linear))
+        handle._undo.append(Restore(setattr, parent, name, linear))
         handle.patched.append(path)
         before, after = before + weight_bytes(linear), after + weight_bytes(layer)
     handle.weight_bytes = (before, after)

@@ -8,6 +8,7 @@ few float32 ulps of values of order 1 (1e-5); a masking or RoPE bug moves logits
 from __future__ import annotations
 
 import copy
+import io
 import logging
 
 import pytest
@@ -443,3 +444,38 @@ def test_position_ids_split_sequences_as_transformers_does(positions, use_cache)
         with kpt_hf.patch(model):
             got = model(ids, position_ids=pos, use_cache=use_cache).logits
     torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_patched_model_deep_copies_and_pickles_with_its_patch(quantize):
+    """The copy's handle undoes the copy, never the original; a pickled patched model loads,
+    runs, generates through its paged cache and unpatches."""
+    model = tiny("llama")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    options = {} if quantize is None else {"quantize": quantize, "group_size": 32}
+    with torch.no_grad():
+        want = model(ids).logits
+        handle = kpt_hf.patch(model, kv_cache="paged", **options)
+        patched = model(ids).logits
+        twin = copy.deepcopy(model)
+        assert twin._kpt_patch is not handle and twin._kpt_patch.model is twin
+        twin._kpt_patch.unpatch()
+        assert twin.config._attn_implementation != "kpt"
+        assert model.config._attn_implementation == "kpt"  # the original keeps its patch
+        assert "_prepare_cache_for_generation" in vars(model)
+        assert "_prepare_cache_for_generation" not in vars(twin)
+        torch.testing.assert_close(model(ids).logits, patched, rtol=0, atol=0)
+        if quantize is None:
+            torch.testing.assert_close(twin(ids).logits, want, **TOL)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(loaded(ids).logits, patched, rtol=0, atol=0)
+        tokens = loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                 do_sample=False)
+        assert tokens.shape == (2, 8)
+        loaded._kpt_patch.unpatch()
+        assert loaded.config._attn_implementation != "kpt"
+        handle.unpatch()
+        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
