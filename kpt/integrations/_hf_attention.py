@@ -106,6 +106,10 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, mask)
 
 
+# Whether the output_attentions warning was given (once per process, as transformers' own).
+_NO_WEIGHTS_WARNED: list[bool] = []
+
+
 def _count(name: str) -> None:
     if not torch.compiler.is_compiling():
         calls[name] += 1
@@ -135,6 +139,11 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                       **kwargs: Any) -> tuple[Tensor, None]:
     """The ``"kpt"`` attention implementation: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) ->
     (B, Sq, H, D); bottom-right aligned masks (the queries are the last tokens)."""
+    if kwargs.get("output_attentions", False) and not _NO_WEIGHTS_WARNED:
+        # As with HF's sdpa: the kernels never form the probabilities, so none are returned.
+        _NO_WEIGHTS_WARNED.append(True)
+        log.warning("kpt attention returns no attention weights: output_attentions=True gives "
+                    "none (as with sdpa); set attn_implementation='eager' to get them")
     paged = getattr(key, PAGED_ATTR, None)
     if paged is not None:
         return paged.attend(module, query, key, value, attention_mask, dropout=dropout,

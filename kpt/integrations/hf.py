@@ -558,6 +558,11 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
                          f"(supported: {sorted(PATCHES)})")
     if getattr(model, "_kpt_patch", None) is not None:
         raise ValueError("kpt.integrations.hf.patch: model is already patched; unpatch first")
+    on_meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(f"kpt.integrations.hf.patch: parameter {on_meta!r} is on the meta device "
+                         "(not loaded yet, or offloaded): patch a model whose weights are in "
+                         "memory")
     handle = PatchHandle(model)
     table = PATCHES[model_type]
     try:

@@ -479,3 +479,24 @@ def test_a_patched_model_deep_copies_and_pickles_with_its_patch(quantize):
         assert loaded.config._attn_implementation != "kpt"
         handle.unpatch()
         torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+
+
+def test_output_attentions_is_not_silently_empty(caplog, monkeypatch):
+    """kpt's kernels return no attention probabilities (like HF's sdpa): asking for them logs
+    a warning that names the way to get them."""
+    monkeypatch.setattr(_hf_attention, "_NO_WEIGHTS_WARNED", [])
+    model = tiny("llama")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad(), kpt_hf.patch(model), caplog.at_level(logging.WARNING, logger="kpt"):
+        model(ids, output_attentions=True)
+        model(ids, output_attentions=True)
+    warned = [r for r in caplog.records if "output_attentions=True" in r.getMessage()]
+    assert len(warned) == 1 and "eager" in warned[0].getMessage()
+
+
+def test_patch_refuses_a_model_on_the_meta_device():
+    with torch.device("meta"):
+        model = tiny("llama")
+    with pytest.raises(ValueError, match="patch: parameter .* is on the meta device"):
+        kpt_hf.patch(model)
+    assert getattr(model, "_kpt_patch", None) is None
