@@ -218,6 +218,30 @@ def native_backends(module: str, *, dtypes: frozenset, run_cuda: str, run_hip: s
                     fast=fast_hip and lazy(module, fast_hip), **shared))
 
 
+# Where the PyTorch reference implementations run (any device torch computes on).
+REFERENCE_DEVICES = frozenset({"cuda", "cpu", "xla", "xpu", "mps"})
+
+
+def triton_backend(module: str, *, dtypes: frozenset, supports: Callable[..., list[str]],
+                   configs: str | None = None) -> Any:
+    """The ``triton`` backend of an op: ``module`` (absolute name, imported when the backend
+    is first considered) provides ``run`` and, when named, the ``configs`` function; it runs on
+    CUDA devices, and on the CPU under the interpreter (``supports`` says when not)."""
+    from kpt.ops._registry import Backend
+
+    return Backend(name="triton", device_types=frozenset({"cuda", "cpu"}), dtypes=dtypes,
+                   run=lazy(module, "run"), available=triton_unavailable, supports=supports,
+                   **({} if configs is None else {"configs": lazy(module, configs)}))
+
+
+def reference_backend(run: Callable[..., None], dtypes: frozenset,
+                      devices: frozenset = REFERENCE_DEVICES) -> Any:
+    """The ``reference`` backend of an op: its PyTorch specification, ``run(call, config)``."""
+    from kpt.ops._registry import Backend
+
+    return Backend(name="reference", device_types=devices, dtypes=dtypes, run=run)
+
+
 def raw_stream(device: torch.device) -> int:
     """The handle of ``device``'s current CUDA/HIP stream, for a binding's launch.
 

@@ -129,7 +129,7 @@ def from_gptq(
             raise ValueError(f"{op}: g_idx must have K={k} entries, got {g_idx.shape[0]}")
         if not bool(((g_idx >= 0) & (g_idx < groups)).all()):
             raise ValueError(f"{op}: g_idx must name groups in 0..{groups - 1}")
-        contiguous = _int4.group_index(k, group_size, None, qweight.device)
+        contiguous = _int4.group_index(k, group_size, None, qweight.device, groups)
         if not torch.equal(g_idx.long(), contiguous):
             idx = g_idx.to(torch.int32).contiguous()
     return Int4Weight(qweight.contiguous(), scales, zeros_out, idx)

@@ -6,6 +6,7 @@ fp16/bf16, strided x, NaN-poisoned padding, split-K), bad input, and torch.compi
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -52,7 +53,8 @@ def _x(seed: int, m: int, k: int, dtype: torch.dtype, device: str = "cpu") -> to
 
 
 def _group_of(k: int, group_size: int, g_idx):
-    return ref.group_index(k, group_size, g_idx, torch.device("cpu"))
+    groups = 1 if group_size < 0 else k // group_size
+    return ref.group_index(k, group_size, g_idx, torch.device("cpu"), groups)
 
 
 # ---- layout and quantisation ---------------------------------------------------------------
@@ -381,3 +383,25 @@ def test_torch_compile_fullgraph():
     x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), step(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("device", "dtype", "backend"), KERNEL_CASES + [
+    (d, t, "reference") for d, t in DEVICE_CASES[:1]], ids=lambda v: str(v).removeprefix("torch."))
+def test_g_idx_content_never_reads_outside_the_scales(device, dtype, backend, monkeypatch):
+    """g_idx is read on the host only on the CPU or under KPT_CHECK=1. Without that check (as
+    on a GPU), out-of-range groups are clamped into 0..G-1 by every backend: the result is the
+    one of the clamped g_idx, and nothing is read past the scales (no fault, no NaN)."""
+    module = sys.modules["kpt.ops.int4_gemm"]
+    monkeypatch.setattr(module, "read_content", lambda t: False)
+    n, k, group_size = 48, 256, 64
+    _, packed, scales, zeros, g_idx = _weights(51, n, k, group_size, False, True, device)
+    bad = g_idx.clone()
+    bad[::7] = 10**6
+    bad[3::11] = -5
+    x = _x(52, 5, k, dtype, device)
+    got = int4_gemm(x, packed, scales, zeros, group_size=group_size, g_idx=bad, backend=backend)
+    clamped = bad.clamp(0, scales.shape[0] - 1)
+    want = int4_gemm(x, packed, scales, zeros, group_size=group_size, g_idx=clamped,
+                     backend="reference")
+    assert not got.isnan().any()
+    _check(got, want, dtype)

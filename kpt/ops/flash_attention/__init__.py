@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kpt.ops._common import (
+    REFERENCE_DEVICES,
     _mode_active,
     attention_options,
     check_tensor,
@@ -114,7 +115,7 @@ def _triton_supports(p: Problem) -> list[str]:
     return reasons
 
 
-_REFERENCE_DEVICES = frozenset({"cuda", "cpu", "xla", "xpu", "mps"})
+_REFERENCE_DEVICES = REFERENCE_DEVICES
 
 
 BACKENDS = (

@@ -36,12 +36,12 @@ from torch import Tensor
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
-    lazy,
     plain_eager,
+    reference_backend,
+    triton_backend,
     triton_interpreting,
-    triton_unavailable,
 )
-from kpt.ops._registry import Backend, Op, Problem
+from kpt.ops._registry import Op, Problem
 
 from . import reference as _reference
 
@@ -107,11 +107,9 @@ def _triton_supports(p: Problem) -> list[str]:
 
 
 BACKENDS = (
-    Backend(name="triton", device_types=frozenset({"cuda", "cpu"}), dtypes=FP8,
-            run=lazy(f"{__name__}._triton", "run"), available=triton_unavailable,
-            supports=_triton_supports, configs=lazy(f"{__name__}._triton", "configs")),
-    Backend(name="reference", device_types=frozenset({"cuda", "cpu", "xpu"}), dtypes=FP8,
-            run=_reference.run),
+    triton_backend(f"{__name__}._triton", dtypes=FP8, supports=_triton_supports,
+                   configs="configs"),
+    reference_backend(_reference.run, FP8, devices=frozenset({"cuda", "cpu", "xpu"})),
 )
 
 

@@ -47,13 +47,13 @@ from torch import Tensor
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
-    lazy,
     plain_eager,
     read_content,
+    reference_backend,
+    triton_backend,
     triton_interpreting,
-    triton_unavailable,
 )
-from kpt.ops._registry import Backend, Op, Problem
+from kpt.ops._registry import Op, Problem
 
 from . import reference as _reference
 
@@ -114,14 +114,9 @@ def _triton_supports(p: Problem) -> list[str]:
     return reasons
 
 
-_REFERENCE_DEVICES = frozenset({"cuda", "cpu", "xla", "xpu", "mps"})
-
 BACKENDS = (
-    Backend(name="triton", device_types=frozenset({"cuda", "cpu"}), dtypes=_HALF,
-            run=lazy(f"{__name__}._triton", "run"), available=triton_unavailable,
-            supports=_triton_supports),
-    Backend(name="reference", device_types=_REFERENCE_DEVICES, dtypes=_FLOATS,
-            run=_reference.run),
+    triton_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports),
+    reference_backend(_reference.run, _FLOATS),
 )
 
 

@@ -44,7 +44,7 @@ MAX_SPLIT_K = 16
 @triton.jit
 def _int4_gemm_kernel(
     X, W, S, Z, G_IDX, BIAS, OUT,
-    M, N, K, k_per_split,
+    M, N, K, k_per_split, num_groups,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_os, stride_om, stride_on,
     GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, ACT_ORDER: tl.constexpr,
@@ -77,7 +77,9 @@ def _int4_gemm_kernel(
         # Dequantise: (q - z) is an exact small integer, so the float32 product is the one
         # rounding before the cast to x's dtype, as in the reference.
         if ACT_ORDER:
-            g = tl.load(G_IDX + ks, mask=k_ok, other=0)
+            # Clamped as the reference does: whatever g_idx holds, no read leaves the scales.
+            g = tl.minimum(tl.maximum(tl.load(G_IDX + ks, mask=k_ok, other=0), 0),
+                           num_groups - 1)
             s = tl.load(S + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=wk_ok,
                         other=0.0).to(tl.float32)
             if HAS_ZERO:
@@ -186,7 +188,7 @@ def run(call, config: dict) -> None:
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     _int4_gemm_kernel[grid](
         x, call.packed, call.scales, zeros, g_idx, bias, dst,
-        m, n, k, k_per_split,
+        m, n, k, k_per_split, call.scales.shape[0],
         x.stride(0), x.stride(1), call.packed.stride(0), call.packed.stride(1),
         call.scales.stride(0), call.scales.stride(1),
         zeros.stride(0) if zeros is not None else 0, zeros.stride(1) if zeros is not None else 0,

@@ -22,10 +22,13 @@ SYMMETRIC_ZERO = 8  # the zero point implied by zeros=None: codes 0..15 hold -8.
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 
-def group_index(k: int, group_size: int, g_idx: Tensor | None, device: torch.device) -> Tensor:
-    """(K,) int64 group of every input channel."""
+def group_index(k: int, group_size: int, g_idx: Tensor | None, device: torch.device,
+                groups: int) -> Tensor:
+    """(K,) int64 group of every input channel. ``g_idx`` entries are clamped into 0..groups-1,
+    as the Triton kernel clamps them: its content is not read on the host per call, and a bad
+    entry must never index outside the scales (no device-side fault)."""
     if g_idx is not None:
-        return g_idx.long()
+        return g_idx.long().clamp(0, groups - 1)
     if group_size < 0:
         return torch.zeros(k, dtype=torch.long, device=device)
     return torch.arange(k, device=device) // group_size
@@ -61,7 +64,7 @@ def quantize(w: Tensor, group_size: int, symmetric: bool, g_idx: Tensor | None
     """
     n, k = w.shape
     groups = 1 if group_size < 0 else k // group_size
-    g = group_index(k, group_size, g_idx, w.device)
+    g = group_index(k, group_size, g_idx, w.device, groups)
     wt = w.float().t()  # (K, N)
     index = g.view(k, 1).expand(k, n)
     base = torch.zeros(groups, n, dtype=torch.float32, device=w.device)
@@ -87,7 +90,7 @@ def dequantize(packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size:
                g_idx: Tensor | None, dtype: torch.dtype) -> Tensor:
     """(N, K) weight of ``dtype``: float32 ``(q - z) * scale``, rounded once to ``dtype``."""
     q = unpack(packed).t()  # (K, N)
-    g = group_index(q.shape[0], group_size, g_idx, packed.device)
+    g = group_index(q.shape[0], group_size, g_idx, packed.device, scales.shape[0])
     s = scales.float()[g]
     z = zeros.float()[g] if zeros is not None else float(SYMMETRIC_ZERO)
     return ((q.float() - z) * s).t().to(dtype)

@@ -22,14 +22,14 @@ from kpt.ops._common import (
     attention_options,
     check_tensor,
     dtype_name,
-    lazy,
     native_backends,
     plain_eager,
     read_content,
+    reference_backend,
+    triton_backend,
     triton_interpreting,
-    triton_unavailable,
 )
-from kpt.ops._registry import Backend, Op, Problem
+from kpt.ops._registry import Op, Problem
 
 from . import reference as _reference
 
@@ -143,16 +143,11 @@ def _triton_supports(p: Problem) -> list[str]:
     return reasons
 
 
-_REFERENCE_DEVICES = frozenset({"cuda", "cpu", "xla", "xpu", "mps"})
-
 BACKENDS = (
-    Backend(name="triton", device_types=frozenset({"cuda", "cpu"}), dtypes=_HALF,
-            run=lazy(f"{__name__}._triton", "run"), available=triton_unavailable,
-            supports=_triton_supports),
+    triton_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports),
     # One kernel source for nvcc and hipcc; its supports() lives in _cuda.py.
     *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run", run_hip="run"),
-    Backend(name="reference", device_types=_REFERENCE_DEVICES, dtypes=_FLOATS,
-            run=_reference.run),
+    reference_backend(_reference.run, _FLOATS),
 )
 
 def _example(device: torch.device, dtype: torch.dtype) -> Problem:
@@ -172,8 +167,7 @@ SPEC = Op(
 
 APPEND_SPEC = Op(
     name=OP_APPEND,
-    backends=(Backend(name="reference", device_types=_REFERENCE_DEVICES,
-                      dtypes=_FLOATS | FP8, run=_reference.run_append),),
+    backends=(reference_backend(_reference.run_append, _FLOATS | FP8),),
     priority={"cuda": ("reference",), "cpu": ("reference",)},
     bucket=lambda p: f"t{_pow2(p['tokens'])}-kv{p['heads_kv']}-d{p['head_dim']}",
     example=lambda device, dtype: Problem.of(device, dtype, tokens=4, heads_kv=8, head_dim=128),
