@@ -9,6 +9,7 @@ from kpt.ops.flash_attention import flash_attention
 from kpt.ops.flex_attention import flex_attention
 from kpt.ops.fp8_gemm import fp8_gemm, quantize_fp8
 from kpt.ops.int4_gemm import dequantize_int4, int4_gemm, pack_int4
+from kpt.ops.moe import fused_moe, moe_route
 from kpt.ops.paged_attention import append_paged_kv, paged_attention
 from kpt.ops.rmsnorm_qkv_rope import rmsnorm_qkv_rope
 
@@ -16,4 +17,4 @@ __all__ = ["flash_attention", "flex_attention", "paged_attention", "append_paged
            "cascade_attention", "merge_attention_states",
            "merge_attention_states_", "rmsnorm_qkv_rope",
            "int4_gemm", "pack_int4", "dequantize_int4",
-           "fp8_gemm", "quantize_fp8"]
+           "fp8_gemm", "quantize_fp8", "moe_route", "fused_moe"]

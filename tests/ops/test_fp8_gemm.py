@@ -30,10 +30,13 @@ GRAN_IDS = [f"{a}x{w}" for a, w in GRAN_PAIRS]
 # unit in the last place where the float32 values straddle a rounding boundary: norm-wise far
 # below one unit, so the bound is one unit (bf16 2^-8, fp16 2^-11).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+# Where the kernel tests run: the GPU when there is one (the Triton backend serves CUDA
+# tensors), else the CPU under the interpreter (tests/conftest.py sets TRITON_INTERPRET).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _operands(seed: int, m: int, n: int, k: int, a_gran: str, w_gran: str,
-              dtype: torch.dtype = E4M3):
+              dtype: torch.dtype = E4M3, device: str = "cpu"):
     """Quantised random activations (rows of different magnitudes) and weight."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))
@@ -41,7 +44,7 @@ def _operands(seed: int, m: int, n: int, k: int, a_gran: str, w_gran: str,
     a8, sa = quantize_fp8(a, a_gran, dtype)
     w8, sw = quantize_fp8(w, w_gran, dtype, block=W_BLOCK if w_gran == "block" else None)
     bias = torch.randn(n, generator=gen)
-    return a8, w8, sa, sw, bias
+    return tuple(t.to(device) for t in (a8, w8, sa, sw, bias))
 
 
 def _dequant64(x8: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
@@ -123,8 +126,11 @@ def test_quantize_zero_and_tiny_blocks(dtype):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_input_propagates_to_its_blocks_only(backend, bad):
-    _, w8, _, sw, _ = _operands(5, 5, 32, 144, "row", "block")
-    a = torch.randn(5, 144)
+    device = DEVICE if backend == "triton" else "cpu"
+    if backend not in KERNELS + ["reference"]:
+        pytest.skip("triton cannot run here: " + "; ".join(_triton_reasons()))
+    _, w8, _, sw, _ = _operands(5, 5, 32, 144, "row", "block", device=device)
+    a = torch.randn(5, 144, device=device)
     a[2, 130] = bad
     a8, sa = quantize_fp8(a, "block")
     # Row 2's second 1x128 block, and nothing else, is NaN.
@@ -190,9 +196,9 @@ def test_reference_is_close_to_the_unquantised_product():
 
 
 def _kernel_backends() -> list[str]:
-    a8, w8, sa, sw, _ = _operands(0, 3, 16, 16, "tensor", "tensor")
+    a8, w8, sa, sw, _ = _operands(0, 3, 16, 16, "tensor", "tensor", device=DEVICE)
     call = Call(a8, w8, sa.reshape(1, 1), sw.reshape(1, 1), "tensor", "tensor", None,
-                torch.empty(3, 16))
+                torch.empty(3, 16, device=DEVICE))
     return [b.name for b in SPEC.backends
             if b.name != "reference" and not SPEC.reasons(b, problem_of(call))]
 
@@ -212,7 +218,7 @@ def test_kernel_matches_reference(backend, dtype, a_gran, w_gran, m):
     index = M_SIZES.index(m) + GRAN_PAIRS.index((a_gran, w_gran))
     n, k = NK_SIZES[index % 2]
     out_dtype = OUT_DTYPES[index % 3]
-    a8, w8, sa, sw, bias = _operands(m + index, m, n, k, a_gran, w_gran, dtype)
+    a8, w8, sa, sw, bias = _operands(m + index, m, n, k, a_gran, w_gran, dtype, DEVICE)
     bias = bias.to(out_dtype) if index % 2 else None
     got = fp8_gemm(a8, w8, sa, sw, bias=bias, out_dtype=out_dtype, backend=backend)
     want = fp8_gemm(a8, w8, sa, sw, bias=bias, out_dtype=out_dtype, backend="reference")
@@ -225,7 +231,7 @@ def test_kernel_matches_reference(backend, dtype, a_gran, w_gran, m):
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16],
                          ids=lambda t: "no-bias" if t is None else str(t).removeprefix("torch."))
 def test_kernel_bias_and_out_dtypes(backend, out_dtype, bias_dtype):
-    a8, w8, sa, sw, bias = _operands(21, 17, 48, 144, "block", "block")
+    a8, w8, sa, sw, bias = _operands(21, 17, 48, 144, "block", "block", device=DEVICE)
     bias = None if bias_dtype is None else bias.to(bias_dtype)
     got = fp8_gemm(a8, w8, sa, sw, bias=bias, out_dtype=out_dtype, backend=backend)
     want = fp8_gemm(a8, w8, sa, sw, bias=bias, out_dtype=out_dtype, backend="reference")
@@ -242,9 +248,9 @@ def test_kernel_bias_and_out_dtypes(backend, out_dtype, bias_dtype):
 def test_kernel_tile_configs(config, a_gran, w_gran):
     if "triton" not in KERNELS:
         pytest.skip("triton cannot run here: " + "; ".join(_triton_reasons()))
-    a8, w8, sa, sw, bias = _operands(31, 37, 144, 272, a_gran, w_gran)
+    a8, w8, sa, sw, bias = _operands(31, 37, 144, 272, a_gran, w_gran, device=DEVICE)
     sa2, sw2 = (s.reshape(1, 1) if s.numel() == 1 else s for s in (sa, sw))
-    out = torch.full((37, 144), float("nan"))
+    out = torch.full((37, 144), float("nan"), device=DEVICE)
     call = Call(a8, w8, sa2, sw2, a_gran, w_gran, bias, out)
     want = fp8_gemm(a8, w8, sa, sw, bias=bias, out_dtype=torch.float32, backend="reference")
     if config["BLOCK_K"] > 128 and "block" in (a_gran, w_gran):
@@ -256,15 +262,16 @@ def test_kernel_tile_configs(config, a_gran, w_gran):
 
 
 def _triton_reasons() -> list[str]:
-    a8, w8, sa, sw, _ = _operands(0, 3, 16, 16, "tensor", "tensor")
+    a8, w8, sa, sw, _ = _operands(0, 3, 16, 16, "tensor", "tensor", device=DEVICE)
     call = Call(a8, w8, sa.reshape(1, 1), sw.reshape(1, 1), "tensor", "tensor", None,
-                torch.empty(3, 16))
+                torch.empty(3, 16, device=DEVICE))
     return SPEC.reasons("triton", problem_of(call))
 
 
 def _poisoned_view(x: torch.Tensor, pad: int) -> torch.Tensor:
     """``x`` as a strided view inside a NaN-filled buffer (NaN in x's dtype, fp8 included)."""
-    buf = torch.full((x.shape[0] + 2 * pad, x.shape[1] + 3 * pad), float("nan")).to(x.dtype)
+    buf = torch.full((x.shape[0] + 2 * pad, x.shape[1] + 3 * pad), float("nan"),
+                     device=x.device).to(x.dtype)
     view = buf[pad:pad + x.shape[0], 2 * pad:2 * pad + x.shape[1]]
     view.copy_(x)
     return view
@@ -276,12 +283,12 @@ def _poisoned_view(x: torch.Tensor, pad: int) -> torch.Tensor:
                          ids=["tensorxtensor", "rowxrow", "blockxblock"])
 def test_strided_views_in_nan_buffers(backend, a_gran, w_gran):
     """Operands and scales as views into NaN-filled buffers: nothing outside them is read."""
-    a8, w8, sa, sw, bias = _operands(41, 17, 48, 144, a_gran, w_gran)
+    a8, w8, sa, sw, bias = _operands(41, 17, 48, 144, a_gran, w_gran, device=DEVICE)
     want = fp8_gemm(a8, w8, sa, sw, bias=bias, backend=backend)
     views = [_poisoned_view(a8, 16), _poisoned_view(w8, 16)]
     for s in (sa, sw):
         views.append(s if s.dim() == 0 else _poisoned_view(s, 1))
-    bias_view = torch.full((3 * 48,), float("nan"))[::3]
+    bias_view = torch.full((3 * 48,), float("nan"), device=DEVICE)[::3]
     bias_view.copy_(bias)
     assert not any(v.is_contiguous() for v in views[:2])
     got = fp8_gemm(*views, bias=bias_view, backend=backend)
@@ -292,7 +299,7 @@ def test_strided_views_in_nan_buffers(backend, a_gran, w_gran):
 @pytest.mark.parametrize("backend", KERNELS + ["reference"])
 def test_transposed_operands_are_read_in_place(backend):
     """a8 = (K, M)-contiguous .T and w8 = (K, N)-contiguous .T: accepted as they are."""
-    a8, w8, sa, sw, bias = _operands(43, 17, 48, 144, "row", "block")
+    a8, w8, sa, sw, bias = _operands(43, 17, 48, 144, "row", "block", device=DEVICE)
     a_t, w_t = a8.T.contiguous().T, w8.T.contiguous().T
     assert a_t.stride() == (1, 17) and w_t.stride() == (1, 48)
     got = fp8_gemm(a_t, w_t, sa, sw, bias=bias, out_dtype=torch.float32, backend=backend)
@@ -303,7 +310,7 @@ def test_transposed_operands_are_read_in_place(backend):
 
 
 def test_empty_m_gives_an_empty_output():
-    a8, w8, sa, sw, _ = _operands(0, 0, 32, 32, "row", "row")
+    a8, w8, sa, sw, _ = _operands(0, 0, 32, 32, "row", "row", device=DEVICE)
     for backend in KERNELS + ["reference"]:
         assert fp8_gemm(a8, w8, sa, sw, backend=backend).shape == (0, 32)
 
@@ -365,8 +372,8 @@ def test_cpu_dispatch_picks_the_reference():
 
 def test_torch_compile_fullgraph():
     """Quantisation and the GEMM in one compiled graph, through the kpt::fp8_gemm custom op."""
-    a8, w8, _, sw, bias = _operands(12, 9, 48, 144, "block", "block")
-    x = torch.randn(9, 144)
+    a8, w8, _, sw, bias = _operands(12, 9, 48, 144, "block", "block", device=DEVICE)
+    x = torch.randn(9, 144, device=DEVICE)
     backend = KERNELS[0] if KERNELS else "reference"
 
     def step(x):
