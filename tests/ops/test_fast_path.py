@@ -202,3 +202,81 @@ def test_rmsnorm_qkv_rope_repeat_uses_the_launcher_and_matches(counted_rqr):
     with pytest.raises(TypeError, match="rmsnorm_qkv_rope"):
         rmsnorm_qkv_rope(x, norm, blocks, pos, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                          residual=res, rope_scaling=[("rope_type", "linear")])
+
+
+# ---- paged_attention: decode calls and Plan.run ---------------------------------------------
+
+
+def _paged_fast(call, config):
+    from kpt.ops.paged_attention import reference as paged_ref
+
+    USES["made"] += 1
+    if call.cu_seqlens_q is not None or call.k_scale is not None:
+        return None  # as the cuda backend's fast(): decode with a 16-bit cache only
+
+    def launch(q, k_cache, v_cache, block_table, seq_lens, out, lse):
+        USES["fast"] += 1
+        paged_ref.run(dataclasses.replace(call, q=q, k_cache=k_cache, v_cache=v_cache,
+                                          block_table=block_table, seq_lens=seq_lens,
+                                          out=out, lse=lse), config)
+
+    return launch
+
+
+@pytest.fixture
+def counted_paged(monkeypatch):
+    from kpt.ops.paged_attention import SPEC as PSPEC
+
+    backends = tuple(dataclasses.replace(b, fast=_paged_fast) if b.name == "reference" else b
+                     for b in PSPEC.backends)
+    monkeypatch.setattr(PSPEC, "backends", backends)
+    PSPEC.clear_cache()
+    USES.update(fast=0, made=0)
+    yield PSPEC
+    PSPEC.clear_cache()
+
+
+def _paged_inputs(seed=3, batch=3, heads=4, heads_kv=2, d=16, page=4, pages=12):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, d, generator=gen)
+    k_cache, v_cache = (torch.randn(pages, page, heads_kv, d, generator=gen) for _ in range(2))
+    table = torch.randperm(pages, generator=gen)[:batch * 3].reshape(batch, 3).to(torch.int32)
+    seq_lens = torch.tensor([5, 0, 11][:batch], dtype=torch.int32)
+    return q, k_cache, v_cache, table, seq_lens
+
+
+def test_paged_decode_repeat_uses_the_launcher_and_matches(counted_paged):
+    from kpt.ops import paged_attention
+    from kpt.ops.paged_attention import plan
+
+    q, k_cache, v_cache, table, seq_lens = _paged_inputs()
+    first, lse = paged_attention(q, k_cache, v_cache, table, seq_lens, return_lse=True)
+    assert USES == {"fast": 0, "made": 1}
+    q2 = q * 2 + 1  # fresh data, same signature; the launcher gets uninitialised outputs
+    got, got_lse = paged_attention(q2, k_cache, v_cache, table, seq_lens, return_lse=True)
+    assert USES["fast"] == 1
+    counted_paged.fast.clear()
+    USES["fast"] = -10**6
+    want, want_lse = paged_attention(q2, k_cache, v_cache, table, seq_lens, return_lse=True)
+    assert USES["fast"] == -10**6
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_lse, want_lse, rtol=0, atol=0)
+    assert (got[1] == 0).all() and torch.isneginf(got_lse[1]).all()  # the empty sequence
+    assert not torch.equal(first, got)
+    # Another option (a window) or a changed table shape: the full path again.
+    USES.update(fast=0, made=0)
+    paged_attention(q, k_cache, v_cache, table, seq_lens, window=(2, 0))
+    paged_attention(q, k_cache, v_cache, table[:, :2].contiguous(), seq_lens.clamp(max=8))
+    assert USES == {"fast": 0, "made": 2}
+    with pytest.raises(ValueError, match="paged_attention"):
+        paged_attention(q, k_cache, v_cache, table, seq_lens[:2])
+    # Plan.run: the second call of a layer shape is the launcher's, with or without out.
+    USES.update(fast=0, made=0)
+    p = plan(q, k_cache, v_cache, table, seq_lens)
+    a = p.run(q2, k_cache, v_cache)
+    out = torch.full_like(q2, float("nan"))
+    b = p.run(q2, k_cache, v_cache, out=out)
+    c = p.run(q2, k_cache, v_cache, out=out)
+    assert USES["fast"] == 1 and c is out
+    torch.testing.assert_close(a, want, rtol=0, atol=0)
+    torch.testing.assert_close(b, want, rtol=0, atol=0)

@@ -1,9 +1,9 @@
 """Triton backend of ``int4_gemm``: W4A16 GEMM that unpacks and dequantises in registers.
 
 One program owns a ``BLOCK_M x BLOCK_N`` tile of the output and walks its share of K in steps
-of ``BLOCK_K``. Per step it loads the x tile, the packed words of the weight tile (row ``k`` of
-the tile reads word ``k // 8``: the 8 rows sharing a word hit the same cache line, so global
-traffic is the packed bytes once), shifts each row's nibble out (``(k % 8) * 4``), subtracts the
+of ``BLOCK_K``. Per step it loads the x tile, the packed words of the weight tile once
+((BLOCK_K / 8, BLOCK_N) int32), shifts the 8 nibbles of each word out into a (BLOCK_K / 8, 8,
+BLOCK_N) tile folded to the (BLOCK_K, BLOCK_N) rows they encode, subtracts the
 zero point and multiplies by the group's scale in float32, rounds to x's dtype exactly as the
 reference does, and accumulates ``tl.dot`` in float32. ``BLOCK_K`` divides the group size, so
 without act-order a step lies in one group and loads one scale (and zero) row of ``BLOCK_N``;
@@ -57,10 +57,11 @@ def _int4_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 8)
     m_ok = offs_m < M
     n_ok = offs_n < N
     rows = offs_m.to(tl.int64) * stride_xm
-    shift = ((offs_k % 8) * 4)[:, None]
+    shift = (tl.arange(0, 8) * 4)[None, :, None]
     k_lo = share * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -70,10 +71,16 @@ def _int4_gemm_kernel(
         x = tl.load(X + rows[:, None] + ks[None, :].to(tl.int64) * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wk_ok = k_ok[:, None] & n_ok[None, :]
-        words = tl.load(W + (ks // 8)[:, None].to(tl.int64) * stride_wk
-                        + offs_n[None, :] * stride_wn, mask=wk_ok, other=0)
+        # Each packed word once: (BLOCK_K / 8, BLOCK_N) words, their 8 nibbles spread to
+        # (BLOCK_K / 8, 8, BLOCK_N) and folded to rows k = 8 i + j (K steps start at
+        # multiples of 8 and K is one, so a word's rows are all in or all out).
+        wrow = k0 // 8 + offs_w
+        words = tl.load(W + wrow[:, None].to(tl.int64) * stride_wk
+                        + offs_n[None, :] * stride_wn,
+                        mask=(wrow < k_hi // 8)[:, None] & n_ok[None, :], other=0)
         # int32 >> is arithmetic; the mask keeps the nibble (nibble 7 carries the sign bits).
-        q = ((words >> shift) & 0xF).to(tl.float32)
+        q = tl.reshape((words[:, None, :] >> shift) & 0xF, (BLOCK_K, BLOCK_N))
+        q = q.to(tl.float32)
         # Dequantise: (q - z) is an exact small integer, so the float32 product is the one
         # rounding before the cast to x's dtype, as in the reference.
         if ACT_ORDER:

@@ -142,6 +142,46 @@ def _module():
         raise BackendUnavailable(f"{OP}: {err}") from err
 
 
+def fast(call, config: Config):
+    """``run``'s launch for repeats of a decode call (see ``Backend.fast``): a launcher
+    ``(q, k_cache, v_cache, block_table, seq_lens, out, lse)`` with the launch numbers settled
+    here; None where ``run`` does more than the one native call (chunked prefill: tokens past
+    the last query run keep their zeros; fp8 scales; empty batches; copies for alignment).
+    Decode writes every row of ``out`` and ``lse`` (a sequence of length 0 gets zeros and
+    -inf), so the caller may pass them uninitialised."""
+    q = call.q
+    if (call.cu_seqlens_q is not None or call.k_scale is not None or call.batch == 0
+            or q.shape[0] == 0 or q.device.type != "cuda"):
+        return None
+    if any(_misaligned(t, 16) for t in (q, call.out, call.k_cache, call.v_cache)):
+        return None
+    forward = _module().forward
+    dev = q.device
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    rows, splits = plan_launch(
+        call.batch, call.max_seqlen_q, q.shape[1], call.heads_kv,
+        call.block_table.shape[1] * call.page_size, q.shape[2], call.k_cache.element_size(),
+        _sm_count(index), config.get("rows", 0), config.get("splits", 0),
+        config.get("split_scale", 1.0))
+    tail = (call.kv_layout == "HND", call.max_seqlen_q, call.scale, call.softcap,
+            call.window_left, call.window_right, rows, splits, MIN_SPLIT_KEYS)
+    stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if stream is None:
+        return None
+    current = torch.cuda.current_device
+
+    def launch(q, k_cache, v_cache, block_table, seq_lens, out, lse):
+        if current() != index:
+            with torch.cuda.device(index):
+                forward(q, k_cache, v_cache, block_table, seq_lens, None, None, None, out, lse,
+                        *tail, stream(index))
+            return
+        forward(q, k_cache, v_cache, block_table, seq_lens, None, None, None, out, lse, *tail,
+                stream(index))
+
+    return launch
+
+
 def run(call, config: Config) -> None:
     """The ``cuda`` and ``hip`` backends: write ``call.out`` and ``call.lse``."""
     q, out = call.q, call.out
