@@ -1,8 +1,12 @@
-"""End to end: whole HuggingFace Llama models (random weights built from configs, bf16, one GPU),
-transformers' SDPA path against ``kpt.integrations.hf.patch``, each also under torch.compile.
+"""End to end: whole HuggingFace Llama and Qwen3-MoE models (random weights built from configs,
+bf16, one GPU), transformers' SDPA path against ``kpt.integrations.hf.patch``, each also under
+torch.compile.
 
 Shapes: ``8b`` (bench/llama3-8b-config.json: hidden 4096, 32/8 heads, head dim 128) and ``1b``
 (Llama-3.2-1B: hidden 2048, 32/8 heads, head dim 64, tied embeddings); llama3 RoPE scaling.
+``qwen3-a3b``: a Qwen3-30B-A3B-shaped MoE stack (hidden 2048, 128 experts, top 8, expert
+intermediate 768, 32/4 heads, head dim 128, 4 layers by default), prefill rows ``seq4096`` and
+``padded`` and the four eager/static decode rows only, and its own variants (``MOE_VARIANTS``).
 Case ids are ``<shape>-L<layers>-<kind>-<row>-<variant>`` (select with ``-k``):
 
 * ``prefill``: forward without a KV cache, logits of each sequence's last token only
@@ -22,7 +26,12 @@ Case ids are ``<shape>-L<layers>-<kind>-<row>-<variant>`` (select with ``-k``):
   ~50 GB of activations); the rows' first decode tokens differ.
 
 Variants: ``hf_sdpa`` (attn_implementation="sdpa"), ``hf_sdpa_compile``, ``kpt`` (the same
-model object, patched for the case and unpatched after it) and ``kpt_compile``. Prefill and
+model object, patched for the case and unpatched after it) and ``kpt_compile``. On the MoE
+shape ``hf_sdpa`` runs transformers' default experts (``grouped_mm``: torch's grouped GEMM),
+``hf_sdpa_eager_moe`` its per-expert loop (``experts_implementation="eager"``; no static rows:
+the loop syncs with the host, which a CUDA graph cannot capture), and ``kpt`` patches attention
+and the MoE blocks (``moe_route`` + ``fused_moe``); compiled variants only when named in
+``KPT_E2E_VARIANTS``. Prefill and
 train compile each decoder layer (regional compilation, static shapes: one compile per row serves
 every layer, so compile time does not grow with depth); decode compiles the whole forward, as
 HF's static-cache recipe does, in inductor's default mode (the CUDA graph is ours: the prefill
@@ -49,17 +58,18 @@ first compiles: ``first s``), over about ``KPT_E2E_ROW_S`` seconds (3 to 20 call
 the shared summary. Cases run by importance (``cases``), and those that would start after
 ``KPT_E2E_BUDGET_S`` are skipped and listed, so a run ends near that time plus one case.
 
-Environment, defaults in brackets: KPT_E2E_SHAPES [8b,1b]; KPT_E2E_VARIANTS [all four];
-KPT_E2E_LAYERS [8b=4,1b=8] (prefill/train models; one number sets both); KPT_E2E_DECODE_LAYERS
-[all]; KPT_E2E_PAGED_LAYERS [4] (as KPT_E2E_LAYERS); KPT_E2E_CONTEXT [2048];
+Environment, defaults in brackets: KPT_E2E_SHAPES [8b,1b,qwen3-a3b]; KPT_E2E_VARIANTS [all
+four; MOE_VARIANTS on the MoE shape]; KPT_E2E_LAYERS [8b=4,1b=8,qwen3-a3b=4] (prefill/train
+models; one number sets all); KPT_E2E_DECODE_LAYERS [all; qwen3-a3b=4]; KPT_E2E_PAGED_LAYERS
+[4] (as KPT_E2E_LAYERS); KPT_E2E_CONTEXT [2048];
 KPT_E2E_DECODE_STEPS [32]; KPT_E2E_ROW_S [1.0]; KPT_E2E_TOL [0.1]; KPT_E2E_BUDGET_S [300];
 KPT_E2E_PROFILE=1 adds ``test_e2e_profile`` (torch.profiler over one prefill and one train step
 of the 8B shape on ``KPT_E2E_PROFILE_ROW`` [padded], hf_sdpa and kpt: top CUDA-time ops to
 ``$OUT/profile-<variant>-<kind>.txt``).
 
-Run: ``OUT=out pytest -q bench/bench_e2e_hf.py -k "8b and not compile"`` (needs CUDA). CPU check
-of the inputs, references, loss and comparisons on tiny float32 models: ``python -m
-bench.bench_e2e_hf [--compile]``.
+Run: ``OUT=out pytest -q bench/bench_e2e_hf.py -k "8b and not compile"`` (needs CUDA); the MoE
+rows: ``KPT_E2E_SHAPES=qwen3-a3b``. CPU check of the inputs, references, loss and comparisons
+on tiny float32 models (a Llama and a Qwen3-MoE): ``python -m bench.bench_e2e_hf [--compile]``.
 """
 
 from __future__ import annotations
@@ -84,7 +94,14 @@ from torch import Tensor, nn
 from bench.conftest import record
 
 transformers = pytest.importorskip("transformers", reason="the HF benchmark needs transformers")
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
+from transformers import (  # noqa: E402
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    StaticCache,
+)
 
 import kpt.integrations.hf as kpt_hf  # noqa: E402
 
@@ -94,14 +111,28 @@ SHAPES: dict[str, dict[str, Any]] = {
     "1b": dict(_CONFIG_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                head_dim=64, tie_word_embeddings=True,
                rope_scaling=dict(_CONFIG_8B["rope_scaling"], factor=32.0)),
+    # Qwen3-30B-A3B's config.json, the fields that shape compute: every layer sparse.
+    "qwen3-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                      moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                      norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32,
+                      num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                      rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                      tie_word_embeddings=False),
 }
+MODELS = {"llama": (LlamaConfig, LlamaForCausalLM),
+          "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
+MOE_SHAPES = tuple(s for s, c in SHAPES.items() if c["model_type"] != "llama")
+MOE_VARIANTS = ("hf_sdpa", "hf_sdpa_eager_moe", "kpt")
+MOE_PREFILL_ROWS = ("seq4096", "padded")
 # The ragged batch: a few hundred to 8192 tokens, 27322 in all (fixed, not drawn per run).
 LENGTHS = (8192, 6144, 4651, 3310, 2448, 1500, 777, 300)
 VARIANTS = ("hf_sdpa", "hf_sdpa_compile", "kpt", "kpt_compile")
 PREFILL_ROWS = ("seq4096", "seq16384", "padded", "packed")
 # Layers of the prefill/train models: the 1B model's 16 layers need > 80 GB under HF to train
 # on the padded 8 x 8192 batch (activations of 65536 padded tokens).
-TRAIN_LAYERS = {"8b": 4, "1b": 8}
+TRAIN_LAYERS = {"8b": 4, "1b": 8, "qwen3-a3b": 4}
+# A Qwen3-30B-A3B layer holds 1.2 GB of experts: a few layers, as for prefill.
+DECODE_LAYERS = {s: 4 if s in MOE_SHAPES else c["num_hidden_layers"] for s, c in SHAPES.items()}
 LOSS_CHUNK = 4096
 PAGED_ROWS = tuple(f"paged-b{b}-c{c}" for c in (2048, 16384) for b in (1, 16, 64))
 PAGED_LAYERS = {"8b": 4, "1b": 4}
@@ -153,12 +184,16 @@ def cases() -> list[Case]:
     first: its rows are the targets'), prefill/train without compile, then decode (its target
     baseline is HF's compiled static-cache decode), then prefill/train compiled. Within a row
     hf_sdpa runs first (the ratio's base)."""
-    variants = [v for v in _env("KPT_E2E_VARIANTS", ",".join(VARIANTS)).split(",") if v]
+    named = [v for v in _env("KPT_E2E_VARIANTS", "").split(",") if v]
     train_layers = _per_shape("KPT_E2E_LAYERS", TRAIN_LAYERS)
-    decode_layers = _per_shape("KPT_E2E_DECODE_LAYERS",
-                               {s: c["num_hidden_layers"] for s, c in SHAPES.items()})
+    decode_layers = _per_shape("KPT_E2E_DECODE_LAYERS", DECODE_LAYERS)
     out = []
-    for shape in _env("KPT_E2E_SHAPES", "8b,1b").split(","):
+    for shape in _env("KPT_E2E_SHAPES", "8b,1b,qwen3-a3b").split(","):
+        if shape in MOE_SHAPES:
+            out += _moe_cases(shape, named or list(MOE_VARIANTS), train_layers[shape],
+                              decode_layers[shape])
+            continue
+        variants = [v for v in named or VARIANTS if v in VARIANTS]
         for compiled in (False, True):
             if compiled:
                 for row in ("dynamic-b1", "dynamic-b16", "static-b1", "static-b16"):
@@ -173,19 +208,32 @@ def cases() -> list[Case]:
     return out
 
 
+def _moe_cases(shape: str, variants: list[str], layers: int, decode_layers: int) -> list[Case]:
+    """The MoE shape's cases: prefill rows, then eager and static decode (no train, no paged
+    rows); compiled variants only where they apply (static decode, or prefill)."""
+    out = [Case(shape, layers, "prefill", row, v) for row in MOE_PREFILL_ROWS for v in variants]
+    for row in ("dynamic-b1", "dynamic-b16", "static-b1", "static-b16"):
+        out += [Case(shape, decode_layers, "decode", row, v) for v in variants
+                if (row.startswith("static") or not v.endswith("_compile"))
+                and not (row.startswith("static") and v == "hf_sdpa_eager_moe")]
+    return out
+
+
 # ---- models and inputs (device-agnostic: the CPU smoke check at the bottom uses them) -------
 
 
 def build_model(config: dict[str, Any], layers: int, *, device: str | torch.device = "cuda",
                 dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:
-    """A random-weight ``LlamaForCausalLM`` made directly on ``device`` in ``dtype`` (HF's init:
-    normal with std ``initializer_range`` = 0.02, which keeps bf16 activations finite)."""
+    """A random-weight ``LlamaForCausalLM`` (or ``Qwen3MoeForCausalLM``, per the config's
+    ``model_type``) made directly on ``device`` in ``dtype`` (HF's init: normal with std
+    ``initializer_range`` = 0.02, which keeps bf16 activations finite)."""
+    config_cls, model_cls = MODELS[config.get("model_type", "llama")]
     fields = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype")}
     fields |= {"num_hidden_layers": layers, "attn_implementation": "sdpa", "use_cache": False}
     fields.setdefault("max_position_embeddings", 131072)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(LlamaConfig(**fields), dtype=dtype)
+        model = model_cls._from_config(config_cls(**fields), dtype=dtype)
     return model.eval()
 
 
@@ -494,6 +542,14 @@ def paged_row(row: str) -> tuple[int, int]:
 def patched(model: nn.Module, variant: str, notes: list[str] | None = None) -> Iterator[None]:
     """kpt's patch for the ``kpt*`` variants (undone on exit), nothing for HF's; modules the
     patch left alone are noted (they run HF's code)."""
+    if variant == "hf_sdpa_eager_moe":
+        previous = model.config._experts_implementation
+        model.set_experts_implementation("eager")
+        try:
+            yield
+        finally:
+            model.set_experts_implementation(previous)
+        return
     if not variant.startswith("kpt"):
         yield
         return
@@ -733,8 +789,8 @@ def _speedup(row: dict[str, Any], base: str) -> str:
 
 
 def _write_table() -> str:
-    lines = [f"# kpt end to end, HF Llama bf16: {torch.cuda.get_device_name()}, torch "
-             f"{torch.__version__}, transformers {transformers.__version__}",
+    lines = [f"# kpt end to end, HF Llama and Qwen3-MoE bf16: {torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, transformers {transformers.__version__}",
              "",
              "ms: per call (prefill, train) or per decode step; tokens/s: real tokens (pads "
              "excluded); x hf, x hfc: hf_sdpa's, hf_sdpa_compile's ms / this ms; rel diff: to "
@@ -917,7 +973,40 @@ def _smoke(compile_layers: bool = False) -> None:
         assert rel < 1e-4
 
 
+def _smoke_moe() -> None:
+    """CPU check of the MoE rows on a tiny float32 Qwen3-MoE: every MoE variant against the
+    reference on the prefill rows and the first eager and static decode step."""
+    tiny = dict(SHAPES["qwen3-a3b"], hidden_size=64, intermediate_size=96,
+                moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
+    model = build_model(tiny, 2, device="cpu", dtype=torch.float32)
+    lengths = (40, 31, 22, 17, 9, 5, 3, 2)
+    for row in ("seq64", *MOE_PREFILL_ROWS[1:]):
+        batch = make_batch(row, 256, "cpu", lengths)
+        ref = prefill_reference(model, batch, False)
+        for variant in MOE_VARIANTS:
+            with patched(model, variant):
+                rel = rel_diff(prefill(model, batch), ref)
+            print(f"moe {row:8} {variant:18} logits {rel:.1e}")
+            assert rel < 1e-4, (row, variant, rel)
+    prompt, first = decode_inputs(256, 2, "cpu", context=24)
+    ref = decode_reference(model, prompt, first)
+    for static in (False, True):
+        for variant in MOE_VARIANTS:
+            if static and variant == "hf_sdpa_eager_moe":
+                continue
+            with patched(model, variant):
+                decoder = Decoder(model, prompt, first, 6, static)
+                rel = rel_diff(decoder.first_logits(), ref)
+                decoder.reset()
+                decoder.run()
+            print(f"moe decode {'static' if static else 'dynamic'} {variant:18} first step "
+                  f"{rel:.1e}, token 6 {decoder.ids.flatten().tolist()}")
+            assert rel < 1e-4
+
+
 if __name__ == "__main__":
     import sys
 
     _smoke(compile_layers="--compile" in sys.argv)
+    _smoke_moe()

@@ -39,7 +39,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kpt.integrations import _hf_attention, _hf_paged
+from kpt.integrations import _hf_attention, _hf_moe, _hf_paged
 from kpt.integrations._hf_paged import PagedCache
 from kpt.integrations._undo import Bound, Restore
 from kpt.nn.quantized import QUANTIZED_LINEARS, FP8Linear, Int4Linear, weight_bytes
@@ -308,6 +308,14 @@ PATCHES: dict[str, dict[str, Replacement]] = {
     # attention runs through kpt (soft-cap and sliding windows included for Gemma 2).
     "gemma2": {"": ATTENTION},
     "bert": {"": ATTENTION},
+    # MoE families: the sparse blocks' routers and experts (kpt.integrations._hf_moe); layers
+    # whose mlp is dense are listed in skipped. DeepSeek-V3's attention is MLA: HF's runs.
+    **{model_type: {"": ATTENTION, "model.layers.*": FUSED_INPUT,
+                    "model.layers.*.mlp": Replacement(_hf_moe.WHAT[model_type],
+                                                      _hf_moe.patch_block)}
+       for model_type in ("qwen3_moe", "qwen2_moe", "mixtral")},
+    "deepseek_v3": {"model.layers.*.mlp": Replacement(_hf_moe.WHAT["deepseek_v3"],
+                                                      _hf_moe.patch_block)},
 }
 
 
@@ -356,6 +364,12 @@ QUANTIZED_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "bert": tuple(f"encoder.layer.*.{n}" for n in (
         "attention.self.query", "attention.self.key", "attention.self.value",
         "attention.output.dense", "intermediate.dense", "output.dense")),
+    # MoE families: attention, dense MLPs and shared experts; the routed experts (3-D
+    # parameters, not nn.Linear) stay in the model's dtype.
+    **{model_type: (*_DECODER_PROJECTIONS,
+                    *(f"layers.*.mlp.shared_expert.{n}"
+                      for n in ("gate_proj", "up_proj", "down_proj")))
+       for model_type in ("qwen3_moe", "qwen2_moe", "mixtral")},
 }
 QUANTIZE = {"fp8": FP8Linear, "int4": Int4Linear}
 ALIGN_CHECK = 256  # layer sizes every option takes: _check_quantize checks the options alone
@@ -563,6 +577,10 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
         raise ValueError(f"kpt.integrations.hf.patch: parameter {on_meta!r} is on the meta device "
                          "(not loaded yet, or offloaded): patch a model whose weights are in "
                          "memory")
+    if quantize is not None and model_type not in QUANTIZED_PROJECTIONS:
+        raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r} is not available for "
+                         f"model_type {model_type!r} (available for: "
+                         f"{sorted(QUANTIZED_PROJECTIONS)})")
     handle = PatchHandle(model)
     table = PATCHES[model_type]
     try:

@@ -368,7 +368,8 @@ def test_patch_rejects_unknown_model_type_and_double_patch():
 
 def test_supported_lists_what_each_family_gets():
     table = kpt_hf.supported()
-    assert set(table) == {"llama", "mistral", "qwen2", "qwen3", "gemma2", "bert"}
+    assert set(table) == {"llama", "mistral", "qwen2", "qwen3", "gemma2", "bert", "qwen3_moe",
+                          "qwen2_moe", "mixtral", "deepseek_v3"}
     assert "rmsnorm_qkv_rope" in table["qwen3"]["model.layers.*"]
     assert table["bert"] == {"": table["llama"][""]}
 

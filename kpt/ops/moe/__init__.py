@@ -18,11 +18,15 @@ scales, DeepSeek-V3's format) multiply activations quantised to e4m3 per token i
 blocks (``quantize_fp8(x, "block")``), the intermediate too after its rounding. INT4 experts
 use ``int4_gemm``'s layout per expert and are dequantised exactly as it does.
 
-Two registry ops: ``moe_route`` and ``fused_moe``. Backends: ``reference`` (any device), and
-the kernels registered below. Training: ``moe_route``'s weights are differentiable with
-respect to ``logits``; ``fused_moe`` has a backward for bf16/fp16/fp32 experts (x, w13, w2
-and the routing weights) computed by recomputation in PyTorch (per-expert matmuls), not by a
-kpt kernel; quantised experts are inference only.
+Two registry ops: ``moe_route`` and ``fused_moe``. Backends: ``cuda`` / ``hip`` (csrc/moe, one
+source; routing is a warp per token, the experts mma.sync grouped GEMMs on CUDA and a SIMT
+path on HIP; bf16/fp16 and fp8 experts), ``triton`` (``_triton.py``: bf16/fp16, fp8 and int4
+experts; on the CPU under ``TRITON_INTERPRET=1``) and ``reference`` (any device).
+
+Training: ``moe_route``'s weights are differentiable with respect to ``logits``;
+``fused_moe`` has a backward for bf16/fp16/fp32 experts (x, w13, w2 and the routing weights)
+computed by recomputation in PyTorch (per-expert matmuls), not by a kpt kernel; quantised
+experts are inference only.
 """
 
 from __future__ import annotations
@@ -37,11 +41,15 @@ from torch import Tensor
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
+    lazy,
+    native_backends,
     plain_eager,
     read_content,
     reference_backend,
+    triton_backend,
+    triton_unavailable,
 )
-from kpt.ops._registry import Op, Problem
+from kpt.ops._registry import Backend, Op, Problem
 
 from . import reference as _reference
 from .reference import FP8_BLOCK, Alignment, capacity
@@ -158,10 +166,22 @@ def _bucket(p: Problem) -> str:
 
 # ---- backends ------------------------------------------------------------------------------
 
+_TRITON = f"{__name__}._triton"
 ROUTE_BACKENDS = (
+    # One kernel source for nvcc and hipcc (csrc/moe); supports() and configs() in _cuda.py.
+    *native_backends(f"{__name__}._cuda", dtypes=frozenset(_LOGIT_DTYPES),
+                     run_cuda="run_route_cuda", run_hip="run_route_hip",
+                     supports="route_supports", configs="route_configs"),
+    Backend(name="triton", device_types=frozenset({"cuda", "cpu"}),
+            dtypes=frozenset(_LOGIT_DTYPES), run=lazy(_TRITON, "run_route"),
+            available=triton_unavailable, supports=lazy(_TRITON, "route_supports"),
+            configs=lazy(_TRITON, "route_configs")),
     reference_backend(_reference.run_route, frozenset(_LOGIT_DTYPES)),
 )
 BACKENDS = (
+    triton_backend(_TRITON, dtypes=_HALF, supports=lazy(_TRITON, "supports"),
+                   configs="configs"),
+    *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run_cuda", run_hip="run_hip"),
     reference_backend(_reference.run, _FLOATS),
 )
 
@@ -183,14 +203,14 @@ def _example(device: torch.device, dtype: torch.dtype) -> Problem:
 ROUTE_SPEC = Op(
     name=OP_ROUTE,
     backends=ROUTE_BACKENDS,
-    priority={"cuda": ("reference",), "cpu": ("reference",)},
+    priority={"cuda": ("cuda", "hip", "triton", "reference"), "cpu": ("reference",)},
     bucket=_route_bucket,
     example=_route_example,
 )
 SPEC = Op(
     name=OP,
     backends=BACKENDS,
-    priority={"cuda": ("reference",), "cpu": ("reference",)},
+    priority={"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",)},
     bucket=_bucket,
     example=_example,
 )
