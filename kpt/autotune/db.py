@@ -182,6 +182,16 @@ def _config(value: Any) -> str:
     return config_json(value)
 
 
+def _unicode(name: str, value: str) -> None:
+    """RowError unless ``value`` is text SQLite can store: JSON's ``\\ud800`` escapes decode to
+    lone surrogates, which no UTF-8 encoder takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RowError(name, f"holds a lone surrogate {value[err.start]!r} (an unpaired "
+                             f"\\u escape): not Unicode text") from None
+
+
 def normalize(row: Mapping[str, Any]) -> Row:
     """A complete, checked row with every column, in column order.
 
@@ -197,6 +207,9 @@ def normalize(row: Mapping[str, Any]) -> Row:
         missing.insert(2, "config")
     if missing:
         raise RowError(missing[0], f"key column(s) {missing} missing or not non-empty strings")
+    for name in KEY:
+        if name != "config":
+            _unicode(name, row[name])
     out: Row = {}
     for name, kind in COLUMNS.items():
         value = row.get(name)
@@ -207,6 +220,7 @@ def normalize(row: Mapping[str, Any]) -> Row:
         elif kind is str:
             if not isinstance(value, str):
                 raise RowError(name, f"must be a string, got {_shown(value)}")
+            _unicode(name, value)
         elif name in ("valid", "is_default"):
             value = _int(name, value, 0, 1)
         elif kind is int:
@@ -247,6 +261,20 @@ def _retrying(fn: Callable[[], T]) -> T:
                 raise
         time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 0.5)
+
+
+def _check_schema(db: Any, path: Path | None) -> None:
+    """DatabaseUnavailable when the file's results table is not kpt's (another program's
+    table of that name, or an incompatible kpt): its rows could be neither read nor written."""
+    if TABLE not in db.table_names():
+        return
+    found = db[TABLE].columns_dict
+    missing = [name for name in COLUMNS if name not in found]
+    if missing or set(db[TABLE].pks) != set(KEY):
+        raise DatabaseUnavailable(
+            f"{path or 'the database'}: its {TABLE!r} table is not kpt's autotune table "
+            f"(columns {sorted(found)}; missing {missing or 'none'}, primary key "
+            f"{db[TABLE].pks}); set {ENV_PATH} to another file")
 
 
 def _check(conn: Any) -> None:
@@ -348,6 +376,7 @@ class ResultsDB:
         _retrying(lambda: db.execute("PRAGMA journal_mode=WAL").fetchall())
         db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: a commit survives a killed process
         _check(db)
+        _check_schema(db, self.path)
 
         def create() -> None:
             if TABLE not in db.table_names():  # checked again under the write lock: a race
@@ -413,6 +442,7 @@ class ResultsDB:
         try:
             self = cls(_wrap(conn), path, mode)
             _check(self._db)
+            _check_schema(self._db, path)
             return self
         except BaseException:
             conn.close()

@@ -10,12 +10,16 @@ Layout under ``cache_dir()/"jit"``::
 
 Only a directory with a marker naming its hash is trusted. A build killed midway (SIGKILL, OOM,
 a full disk) leaves a directory without one, which the next builder deletes and rebuilds; its
-lock is released by the OS when the process dies, so nobody waits on a dead builder.
+lock is released by the OS when the process dies, so nobody waits on a dead builder. The marker
+also records the library's size and SHA-256: a library damaged after its build (truncated by a
+full disk or an interrupted copy of the cache) is rebuilt, never loaded: mapping a truncated
+shared object kills the process with SIGBUS, which no Python code can catch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -46,16 +50,40 @@ class Marker:
     hash: str
     module: str
     library: str
+    size: int = -1
+    sha256: str = ""
+
+
+def digest(path: Path) -> tuple[int, str]:
+    """(size, SHA-256 hex) of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 def read_marker(build_dir: Path, build_hash: str) -> Marker | None:
-    """The marker of a finished build of ``build_hash`` in ``build_dir``, else None."""
+    """The marker of a finished build of ``build_hash`` in ``build_dir`` whose library is
+    intact (the size and digest it recorded), else None."""
     try:
         data = json.loads((build_dir / MARKER).read_text())
-        marker = Marker(hash=data["hash"], module=data["module"], library=data["library"])
+        marker = Marker(hash=data["hash"], module=data["module"], library=data["library"],
+                        size=int(data.get("size", -1)), sha256=str(data.get("sha256", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if marker.hash != build_hash or not (build_dir / marker.library).is_file():
+    library = build_dir / marker.library
+    if marker.hash != build_hash or not library.is_file():
+        return None
+    try:
+        intact = library.stat().st_size == marker.size and digest(library)[1] == marker.sha256
+    except OSError:
+        intact = False
+    if not intact:  # (a marker of an older kpt records neither: rebuilt once)
+        log.warning("kpt: the cached library %s does not match the size and digest recorded "
+                    "when it was built; rebuilding it", library)
         return None
     return marker
 

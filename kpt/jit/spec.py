@@ -341,7 +341,9 @@ class JitSpec:
         library = Path(module.__file__ or "")
         if library.parent.resolve() != build_dir.resolve():
             raise BuildError(f"kpt: {self.name!r} was loaded from {library}, not {build_dir}")
-        _cache.write_marker(build_dir, _cache.Marker(plan.hash, module.__name__, library.name))
+        size, sha256 = _cache.digest(library)
+        _cache.write_marker(build_dir, _cache.Marker(plan.hash, module.__name__, library.name,
+                                                     size, sha256))
         log.info("kpt: built %r in %.1f s", self.name, time.perf_counter() - start)
         return module
 

@@ -223,7 +223,7 @@ class Int4Linear(nn.Module):
         for name, size in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
                 reasons.append(f"{name} must be a positive int, got {size!r}")
-        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        if type(group_size) is not int or group_size not in GROUP_SIZES:  # not 32.0, True
             reasons.append(f"group_size must be one of {GROUP_SIZES} (-1: per channel), got "
                            f"{group_size!r}")
         elif not reasons and (in_features % 8 or (group_size > 0 and in_features % group_size)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,8 +75,10 @@ class RMSNormQKVRoPE(nn.Module):
         Qwen2, Qwen3 and alike: ``q_proj``/``k_proj``/``v_proj``, optional ``q_norm``/``k_norm``).
         The q/k/v weights are concatenated (copied) into one projection. ``rotary_dim``: the
         features the model really rotates per head (``2 * rotary_emb.inv_freq.numel()``);
-        default from the config's ``partial_rotary_factor``, which some models ignore (HF's
-        Llama rotates every feature whatever it says): pass it for those."""
+        by default what the model's own rotary embedding class computes from ``attn.config``
+        (a config's ``partial_rotary_factor`` is not enough: HF's Llama ignores it and rotates
+        every feature), and the config's ``partial_rotary_factor`` only where the attention's
+        module has no single such class."""
         if type(norm).__name__.startswith("Gemma"):
             raise ValueError(f"RMSNormQKVRoPE.from_hf: {type(norm).__name__} scales by "
                              f"(1 + weight); this op's RMSNorm scales by weight")
@@ -96,7 +99,8 @@ class RMSNormQKVRoPE(nn.Module):
             qk_norm=qk_norm,
             rope_theta=theta,
             rope_scaling=scaling,
-            rotary_dim=int(head_dim * partial) if rotary_dim is None else rotary_dim,
+            rotary_dim=(_hf_rotary_dim(attn) or int(head_dim * partial)) if rotary_dim is None
+            else rotary_dim,
             backend=backend,
             device=weight.device,
             dtype=weight.dtype,
@@ -127,3 +131,24 @@ class RMSNormQKVRoPE(nn.Module):
         return (f"hidden={self.hidden_size}, heads={self.num_q_heads}/{self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
                 f"qk_norm={self.q_norm_weight is not None}, bias={self.qkv_bias is not None}")
+
+
+def _hf_rotary_dim(attn: nn.Module) -> int | None:
+    """Features per head that the HF model of ``attn`` rotates: twice the inverse frequencies
+    its rotary embedding class (``<Model>RotaryEmbedding`` of the attention's module) computes
+    from the layer's config; None where there is no single such class or it cannot be built
+    from that config alone."""
+    config = getattr(attn, "config", None)
+    module = sys.modules.get(type(attn).__module__)
+    if config is None or module is None:
+        return None
+    found = [c for name, c in vars(module).items() if name.endswith("RotaryEmbedding")
+             and isinstance(c, type) and issubclass(c, nn.Module)]
+    if len(found) != 1:
+        return None
+    try:
+        with torch.device("cpu"):
+            inv_freq = found[0](config=config).inv_freq
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError):
+        return None  # another constructor or a config it cannot read: the config's factor
+    return 2 * inv_freq.numel()

@@ -157,6 +157,32 @@ def attention_options(op: str, causal: bool, window: Any, scale: Any, softcap: A
     return float(scale), left, right, float(softcap)
 
 
+def visible_matmul(p: torch.Tensor, visible: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``p @ v`` summed over the visible keys only: p (..., rows, keys) is 0 where ``visible``
+    (broadcast to p) is False, v (..., keys, D).
+
+    A plain product gives 0 * NaN = NaN, so a NaN or inf value of a key that a row cannot see
+    (a causal or window mask, a mask_mod) would reach that row. Here the non-finite entries of
+    v are left out of the product and come back only where visible, by IEEE's rules: NaN from
+    a NaN, from +inf and -inf together, or from an inf times a probability that underflowed to
+    0; else +-inf. The attention references share it; the Triton kernels do the same per tile
+    (``_triton_compat.nonfinite_pv``). Shapes are data-independent (traceable); in plain eager
+    code a v without a non-finite entry costs one check more than the product."""
+    bad = ~torch.isfinite(v)
+    if plain_eager(p, v) and not bool(bad.any()):
+        return p @ v
+    out = p @ v.masked_fill(bad, 0.0)
+    seen = visible.expand(p.shape).to(p.dtype)
+    pos, neg, nan = ((v == math.inf).to(p.dtype), (v == -math.inf).to(p.dtype),
+                     torch.isnan(v).to(p.dtype))
+    p_pos, p_neg = p @ pos, p @ neg
+    n_pos, n_neg, n_nan = seen @ pos, seen @ neg, seen @ nan
+    is_nan = ((n_nan > 0) | ((n_pos > 0) & (p_pos == 0)) | ((n_neg > 0) & (p_neg == 0))
+              | ((p_pos > 0) & (p_neg > 0)))
+    return torch.where(is_nan, math.nan, torch.where(
+        p_pos > 0, math.inf, torch.where(p_neg > 0, -math.inf, out)))
+
+
 def compare(name: str, out: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> str | None:
     """None when ``out`` matches ``ref``, else a one-line reason.
 

@@ -70,6 +70,42 @@ else:
 
 
 @triton.jit
+def nonfinite_pv(p, ok, v):
+    """IEEE's sum over the visible keys of p * v for v's non-finite entries only (0 where
+    there are none): NaN from a NaN, from +inf and -inf together, or from an inf times a
+    probability that underflowed to 0; else +-inf where an inf meets a positive p."""
+    vf = v.to(tl.float32)
+    vis = ok.to(tl.float32)
+    pos = (vf == float("inf")).to(tl.float32)
+    neg = (vf == float("-inf")).to(tl.float32)
+    nan = (vf != vf).to(tl.float32)
+    p_pos = tl.dot(p, pos)
+    p_neg = tl.dot(p, neg)
+    n_pos = tl.dot(vis, pos)
+    n_neg = tl.dot(vis, neg)
+    n_nan = tl.dot(vis, nan)
+    is_nan = ((n_nan > 0) | ((n_pos > 0) & (p_pos == 0)) | ((n_neg > 0) & (p_neg == 0))
+              | ((p_pos > 0) & (p_neg > 0)))
+    return tl.where(is_nan, float("nan"),
+                    tl.where(p_pos > 0, float("inf"), tl.where(p_neg > 0, float("-inf"), 0.0)))
+
+
+@triton.jit
+def masked_pv(p, v, ok, acc):
+    """``acc + p @ v`` summed over the visible keys only (``ok``: (rows, keys); p is 0
+    elsewhere). A plain dot would give 0 * NaN = NaN: a NaN or inf value of a key that a row
+    cannot see (a causal or window mask, a page slot past the band) would reach that row.
+    Non-finite values leave the dot and come back only where visible, by IEEE's rules; a tile
+    without one (the usual case) costs a compare and a reduction more than the dot."""
+    vf = v.to(tl.float32)  # (the interpreter compares bf16 as raw bits)
+    bad = (vf != vf) | (tl.abs(vf) == float("inf"))
+    acc = dot(cast(p, v.dtype), tl.where(bad, tl.zeros_like(v), v), acc)
+    if tl.sum(tl.sum(bad.to(tl.int32), 1), 0) > 0:
+        acc += nonfinite_pv(p, ok, v)
+    return acc
+
+
+@triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  GROUP_M: tl.constexpr):
     """(row tile, column tile) of program ``pid`` of a GEMM, GROUP_M row tiles at a time:

@@ -90,7 +90,7 @@ def test_doctor_reports_every_backend(capsys):
     assert "fingerprint" in out and "torch" in out and "nvcc" in out
     lines = [ln.split(None, 2) for ln in out.splitlines() if ln.startswith("rmsnorm_qkv_rope")]
     status = {backend: rest for _, backend, rest in lines}
-    assert set(status) == {"cuda", "hip", "triton", "reference"}
+    assert set(status) == {"cuda", "hip", "triton", "reference", "xla", "xpu"}
     assert status["reference"] == "ok"
     if not torch.cuda.is_available():
         assert "device cpu" in status["cuda"]

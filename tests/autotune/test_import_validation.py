@@ -65,6 +65,9 @@ BAD_LINES = {
     "deep_nesting": ("[" * 100_000 + "]" * 100_000, "line 3"),
     "deep_object": ('{"op": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001, "line 3"),
     "not_json": ('{"op": "x",', "line 3"),
+    # JSON's "\ud800" escape decodes to a lone surrogate, which no UTF-8 encoder takes
+    "lone_surrogate_key": (json.dumps(_good("n3", op="\ud800")), "op"),
+    "lone_surrogate_text": (json.dumps(_good("n3", error="x\udfff")), "error"),
     "not_object": ('"a row"', "line 3"),
 }
 
@@ -155,6 +158,32 @@ def test_file_errors_are_one_line(tmp_path, capsys):
         captured = capsys.readouterr()
         (line,) = captured.err.splitlines()
         assert line.startswith(f"kpt-autotune {argv[0]}: error:") and text in line, (argv, line)
+
+
+@pytest.mark.parametrize("command", ["import", "export", "show"])
+def test_a_results_table_of_another_schema_is_named_not_touched(command, tmp_path, capsys):
+    """A 'results' table of another program (or an incompatible kpt) at the database path: a
+    one-line error naming the file, and the table left as it was (import used to exit 4 with
+    InvalidColumns, export 3 with 'no such column: config')."""
+    import sqlite3
+
+    path = db.default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as conn:
+        conn.execute("create table results (op text, backend text)")
+        conn.execute("insert into results values ('theirs', 'x')")
+    rows = _file(tmp_path, [json.dumps(_good("n1"))])
+    argv = {"import": ["import", str(rows)], "export": ["export", str(tmp_path / "out.jsonl")],
+            "show": ["show", "--all"]}[command]
+    assert main(argv) in (2, 3)
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"kpt-autotune {command}: error:") and str(path) in line
+    assert "not kpt's" in line and "Traceback" not in captured.err
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("select * from results").fetchall() == [("theirs", "x")]
+        columns = [c[1] for c in conn.execute("pragma table_info(results)")]
+    assert columns == ["op", "backend"]
 
 
 def test_an_unexpected_error_is_one_line_too(monkeypatch, capsys):

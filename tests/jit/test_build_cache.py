@@ -6,6 +6,7 @@ never trusted and never makes later loads hang, KPT_DISABLE_JIT=1 never compiles
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -174,6 +175,33 @@ def test_unfinished_build_is_not_trusted(toy_env, monkeypatch):
     )
     assert TOY_SPEC.load().add(2, 3) == 5
     assert compiler_runs(toy_env["counter"]) == 1
+
+
+def _load_in_a_new_process(toy_env) -> tuple:
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    args = (str(toy_env["csrc"]), str(toy_env["cache"]), str(toy_env["counter"]), None, results)
+    process = ctx.Process(target=load_toy_worker, args=args)
+    process.start()
+    _join(process, "a load")  # fails the test on a signal (SIGBUS) or a hang
+    return results.get(timeout=5)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same size, other bytes"])
+def test_damaged_library_behind_a_marker_is_rebuilt(toy_env, damage):
+    """A finished build whose library was damaged afterwards (a full disk, an interrupted copy
+    of the cache): the marker's size and digest no longer match, so the next process rebuilds
+    it. Mapping the truncated library killed the loading process with SIGBUS."""
+    assert _load_in_a_new_process(toy_env) == ("ok", 5)
+    library = TOY_SPEC.build_dir() / json.loads((TOY_SPEC.build_dir() / MARKER).read_text())[
+        "library"]
+    data = library.read_bytes()
+    library.write_bytes(data[:1000] if damage == "truncated" else
+                        data[:-64] + bytes(b ^ 0xFF for b in data[-64:]))
+    assert _load_in_a_new_process(toy_env) == ("ok", 5)
+    assert compiler_runs(toy_env["counter"]) == 2
+    assert _load_in_a_new_process(toy_env) == ("ok", 5)  # the rebuilt one is trusted
+    assert compiler_runs(toy_env["counter"]) == 2
 
 
 def test_cuda_spec_on_cpu_torch(toy_env):

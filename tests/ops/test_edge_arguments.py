@@ -94,7 +94,9 @@ def test_from_hf_refuses_gemma_norms_and_takes_the_real_rotary_dim():
         transformers.LlamaConfig(**small, partial_rotary_factor=0.5)).model
     layer = llama_model.layers[0]
     real = 2 * llama_model.rotary_emb.inv_freq.numel()
-    fused = RMSNormQKVRoPE.from_hf(layer.input_layernorm, layer.self_attn, rotary_dim=real)
+    # by default, what the model's own rotary embedding rotates (Llama: every feature)
+    fused = RMSNormQKVRoPE.from_hf(layer.input_layernorm, layer.self_attn)
+    assert fused.rotary_dim == real == 16
     x, pos = torch.randn(1, 5, 64), torch.arange(5)[None]
     q, k, _ = fused(x, pos)
     normed = layer.input_layernorm(x)
@@ -107,3 +109,8 @@ def test_from_hf_refuses_gemma_norms_and_takes_the_real_rotary_dim():
     # float32 on the reference: the same operations in another order, a few ulps
     torch.testing.assert_close(q, want_q.transpose(1, 2), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, want_k.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    # a model whose rotary embedding honours partial_rotary_factor (GLM) rotates half
+    glm = transformers.GlmForCausalLM(transformers.GlmConfig(
+        **{**small, "vocab_size": 200000}, pad_token_id=0, partial_rotary_factor=0.5)).model
+    built = RMSNormQKVRoPE.from_hf(glm.layers[0].input_layernorm, glm.layers[0].self_attn)
+    assert built.rotary_dim == 2 * glm.rotary_emb.inv_freq.numel() == 8

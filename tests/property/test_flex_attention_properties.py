@@ -633,16 +633,37 @@ def test_create_block_mask_rejects_bad_sizes(bad):
     expect_named_error(lambda: create_block_mask(**args), ("create_block_mask", OP))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG a captured index tensor shorter than the sequence (mods.document ids, prefix_lm "
-    "lengths per batch): create_block_mask raises a bare IndexError, while flex_attention's "
-    "reference and kernels read such an index as 0 (_codegen.evaluate); one of the two "
-    "behaviours is wrong, and the IndexError does not name the op"))
-@pytest.mark.parametrize("mask", ["document", "prefix_lm"])
+@pytest.mark.parametrize("mask", ["document", "prefix_lm", "and_masks"])
 def test_short_captured_index_tensor(mask):
-    mod = (mods.document(torch.tensor([0, 0, 1])) if mask == "document"
-           else mods.prefix_lm(torch.tensor([1])))
+    """Regression (issue 27): a captured index tensor shorter than the sequence (document ids,
+    prefix lengths per batch) raised a bare IndexError in create_block_mask, while the
+    kernels read such an index as 0; both now refuse it by name, before evaluating."""
+    mod = {"document": lambda: mods.document(torch.tensor([0, 0, 1])),
+           "prefix_lm": lambda: mods.prefix_lm(torch.tensor([1])),
+           "and_masks": lambda: mods.and_masks(causal_fn, mods.document(torch.tensor([0, 1])))
+           }[mask]()
     expect_named_error(lambda: create_block_mask(mod, 2, 1, 5, 5, "cpu", 16),
+                       ("create_block_mask", OP))
+
+
+@pytest.mark.parametrize("table", ["slopes", "ids"])
+def test_short_captured_score_table(table):
+    """A score_mod reading a captured table shorter than its index range (alibi slopes for
+    fewer heads, document ids for fewer tokens): refused by name (the kernels used to read the
+    missing entries as 0)."""
+    q, k, v = _qkv()
+    ids = torch.tensor([0, 0, 1])
+    score = (mods.alibi(torch.ones(1)) if table == "slopes" else
+             lambda s, b, h, q_idx, kv_idx: torch.where(ids[q_idx] == ids[kv_idx], s, -s))
+    expect_named_error(lambda: flex_attention(q, k, v, score), OP)
+
+
+def test_mask_mod_of_two_arguments_after_one_of_four():
+    """Regression (issue 27): a mask_mod `lambda b, h: True` has the bytecode of `lambda b, h,
+    q_idx, kv_idx: True`; once the latter had passed the checks, the former skipped them and
+    failed later with a bare TypeError."""
+    create_block_mask(lambda b, h, q_idx, kv_idx: True, 1, 1, 5, 5, "cpu", 16)
+    expect_named_error(lambda: create_block_mask(lambda b, h: True, 1, 1, 5, 5, "cpu", 16),
                        ("create_block_mask", OP))
 
 

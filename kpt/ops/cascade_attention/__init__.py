@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kpt.ops._common import check_tensor, read_content
+from kpt.ops._common import attention_options, check_tensor, read_content
 
 OP = "merge_attention_states"
+OP_CASCADE = "cascade_attention"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -71,8 +72,13 @@ def merge_attention_states_(o_a: Tensor, lse_a: Tensor, o_b: Tensor,
     return o_a, lse_a
 
 
-def _levels(levels, batch: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
-    op = "cascade_attention"
+def _levels(levels, batch: int, device: torch.device, num_pages: int,
+            page_size: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Each level's tensors checked (and, where they are read on the host, their content: the
+    pages a level uses exist, its lengths fit its table), made contiguous."""
+    from kpt.ops.paged_attention import _check_tables
+
+    op = OP_CASCADE
     if not isinstance(levels, (list, tuple)) or not levels:
         raise TypeError(f"{op}: levels must be a non-empty list of (block_table, seq_lens, "
                         f"group_indptr), got {type(levels).__name__}")
@@ -96,6 +102,8 @@ def _levels(levels, batch: int, device: torch.device) -> list[tuple[Tensor, Tens
                     b < a for a, b in zip(values, values[1:])):
                 raise ValueError(f"{op}: levels[{i}].group_indptr must rise from 0 to the "
                                  f"{batch} requests, got {values[:8]}")
+        if read_content(table):
+            _check_tables(f"{op}: levels[{i}]", table, lens, num_pages, page_size, None)
         out.append((table.contiguous(), lens.contiguous(), indptr.contiguous()))
     return out
 
@@ -163,16 +171,34 @@ def cascade_attention(
 
     Returns out (like q) and, with ``return_lse``, lse (float32, (Tq, Hq)).
     """
-    from kpt.ops.paged_attention import paged_attention
+    from kpt.ops.paged_attention import SPEC, _check_cache, _check_scales, paged_attention
 
-    op = "cascade_attention"
+    op = OP_CASCADE
+    for name, value in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
     check_tensor(op, "q", q, ndim=3, dtypes=_FLOATS)
+    page_size, heads_kv, d = _check_cache(op, k_cache, v_cache, kv_layout, q.device, q.dtype)
+    if q.shape[2] != d or d == 0 or q.shape[1] == 0 or q.shape[1] % heads_kv:
+        raise ValueError(f"{op}: q (T, Hq, D) = {tuple(q.shape)} must have the caches' head_dim "
+                         f"{d} and a positive multiple of their {heads_kv} kv heads")
+    attention_options(op, causal, None, scale, softcap, d)
+    k_scale, v_scale = _check_scales(op, k_cache, k_scale, v_scale, heads_kv, q.device)
+    if backend is not None and backend != "reference":
+        if not isinstance(backend, str) or backend not in {b.name for b in SPEC.backends}:
+            raise ValueError(f"{op}: unknown backend {backend!r} (known: reference and "
+                             f"paged_attention's {', '.join(b.name for b in SPEC.backends)})")
+    if max_seqlen_q is not None and (isinstance(max_seqlen_q, bool)
+                                     or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0):
+        raise ValueError(f"{op}: max_seqlen_q must be an int >= 0, got {max_seqlen_q!r}")
     if cu_seqlens_q is None:
         cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
         batch, max_m = q.shape[0], 1
     else:
         check_tensor(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,),
                      device=q.device)
+        if cu_seqlens_q.shape[0] == 0:
+            raise ValueError(f"{op}: cu_seqlens_q needs B + 1 >= 1 entries, got none")
         cu_q, batch = cu_seqlens_q.contiguous(), cu_seqlens_q.shape[0] - 1
         max_m = max_seqlen_q
         if max_m is None or read_content(cu_q):
@@ -186,7 +212,7 @@ def cascade_attention(
                 raise ValueError(f"{op}: max_seqlen_q={max_m} is below the longest query run "
                                  f"({longest})")
             max_m = longest if max_m is None else max_m
-    levels = _levels(levels, batch, q.device)
+    levels = _levels(levels, batch, q.device, k_cache.shape[0], page_size)
     if backend == "reference":
         out, lse = _reference(q, k_cache, v_cache, levels, cu_q, causal, scale, softcap,
                               k_scale, v_scale, kv_layout)

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from kpt.ops._triton_compat import cast as _cast
 from kpt.ops._triton_compat import dot as _dot
+from kpt.ops._triton_compat import masked_pv as _masked_pv
 from kpt.ops._triton_compat import mm as _mm
 
 try:  # host-built TMA descriptors (triton >= 3.4); older versions use the pointer path only
@@ -213,7 +214,10 @@ def _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi, o
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
+        if MASKED:  # a NaN / inf value of a key some row cannot see stays out of that row
+            acc = _masked_pv(p, v, ok, acc * alpha[:, None])
+        else:
+            acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i
 
@@ -363,6 +367,8 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         dv = _dot(_cast(p_t, do.dtype), do, dv)
         dp_t = _mm(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
+        if MASKED:  # dp_t of a pair that is not visible may be NaN (a NaN value): p_t is 0
+            ds_t = tl.where(ok, ds_t, 0.0)
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t * t)
         dk = _dot(_cast(ds_t, q.dtype), q, dk)
@@ -457,6 +463,8 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, 
             p = tl.where(ok, p, 0.0)
         dp = _mm(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
+        if MASKED:  # dp of a key this row cannot see may be NaN (a NaN value): p is 0 there
+            ds = tl.where(ok, ds, 0.0)
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = _dot(_cast(ds, k.dtype), k, dq)

@@ -9,6 +9,10 @@ For every sequence of the batch and every query head ``h`` (its kv head is ``h /
     lse[i] = log(sum_{visible j} exp(s[i, j]))            # natural log; -inf with no visible j
     out[i] = sum_{visible j} exp(s[i, j] - lse[i]) v[j]   # 0 when no key is visible
 
+Keys a query cannot see take no part in its output, whatever they hold: a NaN or inf in the
+keys or values of masked positions never reaches it, and masked values never reach the
+gradients either (a non-finite *key* at a masked position still reaches dq: ``ds @ k``).
+
 ``causal`` is ``right = 0``. Everything is computed in float32 and rounded to the input dtype
 once at the end. Queries are processed in chunks so that the (Sq, Sk) score matrix is never
 materialised for long sequences. The backward recomputes the probabilities per chunk (exactly,
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kpt.ops._common import visible_matmul
 
 # Elements of one chunk's (heads, chunk, Sk) score tensor; a few such tensors are alive at once.
 _CHUNK_ELEMENTS = 1 << 25
@@ -121,7 +127,7 @@ def attention_forward(
             s, _, visible = _scores(qc, kf, rows, seqlen_q, scale, window_left, window_right,
                                     softcap)
             p, lse_c = _probs(s, visible)
-            o_seg[i0 : i0 + step] = _tokens_first(torch.matmul(p, vf[:, None]))
+            o_seg[i0 : i0 + step] = _tokens_first(visible_matmul(p, visible, vf[:, None]))
             lse_seg[:, i0 : i0 + step] = lse_c.reshape(heads, -1)
     return out.to(q.dtype), lse
 
@@ -164,7 +170,8 @@ def attention_backward(
             s, t, visible = _scores(qc, kf, rows, seqlen_q, scale, window_left, window_right,
                                     softcap)
             p, _ = _probs(s, visible)
-            dp = torch.matmul(doc, vf[:, None].transpose(-1, -2))
+            # a key a row cannot see contributes nothing, whatever its value (NaN included)
+            dp = torch.matmul(doc, vf[:, None].transpose(-1, -2)).masked_fill(~visible, 0.0)
             delta = (p * dp).sum(-1, keepdim=True)
             if dlse is not None:
                 g = dlse[:, qi[0]] if varlen else dlse[qi]

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kpt.backends.xla import xla_backend
+from kpt.backends.xpu import triton_entry, xpu_backend
 from kpt.ops._common import (
     check_tensor,
     lazy,
@@ -165,11 +167,16 @@ BACKENDS = (
         dtypes=_FLOATS | {torch.float64},
         run=_reference_run,
     ),
+    xla_backend("flex_attention", dtypes=_FLOATS),
+    xpu_backend(f"{__name__}._triton", dtypes=_FLOATS, supports=_triton_supports,
+                configs="configs"),
 )
 _BACKWARD = {"flash": lazy(f"{__name__}._flash", "backward"),
              "triton": lazy(f"{__name__}._triton", "backward"),
              "cuda": lazy(f"{__name__}._cuda", "backward"),
-             "hip": lazy(f"{__name__}._cuda", "backward")}
+             "hip": lazy(f"{__name__}._cuda", "backward"),
+             "xla": lazy("kpt.backends.xla.flex_attention", "backward"),
+             "xpu": triton_entry(f"{__name__}._triton", "backward")}
 
 
 def example_problem(device: torch.device, dtype: torch.dtype) -> Problem:
@@ -202,8 +209,8 @@ SPEC = Op(
         # backend="flash") runs flash's reference.
         "cuda": ("flash", "triton", "cuda", "hip", "reference"),
         "cpu": ("reference",),
-        "xla": ("reference",),
-        "xpu": ("reference",),
+        "xla": ("xla", "reference"),
+        "xpu": ("xpu", "reference"),
         "mps": ("reference",),
     },
     bucket=_bucket,

@@ -21,8 +21,13 @@ on a traced value gave the reference an obscure "Boolean value of Tensor ... is 
   per-element calls. A probe passed is remembered per mod code (:func:`._codegen.code_key`),
   so it costs one small evaluation per mod, not per call.
 
+A mod that captures tensors is also called at the ends of the call's index ranges
+(:func:`_check_bounds`): a table shorter than the positions it is indexed with (document ids,
+slopes per head) is refused, where the kernels would read its missing entries as 0.
+
 Violations raise ``TypeError`` (the result's type or dtype) or ``ValueError`` (shape,
-cross-element dependence, control flow) naming ``flex_attention`` and the rule.
+cross-element dependence, control flow, a captured table too short) naming ``flex_attention``
+and the rule.
 """
 
 from __future__ import annotations
@@ -103,6 +108,9 @@ def check_mods(translation: _codegen.Translation, score_mod: Callable | None,
             _check_kind(SCORE_MOD, translation.score_ir[1])
         if translation.mask_ir is not None:
             _check_kind(MASK_MOD, translation.mask_ir[1])
+        for which, fn in ((SCORE_MOD, score_mod), (MASK_MOD, mask_mod)):
+            if fn is not None:
+                _check_bounds(which, fn, sizes)
         return
     for which, fn in ((SCORE_MOD, score_mod), (MASK_MOD, mask_mod)):
         if fn is not None:
@@ -114,6 +122,7 @@ def check_mod(which: str, fn: Callable, sizes: Sizes | None) -> None:
     :data:`RULE`; see the module docstring for how."""
     if not callable(fn):
         raise TypeError(f"{OP}: {which} must be callable, got {type(fn).__name__}")
+    _check_bounds(which, fn, sizes)  # (remembered per sizes: not in the verdict below)
     code = _codegen.code_key(fn)
     key = None
     if code is not None:
@@ -139,6 +148,88 @@ def check_mod(which: str, fn: Callable, sizes: Sizes | None) -> None:
             if len(_CHECKED) >= _CHECKED_LIMIT:
                 _CHECKED.pop(next(iter(_CHECKED)))
             _CHECKED[key] = None
+
+
+# ---- captured tensors: indexed in range ------------------------------------------------------
+
+_BOUNDS_CHECKED: dict[tuple, None] = {}
+
+
+def _captured(fn: Any, depth: int = 0) -> list[Tensor]:
+    """The tensors a mod reads from its closure or globals (through the functions it calls,
+    such as ``and_masks`` of ``document``)."""
+    if not callable(fn) or depth > 4:
+        return []
+    code = getattr(fn, "__code__", None)
+    values = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+              if _filled(c)]
+    if code is not None:
+        values += [fn.__globals__[n] for n in code.co_names if n in fn.__globals__]
+    found = []
+    for value in values:
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found += [t for v in value for t in _captured_nested(v, depth)]
+        elif callable(value) and not isinstance(value, type):
+            found += _captured(value, depth + 1)
+    return found
+
+
+def _captured_nested(value: Any, depth: int) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    return _captured(value, depth + 1) if callable(value) else []
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def _check_bounds(which: str, fn: Callable, sizes: Sizes | None) -> None:
+    """A mod that reads a captured tensor (document ids, prefix lengths per batch) must
+    index it in range at every position of the call: called at the corners of the index
+    ranges (first and last batch, head, query and key), where per-position tables are
+    indexed at their ends. Short tables give an IndexError in eager code (the reference,
+    create_block_mask) but read as 0 in generated kernels, so they are refused for all.
+    Checked where the tensors are on the CPU (or with KPT_CHECK=1): on a GPU an index out of
+    range is a device-side assert, not an exception. Remembered per mod code, sizes and the
+    captured tensors' shapes."""
+    from kpt.ops._common import check_content
+
+    if sizes is None or sizes.nominal or min(sizes.batch, sizes.heads, sizes.q_len,
+                                             sizes.kv_len) <= 0:
+        return
+    if sizes.device.type != "cpu" and not check_content():
+        return  # (before walking the mod: this runs on every call)
+    tensors = _captured(fn)
+    if not tensors or any(t.device.type != "cpu" for t in tensors) and not check_content():
+        return
+    code = _codegen.code_key(fn)
+    key = None if code is None else (
+        which, code, tuple((tuple(t.shape), t.device) for t in tensors),
+        (sizes.batch, sizes.heads, sizes.q_len, sizes.kv_len, sizes.device))
+    if key is not None and key in _BOUNDS_CHECKED:
+        return
+    dev = sizes.device
+    ends = [torch.tensor([0, n - 1], device=dev) for n in
+            (sizes.batch, sizes.heads, sizes.q_len, sizes.kv_len)]
+    args = tuple(t.view([2 if d == i else 1 for d in range(4)]) for i, t in enumerate(ends))
+    if which == SCORE_MOD:
+        args = (torch.zeros((2, 2, 2, 2), dtype=sizes.score_dtype, device=dev), *args)
+    with torch.no_grad():
+        _call(which, fn, args, f"at the ends of its index ranges (B={sizes.batch}, "
+              f"H={sizes.heads}, Q_LEN={sizes.q_len}, KV_LEN={sizes.kv_len}): every tensor it "
+              f"captures must cover every position it indexes")
+    if key is not None:
+        with _LOCK:
+            if len(_BOUNDS_CHECKED) >= _CHECKED_LIMIT:
+                _BOUNDS_CHECKED.pop(next(iter(_BOUNDS_CHECKED)))
+            _BOUNDS_CHECKED[key] = None
 
 
 # ---- messages ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import math
 import threading
 import types
@@ -599,7 +600,12 @@ def code_key(fn: Callable | None, depth: int = 0) -> tuple | None:
         defaults = _value_key(fn.__defaults__, depth)
     except (LookupError, ValueError):
         return None
-    return (code.co_code, _consts_key(code.co_consts), code.co_names, cells, names, defaults)
+    # The signature too: `lambda b, h: True` has the bytecode of `lambda b, h, q, kv: True`
+    # and must not share its verdict (a check passed) or its translation.
+    signature = (code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount,
+                 code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS))
+    return (code.co_code, _consts_key(code.co_consts), code.co_names, cells, names, defaults,
+            signature)
 
 
 def _locate(fn: Callable | None, t: torch.Tensor) -> tuple[str, Any] | None:

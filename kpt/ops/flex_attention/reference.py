@@ -8,7 +8,9 @@ For every (b, h, i, j)::
     lse[b, h, i] = logsumexp_j s                      # natural log; -inf for a fully masked row
     out[b, h, i] = sum_j exp(s - lse) * v[b, h // G, j]   # 0 for a fully masked row
 
-like torch's ``flex_attention`` (its eager math path). The mods are evaluated with broadcasting
+like torch's ``flex_attention`` (its eager math path), except that the sum runs over the keys
+the masks keep: a NaN or inf value of a masked key never reaches a row (torch's math path
+multiplies it by 0: NaN). The mods are evaluated with broadcasting
 index tensors ``b (B,1,1,1), h (1,H,1,1), q_idx (1,1,C,1), kv_idx (1,1,1,Skv)`` instead of vmap,
 over chunks of C query rows, so memory stays bounded. Everything is differentiable with torch
 autograd, which is the reference backward.
@@ -20,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from kpt.ops._common import visible_matmul
 
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -72,7 +76,7 @@ def attention(
         safe = torch.where(dead, torch.zeros((), dtype=wp, device=dev), s)
         p = torch.softmax(safe, dim=-1) * (~dead)
         lse = torch.where(dead.squeeze(-1), float("-inf"), torch.logsumexp(safe, dim=-1))
-        outs.append(p @ vv)
+        outs.append(visible_matmul(p, keep.to(dev), vv))  # masked values never reach a row
         lses.append(lse)
     out = torch.cat(outs, dim=2).to(q.dtype)
     lse = torch.cat(lses, dim=2)

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kpt.backends.xla import xla_backend
+from kpt.backends.xpu import xpu_backend
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
@@ -110,6 +112,8 @@ BACKENDS = (
     triton_backend(f"{__name__}._triton", dtypes=FP8, supports=_triton_supports,
                    configs="configs"),
     reference_backend(_reference.run, FP8, devices=frozenset({"cuda", "cpu", "xpu"})),
+    xla_backend("fp8_gemm", dtypes=FP8),
+    xpu_backend(f"{__name__}._triton", dtypes=FP8, supports=_triton_supports, configs="configs"),
 )
 
 
@@ -124,7 +128,8 @@ def _example(device: torch.device, dtype: torch.dtype) -> Problem:
 SPEC = Op(
     name=OP,
     backends=BACKENDS,
-    priority={"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    priority={"cuda": ("triton", "reference"), "cpu": ("reference",), "xla": ("xla",),
+              "xpu": ("xpu", "reference")},
     bucket=_bucket,
     example=_example,
 )

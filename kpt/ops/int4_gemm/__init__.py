@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kpt.backends.xla import xla_backend
+from kpt.backends.xpu import xpu_backend
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
@@ -117,6 +119,8 @@ def _triton_supports(p: Problem) -> list[str]:
 BACKENDS = (
     triton_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports),
     reference_backend(_reference.run, _FLOATS),
+    xla_backend("int4_gemm", dtypes=_FLOATS),
+    xpu_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports),
 )
 
 
@@ -129,7 +133,9 @@ def _example(device: torch.device, dtype: torch.dtype) -> Problem:
 SPEC = Op(
     name=OP,
     backends=BACKENDS,
-    priority={"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    # Not the reference on xla: torch_xla 2.9's `>>` breaks its unpacking (kpt.backends.xla).
+    priority={"cuda": ("triton", "reference"), "cpu": ("reference",), "xla": ("xla",),
+              "xpu": ("xpu", "reference")},
     bucket=_bucket,
     example=_example,
 )
@@ -140,7 +146,9 @@ SPEC = Op(
 
 def _check_group_size(op: str, group_size: Any, k: int) -> int:
     """The number of groups G; raises unless group_size is one of GROUP_SIZES dividing K."""
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+    # 32.0 == 32 and np.int64(32) == 32: only a Python int is a group size (a float would
+    # index the scales with float tensors further on)
+    if type(group_size) is not int or group_size not in GROUP_SIZES:
         raise ValueError(f"{op}: group_size must be one of {GROUP_SIZES} (-1: per channel), "
                          f"got {group_size!r}")
     if k <= 0 or k % 8:

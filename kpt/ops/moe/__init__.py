@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kpt.backends.xla import xla_backend
+from kpt.backends.xpu import xpu_backend
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
@@ -177,12 +179,18 @@ ROUTE_BACKENDS = (
             available=triton_unavailable, supports=lazy(_TRITON, "route_supports"),
             configs=lazy(_TRITON, "route_configs")),
     reference_backend(_reference.run_route, frozenset(_LOGIT_DTYPES)),
+    xla_backend("moe", dtypes=frozenset(_LOGIT_DTYPES), entry="run_route"),
+    xpu_backend(_TRITON, dtypes=frozenset(_LOGIT_DTYPES),
+                supports=lazy(_TRITON, "route_supports"), configs="route_configs",
+                entry="run_route"),
 )
 BACKENDS = (
     triton_backend(_TRITON, dtypes=_HALF, supports=lazy(_TRITON, "supports"),
                    configs="configs"),
     *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run_cuda", run_hip="run_hip"),
     reference_backend(_reference.run, _FLOATS),
+    xla_backend("moe", dtypes=_FLOATS),
+    xpu_backend(_TRITON, dtypes=_HALF, supports=lazy(_TRITON, "supports"), configs="configs"),
 )
 
 
@@ -203,14 +211,16 @@ def _example(device: torch.device, dtype: torch.dtype) -> Problem:
 ROUTE_SPEC = Op(
     name=OP_ROUTE,
     backends=ROUTE_BACKENDS,
-    priority={"cuda": ("cuda", "hip", "triton", "reference"), "cpu": ("reference",)},
+    priority={"cuda": ("cuda", "hip", "triton", "reference"), "cpu": ("reference",),
+              "xla": ("xla", "reference"), "xpu": ("xpu", "reference")},
     bucket=_route_bucket,
     example=_route_example,
 )
 SPEC = Op(
     name=OP,
     backends=BACKENDS,
-    priority={"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",)},
+    priority={"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",),
+              "xla": ("xla", "reference"), "xpu": ("xpu", "reference")},
     bucket=_bucket,
     example=_example,
 )
@@ -612,8 +622,26 @@ def align(ids: Tensor, num_experts: int, block_m: int,
     check_tensor(op, "ids", ids, ndim=2, dtypes=_INDEX)
     num_experts = _int_arg(op, "num_experts", num_experts, 1)
     block_m = _int_arg(op, "block_m", block_m, 1)
+    # int32 entries index the pairs and the padded rows: a capacity past that range (an absurd
+    # block_m or expert count) is refused here rather than by the allocator
+    cap = capacity(ids.numel(), num_experts, block_m)
+    if cap >= 2**31:
+        raise ValueError(f"{op}: {ids.numel()} pairs over {num_experts} experts padded to "
+                         f"block_m = {block_m} need {cap} entries, past int32")
+    e_global = num_experts
     if expert_map is not None:
         check_tensor(op, "expert_map", expert_map, ndim=1, dtypes=_INDEX, device=ids.device)
+        e_global = expert_map.shape[0]
+        if read_content(expert_map) and expert_map.numel():
+            low, high = expert_map.min().item(), expert_map.max().item()
+            if low < -1 or high >= num_experts:
+                raise ValueError(f"{op}: expert_map values must be -1 (not local) or local "
+                                 f"experts 0..{num_experts - 1}, got {low} .. {high}")
+    if read_content(ids) and ids.numel():
+        low, high = ids.min().item(), ids.max().item()
+        if low < 0 or high >= e_global:
+            raise ValueError(f"{op}: ids must be experts 0..{e_global - 1}, got {low} .. {high}"
+                             f" (on a GPU this is checked only with KPT_CHECK=1)")
     return _reference.align(ids, num_experts, block_m, expert_map)
 
 

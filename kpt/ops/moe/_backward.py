@@ -20,7 +20,7 @@ def recompute(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
     if t == 0:
         return out
     k = ids.shape[1]
-    local = _reference.local_ids(ids, expert_map).reshape(-1)
+    local = _reference.local_ids(ids, expert_map, w13.shape[0]).reshape(-1)
     valid = local >= 0
     key = torch.where(valid, local, w13.shape[0])
     order = torch.sort(key, stable=True).indices

@@ -91,10 +91,20 @@ def activate(gate: Tensor, activation: str) -> Tensor:
     return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
-def local_ids(ids: Tensor, expert_map: Tensor | None) -> Tensor:
-    """(T, k) int64 local expert of every pair, -1 where the expert is not on this rank."""
+def local_ids(ids: Tensor, expert_map: Tensor | None, num_local: int) -> Tensor:
+    """(T, k) int64 local expert of every pair, -1 where the expert is not on this rank.
+
+    An id outside the experts, or mapped outside the ``num_local`` local ones, counts as not
+    local (as the Triton alignment reads it): ids on a GPU are not read back per call, and a
+    bad one must never index outside a tensor."""
     ids = ids.long()
-    return ids if expert_map is None else expert_map.long()[ids]
+    e_global = num_local if expert_map is None else expert_map.shape[0]
+    ok = (ids >= 0) & (ids < e_global)
+    local = ids.clamp(0, max(e_global - 1, 0))
+    if expert_map is not None:
+        local = expert_map.long()[local] if e_global else local
+    ok &= (local >= 0) & (local < num_local)
+    return torch.where(ok, local, torch.full_like(local, -1))
 
 
 def expert_weights(call, e: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -129,7 +139,7 @@ def fused(call) -> Tensor:
     out = torch.zeros(t, h, dtype=acc, device=x.device)
     if t == 0:
         return out.to(x.dtype)
-    local = local_ids(call.ids, call.expert_map)
+    local = local_ids(call.ids, call.expert_map, call.e)
     xin = _quantize_rows(x) if call.quant == "fp8" else x.to(acc)
     weights = call.weights.to(acc)
     for e in torch.unique(local[local >= 0]).tolist():
@@ -171,7 +181,7 @@ def align(ids: Tensor, num_experts: int, block_m: int,
     experts in ascending order; pairs of non-local experts dropped."""
     dev = ids.device
     pairs = ids.numel()
-    local = local_ids(ids, expert_map).reshape(-1)
+    local = local_ids(ids, expert_map, num_experts).reshape(-1)
     cap = capacity(pairs, num_experts, block_m)
     valid = local >= 0
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kpt.backends.xla import xla_backend
+from kpt.backends.xpu import xpu_backend
 from kpt.ops._common import (
     _mode_active,
     attention_options,
@@ -151,6 +153,8 @@ BACKENDS = (
     *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run", run_hip="run",
                      fast="fast"),
     reference_backend(_reference.run, _FLOATS),
+    xla_backend("paged_attention", dtypes=_FLOATS),
+    xpu_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports),
 )
 
 def _example(device: torch.device, dtype: torch.dtype) -> Problem:
@@ -163,15 +167,18 @@ def _example(device: torch.device, dtype: torch.dtype) -> Problem:
 SPEC = Op(
     name=OP,
     backends=BACKENDS,
-    priority={"cuda": ("cuda", "hip", "triton", "reference"), "cpu": ("reference",)},
+    priority={"cuda": ("cuda", "hip", "triton", "reference"), "cpu": ("reference",),
+              "xla": ("xla", "reference"), "xpu": ("xpu", "reference")},
     bucket=_bucket,
     example=_example,
 )
 
 APPEND_SPEC = Op(
     name=OP_APPEND,
-    backends=(reference_backend(_reference.run_append, _FLOATS | FP8),),
-    priority={"cuda": ("reference",), "cpu": ("reference",)},
+    backends=(reference_backend(_reference.run_append, _FLOATS | FP8),
+              xla_backend("paged_attention", dtypes=_FLOATS | FP8, entry="run_append")),
+    priority={"cuda": ("reference",), "cpu": ("reference",), "xla": ("xla", "reference"),
+              "xpu": ("reference",)},
     bucket=lambda p: f"t{_pow2(p['tokens'])}-kv{p['heads_kv']}-d{p['head_dim']}",
     example=lambda device, dtype: Problem.of(device, dtype, tokens=4, heads_kv=8, head_dim=128),
 )
@@ -486,6 +493,12 @@ class Plan:
     v_scale: Tensor | None
     kv_layout: str
     backend: str | None
+    # What the per-layer tensors must match (the example's): q's dtype and device, the
+    # caches' shape and dtype (the tables were checked against that many pages).
+    q_dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    cache_shape: tuple[int, ...] | None = None
+    cache_dtype: torch.dtype | None = None
 
     def run(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, out: Tensor | None = None,
             lse: Tensor | None = None) -> Tensor:
@@ -509,8 +522,18 @@ class Plan:
             raise ValueError(f"{OP}.run: q must be {want_q} as planned, got {tuple(q.shape)}")
         if not varlen and tokens != self.block_table.shape[0]:
             raise ValueError(f"{OP}.run: decode q needs {self.block_table.shape[0]} rows")
-        if k_cache.dtype != v_cache.dtype or k_cache.shape != v_cache.shape:
-            raise ValueError(f"{OP}.run: k_cache and v_cache differ")
+        if q.dtype != self.q_dtype or q.device != self.device or q.stride(-1) != 1:
+            raise ValueError(f"{OP}.run: q must be {dtype_name(self.q_dtype)} on "
+                             f"{self.device} with a contiguous last dim, as planned; got "
+                             f"{dtype_name(q.dtype)} on {q.device}")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if (not isinstance(cache, Tensor) or tuple(cache.shape) != self.cache_shape
+                    or cache.dtype != self.cache_dtype or cache.device != self.device
+                    or cache.stride(-1) != 1):
+                raise ValueError(
+                    f"{OP}.run: {name} must be {self.cache_shape} {dtype_name(self.cache_dtype)}"
+                    f" on {self.device} with a contiguous last dim, as planned; got "
+                    f"{getattr(cache, 'shape', type(cache).__name__)}")
         lse_shape = (self.num_q_heads, tokens) if varlen else (tokens, self.num_q_heads)
         if out is None:
             out = torch.zeros_like(q)
@@ -555,7 +578,8 @@ def plan(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_l
     if backend is not None:
         SPEC.backend(backend)
     return Plan(block_table, seq_lens, cu_seqlens_q, max_q, q.shape[1], q.shape[2], scale,
-                left, right, softcap, ks, vs, kv_layout, backend)
+                left, right, softcap, ks, vs, kv_layout, backend, q.dtype, q.device,
+                tuple(k_cache.shape), k_cache.dtype)
 
 
 # ---- append --------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import triton.language as tl
 
 from kpt.ops._triton_compat import cast as _cast
 from kpt.ops._triton_compat import dot as _dot
+from kpt.ops._triton_compat import masked_pv as _masked_pv
 from kpt.ops._triton_compat import mm as _mm
 from kpt.ops.flash_attention._triton import _tanh
 
@@ -75,6 +76,10 @@ def _paged_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(2)
+    # Keys before a sequence's end that a row does not see: only with a left window, or a
+    # right bound on queries that are not the last token (chunked prefill). Decode under a
+    # plain causal mask sees every key it loads (columns past the end load as 0).
+    MASK_INSIDE: tl.constexpr = HAS_LEFT or (VARLEN and HAS_RIGHT)
     # Unsplit, the code is the plain kernel's (a dynamic start of the key loop alone costs
     # ~15 registers per thread on sm_90, one resident block per SM less).
     if SPLIT:
@@ -154,7 +159,10 @@ def _paged_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
+        if MASK_INSIDE:  # a NaN / inf value of a key some row cannot see stays out of it
+            acc = _masked_pv(p, v, ok, acc * alpha[:, None])
+        else:
+            acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
