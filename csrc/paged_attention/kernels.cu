@@ -39,7 +39,8 @@
 // on CUDA cores: correct for every shape, not tensor-core speed.
 //
 // Standing: compiles for sm_90a, sm_80 and gfx90a without spills or scratch (ptxas -v, the
-// AMDGPU resource remarks); not yet timed on a GPU.
+// AMDGPU resource remarks); tested and timed on an H100 (bench/RESULTS.md, 2026-12-06); the
+// HIP build is compile-checked only.
 
 #include "kpt/compat.h"
 #include "kpt/paged_attention.h"

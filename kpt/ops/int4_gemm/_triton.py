@@ -17,13 +17,13 @@ torch. The split count comes from shapes and the SM count only (no host sync).
 Config keys: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, ``GROUP_M`` (tile swizzle for
 L2 reuse), ``num_warps``, ``num_stages``.
 
-Standing: checked against the reference under the interpreter only; never run or timed on a
-GPU. Compiled for sm_90 without one (Triton 3.9 to cubin, 3 stages): 85 KB of shared memory
-for the decode tile (16 x 64 x 128, split-K), 96 KB for 128 x 128 x 64 with act-order.
-``bench/bench_int4_gemm.py`` has the rows and the issue's targets. Not tried yet: a
-GEMV path without tensor cores for M = 1, unpacking whole words with ``tl.join``/``reshape``
-instead of the per-row word gather, and Marlin-style offline reordering for act-order (sorting
-K by group so that a step loads one scale row again).
+Standing: the earlier version, which gathered each row's word (8 loads of every word), ran on
+an H100 (2026-12-06, bench/RESULTS.md): 4.4x the weight-read floor at M = 1 and 3.1x cuBLAS's
+bf16 GEMM at M = 4096, far from the targets. This version (each word loaded once, unpacked
+by a 3-D shift and a reshape) is checked against the reference under the interpreter only and
+has not yet run on a GPU. Not tried yet: a GEMV path without tensor cores for M = 1, and
+Marlin-style offline reordering for act-order (sorting K by group so that a step loads one
+scale row again).
 """
 
 from __future__ import annotations
