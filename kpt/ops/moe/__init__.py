@@ -51,8 +51,9 @@ from kpt.ops._common import (
     triton_backend,
     triton_unavailable,
 )
-from kpt.ops._registry import Backend, Op, Problem
+from kpt.ops._registry import Backend, Op, Problem, Tuning
 
+from . import _tuning
 from . import reference as _reference
 from .reference import FP8_BLOCK, Alignment, capacity
 
@@ -215,6 +216,9 @@ ROUTE_SPEC = Op(
               "xla": ("xla", "reference"), "xpu": ("xpu", "reference")},
     bucket=_route_bucket,
     example=_route_example,
+    tuning=Tuning(shapes=_tuning.shapes_from_hf_config, make_call=_tuning.make_route_call,
+                  problem=_tuning.route_problem, check=_tuning.check_route,
+                  poison=_tuning.poison_route, clone_outputs=_tuning.clone_route_outputs),
 )
 SPEC = Op(
     name=OP,
@@ -223,6 +227,9 @@ SPEC = Op(
               "xla": ("xla", "reference"), "xpu": ("xpu", "reference")},
     bucket=_bucket,
     example=_example,
+    tuning=Tuning(shapes=_tuning.shapes_from_hf_config, make_call=_tuning.make_call,
+                  problem=_tuning.problem, check=_tuning.check, poison=_tuning.poison,
+                  clone_outputs=_tuning.clone_outputs),
 )
 
 
