@@ -44,7 +44,11 @@ def _validate(op: str, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -
 
 
 def _merge(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    lse = torch.logaddexp(lse_a, lse_b)
+    # log(e^a + e^b) as max + log1p(e^-|a - b|) (what torch.logaddexp computes; written out
+    # because torch_xla has no lowering for logaddexp). Both -inf: -inf, not the NaN of -inf+inf.
+    high = torch.maximum(lse_a, lse_b)
+    gap = (lse_a - lse_b).abs()
+    lse = torch.where(torch.isneginf(high), high, high + torch.log1p(torch.exp(-gap)))
     # Where both parts are empty lse is -inf: shift by 0 there so no (-inf) - (-inf) NaN forms.
     finite = torch.isfinite(lse)
     shift = torch.where(finite, lse, torch.zeros_like(lse))
