@@ -166,10 +166,11 @@ def visible_matmul(p: torch.Tensor, visible: torch.Tensor, v: torch.Tensor) -> t
     v are left out of the product and come back only where visible, by IEEE's rules: NaN from
     a NaN, from +inf and -inf together, or from an inf times a probability that underflowed to
     0; else +-inf. The attention references share it; the Triton kernels do the same per tile
-    (``_triton_compat.nonfinite_pv``). Shapes are data-independent (traceable); in plain eager
-    code a v without a non-finite entry costs one check more than the product."""
+    (``_triton_compat.nonfinite_pv``). Shapes are data-independent and nothing is read back on
+    a GPU or an XLA device (graph capture and XLA tracing see one fixed sequence of ops); on the
+    CPU, in plain eager code, a v without a non-finite entry takes the plain product."""
     bad = ~torch.isfinite(v)
-    if plain_eager(p, v) and not bool(bad.any()):
+    if v.device.type == "cpu" and plain_eager(p, v) and not bool(bad.any()):
         return p @ v
     out = p @ v.masked_fill(bad, 0.0)
     seen = visible.expand(p.shape).to(p.dtype)
