@@ -586,7 +586,9 @@ def fused_moe(
         weights: (T, top_k) routing weights (``moe_route``'s), any float dtype (read as
             float32).
         ids: (T, top_k) int32/int64 expert ids in 0..E_global-1. Their content is checked on
-            the CPU, and on a GPU only with ``KPT_CHECK=1`` (a host sync).
+            the CPU, and on a GPU only with ``KPT_CHECK=1`` (a host sync); unchecked, an id
+            out of range counts as an expert not on this rank (the pair adds zero), never as
+            an index.
         activation: ``"silu"`` (SwiGLU), ``"gelu"`` (erf) or ``"gelu_tanh"`` (GeGLU).
         w13_scale, w2_scale: fp8: float32 (E, ceil(2I/128), ceil(H/128)) and (E, ceil(H/128),
             ceil(I/128)) 128x128 block scales (I must be a multiple of 128); int4: (E, H/g,
