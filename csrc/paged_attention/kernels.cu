@@ -284,11 +284,16 @@ KPT_DEVICE void attend(State<R>& st, const float (&qf)[R][8],
     for (int i = 0; i < STEPS; ++i) s[i] = cap_out * tanhf(s[i]);
   }
   // Masks only where the chunk crosses a boundary of some row's keys or of the split.
-  if (!(first >= mask.all_lo && first + STEPS * KPW <= mask.all_hi)) {
+  const bool edge = !(first >= mask.all_lo && first + STEPS * KPW <= mask.all_hi);
+  bool hidden[STEPS];
+#pragma unroll
+  for (int i = 0; i < STEPS; ++i) hidden[i] = false;
+  if (edge) {
 #pragma unroll
     for (int i = 0; i < STEPS; ++i) {
       const int64_t j = first + i * KPW + r;
-      if (j < mask.lo || j >= mask.hi) s[i] = neg_inf();
+      hidden[i] = j < mask.lo || j >= mask.hi;
+      if (hidden[i]) s[i] = neg_inf();
     }
   }
   float mx = s[0];
@@ -304,6 +309,9 @@ KPT_DEVICE void attend(State<R>& st, const float (&qf)[R][8],
   for (int i = 0; i < STEPS; ++i) {
     s[i] = exp2f(s[i] - m_use);
     sum += s[i];
+    // A hidden key's probability is -0 (exp2 never gives it): the P.V update below skips it,
+    // so a NaN or inf value of a key this row cannot see never meets 0 * v.
+    if (hidden[i]) s[i] = -0.f;
   }
   st.l = st.l * alpha + sum;
   st.m = m_new;
@@ -321,8 +329,16 @@ KPT_DEVICE void attend(State<R>& st, const float (&qf)[R][8],
 #pragma unroll
     for (int q = 0; q < R; ++q) {
       const float pr = shfl_idx(s[i], group_lane + q * SPREAD);
+      if (edge) {  // warp-uniform: only chunks that cross a boundary pay for the select
+        const bool skip = signbit(pr);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) st.acc[q][e] = fmaf(pr, vf[e], st.acc[q][e]);
+        for (int e = 0; e < 8; ++e) {
+          st.acc[q][e] = skip ? st.acc[q][e] : fmaf(pr, vf[e], st.acc[q][e]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) st.acc[q][e] = fmaf(pr, vf[e], st.acc[q][e]);
+      }
     }
   }
 }

@@ -47,9 +47,12 @@ FP8 = getattr(torch, "float8_e4m3fn", None)
 # The x-dtype per-pair buffer adds one rounding of each weighted pair product (half a unit).
 TOLERANCE = {BF16: 2**-7, FP16: 2**-9}
 # fp8 experts: x is quantised to the same codes as the reference's; the products differ in
-# float32 order only (sum(x8 w8) * scales against (x8 * xs) @ (w8 * ws)), and an intermediate
-# value one bf16 unit off can move to the next e4m3 code: bf16's tolerance covers it.
-FP8_TOLERANCE = 2**-7
+# float32 order only (sum(x8 w8) * scales against (x8 * xs) @ (w8 * ws)); but an intermediate
+# value one bf16 unit off crosses an e4m3 rounding boundary with chance ~2^-5 (8 against 3
+# mantissa bits) and then moves by a whole e4m3 step (up to 2^-3 of it). Where one value in
+# three differs by a unit that is ~2^-3 * sqrt(2^-5 / 3) ~ 1.3% norm-wise at worst; measured
+# 0.83% and 0.95% (H200, bf16, I = 128 and 384, one code flip in a few hundred).
+FP8_TOLERANCE = 2**-6
 # Routing: float32 softmax / sigmoid in another order and a sum of <= 8 weights.
 ROUTE_RTOL, ROUTE_ATOL = 1e-5, 1e-7
 

@@ -312,3 +312,39 @@ def test_split_launch_in_a_cuda_graph_sees_new_tables(monkeypatch):
                                      backend="reference")
     assert compare("out", out, want, TOLERANCE[torch.bfloat16]) is None
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@needs_backend
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")], ids=str)
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("mask", ["window", "chunk"])
+def test_hidden_non_finite_keys_stay_out(mask, which, poison):
+    """A NaN / inf in a key or value a query cannot see (before its window; after it in the
+    same prefill chunk) never reaches that query: the kernel skips hidden keys in the P.V
+    update instead of multiplying them by a zero probability. Keys span several chunks and
+    pages, so both the interior path and the boundary path run."""
+    gen = torch.Generator().manual_seed(7)
+    n, d, heads = 300, 128, 2
+    k, v = torch.randn(n, heads, d, generator=gen), torch.randn(n, heads, d, generator=gen)
+    target = k if which == "k" else v
+    m = 1 if mask == "window" else 5
+    # window (64, 0) at position n - 1 sees keys n - 65 .. n - 1: key n - 66 is the first
+    # hidden one, read with the visible keys of its chunk
+    hidden = n - 66 if mask == "window" else n - 1
+    target[hidden, :, 3] = poison
+    page = 16
+    table = torch.arange(n // page + 1, dtype=torch.int32)[None].cuda()
+    caches = []
+    for t in (k, v):
+        c = torch.zeros(table.shape[1] * page, heads, d)
+        c[:n] = t
+        caches.append(c.view(-1, page, heads, d).to(torch.bfloat16).cuda())
+    q = torch.randn(m, heads * 4, d, generator=gen).to(torch.bfloat16).cuda()
+    kw = (dict(window=(64, 0)) if mask == "window"
+          else dict(cu_seqlens_q=torch.tensor([0, m], dtype=torch.int32, device="cuda")))
+    lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    out = paged_attention(q, *caches, table, lens, backend=BACKEND, **kw)
+    blind = slice(0, m) if mask == "window" else slice(0, m - 1)
+    assert torch.isfinite(out[blind]).all(), f"a hidden {poison} in {which} reached a query"
+    want = paged_attention(q, *caches, table, lens, backend="reference", **kw)
+    assert compare("out", out[blind], want[blind], TOLERANCE[torch.bfloat16]) is None

@@ -184,41 +184,67 @@ def _seq_bounds(CU, b, seqlen, total, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, q_len,
+              k_len, diag, window_left, window_right, mul_in, mul_out, b, kh,
+              MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """Fold key block ``start_n`` into the running (acc, max, sum)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+    if TMA:  # (B, H, S, D) descriptors: rows past the sequence arrive as zeros
+        k = k_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+    qk = _mm(q, tl.trans(k))
+    if SOFTCAP:
+        s = _tanh(qk * mul_in) * mul_out
+    else:
+        s = qk * mul_in
+    if MASKED:
+        ok = _visible(offs_m[:, None], cols[None, :], q_len, k_len, diag, window_left,
+                      window_right, HAS_LEFT, HAS_RIGHT)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:  # a NaN / inf value of a key some row cannot see stays out of that row
+        acc = _masked_pv(p, v, ok, acc * alpha[:, None])
+    else:
+        acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi, offs_m, q_len,
                k_len, diag, window_left, window_right, mul_in, mul_out, b, kh,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        if TMA:  # (B, H, S, D) descriptors: rows past the sequence arrive as zeros
-            k = k_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = v_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
-            v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
-        qk = _mm(q, tl.trans(k))
-        if SOFTCAP:
-            s = _tanh(qk * mul_in) * mul_out
-        else:
-            s = qk * mul_in
-        if MASKED:
-            ok = _visible(offs_m[:, None], cols[None, :], q_len, k_len, diag, window_left,
-                          window_right, HAS_LEFT, HAS_RIGHT)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:  # a NaN / inf value of a key some row cannot see stays out of that row
-            acc = _masked_pv(p, v, ok, acc * alpha[:, None])
-        else:
-            acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    if MASKED:
+        # Edge blocks (one or two per query block) run unpipelined: the clean copy of V that
+        # masked_pv hands to the dot needs shared memory of its own, which next to the
+        # main loop's multi-stage K/V buffers would not fit (128 x 128 tiles at D = 128 asked
+        # for 240 KB of the H100/H200's 227 KB).
+        for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+                                      start_n, offs_m, q_len, k_len, diag, window_left,
+                                      window_right, mul_in, mul_out, b, kh, True, HAS_LEFT,
+                                      HAS_RIGHT, SOFTCAP, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D,
+                                      TMA)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+                                      start_n, offs_m, q_len, k_len, diag, window_left,
+                                      window_right, mul_in, mul_out, b, kh, False, HAS_LEFT,
+                                      HAS_RIGHT, SOFTCAP, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D,
+                                      TMA)
     return acc, m_i, l_i
 
 
