@@ -49,7 +49,7 @@ from kpt.ops.rmsnorm_qkv_rope import (
     rope_from_hf_config,
     rope_inv_freq,
 )
-from kpt.quant.gptq import Calibrator, gptq_int4
+from kpt.quant.gptq import Calibrator, gptq_fp8, gptq_int4
 
 log = logging.getLogger("kpt")
 
@@ -373,9 +373,10 @@ QUANTIZED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 }
 QUANTIZE = {"fp8": FP8Linear, "int4": Int4Linear}
 ALIGN_CHECK = 256  # layer sizes every option takes: _check_quantize checks the options alone
-QUANTIZE_OPTIONS = {"fp8": ("weight_granularity", "activation", "fp8_dtype", "calibration"),
+QUANTIZE_OPTIONS = {"fp8": ("weight_granularity", "activation", "fp8_dtype", "method",
+                            "act_order", "calibration"),
                     "int4": ("group_size", "symmetric", "method", "act_order", "calibration")}
-INT4_METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq")
 
 
 def _tail_matches(path: str, pattern: str) -> bool:
@@ -393,21 +394,24 @@ def _check_quantize(quantize: str | None, options: dict[str, Any]) -> None:
     if unknown:
         raise TypeError(f"kpt.integrations.hf.patch: unexpected keyword arguments {unknown} "
                         f"(quantize={quantize!r} takes {list(allowed)})")
+    if quantize is not None and options.get("method", "rtn") not in METHODS:
+        raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r}: method must be one "
+                         f"of {METHODS}, got {options['method']!r}")
+    gptq = options.get("method", "rtn") == "gptq"
+    if not gptq and "act_order" in options:
+        raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r} takes act_order "
+                         f"only with method='gptq'")
     if quantize == "fp8":
         static = options.get("activation", "dynamic") == "static"
-        if static != ("calibration" in options):
+        if (static or gptq) != ("calibration" in options):
             raise ValueError("kpt.integrations.hf.patch: quantize='fp8' takes calibration (model "
                              "inputs, or a function of the model) exactly when activation="
-                             "'static'")
+                             "'static' or method='gptq'")
         reasons = FP8Linear.reasons(ALIGN_CHECK, ALIGN_CHECK, options.get(
             "weight_granularity", "row"), options.get("activation", "dynamic"),
             options.get("fp8_dtype", torch.float8_e4m3fn))
     elif quantize == "int4":
-        gptq = options.get("method", "rtn") == "gptq"
-        if options.get("method", "rtn") not in INT4_METHODS:
-            raise ValueError(f"kpt.integrations.hf.patch: quantize='int4': method must be one "
-                             f"of {INT4_METHODS}, got {options['method']!r}")
-        if gptq != ("calibration" in options) or (not gptq and "act_order" in options):
+        if gptq != ("calibration" in options):
             raise ValueError("kpt.integrations.hf.patch: quantize='int4' takes calibration "
                              "(model inputs, or a function of the model), and act_order, "
                              "exactly when method='gptq'")
@@ -465,26 +469,35 @@ def _quantize_projections(model: nn.Module, model_type: str, quantize: str,
     linears = {p: m for p, m in targets.items()
                if isinstance(m, nn.Linear) and not shape_reasons(m)}
     seen: dict[str, Any] = {}
-    if options.pop("method", "rtn") == "gptq":
+    amax: dict[str, Any] = {}
+    gptq = options.pop("method", "rtn") == "gptq"
+    act_order = options.pop("act_order", False)
+    static = options.get("activation") == "static"
+    if gptq:  # the Hessians (and for static fp8 activations the largest |x|) of one pass
         with Calibrator(model, list(linears)) as cal:
-            _run_calibration(model, calibration)
+            if static:
+                amax = _calibrate(model, linears, calibration)
+            else:
+                _run_calibration(model, calibration)
         seen = {p: None for p in cal.modules if cal.tokens(p)}
-        act_order = options.pop("act_order", False)
+    elif calibration is not None:  # fp8, static activations: each input's largest |x|
+        seen = amax = _calibrate(model, linears, calibration)
 
-        def build(path: str, linear: nn.Linear) -> nn.Module:
+    def build(path: str, linear: nn.Linear) -> nn.Module:
+        weight = linear.weight.detach()
+        hessian = cal.hessian(path).to(weight.device) if gptq else None
+        if quantize == "int4" and gptq:
             group_size = options.get("group_size", 128)
-            q = gptq_int4(linear.weight.detach(), cal.hessian(path).to(linear.weight.device),
-                          group_size, options.get("symmetric", False), act_order,
-                          is_hessian=True)
+            q = gptq_int4(weight, hessian, group_size, options.get("symmetric", False),
+                          act_order, is_hessian=True)
             return Int4Linear.from_quantized(q.packed, q.scales, q.zeros, group_size=group_size,
                                              g_idx=q.g_idx, bias=linear.bias, backend=backend)
-    else:
-        if calibration is not None:  # fp8, static activations: each input's largest |x|
-            seen = _calibrate(model, linears, calibration)
-
-        def build(path: str, linear: nn.Linear) -> nn.Module:
-            extra = {} if calibration is None else {"sample_inputs": seen[path]}
-            return cls.from_linear(linear, **options, **extra, backend=backend)
+        extra: dict[str, Any] = {"sample_inputs": amax[path]} if static else {}
+        if gptq:  # fp8
+            extra["quantized"] = gptq_fp8(
+                weight, hessian, options.get("weight_granularity", "row"),
+                options.get("fp8_dtype", torch.float8_e4m3fn), act_order, is_hessian=True)
+        return cls.from_linear(linear, **options, **extra, backend=backend)
     before = after = 0
     for path, linear in targets.items():
         reasons = []
@@ -547,7 +560,7 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
     * fp8: ``weight_granularity`` ("row", default, or "block"), ``activation`` ("dynamic",
       default: per-token scales at each call; or "static": one scale per layer from
       ``calibration``, model inputs as a dict or a function of the model, run once here),
-      ``fp8_dtype``;
+      ``fp8_dtype``, ``method`` as for int4 (``kpt.quant.gptq_fp8``);
     * int4: ``group_size`` (default 128), ``symmetric`` (default False), ``method``: "rtn"
       (default, round to nearest) or "gptq" (``kpt.quant.gptq_int4``, with Hessians from one
       run of ``calibration`` through the float model, and optionally ``act_order``).

@@ -10,6 +10,8 @@ one with an input that requires grad while grad mode is on raises (run them unde
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -120,9 +122,13 @@ class FP8Linear(nn.Module):
                     activation: str = "dynamic", input_scale: Tensor | float | None = None,
                     sample_inputs: Tensor | list[Tensor] | None = None,
                     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
-                    backend: str | None = None) -> FP8Linear:
+                    backend: str | None = None,
+                    quantized: tuple[Tensor, Tensor] | None = None) -> FP8Linear:
         """Quantise ``linear`` (its weight is read, never changed). ``activation="static"``
-        takes ``input_scale`` or computes it from ``sample_inputs`` (inputs of this layer)."""
+        takes ``input_scale`` or computes it from ``sample_inputs`` (inputs of this layer).
+        ``quantized``: the weight already quantised, ``(w8, w_scale)`` of ``weight_granularity``
+        and ``fp8_dtype`` (e.g. ``kpt.quant.gptq_fp8``'s), used instead of round-to-nearest;
+        the bias is still linear's."""
         _check_linear("FP8Linear", linear)
         if activation == "static" and (input_scale is None) == (sample_inputs is None):
             raise ValueError("FP8Linear.from_linear: activation='static' needs exactly one of "
@@ -135,7 +141,9 @@ class FP8Linear(nn.Module):
                     weight_granularity=weight_granularity, activation=activation,
                     fp8_dtype=fp8_dtype, backend=backend, device=weight.device,
                     bias_dtype=weight.dtype if linear.bias is None else linear.bias.dtype)
-        if weight_granularity == "row":
+        if quantized is not None:
+            w8, scale = _check_fp8_weight(quantized, layer, fp8_dtype)
+        elif weight_granularity == "row":
             w8, scale = quantize_fp8(weight, "row", fp8_dtype)
         else:
             w8, scale = quantize_fp8(weight, "block", fp8_dtype, block=W_BLOCK)
@@ -178,6 +186,25 @@ class FP8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {dtype}, weight={self.weight_granularity}, "
                 f"activation={self.activation}")
+
+
+def _check_fp8_weight(quantized: Any, layer: FP8Linear, fp8_dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor]:
+    """``quantized`` = (w8, w_scale) checked against the layer's buffers."""
+    if (not isinstance(quantized, (tuple, list)) or len(quantized) != 2
+            or not all(isinstance(t, Tensor) for t in quantized)):
+        raise TypeError("FP8Linear.from_linear: quantized must be a (w8, w_scale) pair of "
+                        "tensors")
+    w8, scale = quantized
+    if w8.dtype != fp8_dtype:
+        raise ValueError(f"FP8Linear.from_linear: quantized w8 is {w8.dtype}, expected "
+                         f"fp8_dtype {fp8_dtype}")
+    for name, t, want in (("w8", w8, layer.weight8), ("w_scale", scale, layer.weight_scale)):
+        if tuple(t.shape) != tuple(want.shape):
+            raise ValueError(f"FP8Linear.from_linear: quantized {name} has shape "
+                             f"{tuple(t.shape)}, expected {tuple(want.shape)} for "
+                             f"weight_granularity={layer.weight_granularity!r}")
+    return w8, scale.float()
 
 
 class Int4Linear(nn.Module):

@@ -1,6 +1,7 @@
 """Weight quantisation to the formats kpt's GEMMs read: round-to-nearest (``rtn_int4``,
-``rtn_fp8``), GPTQ (``gptq_int4``, ``Calibrator``, ``quantize_model``; ``gptq.py``) and import
-of GPTQ and AWQ checkpoints (``from_gptq``, ``from_awq``; ``checkpoints.py``).
+``rtn_fp8``), GPTQ (``gptq_int4``, ``gptq_fp8``, ``Calibrator``, ``quantize_model``;
+``gptq.py``) and import of GPTQ and AWQ checkpoints (``from_gptq``, ``from_awq``;
+``checkpoints.py``).
 
 Every int4 result is kpt's format (``kpt/ops/int4_gemm/__init__.py``): packed (K // 8, N)
 int32, scales (G, N), zeros (G, N) uint8 or None (symmetric: zero point 8), g_idx (K,) int32
@@ -16,7 +17,14 @@ from kpt.ops.fp8_gemm import GRANULARITIES, W_BLOCK, quantize_fp8
 from kpt.ops.int4_gemm import pack_int4
 
 from .checkpoints import from_awq, from_gptq
-from .gptq import Calibrator, Int4Weight, gptq_int4, hessian_from_inputs, quantize_model
+from .gptq import (
+    Calibrator,
+    Int4Weight,
+    gptq_fp8,
+    gptq_int4,
+    hessian_from_inputs,
+    quantize_model,
+)
 
 
 def rtn_int4(weight: Tensor, group_size: int = 128, symmetric: bool = False
@@ -42,5 +50,5 @@ def rtn_fp8(weight: Tensor, granularity: str = "row", dtype: torch.dtype = torch
     return quantize_fp8(weight, granularity, dtype, block=block)
 
 
-__all__ = ["rtn_int4", "rtn_fp8", "gptq_int4", "hessian_from_inputs", "Calibrator",
+__all__ = ["rtn_int4", "rtn_fp8", "gptq_int4", "gptq_fp8", "hessian_from_inputs", "Calibrator",
            "quantize_model", "Int4Weight", "from_gptq", "from_awq"]

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the HF integration ne
 import kpt.integrations.hf as kpt_hf  # noqa: E402
 from kpt.nn import FP8Linear, Int4Linear  # noqa: E402
 from kpt.ops.int4_gemm import dequantize_int4  # noqa: E402
+from kpt.quant import Calibrator, gptq_fp8, rtn_fp8  # noqa: E402
 from tests.integrations.test_hf import VOCAB, padded_batch, tiny, tiny_bert  # noqa: E402
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -180,7 +181,46 @@ def test_gptq_needs_calibration():
     model = tiny("llama")
     with pytest.raises(ValueError, match="calibration .* exactly when method='gptq'"):
         kpt_hf.patch(model, quantize="int4", method="gptq")
-    with pytest.raises(ValueError, match="exactly when method='gptq'"):
+    with pytest.raises(ValueError, match="act_order only with method='gptq'"):
         kpt_hf.patch(model, quantize="int4", act_order=True)
     with pytest.raises(ValueError, match="method must be one of"):
         kpt_hf.patch(model, quantize="int4", method="awq")
+    with pytest.raises(ValueError, match="quantize='fp8' takes calibration .* method='gptq'"):
+        kpt_hf.patch(model, quantize="fp8", method="gptq")
+    with pytest.raises(ValueError, match="quantize='fp8' takes act_order only with"):
+        kpt_hf.patch(model, quantize="fp8", act_order=True)
+    with pytest.raises(ValueError, match="quantize='fp8': method must be one of"):
+        kpt_hf.patch(model, quantize="fp8", method="awq")
+    assert getattr(model, "_kpt_patch", None) is None
+
+
+@pytest.mark.parametrize("granularity", ["row", "block"])
+@pytest.mark.parametrize("activation", ["dynamic", "static"])
+def test_gptq_fp8_from_calibration_inputs(granularity, activation):
+    """method='gptq' with fp8: the layers hold kpt.quant.gptq_fp8's codes (not the
+    round-to-nearest ones) for the Hessians of the calibration pass, which also gives the static
+    activation scales; the model stays close to the float one."""
+    model = tiny("llama")
+    ids, mask = padded_batch([7, 5])
+    calibration = {"input_ids": torch.randint(0, VOCAB, (4, 16),
+                                              generator=torch.Generator().manual_seed(3))}
+    down = model.model.layers[1].mlp.down_proj
+    with Calibrator(model, ["model.layers.1.mlp.down_proj"]) as cal, torch.no_grad():
+        model(**calibration)
+    w8, scale = gptq_fp8(down.weight.detach(), cal.hessian("model.layers.1.mlp.down_proj"),
+                         granularity)
+    rtn8, _ = rtn_fp8(down.weight.detach(), granularity)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        with kpt_hf.patch(model, quantize="fp8", weight_granularity=granularity,
+                          activation=activation, method="gptq", calibration=calibration):
+            layer = model.model.layers[1].mlp.down_proj
+            assert isinstance(layer, FP8Linear) and layer.activation == activation
+            assert torch.equal(layer.weight8, w8.view(torch.uint8))
+            assert not torch.equal(layer.weight8, rtn8.view(torch.uint8))
+            torch.testing.assert_close(layer.weight_scale, scale)
+            if activation == "static":
+                assert float(layer.input_scale) > 0
+            got = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert rel(got[real], want[real]) < 0.15  # as RTN fp8 above: a wrong layer, not precision

@@ -6,9 +6,9 @@ what the GPU kernels compute (dequantised operands, float32 accumulation): this 
 quality, not speed. Each model loads once per module; each configuration is measured once and
 kept, so the table at the end (printed in the test output) costs nothing more.
 
-GPTQ rows (``patch(..., method="gptq")``, ``kpt.quant.gptq_int4``, Hessians from one
-calibration pass through the float model) calibrate on text the scores never see: SmolLM2 on
-tokens 512..1023 of the bundled text, MiniLM on paragraphs 3..10 of it.
+GPTQ rows (``patch(..., method="gptq")``, ``kpt.quant.gptq_int4`` / ``gptq_fp8``, Hessians
+from one calibration pass through the float model) calibrate on text the scores never see:
+SmolLM2 on tokens 512..1023 of the bundled text, MiniLM on paragraphs 3..10 of it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ def _minilm_calibration(model, tokenizer) -> dict:
                           truncation=True, max_length=256, return_tensors="pt"))
 
 
+def _own_calibration(model, tokenizer) -> dict:
+    """Each model's calibration text above (for configurations both models measure)."""
+    is_bert = model.config.model_type == "bert"
+    return (_minilm_calibration if is_bert else _smollm2_calibration)(model, tokenizer)
+
+
 # The first 512 tokens of bundled.EVAL_TEXT, one window: a quantized perplexity takes about
 # 20 s on the shared 2-core CI machine (the whole 2,247-token text takes about 40 s).
 MAX_TOKENS = 512
@@ -47,6 +53,9 @@ CONFIGS: dict[str, dict | None] = {
     "float32": None,
     "fp8 row": {"quantize": "fp8"},
     "fp8 block": {"quantize": "fp8", "weight_granularity": "block"},
+    "fp8 gptq row": {"quantize": "fp8", "method": "gptq", "calibration": _own_calibration},
+    "fp8 gptq block": {"quantize": "fp8", "weight_granularity": "block", "method": "gptq",
+                       "calibration": _own_calibration},
     # SmolLM2's hidden size, 576, is not a multiple of 128: with g128 only the down projections
     # (in_features 1536) are quantized, the other projections are skipped with that reason.
     "int4 rtn g128": {"quantize": "int4", "group_size": 128},
@@ -66,11 +75,15 @@ CONFIGS: dict[str, dict | None] = {
 # The "float32" model is SmolLM2's Q4_1 GGUF dequantised: its weights already lie on a 4-bit
 # grid (groups of 32, fp16 scale and minimum), which int4 RTN, whose zero-point grid always
 # holds 0, cannot reproduce, so int4 pays nearly a full rounding again (g32 no better than
-# g64). FP8 misses the issue's +1% on this 135M model: e4m3 weights alone (activations left in
-# float32) cost +1.6% here; see test_smollm2_fp8_meets_the_issue_target.
+# g64). Round-to-nearest FP8 misses the issue's +1% on this 135M model (e4m3 weights alone,
+# activations left in float32, cost +1.6%); GPTQ's error feedback with the fp8 cast as its
+# quantiser (kpt.quant.gptq_fp8) takes the weights' cost to about nothing: measured -0.24%
+# (row) and +0.91% (block) with per-token / 1x128 activations, the bounds a little above.
 PERPLEXITY_BOUND = {
     "fp8 row": 0.08,
     "fp8 block": 0.04,
+    "fp8 gptq row": 0.01,
+    "fp8 gptq block": 0.015,
     "int4 rtn g128": 0.08,
     "int4 rtn g64": 0.30,
     "int4 rtn g32": 0.30,
@@ -148,21 +161,25 @@ def test_smollm2_gptq_beats_rtn(smollm2):
 
 @needs_smollm2
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="FP8 (RTN e4m3, per-channel or 128x128 weight scales) "
-                   "costs +1.6% perplexity on SmolLM2-135M from its weights alone")
 def test_smollm2_fp8_meets_the_issue_target(smollm2):
+    """The best FP8 configuration (GPTQ row weights with per-token activations) within +1%,
+    and GPTQ better than round-to-nearest at both weight granularities."""
     base = smollm2_perplexity(smollm2, "float32")[0]
-    best = min(smollm2_perplexity(smollm2, name)[0] for name in ("fp8 row", "fp8 block"))
-    assert best / base - 1 <= FP8_TARGET, (best, base)
+    ppl = {name: smollm2_perplexity(smollm2, name)[0]
+           for name in ("fp8 row", "fp8 block", "fp8 gptq row", "fp8 gptq block")}
+    assert min(ppl.values()) / base - 1 <= FP8_TARGET, (ppl, base)
+    assert ppl["fp8 gptq row"] < ppl["fp8 row"] and ppl["fp8 gptq block"] < ppl["fp8 block"], ppl
 
 
-MINILM_CONFIGS = ("fp8 row", "fp8 block", "int4 rtn g128", "int4 rtn g32", "int4 gptq g128")
+MINILM_CONFIGS = ("fp8 row", "fp8 block", "fp8 gptq row", "fp8 gptq block", "int4 rtn g128",
+                  "int4 rtn g32", "int4 gptq g128")
 # Smallest cosine similarity to the float32 embeddings each configuration may show, every
-# sentence. FP8: the issue's 0.99 (measured 0.9965). INT4 misses the issue's 0.98 (measured RTN
-# 0.949 g128, 0.967 g32, zero-point, symmetric worse; GPTQ g128 0.942 from 8 paragraphs of
-# calibration, no better than RTN here): the bounds sit about 0.01 below the measurements, and
-# test_minilm_int4_meets_the_issue_target keeps the target in view.
-COSINE_BOUND = {"fp8 row": 0.99, "fp8 block": 0.99, "int4 rtn g128": 0.94,
+# sentence. FP8: the issue's 0.99 (measured 0.9954-0.9970, GPTQ or not). INT4 misses the
+# issue's 0.98 (measured RTN 0.949 g128, 0.967 g32, zero-point, symmetric worse; GPTQ g128
+# 0.942 from 8 paragraphs of calibration, no better than RTN here): the bounds sit about 0.01
+# below the measurements, and test_minilm_int4_meets_the_issue_target keeps the target in view.
+COSINE_BOUND = {"fp8 row": 0.99, "fp8 block": 0.99, "fp8 gptq row": 0.99,
+                "fp8 gptq block": 0.99, "int4 rtn g128": 0.94,
                 "int4 rtn g32": 0.955, "int4 gptq g128": 0.93}
 INT4_COSINE_TARGET = 0.98
 
