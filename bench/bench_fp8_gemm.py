@@ -15,6 +15,10 @@ Rows (float8_e4m3fn operands from ``quantize_fp8`` of random normal data, bf16 o
   second by ``dst.copy_(src)`` of a 1 GiB buffer); target <= 1.2x the floor. ``_scaled_mm``
   per-tensor is timed there too, for reference.
 
+kpt rows: ``kpt_triton`` and ``kpt_cuda`` (csrc/fp8_gemm with its default config: the sm_90a
+wgmma kernel above 64 rows on Hopper, mma.sync tiles below) forced by name, ``kpt_auto`` whatever
+dispatch picks.
+
 "x base" in the summary is the baseline's time over the row's (higher is faster), "x floor"
 the row's time over the floor. Every kpt row is first checked against the reference backend
 (float32 GEMM of the dequantised operands). Kernel times: CUDA-graph replay
@@ -48,7 +52,7 @@ CASES = {
     "decode per-tensor M16 N8192 K8192": (16, 8192, 8192, "tensor", "x floor <= 1.2"),
     "decode block M16 N8192 K8192": (16, 8192, 8192, "block", "x floor <= 1.2"),
 }
-KPT_IMPLS = ["kpt_triton", "kpt_auto"]
+KPT_IMPLS = ["kpt_triton", "kpt_cuda", "kpt_auto"]
 # Blockwise and row-wise kpt rows compare with per-tensor or row-wise _scaled_mm (see above).
 BASELINE = {"tensor": "tensor", "row": "row", "block": "tensor"}
 # The kpt result against the reference: both round one float32 GEMM of the same fp8 values to

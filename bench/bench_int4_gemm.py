@@ -1,5 +1,8 @@
 """int4_gemm: kpt's backends against the weight-read floor, torch's tinygemm and bf16 cuBLAS.
 
+Rows: ``kpt_triton`` and ``kpt_cuda`` (each backend forced, its default config), ``kpt_auto``
+(what dispatch picks), ``tinygemm``, ``cublas_bf16``.
+
 One weight, N = K = 8192 (a Llama-class square projection), quantised by ``pack_int4`` with
 group size 128, zero-point; bf16 activations of M = 1, 16 (decode), 256 and 4096 (prefill).
 
@@ -157,7 +160,7 @@ def test_copy_bandwidth(cuda_only):
     assert copy_gbps() > 0
 
 
-@pytest.mark.parametrize("impl", ["kpt_triton", "kpt_auto", "tinygemm", "cublas_bf16"])
+@pytest.mark.parametrize("impl", ["kpt_triton", "kpt_cuda", "kpt_auto", "tinygemm", "cublas_bf16"])
 @pytest.mark.parametrize("m", MS)
 def test_int4_gemm(benchmark, cuda_only, request, m, impl):
     x = activations(m)

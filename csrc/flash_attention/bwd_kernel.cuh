@@ -53,8 +53,8 @@ KPT_DEVICE void mma_c_by_tile(float (&acc)[kD / 8][4], const float (&c)[kBK / 8]
       if (nn < k16) {
         uint32_t bb[4];
         load_b_t<kD>(bb, tile, kk * 16, nn);
-        mma<T>(acc[2 * nn], a, bb[0], bb[1]);
-        mma<T>(acc[2 * nn + 1], a, bb[2], bb[3]);
+        kpt::mma_m16n8k16<T>(acc[2 * nn], a, bb[0], bb[1]);
+        kpt::mma_m16n8k16<T>(acc[2 * nn + 1], a, bb[2], bb[3]);
       }
     }
   }
@@ -76,8 +76,8 @@ KPT_DEVICE void mma_rows_by_rows(float (&c)[kBN / 8][4], const uint16_t* a_tile,
       for (int np = 0; np < kBN / 16; ++np) {
         uint32_t bb[4];
         load_b<kD>(bb, b_tile, np * 16, kk);
-        mma<T>(c[2 * np], a, bb[0], bb[1]);
-        mma<T>(c[2 * np + 1], a, bb[2], bb[3]);
+        kpt::mma_m16n8k16<T>(c[2 * np], a, bb[0], bb[1]);
+        kpt::mma_m16n8k16<T>(c[2 * np + 1], a, bb[2], bb[3]);
       }
     }
   }
@@ -175,7 +175,7 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void bwd_dkdv_mma_kernel(kpt_fa_par
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (st < total) load_q(st, st);
-    cp_async_commit();  // K and V ride in the first group
+    kpt::cp_async_commit();  // K and V ride in the first group
   }
 
   float dk[kDT][4], dv[kDT][4];
@@ -185,8 +185,8 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void bwd_dkdv_mma_kernel(kpt_fa_par
 
   for (int it = 0; it < total; ++it) {
     if (it + kStages - 1 < total) load_q(it + kStages - 1, (it + kStages - 1) % kStages);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
+    kpt::cp_async_commit();
+    kpt::cp_async_wait<kStages - 1>();
     __syncthreads();  // also publishes the plain smem stores of lse2 / delta
     const int stage = it % kStages;
     const int h = hk * group + it / ntiles, m0 = (qt_lo + it % ntiles) * kBM;
@@ -224,7 +224,7 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void bwd_dkdv_mma_kernel(kpt_fa_par
     }
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
-  cp_async_wait<0>();
+  kpt::cp_async_wait<0>();
 
   const int rows = s.k_len - n0;
   store_rows<T, kD>(static_cast<uint16_t*>(p.dk) + row_offset(p.dk_st, b, s.k_start, n0, hk),
@@ -278,7 +278,7 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void bwd_dq_mma_kernel(kpt_fa_param
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (st < tiles) load_kv(st, st);
-    cp_async_commit();  // Q and dO ride in the first group
+    kpt::cp_async_commit();  // Q and dO ride in the first group
   }
 
   const int r_lo = m0 + warp * 16 + g;  // this thread's rows: r_lo and r_lo + 8
@@ -299,8 +299,8 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void bwd_dq_mma_kernel(kpt_fa_param
 
   for (int it = 0; it < tiles; ++it) {
     if (it + kStages - 1 < tiles) load_kv(it + kStages - 1, (it + kStages - 1) % kStages);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
+    kpt::cp_async_commit();
+    kpt::cp_async_wait<kStages - 1>();
     __syncthreads();
     const uint16_t* tk = sK + (it % kStages) * kBN * kD;
     const uint16_t* tv = sV + (it % kStages) * kBN * kD;
@@ -326,7 +326,7 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void bwd_dq_mma_kernel(kpt_fa_param
     mma_c_by_tile<T, kD, kBN>(dq, sc, tk, k16);  // dQ += dS K
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
-  cp_async_wait<0>();
+  kpt::cp_async_wait<0>();
 
   store_rows<T, kD>(static_cast<uint16_t*>(p.dq) + row_offset(p.dq_st, b, s.q_start, m0, h),
                     p.dq_st.token, warp * 16 + g, s.q_len - m0, dq, p.scale, p.head_dim);

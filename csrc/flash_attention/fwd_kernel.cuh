@@ -61,7 +61,7 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void fwd_mma_kernel(kpt_fa_params p
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (st < tiles) load_kv(st, st);
-    cp_async_commit();  // empty groups keep the wait count uniform
+    kpt::cp_async_commit();  // empty groups keep the wait count uniform
   }
 
   float o[kDT][4];
@@ -72,8 +72,8 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void fwd_mma_kernel(kpt_fa_params p
 
   for (int it = 0; it < tiles; ++it) {
     if (it + kStages - 1 < tiles) load_kv(it + kStages - 1, (it + kStages - 1) % kStages);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
+    kpt::cp_async_commit();
+    kpt::cp_async_wait<kStages - 1>();
     __syncthreads();
     const uint16_t* tk = sK + (it % kStages) * kBN * kD;
     const uint16_t* tv = sV + (it % kStages) * kBN * kD;
@@ -91,8 +91,8 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void fwd_mma_kernel(kpt_fa_params p
         for (int np = 0; np < kNT / 2; ++np) {
           uint32_t bb[4];
           load_b<kD>(bb, tk, np * 16, kk);
-          mma<T>(sc[2 * np], a, bb[0], bb[1]);
-          mma<T>(sc[2 * np + 1], a, bb[2], bb[3]);
+          kpt::mma_m16n8k16<T>(sc[2 * np], a, bb[0], bb[1]);
+          kpt::mma_m16n8k16<T>(sc[2 * np + 1], a, bb[2], bb[3]);
         }
       }
     }
@@ -146,14 +146,14 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void fwd_mma_kernel(kpt_fa_params p
         if (nn < k16) {
           uint32_t bb[4];
           load_b_t<kD>(bb, tv, kk * 16, nn);
-          mma<T>(o[2 * nn], a, bb[0], bb[1]);
-          mma<T>(o[2 * nn + 1], a, bb[2], bb[3]);
+          kpt::mma_m16n8k16<T>(o[2 * nn], a, bb[0], bb[1]);
+          kpt::mma_m16n8k16<T>(o[2 * nn + 1], a, bb[2], bb[3]);
         }
       }
     }
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
-  cp_async_wait<0>();
+  kpt::cp_async_wait<0>();
 
   // Epilogue: O / l rounded to T, 4-byte stores (a quad writes 16 contiguous bytes a row).
   auto* out = static_cast<uint16_t*>(p.out) + row_offset(p.out_st, b, s.q_start, 0, h);

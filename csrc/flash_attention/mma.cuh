@@ -1,9 +1,11 @@
-// NVIDIA-only building blocks of the tensor-core flash_attention kernels (sm_80+):
-// cp.async 16-byte copies with zero-fill, ldmatrix (plain and transposed), mma.sync m16n8k16
-// with fp32 accumulators, and the XOR-swizzled shared-memory tile layout they share.
+// NVIDIA-only building blocks of the tensor-core flash_attention kernels (sm_80+): the
+// XOR-swizzled shared-memory tile layout, tile copies into it and fragment loads out of it, on
+// top of kpt/ptx.h (cp.async with zero-fill, ldmatrix plain and transposed, mma.sync m16n8k16
+// with fp32 accumulators).
 #pragma once
 
 #include "common.cuh"
+#include "kpt/ptx.h"
 
 #ifdef KPT_CUDA
 namespace kpt_fa {
@@ -17,60 +19,9 @@ KPT_DEVICE int swz(int row, int chunk) {
   return row * kD + ((chunk ^ (row & 7)) << 3);
 }
 
-KPT_DEVICE uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes zeros and reads nothing,
-// which is how rows past a sequence's end (NaN-poisoned in the tests) are never touched.
-KPT_DEVICE void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
-}
-
-KPT_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-KPT_DEVICE void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-KPT_DEVICE void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-KPT_DEVICE void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// c += a (16x16, row-major fragment) * b (16x8, column fragment).
-template <class T>
-KPT_DEVICE void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-KPT_DEVICE void mma<kpt::bf16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-KPT_DEVICE void mma<kpt::fp16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Copy rows [0, rows) x chunks [0, chunks) of a kRows x kD tile (row stride in elements);
-// the rest of the tile is zero-filled: rows past the sequence end, features past head_dim.
+// the rest of the tile is zero-filled: rows past the sequence end, features past head_dim. Those
+// chunks read nothing, so rows past a sequence's end (NaN-poisoned in the tests) are never touched.
 template <int kRows, int kD, int kThreads>
 KPT_DEVICE void load_tile(uint16_t* s, const uint16_t* g, int64_t stride, int rows, int chunks) {
   constexpr int kChunks = kD / 8;
@@ -80,7 +31,7 @@ KPT_DEVICE void load_tile(uint16_t* s, const uint16_t* g, int64_t stride, int ro
     const int c = threadIdx.x + n * kThreads;
     const int r = c / kChunks, ch = c % kChunks;
     const bool ok = r < rows && ch < chunks;
-    cp_async16(s + swz<kD>(r, ch), ok ? g + r * stride + ch * 8 : g, ok);
+    kpt::cp_async16(s + swz<kD>(r, ch), ok ? g + r * stride + ch * 8 : g, ok);
   }
 }
 
@@ -88,7 +39,7 @@ KPT_DEVICE void load_tile(uint16_t* s, const uint16_t* g, int64_t stride, int ro
 template <int kD>
 KPT_DEVICE void load_a(uint32_t (&a)[4], const uint16_t* s, int r0, int kk) {
   const int lane = threadIdx.x % 32;
-  ldsm_x4(a, s + swz<kD>(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
+  kpt::ldsm_x4(a, s + swz<kD>(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
 }
 
 // B fragments of two n-tiles (rows n0.. and n0+8.. of a row-major [n][k] tile), k chunks
@@ -96,7 +47,7 @@ KPT_DEVICE void load_a(uint32_t (&a)[4], const uint16_t* s, int r0, int kk) {
 template <int kD>
 KPT_DEVICE void load_b(uint32_t (&b)[4], const uint16_t* s, int n0, int kk) {
   const int lane = threadIdx.x % 32;
-  ldsm_x4(b, s + swz<kD>(n0 + (lane & 7) + (lane >> 4) * 8, kk * 2 + ((lane >> 3) & 1)));
+  kpt::ldsm_x4(b, s + swz<kD>(n0 + (lane & 7) + (lane >> 4) * 8, kk * 2 + ((lane >> 3) & 1)));
 }
 
 // B fragments from a row-major [k][n] tile (V as the B of P @ V): k rows k0..k0+15, n chunks
@@ -104,7 +55,7 @@ KPT_DEVICE void load_b(uint32_t (&b)[4], const uint16_t* s, int n0, int kk) {
 template <int kD>
 KPT_DEVICE void load_b_t(uint32_t (&b)[4], const uint16_t* s, int k0, int nn) {
   const int lane = threadIdx.x % 32;
-  ldsm_x4_t(b, s + swz<kD>(k0 + (lane & 7) + ((lane >> 3) & 1) * 8, nn * 2 + (lane >> 4)));
+  kpt::ldsm_x4_t(b, s + swz<kD>(k0 + (lane & 7) + ((lane >> 3) & 1) * 8, nn * 2 + (lane >> 4)));
 }
 
 template <class T>

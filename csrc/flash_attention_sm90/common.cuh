@@ -1,5 +1,6 @@
 // Pieces shared by the sm90 attention kernels (kernels.cu, kernels_overlap.cu): launch
-// parameters, the bounded mbarrier wait, TMA, wgmma descriptors and fragment helpers.
+// parameters, the pipeline's producer and consumer steps and fragment helpers, on top of
+// kpt/sm90.h (the bounded mbarrier wait, TMA, wgmma descriptors).
 #pragma once
 
 #include <cuda.h>
@@ -8,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kpt/sm90.h"
 #include "wgmma.cuh"
 
 namespace kpt_fa90 {
@@ -15,8 +17,6 @@ namespace kpt_fa90 {
 constexpr int kBlockN = 128;  // keys per pipeline stage (both kernels)
 constexpr int kSwizzleElems = 64;  // 128-byte swizzle rows hold 64 16-bit elements
 constexpr int kRowBytes = 128;
-// A wait this long means a TMA never completed (a fault): end the launch instead of hanging.
-constexpr uint64_t kWaitLimitNs = 4000000000ull;
 // Row/column arithmetic (row + diag + window, windows clamped to Sq + Sk) stays inside int32.
 constexpr int64_t kMaxSeqlen = int64_t{1} << 28;
 
@@ -48,142 +48,19 @@ struct Params {
 
 // ---- PTX helpers -----------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void bar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void bar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void bar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ bool bar_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// Ends a launch that can no longer finish: a store to address 0 (never mapped) fails the launch
-// with cudaErrorIllegalAddress, then the thread exits. Not `trap`: a trap anywhere in the kernel
-// makes ptxas ignore the consumers' `setmaxnreg.inc` and allocate them only the launch bound's
-// 168 registers (found by bisecting ptxas -v output; a store + exit keeps the 232).
-__device__ __forceinline__ void abort_launch() {
-  asm volatile("st.global.u32 [%0], 0;\n\texit;" ::"l"(0ull) : "memory");
-}
-
-// Waits for the phase of parity `parity` to complete. The timer is read only after 1024 failed
-// polls, so the common (short) wait costs nothing extra.
-__device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
-  if (bar_try_wait(bar, parity)) return;
-  uint64_t start = 0;
-  for (uint32_t polls = 1;; ++polls) {
-    if (bar_try_wait(bar, parity)) return;
-    if ((polls & 1023) == 0) {
-      const uint64_t now = global_timer_ns();
-      if (start == 0) {
-        start = now;
-      } else if (now - start > kWaitLimitNs) {
-        abort_launch();
-      }
-    }
-  }
-}
-
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, uint32_t bar,
-                                         int c0, int c1, int c2, int c3) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-      : "memory");
-}
-
-// The [64 x rows] box at smem `src` to the tensor at (c0, c1, c2, c3); one bulk group.
-__device__ __forceinline__ void tma_store(const CUtensorMap* map, uint32_t src, int c0, int c1,
-                                          int c2, int c3) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n\t"
-      "cp.async.bulk.commit_group;" ::"l"(reinterpret_cast<uint64_t>(map)),
-      "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-      : "memory");
-}
-
-// Waits until every bulk group of this thread has finished reading shared memory.
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-}
+// mbarriers, TMA and wgmma come from kpt/sm90.h (shared with fp8_gemm's sm_90a kernel).
+using kpt::smem_addr;
+using kpt::sm90::bar_arrive, kpt::sm90::bar_expect_tx, kpt::sm90::bar_init, kpt::sm90::wait;
+using kpt::sm90::bulk_wait_read, kpt::sm90::tma_load, kpt::sm90::tma_store;
+using kpt::sm90::desc_at, kpt::sm90::make_desc, kpt::sm90::pin;
+using kpt::sm90::wgmma_commit, kpt::sm90::wgmma_fence, kpt::sm90::wgmma_wait,
+    kpt::sm90::wgmma_wait_all;
 
 // Byte offset of the 4-byte pair at (row, col) of a [rows x 64] 16-bit tile in the 128-byte
 // swizzle a TMA box uses: 16-byte chunk col / 8 of row `row` sits at (col / 8) ^ (row % 8). With
 // the accumulator layout (8 rows per warp, 4 threads per row) a warp's stores hit 32 banks.
 __device__ __forceinline__ uint32_t swizzled(int row, int col) {
   return row * kRowBytes + ((((col / 8) ^ row) & 7) * 16) + (col % 8) * 2;
-}
-
-// wgmma shared-memory descriptor for a 128B-swizzled tile (PTX ISA "matrix descriptor"):
-// start address, leading and stride byte offsets (all >> 4), swizzle mode 1 = 128B in bits
-// 62-63. The tile base is 1024-byte aligned, so the base-offset field stays 0; stepping the
-// start address by 32 bytes moves 16 elements along a swizzled row (the hardware applies the
-// XOR pattern to the final address).
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
-         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
-}
-
-// The descriptor of the tile `bytes` (a multiple of 16) past the one `desc` describes: one
-// 64-bit add instead of rebuilding the fields. Shared memory ends below 256 KiB, so the 14-bit
-// start-address field (address / 16) never carries into the next field.
-__device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
-  return desc + (bytes >> 4);
-}
-
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_wait_all() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-}
-// Waits until at most kPending committed wgmma groups of this warpgroup are still running.
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
-}
-
-// Registers read or written by an in-flight wgmma must not be touched or moved by the compiler
-// across the issue/wait pair; an empty asm that "modifies" them pins them in place.
-template <int N>
-__device__ __forceinline__ void pin(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int N>
-__device__ __forceinline__ void pin(uint32_t (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
 template <bool kBf16>

@@ -14,10 +14,9 @@
 // Everything here is raw PTX (wgmma, cp.async.bulk.tensor, mbarrier): the instruction set is
 // small, the operand layouts are fixed by the PTX ISA, and compiling takes seconds instead of
 // the minutes CuTe templates need. Every mbarrier wait is bounded (see wait()): a fault that
-// stops a TMA turns into a failed launch (a CUDA error, see abort_launch), never a hang.
+// stops a TMA turns into a failed launch (a CUDA error: abort_launch in kpt/sm90.h), never a hang.
 
 #include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -141,27 +140,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
 
 // ---- host side -------------------------------------------------------------------------------
 
-using EncodeFn = PFN_cuTensorMapEncodeTiled_v12000;
-
-EncodeFn encoder() {
-  static EncodeFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      return static_cast<EncodeFn>(nullptr);
-    }
-    return reinterpret_cast<EncodeFn>(ptr);
-  }();
-  return fn;
-}
-
 // A 4-D map (head_dim, seq, heads, batch) whose box is [64 x rows] of one (batch, head): rows
 // past seq are zero-filled by the TMA unit, which is what masks the tail tiles.
 int make_map(CUtensorMap* map, int dtype, const void* ptr, const int64_t* strides, int64_t batch,
              int64_t seq, int64_t heads, int head_dim, int rows) {
-  EncodeFn encode = encoder();
+  const kpt::sm90::EncodeFn encode = kpt::sm90::tensor_map_encoder();
   if (encode == nullptr) return KPT_FA90_NO_DRIVER_API;
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(seq),
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};

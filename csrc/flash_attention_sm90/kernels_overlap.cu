@@ -42,7 +42,7 @@ namespace {
 
 // Both head dims overlap S(j) with P(j-1) V(j-1) inside a warpgroup; S, packed P and O live
 // together (kN / 2 + kN / 4 + kD / 2 registers), which fits the consumers' setmaxnreg budget
-// since no `trap` makes ptxas ignore it (see abort_launch in common.cuh). D = 64 runs three
+// since no `trap` makes ptxas ignore it (see abort_launch in kpt/sm90.h). D = 64 runs three
 // consumer warpgroups (192 query rows, 3 stages) on 160 registers each; D = 128 runs two
 // (2 stages) on 232, which also hold Q's fragments (kD / 4 registers; ptxas: 0 spills, and
 // the same 4 warpgroup.arrive per kernel as without them). At D = 64 the fragments spill and

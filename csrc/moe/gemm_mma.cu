@@ -20,66 +20,13 @@
 // Standing: compiles for sm_90a and sm_80 without spills (ptxas -v); not yet run on a GPU.
 
 #include "gemm.cuh"
+#include "kpt/ptx.h"
 
 namespace kpt_moe {
 
 #if defined(KPT_CUDA)
 
 namespace {
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define KPT_MOE_MMA 1
-#else
-#define KPT_MOE_MMA 0
-#endif
-
-#if KPT_MOE_MMA
-KPT_DEVICE uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, bypassing L1; ok = false writes zeros and reads nothing.
-KPT_DEVICE void cp_async16(void* dst, const void* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(ok ? 16 : 0)
-               : "memory");
-}
-
-KPT_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int kPending>
-KPT_DEVICE void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-KPT_DEVICE void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// c += a (16x16 row fragment) * b (16x8 column fragment), fp32 accumulators.
-template <class T>
-KPT_DEVICE void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-KPT_DEVICE void mma<bf16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-KPT_DEVICE void mma<fp16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-#endif  // KPT_MOE_MMA
 
 // Byte offset of chunk `chunk` of row `row` in a swizzled tile of 128-byte rows.
 KPT_DEVICE int swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
@@ -100,7 +47,7 @@ struct Tile {
 template <class T, bool kFp8, int kBM, int kBN, int kWM, int kWN, int kHalves, int kStages,
           int kMinBlocks>
 __global__ void __launch_bounds__(32 * kWM * kWN, kMinBlocks) mma_kernel(Gemm g) {
-#if KPT_MOE_MMA
+#if KPT_SM80
   using Cfg = Tile<kBM, kBN, kWM, kWN, kHalves, kStages>;
   constexpr int MI = Cfg::MI, NI = Cfg::NI, TM = Cfg::TM, TN = Cfg::TN;
   constexpr int kThreads = Cfg::kThreads;
@@ -146,7 +93,7 @@ __global__ void __launch_bounds__(32 * kWM * kWN, kMinBlocks) mma_kernel(Gemm g)
       const int r = first_row + i * (kThreads / 8);
       const char* src = row_src[r];
       const bool ok = k_ok && src != nullptr;
-      cp_async16(base + swz(r, chunk), ok ? src + kb : g.b, ok);
+      kpt::cp_async16(base + swz(r, chunk), ok ? src + kb : g.b, ok);
     }
   };
 
@@ -163,17 +110,17 @@ __global__ void __launch_bounds__(32 * kWM * kWN, kMinBlocks) mma_kernel(Gemm g)
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < k_tiles) load(s, s);
-    cp_async_commit();
+    kpt::cp_async_commit();
   }
 
   const int grp = lane / 4, quad = lane % 4;
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();
+    kpt::cp_async_wait<kStages - 2>();
     __syncthreads();
     {
       const int next = kt + kStages - 1;
       if (next < k_tiles) load(next % kStages, next);
-      cp_async_commit();
+      kpt::cp_async_commit();
     }
     const char* sa = smem + (kt % kStages) * Cfg::kStageBytes;
     const char* sb = sa + kBM * 128;
@@ -184,7 +131,7 @@ __global__ void __launch_bounds__(32 * kWM * kWN, kMinBlocks) mma_kernel(Gemm g)
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
           const int r = wm * TM + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-          ldsm_x4(af[mi], sa + swz(r, kk * 2 + (lane >> 4)));
+          kpt::ldsm_x4(af[mi], sa + swz(r, kk * 2 + (lane >> 4)));
         }
 #pragma unroll
         for (int h = 0; h < kHalves; ++h) {
@@ -192,11 +139,11 @@ __global__ void __launch_bounds__(32 * kWM * kWN, kMinBlocks) mma_kernel(Gemm g)
           for (int ni = 0; ni < NI; ni += 2) {
             uint32_t bf[4];
             const int r = h * kBN + wn * TN + ni * 8 + (lane & 7) + (lane >> 4) * 8;
-            ldsm_x4(bf, sb + swz(r, kk * 2 + ((lane >> 3) & 1)));
+            kpt::ldsm_x4(bf, sb + swz(r, kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
-              mma<T>(acc[h][mi][ni], af[mi], bf[0], bf[1]);
-              mma<T>(acc[h][mi][ni + 1], af[mi], bf[2], bf[3]);
+              kpt::mma_m16n8k16<T>(acc[h][mi][ni], af[mi], bf[0], bf[1]);
+              kpt::mma_m16n8k16<T>(acc[h][mi][ni + 1], af[mi], bf[2], bf[3]);
             }
           }
         }
@@ -248,7 +195,9 @@ __global__ void __launch_bounds__(32 * kWM * kWN, kMinBlocks) mma_kernel(Gemm g)
             uint32_t b0, b1;
             e4m3x4_to_half(w, b0, b1);
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi) mma<fp16>(part[h][mi][ni], af[mi], b0, b1);
+            for (int mi = 0; mi < MI; ++mi) {
+              kpt::mma_m16n8k16<fp16>(part[h][mi][ni], af[mi], b0, b1);
+            }
           }
         }
       }
@@ -264,7 +213,7 @@ __global__ void __launch_bounds__(32 * kWM * kWN, kMinBlocks) mma_kernel(Gemm g)
                                        acc[h][mi][ni][q]);
     }
   }
-  cp_async_wait<0>();
+  kpt::cp_async_wait<0>();
 
   // Epilogue: c0, c1 of a fragment are row grp, columns 2 quad, 2 quad + 1; c2, c3 row grp + 8.
 #pragma unroll
@@ -294,7 +243,7 @@ __global__ void __launch_bounds__(32 * kWM * kWN, kMinBlocks) mma_kernel(Gemm g)
       }
     }
   }
-#endif  // KPT_MOE_MMA
+#endif  // KPT_SM80
 }
 
 template <class T, bool kFp8, int kBM, int kBN, int kWM, int kWN, int kStages, int kMinBlocks>

@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import re
 import sys
 import textwrap
 import tokenize
@@ -238,8 +239,9 @@ def kernel_sources(op: str, backend: str, *, ops_dir: Path | None = None,
 
     * ``cuda``/``hip``: the op's ``JitSpec`` declarations (sources and extra flags), kpt's base
       build flags for that runtime, every kernel file of the csrc folders those specs build
-      (``csrc/<op>/``, ``csrc/<op>_<variant>/``) and the shared headers of ``csrc/include/``
-      except those named after another op's folder;
+      (``csrc/<op>/``, ``csrc/<op>_<variant>/``) and the headers of ``csrc/include/`` those
+      files include (directly or through each other), except those named after another op's
+      folder;
     * ``triton``: the ``@triton.jit`` functions of the op's modules and of the shared
       ``kpt/ops/_triton_compat.py``, with the module-level values they read, comments and
       layout left out;
@@ -281,8 +283,34 @@ def kernel_sources(op: str, backend: str, *, ops_dir: Path | None = None,
         if (root / name).is_dir():
             parts += _files(root, root / name)
     if (root / "include").is_dir():
-        parts += _files(root, root / "include", skip=others)
+        reached = _included(root, [root / rel for rel, _ in parts if rel not in ("flags",)
+                                   and (root / rel).is_file()])
+        parts += [part for part in _files(root, root / "include", skip=others)
+                  if part[0] in reached]
     return parts
+
+
+_INCLUDE = re.compile(rb'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.MULTILINE)
+
+
+def _included(root: Path, files: list[Path]) -> set[str]:
+    """Paths (relative to ``root``) of the headers under ``root / "include"`` that ``files``
+    include, directly or through each other: a shared header no kernel of the op includes
+    does not decide its code."""
+    include = (root / "include").resolve()
+    seen: set[Path] = set()
+    todo = list(files)
+    while todo:
+        path = todo.pop()
+        for name in _INCLUDE.findall(path.read_bytes()):
+            text = name.decode(errors="replace")
+            for candidate in (path.parent / text, include / text):
+                target = candidate.resolve()
+                if target.is_file() and target.is_relative_to(include) and target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+                    break
+    return {t.relative_to(root.resolve()).as_posix() for t in seen}
 
 
 @functools.cache

@@ -75,13 +75,15 @@ def tree(tmp_path: Path) -> tuple[Path, Path]:
         ops / "toy" / "reference.py": "def run(call, config):\n    return call.x * 2\n",
         ops / "toy" / "NOTES.md": "notes\n",
         ops / "_triton_compat.py": COMPAT_MODULE,
-        csrc / "toy" / "kernels.cu": "__global__ void toy() {}\n",
+        csrc / "toy" / "kernels.cu": '#include "kpt/toy.h"\n__global__ void toy() {}\n',
         csrc / "toy" / "binding.cpp": "// binding\n",
         csrc / "toy" / "NOTES.md": "notes\n",
-        csrc / "toy_sm90" / "kernels.cu": "__global__ void toy90() {}\n",
+        csrc / "toy_sm90" / "kernels.cu": '#include <kpt/compat.h>\n__global__ void toy90() {}\n',
         csrc / "other" / "kernels.cu": "__global__ void other() {}\n",
         csrc / "include" / "kpt" / "compat.h": "#pragma once\n",
-        csrc / "include" / "kpt" / "toy.h": "#pragma once\n",
+        csrc / "include" / "kpt" / "toy.h": '#pragma once\n#include "ptx.h"\n',
+        csrc / "include" / "kpt" / "ptx.h": "#pragma once\n",  # shared, reached through toy.h
+        csrc / "include" / "kpt" / "unused.h": "#pragma once\n",  # shared, included by none
         csrc / "include" / "kpt" / "other.h": "#pragma once\n",
     }
     for path, text in files.items():
@@ -108,7 +110,7 @@ def test_native_hash_covers_kernels_headers_and_flags_not_the_launcher(tree, bac
     names = [name for name, _ in provenance.kernel_sources("toy", backend, ops_dir=ops,
                                                            csrc=csrc)]
     assert names == ["_cuda.py:JitSpec", "flags", "toy/kernels.cu", "toy_sm90/kernels.cu",
-                     "include/kpt/compat.h", "include/kpt/toy.h"]
+                     "include/kpt/compat.h", "include/kpt/ptx.h", "include/kpt/toy.h"]
     before = _hash(tree, backend)
 
     # The launcher (Python and its C++ binding), notes, and another op's kernels and header:
@@ -120,6 +122,9 @@ def test_native_hash_covers_kernels_headers_and_flags_not_the_launcher(tree, bac
     (csrc / "other" / "kernels.cu").write_text("__global__ void other2() {}\n")
     (csrc / "include" / "kpt" / "other.h").write_text("#define OTHER 1\n")
     (csrc / "include" / "kpt" / "other_v2.h").write_text("#define OTHER 2\n")
+    # A shared header none of the op's kernels includes, edited or new: no change.
+    (csrc / "include" / "kpt" / "unused.h").write_text("#define UNUSED 1\n")
+    (csrc / "include" / "kpt" / "unused_v2.h").write_text("#define UNUSED 2\n")
     assert _hash(tree, backend) == before
 
     # Each kernel input: a change.
@@ -128,6 +133,7 @@ def test_native_hash_covers_kernels_headers_and_flags_not_the_launcher(tree, bac
         lambda: _edit(csrc / "toy_sm90" / "kernels.cu", "toy90()", "toy90(int)"),
         lambda: _edit(csrc / "include" / "kpt" / "toy.h", "once", "once\n#define X 1"),
         lambda: _edit(csrc / "include" / "kpt" / "compat.h", "once", "once\n#define Y 1"),
+        lambda: _edit(csrc / "include" / "kpt" / "ptx.h", "once", "once\n#define Z 1"),
         lambda: _edit(ops / "toy" / "_cuda.py", 'binding.cpp")', 'binding.cpp"), '
                       'extra_cuda_cflags=("--use_fast_math",)'),
         lambda: monkeypatch.setattr("kpt.jit.base_flags", lambda runtime: ("-O2",)),

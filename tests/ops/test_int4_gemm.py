@@ -334,7 +334,7 @@ BAD = {
     "bias length": (dict(bias=torch.zeros(40, dtype=torch.bfloat16)), ValueError,
                     "bias must have N=48"),
     "bias dtype": (dict(bias=torch.zeros(48, dtype=torch.float16)), TypeError, "bias"),
-    "unknown backend": (dict(backend="cuda"), ValueError, "unknown backend"),
+    "unknown backend": (dict(backend="cutlass"), ValueError, "unknown backend"),
 }
 
 

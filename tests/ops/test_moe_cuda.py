@@ -38,6 +38,7 @@ from kpt.ops.moe import (
     moe_route,
     reference,
 )
+from tests.ops.jit_backends import unusable
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -256,17 +257,7 @@ def test_backends_are_registered():
 # ---- on a GPU --------------------------------------------------------------------------------
 
 
-def _usable() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA/HIP device"
-    if torch.version.hip is None and torch.cuda.get_device_capability() < (8, 0):
-        return "the cuda backend needs sm_80 or newer"
-    reason = _cuda.hip_unavailable() if torch.version.hip else _cuda.cuda_unavailable()
-    return f"the {'hip' if torch.version.hip else 'cuda'} backend is unavailable: {reason}" \
-        if reason else None
-
-
-needs_gpu = pytest.mark.skipif(_usable() is not None, reason=str(_usable()))
+needs_gpu = pytest.mark.skipif(unusable(_cuda) is not None, reason=str(unusable(_cuda)))
 IMPLS = ["simt"] if torch.version.hip else ["mma", "simt"]
 RUN = _cuda.run_hip if torch.version.hip else _cuda.run_cuda
 

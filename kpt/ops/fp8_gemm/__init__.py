@@ -17,11 +17,19 @@ row         (M, 1): per token         (N, 1): per output channel
 block       (M, ceil(K/128)): 1x128   (ceil(N/128), ceil(K/128)): 128x128
 =========== ========================= =============================================
 
-Backends: ``triton`` (CUDA sm_89+; on the CPU only under ``TRITON_INTERPRET=1``) and
-``reference`` (any device). CUDA and HIP (csrc) kernels are not implemented yet: none is
-registered, so ``backend="cuda"`` is an unknown backend, not a placeholder. Inference only: no
-backward. ``quantize_fp8`` is plain PyTorch (memory-bound elementwise work that torch.compile
-fuses); it is not dispatched through the registry.
+Backends:
+
+* ``cuda`` (sm_80+) and ``hip`` (``_cuda.py``, kernels in ``csrc/fp8_gemm``, one source for nvcc
+  and hipcc): mma.sync tiles (fp8 ``m16n8k32`` on sm_89+, codes widened to fp16 on sm_80) with a
+  K split for decode shapes; on Hopper a TMA + wgmma kernel (its own sm_90a build) above 64
+  rows; the HIP build runs portable CUDA-core tiles. Block scales promote each 128-wide k-tile
+  into float32. Compiled for sm_90a, sm_80 and gfx90a; not yet run on a GPU, so dispatch puts
+  them after ``triton`` (first where Triton cannot run: sm_80, ROCm);
+* ``triton`` (CUDA sm_89+; on the CPU only under ``TRITON_INTERPRET=1``);
+* ``reference`` (any device).
+
+Inference only: no backward. ``quantize_fp8`` is plain PyTorch (memory-bound elementwise work
+that torch.compile fuses); it is not dispatched through the registry.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from kpt.backends.xpu import xpu_backend
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
+    native_backends,
     plain_eager,
     reference_backend,
     triton_backend,
@@ -111,6 +120,8 @@ def _triton_supports(p: Problem) -> list[str]:
 BACKENDS = (
     triton_backend(f"{__name__}._triton", dtypes=FP8, supports=_triton_supports,
                    configs="configs"),
+    # One kernel source for nvcc and hipcc (csrc/fp8_gemm); supports() and configs() in _cuda.py.
+    *native_backends(f"{__name__}._cuda", dtypes=FP8, run_cuda="run_cuda", run_hip="run_hip"),
     reference_backend(_reference.run, FP8, devices=frozenset({"cuda", "cpu", "xpu"})),
     xla_backend("fp8_gemm", dtypes=FP8),
     xpu_backend(f"{__name__}._triton", dtypes=FP8, supports=_triton_supports, configs="configs"),
@@ -128,7 +139,8 @@ def _example(device: torch.device, dtype: torch.dtype) -> Problem:
 SPEC = Op(
     name=OP,
     backends=BACKENDS,
-    priority={"cuda": ("triton", "reference"), "cpu": ("reference",), "xla": ("xla",),
+    priority={"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",),
+              "xla": ("xla",),
               "xpu": ("xpu", "reference")},
     bucket=_bucket,
     example=_example,
@@ -219,8 +231,9 @@ def fp8_gemm(
     Args:
         a8: (M, K) activations, float8_e4m3fn or float8_e5m2; any M (1 included).
         w8: (N, K) weight (``nn.Linear`` layout), a8's dtype. N and K: multiples of 16.
-            Either may be a strided view (e.g. ``x.T`` of a (K, M) tensor): the kernels read
-            the strides, nothing is copied.
+            Either may be a strided view (e.g. ``x.T`` of a (K, M) tensor): the Triton kernel
+            reads the strides; the cuda/hip kernels read rows of 16-byte aligned chunks in
+            place and copy any other view first.
         a_scale, w_scale: float32 scales (``quantize_fp8``'s): one element (per tensor), (M, 1)
             / (N, 1) (per row / output channel), or (M, ceil(K/128)) / (ceil(N/128),
             ceil(K/128)) (blockwise, 1x128 / 128x128). The two granularities are independent.
@@ -228,7 +241,7 @@ def fp8_gemm(
             a block holding a NaN or inf) propagates into the outputs that use it.
         out_dtype: bfloat16, float16 or float32; the float32 result is rounded once.
         bias: (N,) bf16/fp16/fp32, added in float32 before that rounding.
-        backend: ``"triton"`` or ``"reference"``; None chooses.
+        backend: ``"cuda"``, ``"hip"``, ``"triton"`` or ``"reference"``; None chooses.
     """
     a_gran, a_scale, w_gran, w_scale = _validate(a8, w8, a_scale, w_scale, out_dtype, bias)
     if backend is not None:

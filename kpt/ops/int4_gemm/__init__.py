@@ -30,9 +30,12 @@ accumulates in float32, the bias (x's dtype or float32) is added to the float32 
 result is rounded once to x's dtype. Every backend follows these points exactly; backends
 differ only in the order of the float32 sums.
 
-Backends: ``triton`` (fp16/bf16 x, CUDA, or the CPU under ``TRITON_INTERPRET=1``) and
-``reference`` (fp16/bf16/fp32 x, any device). There is no CUDA/HIP (csrc) backend yet; none is
-registered. Inference only: no backward.
+Backends: ``cuda`` / ``hip`` (``csrc/int4_gemm``, one source: tensor-core tiles with the weight
+dequantised in registers on CUDA sm_80+, portable CUDA-core tiles on HIP; fp16/bf16 x, N a
+multiple of 8; ``_cuda.py``), ``triton`` (fp16/bf16 x, CUDA, or the CPU under
+``TRITON_INTERPRET=1``) and ``reference`` (fp16/bf16/fp32 x, any device). On CUDA devices
+triton comes first until the csrc kernels have been validated and timed on a GPU. Inference
+only: no backward.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from kpt.backends.xpu import xpu_backend
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
+    native_backends,
     plain_eager,
     read_content,
     reference_backend,
@@ -118,6 +122,8 @@ def _triton_supports(p: Problem) -> list[str]:
 
 BACKENDS = (
     triton_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports),
+    # One kernel source for nvcc and hipcc (csrc/int4_gemm); supports() and configs() in _cuda.py.
+    *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run_cuda", run_hip="run_hip"),
     reference_backend(_reference.run, _FLOATS),
     xla_backend("int4_gemm", dtypes=_FLOATS),
     xpu_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports),
@@ -134,8 +140,8 @@ SPEC = Op(
     name=OP,
     backends=BACKENDS,
     # Not the reference on xla: torch_xla 2.9's `>>` breaks its unpacking (kpt.backends.xla).
-    priority={"cuda": ("triton", "reference"), "cpu": ("reference",), "xla": ("xla",),
-              "xpu": ("xpu", "reference")},
+    priority={"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",),
+              "xla": ("xla",), "xpu": ("xpu", "reference")},
     bucket=_bucket,
     example=_example,
 )
@@ -253,7 +259,7 @@ def int4_gemm(
             float16 or bfloat16; (G, N) uint8 or None (symmetric); (K,) int32 act-order group
             of each input channel or None; 32, 64, 128, 256 or -1 (per channel).
         bias: (N,) of x's dtype or float32, added to the float32 sum.
-        backend: ``"triton"`` or ``"reference"``.
+        backend: ``"cuda"``, ``"hip"``, ``"triton"`` or ``"reference"``.
 
     Returns (..., N) in x's dtype: float32 accumulation of x times the weight rounded to x's
     dtype, one final rounding (``reference.py`` is the specification).
