@@ -20,7 +20,6 @@ import hashlib
 import importlib.metadata
 import io
 import json
-import re
 import sys
 import textwrap
 import tokenize
@@ -270,6 +269,7 @@ def kernel_sources(op: str, backend: str, *, ops_dir: Path | None = None,
         return [(module, path.read_bytes())] if path is not None and path.is_file() else []
 
     from kpt.jit import base_flags, csrc_dir
+    from kpt.jit.spec import included_headers
 
     root = csrc or csrc_dir()
     specs, folders = _jit_specs(package) if package is not None else ([], set())
@@ -283,34 +283,13 @@ def kernel_sources(op: str, backend: str, *, ops_dir: Path | None = None,
         if (root / name).is_dir():
             parts += _files(root, root / name)
     if (root / "include").is_dir():
-        reached = _included(root, [root / rel for rel, _ in parts if rel not in ("flags",)
-                                   and (root / rel).is_file()])
+        reached = included_headers(root, [root / rel for rel, _ in parts
+                                          if (root / rel).is_file()])
         parts += [part for part in _files(root, root / "include", skip=others)
                   if part[0] in reached]
     return parts
 
 
-_INCLUDE = re.compile(rb'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.MULTILINE)
-
-
-def _included(root: Path, files: list[Path]) -> set[str]:
-    """Paths (relative to ``root``) of the headers under ``root / "include"`` that ``files``
-    include, directly or through each other: a shared header no kernel of the op includes
-    does not decide its code."""
-    include = (root / "include").resolve()
-    seen: set[Path] = set()
-    todo = list(files)
-    while todo:
-        path = todo.pop()
-        for name in _INCLUDE.findall(path.read_bytes()):
-            text = name.decode(errors="replace")
-            for candidate in (path.parent / text, include / text):
-                target = candidate.resolve()
-                if target.is_file() and target.is_relative_to(include) and target not in seen:
-                    seen.add(target)
-                    todo.append(target)
-                    break
-    return {t.relative_to(root.resolve()).as_posix() for t in seen}
 
 
 @functools.cache

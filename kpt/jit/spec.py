@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -125,8 +126,8 @@ class JitSpec:
     # ---- hashing ---------------------------------------------------------------------------
 
     def _inputs(self, root: Path) -> dict[str, bytes]:
-        """Every file the build can read, by path relative to ``root``: the sources, all of
-        ``include/`` and the sources' op folders."""
+        """Every file the build can read, by path relative to ``root``: the sources, the
+        sources' op folders and the headers of ``include/`` those files include."""
         files: set[str] = set()
         for source in self.sources:
             if not (root / source).is_file():
@@ -139,7 +140,7 @@ class JitSpec:
             parts = Path(source).parts
             if len(parts) > 1:
                 files.update(_tree(root, parts[0], _OP_SUFFIXES))
-        files.update(_tree(root, "include", _HEADER_SUFFIXES))
+        files.update(included_headers(root, [root / rel for rel in files]))
         return {rel: (root / rel).read_bytes() for rel in sorted(files)}
 
     def _plan(self) -> _Plan:
@@ -378,3 +379,29 @@ def _tree(root: Path, folder: str, suffixes: frozenset[str]) -> list[str]:
         for p in base.rglob("*")
         if p.suffix in suffixes and p.is_file()
     ]
+
+
+_INCLUDE = re.compile(rb'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.MULTILINE)
+
+
+def included_headers(root: Path, files: list[Path]) -> set[str]:
+    """Paths (relative to ``root``) of the headers under ``root / "include"`` that ``files``
+    ``#include``, directly or through each other (a name is looked up beside the including
+    file, then in ``include/``, the build's include directory). Headers outside ``include/``
+    (system, CUDA, torch) are not followed: the compiler and torch versions cover them."""
+    base = root.resolve()
+    include = base / "include"
+    seen: set[Path] = set()
+    todo = [f for f in files if f.is_file()]
+    while todo:
+        path = todo.pop()
+        for name in _INCLUDE.findall(path.read_bytes()):
+            text = name.decode(errors="replace")
+            for candidate in (path.parent / text, include / text):
+                target = candidate.resolve()
+                if target.is_file():
+                    if target.is_relative_to(include) and target not in seen:
+                        seen.add(target)
+                        todo.append(target)
+                    break
+    return {t.relative_to(base).as_posix() for t in seen}

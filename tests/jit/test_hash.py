@@ -78,14 +78,21 @@ def test_same_length_value_change_reaches_the_hash(toy_env):
     assert TOY_SPEC.build_hash() != before
 
 
-def test_new_header_changes_it_unrelated_files_do_not(toy_env):
+def test_included_headers_change_it_unrelated_files_do_not(toy_env):
+    """Shared headers count once the op's files include them, directly or through another
+    shared header; another op's files, non-sources and headers nobody includes do not."""
+    include = toy_env["csrc"] / "include" / "kpt"
     before = TOY_SPEC.build_hash()
     (toy_env["csrc"] / "other_op").mkdir()
     (toy_env["csrc"] / "other_op" / "kernels.cu").write_text("// another op\n")
     (toy_env["csrc"] / "toy" / "notes.txt").write_text("not a source\n")
+    (include / "new.cuh").write_text("// new shared header, included by no one yet\n")
     assert TOY_SPEC.build_hash() == before
-    (toy_env["csrc"] / "include" / "kpt" / "new.cuh").write_text("// new shared header\n")
-    assert TOY_SPEC.build_hash() != before
+    (include / "toy.h").write_text((include / "toy.h").read_text() + '#include "new.cuh"\n')
+    through = TOY_SPEC.build_hash()
+    assert through != before
+    (include / "new.cuh").write_text("// new shared header, edited\n")
+    assert TOY_SPEC.build_hash() != through
 
 
 @pytest.mark.parametrize("field", ["extra_cflags", "extra_cuda_cflags", "extra_ldflags"])
