@@ -19,7 +19,6 @@ every registered kernel backend against the reference where it can run.
 
 from __future__ import annotations
 
-import ast
 import itertools
 import re
 
@@ -31,7 +30,7 @@ from kpt.ops import fp8_gemm, quantize_fp8
 from kpt.ops._common import compare
 from kpt.ops._registry import Problem
 from kpt.ops.fp8_gemm import SPEC, W_BLOCK, Call, _cuda
-from tests.ops.jit_backends import unusable
+from tests.ops.jit_backends import forward_arguments, unusable
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_IDS = {E4M3: "e4m3", E5M2: "e5m2"}
@@ -204,14 +203,9 @@ def _binding_text() -> str:
 def test_launcher_passes_every_binding_argument_in_order():
     """The binding first compiles on a GPU machine: check here that the launcher's call has as
     many positional arguments as the binding declares, and the C++ signature the same."""
-    tree = ast.parse(open(_cuda.__file__).read())
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Attribute) and n.func.attr == "forward"]
-    assert len(calls) == 1 and not calls[0].keywords
     text = _binding_text()
-    body = text[text.index('m.def("forward"'):]
-    names = re.findall(r'py::arg\("(\w+)"\)', body[: body.index(";")])
-    assert len(calls[0].args) == len(names) == 14
+    args, names = forward_arguments(_cuda, text)
+    assert args == len(names) == 14
     signature = text[text.index("void forward("):]
     assert signature[: signature.index(")")].count(",") + 1 == len(names)
 

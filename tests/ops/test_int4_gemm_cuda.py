@@ -20,7 +20,6 @@ reference on its own shape list) is test_int4_gemm.py's, which runs every regist
 
 from __future__ import annotations
 
-import ast
 import itertools
 import re
 
@@ -33,7 +32,7 @@ from kpt.ops._common import compare
 from kpt.ops._registry import Problem
 from kpt.ops.int4_gemm import GROUP_SIZES, SPEC, Call, _cuda
 from kpt.ops.int4_gemm import reference as ref
-from tests.ops.jit_backends import unusable
+from tests.ops.jit_backends import forward_arguments, unusable
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 # A kernel against the reference: the same rounded weights (the dequantisation is exact) and
@@ -175,14 +174,9 @@ def _binding_text() -> str:
 def test_launcher_passes_every_binding_argument_in_order():
     """The binding first compiles on a GPU machine: check here that the launcher's call has as
     many positional arguments as the binding declares, and the C++ signature the same count."""
-    tree = ast.parse(open(_cuda.__file__).read())
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Attribute) and n.func.attr == "forward"]
-    assert len(calls) == 1 and not calls[0].keywords
     text = _binding_text()
-    body = text[text.index('m.def("forward"'):]
-    names = re.findall(r'py::arg\("(\w+)"\)', body[: body.index(";")])
-    assert len(calls[0].args) == len(names) == 13
+    args, names = forward_arguments(_cuda, text)
+    assert args == len(names) == 13
     assert names[:7] == ["x", "packed", "scales", "zeros", "g_idx", "bias", "out"]
     signature = text[text.index("void forward("):]
     signature = signature[: signature.index(")")]
