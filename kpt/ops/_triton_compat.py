@@ -73,21 +73,30 @@ else:
 def nonfinite_pv(p, ok, v):
     """IEEE's sum over the visible keys of p * v for v's non-finite entries only (0 where
     there are none): NaN from a NaN, from +inf and -inf together, or from an inf times a
-    probability that underflowed to 0; else +-inf where an inf meets a positive p."""
+    probability that underflowed to 0; else +-inf where an inf meets a positive p.
+
+    Counts, not products: three dots of 0/1 (and 256) indicators in v's 16-bit dtype, exact
+    in their float32 sums, so the rare branch needs two 16-bit operand tiles of shared memory
+    (float32 copies of p and v took four times that and pushed Hopper configs past 227 KB).
+    A tile must hold fewer than 256 keys, so that the two counts packed in one sum stay apart."""
+    tl.static_assert(v.shape[0] < 256, "nonfinite_pv: a key tile of 256 or more")
     vf = v.to(tl.float32)
-    vis = ok.to(tl.float32)
-    pos = (vf == float("inf")).to(tl.float32)
-    neg = (vf == float("-inf")).to(tl.float32)
-    nan = (vf != vf).to(tl.float32)
-    p_pos = tl.dot(p, pos)
-    p_neg = tl.dot(p, neg)
-    n_pos = tl.dot(vis, pos)
-    n_neg = tl.dot(vis, neg)
-    n_nan = tl.dot(vis, nan)
-    is_nan = ((n_nan > 0) | ((n_pos > 0) & (p_pos == 0)) | ((n_neg > 0) & (p_neg == 0))
-              | ((p_pos > 0) & (p_neg > 0)))
+    # +inf counts 1, -inf 256: n = n_pos + 256 n_neg, each count below 256.
+    code = tl.where(vf == float("inf"), 1.0, tl.where(vf == float("-inf"), 256.0, 0.0))
+    code = code.to(v.dtype)
+    # Booleans go through float32 (the interpreter cannot cast them to bf16 directly).
+    seen = ok.to(tl.float32).to(v.dtype)
+    n = mm(seen, code)
+    h = mm((p > 0).to(tl.float32).to(v.dtype), code)  # the same over keys with a positive p
+    n_nan = mm(seen, (vf != vf).to(tl.float32).to(v.dtype))
+    n_neg = tl.floor(n / 256.0)
+    n_pos = n - 256.0 * n_neg
+    h_neg = tl.floor(h / 256.0)
+    h_pos = h - 256.0 * h_neg
+    is_nan = ((n_nan > 0) | ((n_pos > 0) & (h_pos == 0)) | ((n_neg > 0) & (h_neg == 0))
+              | ((h_pos > 0) & (h_neg > 0)))
     return tl.where(is_nan, float("nan"),
-                    tl.where(p_pos > 0, float("inf"), tl.where(p_neg > 0, float("-inf"), 0.0)))
+                    tl.where(h_pos > 0, float("inf"), tl.where(h_neg > 0, float("-inf"), 0.0)))
 
 
 @triton.jit

@@ -229,9 +229,10 @@ def _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi, o
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     if MASKED:
         # Edge blocks (one or two per query block) run unpipelined: the clean copy of V that
-        # masked_pv hands to the dot needs shared memory of its own, which next to the
-        # main loop's multi-stage K/V buffers would not fit (128 x 128 tiles at D = 128 asked
-        # for 240 KB of the H100/H200's 227 KB).
+        # masked_pv hands to the dot needs shared memory of its own, which next to the main
+        # loop's multi-stage K/V buffers would not fit. Compiled for sm_90a (Triton 3.6 and
+        # 3.9), the TMA 128 x 128 config at D = 128 takes 229400 of the 232448 bytes a block
+        # may use this way, 263168 pipelined (tests/ops/test_triton_shared_memory.py).
         for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
                                       start_n, offs_m, q_len, k_len, diag, window_left,

@@ -1,0 +1,63 @@
+"""The Triton helpers that keep a key's NaN / inf value out of rows that cannot see it
+(``kpt/ops/_triton_compat.py``: ``masked_pv`` and its rare branch ``nonfinite_pv``), against
+the attention references' ``visible_matmul``: the same IEEE result per row, on tiles where
+visible and hidden keys carry +inf, -inf and NaN, and visible keys have zero probabilities.
+Runs the kernels wherever Triton runs them (the CPU under ``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the helpers are Triton code")
+import triton.language as tl  # noqa: E402
+
+from kpt.ops._common import visible_matmul  # noqa: E402
+from kpt.ops._triton_compat import masked_pv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+M, N, D = 16, 32, 16
+
+
+@triton.jit
+def _masked_pv_kernel(P, OK, V, OUT, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
+    rows, keys, cols = tl.arange(0, M), tl.arange(0, N), tl.arange(0, D)
+    p = tl.load(P + rows[:, None] * N + keys[None, :])
+    ok = tl.load(OK + rows[:, None] * N + keys[None, :]) != 0
+    v = tl.load(V + keys[:, None] * D + cols[None, :])
+    acc = masked_pv(p, v, ok, tl.zeros((M, D), tl.float32))
+    tl.store(OUT + rows[:, None] * D + cols[None, :], acc)
+
+
+def _case(seed: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(seed)
+    ok = torch.rand(M, N, generator=gen) < 0.6
+    # Probabilities already on v's dtype's grid (the kernel's dot rounds p to it); hidden keys
+    # get 0, and a few visible ones 0 too (an underflowed probability).
+    p = torch.rand(M, N, generator=gen).to(dtype).float() * ok
+    p[torch.rand(M, N, generator=gen) < 0.1] = 0.0
+    v = torch.randn(N, D, generator=gen)
+    for value in (math.inf, -math.inf, math.nan):
+        where = torch.rand(N, D, generator=gen) < 0.03
+        v[where] = value
+    return p, ok, v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("seed", range(6))
+def test_masked_pv_is_the_visible_product(seed, dtype):
+    p, ok, v = _case(seed, dtype)
+    out = torch.empty(M, D, device=DEVICE)
+    _masked_pv_kernel[(1,)](p.to(DEVICE), ok.to(torch.int8).to(DEVICE), v.to(DEVICE), out,
+                            M=M, N=N, D=D)
+    want = visible_matmul(p, ok, v.float())
+    got = out.cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got == math.inf, want == math.inf)
+    assert torch.equal(got == -math.inf, want == -math.inf)
+    finite = torch.isfinite(want)
+    assert finite.any() and not finite.all()  # the case exercises both kinds of entry
+    # Float32 sums of the same exact products in another order.
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,70 @@
+"""Every Hopper config of the Triton flash-attention forward fits in a block's shared memory
+(232448 bytes on the H100 and H200), checked on any machine: the kernel is compiled for sm_90a
+(Triton's own ptxas; no GPU needed) and the compiled kernel's ``shared`` size is read.
+
+A config past the limit compiles on the CPU and in the interpreter but fails on the GPU at its
+first launch with ``OutOfResources`` (it happened: masked_pv's extra tiles pushed the 128 x 128
+TMA config to 459776 bytes). Compiling needs a process without ``TRITON_INTERPRET``, so the
+check runs in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton", reason="compiles Triton kernels")
+
+HOPPER_SHARED = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    from kpt.ops.flash_attention import _triton as F
+
+    def shared(tma, bm, bn, warps, stages, d, causal):
+        names = F._fwd_kernel.arg_names
+        sig = dict.fromkeys(names, "i32")
+        for n, rows in (("Q", bm), ("K", bn), ("V", bn), ("OUT", bm)):
+            sig[n] = f"tensordesc<bf16[1,1,{rows},{d}]>" if tma else "*bf16"
+        sig.update(LSE="*fp32", CU_Q="*i32", CU_K="*i32", mul_in="fp32", mul_out="fp32")
+        block_d = max(16, 1 << (d - 1).bit_length())
+        const = dict(HEAD_DIM=d, GROUP=4, VARLEN=False, HAS_LEFT=False, HAS_RIGHT=causal,
+                     SOFTCAP=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, TMA=tma)
+        sig.update(dict.fromkeys(const, "constexpr"))
+        src = ASTSource(F._fwd_kernel, sig, {(names.index(k),): v for k, v in const.items()})
+        kernel = compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=warps, num_stages=stages))
+        return kernel.metadata.shared
+
+    out = []
+    for d, seqlen in json.loads(sys.argv[1]):
+        class Problem(dict):
+            device_type = "cuda"
+        F._tma_ready = lambda problem: True
+        for cfg in F.configs(Problem(head_dim=d, seqlen_q=seqlen, varlen=False)):
+            args = (cfg.get("TMA", False), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"],
+                    cfg["num_stages"], d, True)
+            out.append([list(args), shared(*args)])
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_flash_forward_hopper_configs_fit_in_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    shapes = [[64, 4096], [128, 4096], [128, 16], [256, 4096]]
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(shapes)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
+        pytest.skip("Triton's ptxas is not available here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    sizes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(sizes) >= 10
+    over = [(cfg, size) for cfg, size in sizes if size > HOPPER_SHARED]
+    assert not over, f"configs past {HOPPER_SHARED} bytes of shared memory: {over}"
