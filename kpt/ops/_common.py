@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -280,6 +280,17 @@ def raw_stream(device: torch.device) -> int:
     if get_raw is not None:
         return get_raw(index)
     return torch.cuda.current_stream(index).cuda_stream
+
+
+@contextlib.contextmanager
+def kernel_output(out: torch.Tensor, in_place: bool) -> Iterator[torch.Tensor]:
+    """The tensor a binding writes: ``out`` itself where its stores can reach it (``in_place``:
+    the layout and alignment the kernel needs), else a contiguous temporary of ``out``'s shape
+    that is copied into ``out`` when the block ends."""
+    target = out if in_place else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    yield target
+    if target is not out:
+        out.copy_(target)
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:

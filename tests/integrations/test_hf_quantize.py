@@ -177,20 +177,18 @@ def test_gptq_int4_from_calibration_inputs(act_order):
     assert rel(got[real], want[real]) < 0.35  # as RTN above: a wrong layer, not precision
 
 
-def test_gptq_needs_calibration():
+@pytest.mark.parametrize(("options", "match"), [
+    (dict(quantize="int4", method="gptq"), "calibration .* exactly when method='gptq'"),
+    (dict(quantize="int4", act_order=True), "act_order only with method='gptq'"),
+    (dict(quantize="int4", method="awq"), "method must be one of"),
+    (dict(quantize="fp8", method="gptq"), "quantize='fp8' takes calibration .* method='gptq'"),
+    (dict(quantize="fp8", act_order=True), "quantize='fp8' takes act_order only with"),
+    (dict(quantize="fp8", method="awq"), "quantize='fp8': method must be one of"),
+])
+def test_gptq_options_are_checked_before_any_change(options, match):
     model = tiny("llama")
-    with pytest.raises(ValueError, match="calibration .* exactly when method='gptq'"):
-        kpt_hf.patch(model, quantize="int4", method="gptq")
-    with pytest.raises(ValueError, match="act_order only with method='gptq'"):
-        kpt_hf.patch(model, quantize="int4", act_order=True)
-    with pytest.raises(ValueError, match="method must be one of"):
-        kpt_hf.patch(model, quantize="int4", method="awq")
-    with pytest.raises(ValueError, match="quantize='fp8' takes calibration .* method='gptq'"):
-        kpt_hf.patch(model, quantize="fp8", method="gptq")
-    with pytest.raises(ValueError, match="quantize='fp8' takes act_order only with"):
-        kpt_hf.patch(model, quantize="fp8", act_order=True)
-    with pytest.raises(ValueError, match="quantize='fp8': method must be one of"):
-        kpt_hf.patch(model, quantize="fp8", method="awq")
+    with pytest.raises(ValueError, match=match):
+        kpt_hf.patch(model, **options)
     assert getattr(model, "_kpt_patch", None) is None
 
 

@@ -332,24 +332,24 @@ def test_shared_memory_reads_are_conflict_free():
     """The 16-byte shared loads of one k32 block, 8 lanes per phase: the x tile (rows of 128 or
     256 bytes, chunk c of row r at c ^ (r & 1) * 4) and the packed tile (rows of block_n words,
     chunk c of row r at c ^ (r & 3) * 2) hit 8 distinct 16-byte bank groups per phase."""
+    def bank_groups(address) -> int:
+        """Distinct 16-byte bank groups one phase's 8 lanes (g = lane // 4, t = lane % 4) hit."""
+        return len({address(lane // 4, lane % 4) % 8 for lane in range(8)})
+
     for row_chunks in (8, 16):  # x rows of 128 or 256 bytes
         for kb, mi in itertools.product(range(row_chunks // 4), range(4)):
             for phase in range(4):
-                groups = set()
-                for lane in range(8 * phase, 8 * phase + 8):
-                    g, t = lane // 4, lane % 4
-                    r, c = 16 * mi + g, 4 * kb + t
-                    groups.add((r * row_chunks + (c ^ ((r & 1) << 2))) % 8)
-                assert len(groups) == 8
+                def x_chunk(g, t, phase=phase, kb=kb, mi=mi, row_chunks=row_chunks):
+                    r, c = 16 * mi + g + 2 * phase, 4 * kb + t
+                    return r * row_chunks + (c ^ ((r & 1) << 2))
+                assert bank_groups(x_chunk) == 8
     for run_chunks in (32, 64):  # packed rows of 128 or 256 words
         for kb, run in itertools.product(range(4), range(run_chunks // 8)):
             for phase in range(4):
-                groups = set()
-                for lane in range(8 * phase, 8 * phase + 8):
-                    g, t = lane // 4, lane % 4
-                    r, c = 4 * kb + t, 8 * run + g
-                    groups.add((r * run_chunks + (c ^ ((r & 3) << 1))) % 8)
-                assert len(groups) == 8
+                def w_chunk(g, t, phase=phase, kb=kb, run=run, run_chunks=run_chunks):
+                    r, c = 4 * kb + t, 8 * run + g + 2 * phase
+                    return r * run_chunks + (c ^ ((r & 3) << 1))
+                assert bank_groups(w_chunk) == 8
 
 
 # ---- on a GPU --------------------------------------------------------------------------------

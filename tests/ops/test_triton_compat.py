@@ -2,7 +2,8 @@
 (``kpt/ops/_triton_compat.py``: ``masked_pv`` and its rare branch ``nonfinite_pv``), against
 the attention references' ``visible_matmul``: the same IEEE result per row, on tiles where
 visible and hidden keys carry +inf, -inf and NaN, and visible keys have zero probabilities.
-Runs the kernels wherever Triton runs them (the CPU under ``TRITON_INTERPRET=1``)."""
+Runs the kernels wherever Triton runs them (the CPU under ``TRITON_INTERPRET=1``). Also the
+launchers' shared output staging (``_common.kernel_output``)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,20 @@ def test_masked_pv_is_the_visible_product(seed, dtype):
     assert finite.any() and not finite.all()  # the case exercises both kinds of entry
     # Float32 sums of the same exact products in another order.
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_output_writes_through_a_temporary_only_when_needed():
+    """``_common.kernel_output`` (what the csrc launchers write into): ``out`` itself when the
+    kernel can store to it, else a contiguous temporary whose values land in ``out``."""
+    from kpt.ops._common import kernel_output
+
+    out = torch.zeros(4, 6)
+    with kernel_output(out, True) as target:
+        target.fill_(1.0)
+    assert target is out and bool((out == 1).all())
+    strided = torch.zeros(6, 4).t()
+    with kernel_output(strided, False) as target:
+        assert target is not strided and target.is_contiguous()
+        assert target.shape == strided.shape and target.dtype == strided.dtype
+        target.copy_(torch.arange(24.0).view(4, 6))
+    assert torch.equal(strided, torch.arange(24.0).view(4, 6))

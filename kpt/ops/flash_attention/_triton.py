@@ -184,6 +184,20 @@ def _seq_bounds(CU, b, seqlen, total, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _kv_tiles(k_base, v_base, stride_ks, stride_vs, start_n, cols, k_len, offs_d, b, kh,
+              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """The K and V tiles of key block ``start_n`` (the forward's and the dQ kernel's loop)."""
+    if TMA:  # (B, H, S, D) descriptors: rows past the sequence arrive as zeros
+        k = k_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+    return k, v
+
+
+@triton.jit
 def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_m, q_len,
               k_len, diag, window_left, window_right, mul_in, mul_out, b, kh,
               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -193,12 +207,8 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, o
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     cols = start_n + offs_n
-    if TMA:  # (B, H, S, D) descriptors: rows past the sequence arrive as zeros
-        k = k_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = v_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-    else:
-        k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
-        v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+    k, v = _kv_tiles(k_base, v_base, stride_ks, stride_vs, start_n, cols, k_len, offs_d, b, kh,
+                     MASKED, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D, TMA)
     qk = _mm(q, tl.trans(k))
     if SOFTCAP:
         s = _tanh(qk * mul_in) * mul_out
@@ -471,12 +481,8 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, 
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if TMA:
-            k = k_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = v_base.load([b, kh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k = _load_tile(k_base, cols, stride_ks, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
-            v = _load_tile(v_base, cols, stride_vs, k_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        k, v = _kv_tiles(k_base, v_base, stride_ks, stride_vs, start_n, cols, k_len, offs_d, b,
+                         kh, MASKED, HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D, TMA)
         qk = _mm(q, tl.trans(k))
         if SOFTCAP:
             t = _tanh(qk * mul_in)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from kpt.jit import BuildError, JitSpec
-from kpt.ops._common import is_rocm, jit_unavailable, on_device, raw_stream
+from kpt.ops._common import is_rocm, jit_unavailable, kernel_output, on_device, raw_stream
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "fp8_gemm"
@@ -218,15 +218,11 @@ def _launch(call, config: Config, impl: str) -> None:
     module = _sm90_module() if impl == "sm90" else _load(SPEC)
     if module is None:
         impl, (bm, bn, split), module = "mma", (128, 128, 1), _load(SPEC)
-    target = out if _writable(out) else torch.empty(out.shape, dtype=out.dtype,
-                                                    device=out.device)
     dev = a8.device
-    with on_device(dev):
+    with kernel_output(out, _writable(out)) as target, on_device(dev):
         module.forward(_plain(a8), _plain(w8), call.a_scale, call.w_scale, call.bias, target,
                        GRANULARITIES[call.a_granularity], GRANULARITIES[call.w_granularity],
                        IMPLS[impl], bm, bn, split, GROUP_M, raw_stream(dev))
-    if target is not out:
-        out.copy_(target)
 
 
 def run_cuda(call, config: Config) -> None:

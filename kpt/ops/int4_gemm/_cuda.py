@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from kpt.jit import BuildError, JitSpec
-from kpt.ops._common import is_rocm, jit_unavailable, on_device, raw_stream
+from kpt.ops._common import is_rocm, jit_unavailable, kernel_output, on_device, raw_stream
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "int4_gemm"
@@ -194,8 +194,7 @@ def _fit(t: Tensor | None, unit: int, align: int) -> Tensor | None:
 
 def _launch(call, config: Config, impl: str) -> None:
     x, out = call.x, call.out
-    m, n = out.shape
-    if m == 0:
+    if out.shape[0] == 0:
         return
     if x.device.type != "cuda":
         raise ValueError(f"{OP}: the cuda/hip backend needs GPU tensors, got {x.device}")
@@ -208,13 +207,10 @@ def _launch(call, config: Config, impl: str) -> None:
     zeros = _fit(call.zeros, 4, 4)
     g_idx = _fit(call.g_idx, 1, 16)
     bias = _fit(call.bias, 1, 16)
-    target = out if _fits(out, 8, 16) else torch.empty((m, n), dtype=out.dtype, device=out.device)
     dev = x.device
-    with on_device(dev):
+    with kernel_output(out, _fits(out, 8, 16)) as target, on_device(dev):
         _module().forward(x, packed, scales, zeros, g_idx, bias, target, call.group_size,
                           IMPLS[impl], block_m, block_n, split, raw_stream(dev))
-    if target is not out:
-        out.copy_(target)
 
 
 def run_cuda(call, config: Config) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from kpt.jit import BuildError, JitSpec
-from kpt.ops._common import is_rocm, jit_unavailable, on_device, raw_stream
+from kpt.ops._common import is_rocm, jit_unavailable, kernel_output, on_device, raw_stream
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 from .reference import Alignment, capacity
@@ -215,16 +215,13 @@ def _launch(call, config: Config, impl: str) -> None:
     # A fresh contiguous copy is 16-byte aligned (the caching allocator's blocks are).
     x, w13, w2 = (t if _aligned(t) else t.clone(memory_format=torch.contiguous_format)
                   for t in (x, call.w13, call.w2))
-    target = out if out.is_contiguous() and out.data_ptr() % 16 == 0 else torch.empty(
-        x.shape, dtype=x.dtype, device=x.device)
     dev = x.device
-    with on_device(dev):
+    in_place = out.is_contiguous() and out.data_ptr() % 16 == 0
+    with kernel_output(out, in_place) as target, on_device(dev):
         _module().forward(x, w13, w2, call.w13_scale, call.w2_scale, call.weights, call.ids,
                           call.expert_map, target, ACTIVATIONS[call.activation], IMPLS[impl],
                           block_m, block_n, bool(config.get("partial_fp32", True)),
                           raw_stream(dev))
-    if target is not out:
-        out.copy_(target)
 
 
 def run_cuda(call, config: Config) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from kpt.jit import BuildError, JitSpec
-from kpt.ops._common import jit_unavailable, on_device, raw_stream
+from kpt.ops._common import jit_unavailable, kernel_output, on_device, raw_stream
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "paged_attention"
@@ -205,13 +205,9 @@ def run(call, config: Config) -> None:
         config.get("split_scale", 1.0))
     if _misaligned(q, 16):
         q = q.clone(memory_format=torch.contiguous_format)
-    target = (out if _misaligned(out, 16) is None
-              else torch.empty(q.shape, dtype=q.dtype, device=q.device))
-    with on_device(dev):
+    with kernel_output(out, _misaligned(out, 16) is None) as target, on_device(dev):
         module.forward(q, call.k_cache, call.v_cache, call.block_table, call.seq_lens,
                        call.cu_seqlens_q, call.k_scale, call.v_scale, target, call.lse,
                        call.kv_layout == "HND", call.max_seqlen_q, call.scale, call.softcap,
                        call.window_left, call.window_right, rows, splits, MIN_SPLIT_KEYS,
                        raw_stream(dev))
-    if target is not out:
-        out.copy_(target)
