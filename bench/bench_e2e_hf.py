@@ -27,8 +27,9 @@ Case ids are ``<shape>-L<layers>-<kind>-<row>-<variant>`` (select with ``-k``):
 
 Variants: ``hf_sdpa`` (attn_implementation="sdpa"), ``hf_sdpa_compile``, ``kpt`` (the same
 model object, patched for the case and unpatched after it) and ``kpt_compile``; ``kpt_fp8`` /
-``kpt_int4`` (Llama shapes, ``static-b1`` and ``dynamic-b1`` decode only: the quantized rows)
-add ``patch(quantize="fp8" | "int4")`` with round-to-nearest weights and are checked against
+``kpt_int4`` (``static-b1`` and ``dynamic-b1`` decode only: the quantized rows) add
+``patch(quantize="fp8" | "int4")`` with round-to-nearest weights (on the MoE shape the routed
+experts too: ``QuantizedExperts``, fp8 128x128 blocks / int4 g128) and are checked against
 ``KPT_E2E_QUANT_TOL`` [0.5] instead of ``KPT_E2E_TOL``. On the MoE
 shape ``hf_sdpa`` runs transformers' default experts (``grouped_mm``: torch's grouped GEMM),
 ``hf_sdpa_eager_moe`` its per-expert loop (``experts_implementation="eager"``; no static rows:
@@ -130,7 +131,7 @@ MOE_PREFILL_ROWS = ("seq4096", "padded")
 # The ragged batch: a few hundred to 8192 tokens, 27322 in all (fixed, not drawn per run).
 LENGTHS = (8192, 6144, 4651, 3310, 2448, 1500, 777, 300)
 VARIANTS = ("hf_sdpa", "hf_sdpa_compile", "kpt", "kpt_compile")
-# Quantized decode (Llama shapes, batch-1 rows): patch(quantize=...) with round-to-nearest
+# Quantized decode (batch-1 rows): patch(quantize=...) with round-to-nearest
 # weights; fp8 per-channel weights and per-token activations, int4 g128 with zero points.
 QUANT_VARIANTS = {"kpt_fp8": dict(quantize="fp8"), "kpt_int4": dict(quantize="int4")}
 QUANT_ROWS = ("static-b1", "dynamic-b1")
@@ -230,6 +231,8 @@ def _moe_cases(shape: str, variants: list[str], layers: int, decode_layers: int)
         out += [Case(shape, decode_layers, "decode", row, v) for v in variants
                 if (row.startswith("static") or not v.endswith("_compile"))
                 and not (row.startswith("static") and v == "hf_sdpa_eager_moe")]
+    quant = [v for v in QUANT_VARIANTS if v in variants or variants == list(MOE_VARIANTS)]
+    out += [Case(shape, decode_layers, "decode", row, v) for row in QUANT_ROWS for v in quant]
     return out
 
 

@@ -10,7 +10,10 @@ of random router logits, so the load per expert is what a fresh router gives):
   experts the batch touches / the copy bandwidth of the same run;
 * fp8 T=4096 E=128 top8: FP8 128x128-block experts, target >= 1.6x kpt's bf16 time;
 * moe_route T=4096 E=256 top8, DeepSeek-V3's routing (sigmoid, correction bias, 8 groups,
-  top 4 groups, scaling 2.5): target >= 5x the same routing in eager PyTorch.
+  top 4 groups, scaling 2.5): target >= 5x the same routing in eager PyTorch;
+* train rows (E=128 and E=8 shapes above): forward + backward of the experts, kpt's Triton
+  backward against ``_grouped_mm`` under autograd (kpt's own goal: >= 1.0x) and kpt's PyTorch
+  recompute (the CPU / float32 path).
 
 ``torch_grouped_mm``: the sort-gather-``torch._grouped_mm``-SwiGLU-``_grouped_mm``-scatter
 pipeline in PyTorch (what transformers' grouped-mm experts path does; graph-safe, no host
@@ -93,6 +96,8 @@ def _baseline(case: str, impl: str) -> float | None:
         ref = ROWS.get((case.replace("fp8 ", ""), impl))
     elif case.startswith("moe_route"):
         ref = ROWS.get((case, "torch_eager"))
+    elif case.startswith("train"):
+        ref = ROWS.get((case, "torch_grouped_mm"))
     else:
         ref = ROWS.get((case, "torch_grouped_mm"))
     return ref.kernel_us if ref else None
@@ -233,6 +238,69 @@ def test_fused_moe(benchmark, cuda_only, request, case, impl):
     flops = 2.0 * t * k * 3 * h * i
     add_row(request, benchmark, case, impl,
             Row(timing.us, latency, target if impl.startswith("kpt") else "", floor, flops))
+
+
+TRAIN_CASES = {
+    "train T4096 E128 top8 H2048 I768": (4096, 128, 8, 2048, 768),
+    "train T4096 E8 top2 H4096 I14336": (4096, 8, 2, 4096, 14336),
+}
+TRAIN_IMPLS = ["kpt_triton", "kpt_recompute", "torch_grouped_mm"]
+# Gradients against the float32 PyTorch recompute of the reference (exact inputs, float32
+# math): bf16 GEMM operands (dh, a, w x, w dout) and outputs round to 2^-9 each, compounding to
+# ~2^-8 norm-wise (tests/ops/test_moe_backward.py measures 2^-8.3 against float64).
+AGREE_GRAD = 2**-6
+
+
+def _train_step(impl: str, x, w13, w2, weights, ids, dout):
+    """One forward and backward: (dx, dw13, dw2, dweights) by ``impl``."""
+    from kpt.ops import moe as kpt_moe
+
+    leaves = [t.detach().requires_grad_(True) for t in (x, w13, w2, weights)]
+    if impl == "torch_grouped_mm":
+        out = torch_grouped_mm(*leaves, ids)
+    else:
+        backend = "triton" if impl == "kpt_triton" else "reference"
+        out = fused_moe(*leaves, ids, backend=backend)
+    if impl == "kpt_triton":
+        assert kpt_moe.backward_impl(x, "triton") == "triton"
+    return torch.autograd.grad(out, leaves, dout)
+
+
+@pytest.mark.parametrize("impl", TRAIN_IMPLS)
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_fused_moe_train(benchmark, cuda_only, request, case, impl):
+    """Forward + backward of the experts (x, w13, w2 and the routing weights' gradients):
+    kpt's Triton backward (no host sync), kpt's PyTorch recompute (``kpt_recompute``: the
+    reference forward and its per-expert backward) and torch's ``_grouped_mm`` pipeline under
+    autograd."""
+    t, e, k, h, i = TRAIN_CASES[case]
+    x, w13, w2, weights, ids = operands(t, e, k, h, i)
+    weights = weights.to(BF16)
+    dout = torch.randn(t, h, device=DEVICE, generator=torch.Generator(
+        device=DEVICE).manual_seed(2)).to(BF16)
+    if impl == "torch_grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    if impl == "kpt_recompute" and e > 8:
+        pytest.skip("the recompute syncs and loops over experts: timed at E=8 only")
+    fn = functools.partial(_train_step, impl, x, w13, w2, weights, ids, dout)
+    try:
+        got = fn()
+    except RuntimeError as err:  # e.g. a torch whose _grouped_mm has no backward
+        pytest.skip(f"{impl}: {err}")
+    ref_leaves = [t.detach().float().requires_grad_(True) for t in (x, w13, w2, weights)]
+    want = torch.autograd.grad(fused_moe(*ref_leaves, ids, backend="reference"), ref_leaves,
+                               dout.float())
+    for name, g, w in zip(("dx", "dw13", "dw2", "dweights"), got, want):
+        reason = compare(f"{case} {impl} {name}", g, w, AGREE_GRAD)
+        if reason is not None:
+            pytest.fail(reason)
+    timing = kernel_timing(fn)
+    latency = _latency_us(fn)
+    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=3, iterations=1,
+                       warmup_rounds=1)
+    add_row(request, benchmark, case, impl,
+            Row(timing.us, latency, "x grouped_mm >= 1.0" if impl == "kpt_triton" else "",
+                None, 3 * 2.0 * t * k * 3 * h * i))
 
 
 def deepseek_route_eager(logits, bias, top_k=8, groups=8, topk_groups=4, scaling=2.5):

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from kpt.integrations._undo import Bound, Restore
 from kpt.nn.moe import Routing, moe_forward
+from kpt.nn.quantized import QuantizedExperts
 from kpt.ops.moe import ACTIVATIONS
 
 # transformers' activation classes (experts.act_fn) -> fused_moe's activation.
@@ -112,24 +113,12 @@ def family_of(block: nn.Module) -> tuple[str, Family] | None:
     return next(((mt, f) for mt, f in FAMILIES.items() if f.block == name), None)
 
 
-def describe(block: nn.Module, family: Family | None = None,
-             backend: str | None = None) -> tuple[Plan, dict[str, nn.Module]] | list[str]:
-    """(the plan, ``{"gate", "experts", "shared", "shared_gate": module}``) of a sparse MoE
-    block, or the reasons kpt cannot run it."""
-    if family is None:
-        found = family_of(block)
-        if found is None:
-            return [f"not a supported MoE block (supported: "
-                    f"{sorted(f.block for f in FAMILIES.values())})"]
-        family = found[1]
-    if type(block).__name__ != family.block:
-        return [f"a {type(block).__name__} (dense), not a {family.block}"]
-    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-    if gate is None or experts is None:
-        return ["no gate (router) or no experts"]
+def _float_experts(experts: nn.Module, weight: Any) -> list[str] | tuple[tuple[int, str | None],
+                                                                        list[str]]:
+    """((E, activation), reasons) of a transformers 5 fused experts module with float
+    weights, or the reasons it is not one."""
     reasons = []
     w13, w2 = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    weight = getattr(gate, "weight", None)
     if not all(isinstance(t, Tensor) and t.dim() == d for t, d in ((w13, 3), (w2, 3),
                                                                  (weight, 2))):
         return ["experts without 3-D gate_up_proj / down_proj or a router without a 2-D "
@@ -151,6 +140,37 @@ def describe(block: nn.Module, family: Family | None = None,
     activation = _ACTIVATIONS.get(act)
     if activation not in ACTIVATIONS:
         reasons.append(f"expert activation {act} (kpt: silu, gelu, gelu_tanh)")
+    return (e, activation), reasons
+
+
+def describe(block: nn.Module, family: Family | None = None,
+             backend: str | None = None) -> tuple[Plan, dict[str, nn.Module]] | list[str]:
+    """(the plan, ``{"gate", "experts", "shared", "shared_gate": module}``) of a sparse MoE
+    block, or the reasons kpt cannot run it."""
+    if family is None:
+        found = family_of(block)
+        if found is None:
+            return [f"not a supported MoE block (supported: "
+                    f"{sorted(f.block for f in FAMILIES.values())})"]
+        family = found[1]
+    if type(block).__name__ != family.block:
+        return [f"a {type(block).__name__} (dense), not a {family.block}"]
+    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    if gate is None or experts is None:
+        return ["no gate (router) or no experts"]
+    reasons = []
+    weight = getattr(gate, "weight", None)
+    if isinstance(experts, QuantizedExperts):  # patch(quantize=...) swapped them in
+        e = experts.num_experts
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != (e, experts.hidden_dim):
+            return [f"a router weight of shape {tuple(getattr(weight, 'shape', ()))} for "
+                    f"{e} quantized experts of hidden size {experts.hidden_dim}"]
+        activation = experts.activation
+    else:
+        found = _float_experts(experts, weight)
+        if isinstance(found, list):
+            return found
+        (e, activation), reasons = found[0], found[1]
     parts: dict[str, nn.Module] = {"gate": gate, "experts": experts}
     for key, attr in (("shared", family.shared), ("shared_gate", family.shared_gate)):
         if attr is not None:
@@ -186,9 +206,12 @@ def _block_forward(block: nn.Module, hidden_states: Tensor) -> Tensor:
     experts' own parameters, the shared expert (and gate) where the model has one."""
     plan: Plan = block._kpt_moe
     experts = block.experts
+    if isinstance(experts, QuantizedExperts):
+        w13, w2, quantized = experts.operands()
+    else:
+        w13, w2, quantized = experts.gate_up_proj, experts.down_proj, None
     y, _ = moe_forward(
-        hidden_states, block.gate, experts.gate_up_proj, experts.down_proj,
-        activation=plan.activation,
+        hidden_states, block.gate, w13, w2, activation=plan.activation, quantized=quantized,
         shared=getattr(block, plan.shared) if plan.shared else None,
         shared_gate=getattr(block, plan.shared_gate) if plan.shared_gate else None,
         jitter_noise=float(block.jitter_noise) if plan.jitter and block.training else 0.0,

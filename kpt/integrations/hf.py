@@ -42,7 +42,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kpt.integrations import _hf_attention, _hf_moe, _hf_paged
 from kpt.integrations._hf_paged import PagedCache
 from kpt.integrations._undo import Bound, Restore
-from kpt.nn.quantized import QUANTIZED_LINEARS, FP8Linear, Int4Linear, weight_bytes
+from kpt.nn.quantized import (
+    QUANTIZED_LINEARS,
+    FP8Linear,
+    Int4Linear,
+    QuantizedExperts,
+    weight_bytes,
+)
 from kpt.ops.rmsnorm_qkv_rope import (
     _scaling_key,
     rmsnorm_qkv_rope,
@@ -365,17 +371,22 @@ QUANTIZED_PROJECTIONS: dict[str, tuple[str, ...]] = {
         "attention.self.query", "attention.self.key", "attention.self.value",
         "attention.output.dense", "intermediate.dense", "output.dense")),
     # MoE families: attention, dense MLPs and shared experts; the routed experts (3-D
-    # parameters, not nn.Linear) stay in the model's dtype.
+    # parameters, not nn.Linear) are QUANTIZED_EXPERTS' business.
     **{model_type: (*_DECODER_PROJECTIONS,
                     *(f"layers.*.mlp.shared_expert.{n}"
                       for n in ("gate_proj", "up_proj", "down_proj")))
        for model_type in ("qwen3_moe", "qwen2_moe", "mixtral")},
 }
+# model_type -> path pattern of the routed experts modules (transformers 5's fused experts:
+# gate_up_proj (E, 2I, H), down_proj (E, H, I)) that quantize= swaps for QuantizedExperts.
+QUANTIZED_EXPERTS: dict[str, str] = {model_type: "layers.*.mlp.experts"
+                                     for model_type in ("qwen3_moe", "qwen2_moe", "mixtral")}
 QUANTIZE = {"fp8": FP8Linear, "int4": Int4Linear}
 ALIGN_CHECK = 256  # layer sizes every option takes: _check_quantize checks the options alone
 QUANTIZE_OPTIONS = {"fp8": ("weight_granularity", "activation", "fp8_dtype", "method",
-                            "act_order", "calibration"),
-                    "int4": ("group_size", "symmetric", "method", "act_order", "calibration")}
+                            "act_order", "calibration", "experts"),
+                    "int4": ("group_size", "symmetric", "method", "act_order", "calibration",
+                             "experts")}
 METHODS = ("rtn", "gptq")
 
 
@@ -398,6 +409,9 @@ def _check_quantize(quantize: str | None, options: dict[str, Any]) -> None:
         raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r}: method must be one "
                          f"of {METHODS}, got {options['method']!r}")
     gptq = options.get("method", "rtn") == "gptq"
+    if not isinstance(options.get("experts", True), bool):
+        raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r} takes experts=True "
+                         f"or False, got {options['experts']!r}")
     if not gptq and "act_order" in options:
         raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r} takes act_order "
                          f"only with method='gptq'")
@@ -458,6 +472,7 @@ def _quantize_projections(model: nn.Module, model_type: str, quantize: str,
                if path and any(_tail_matches(path, p) for p in patterns)}
     options = dict(options)
     calibration = options.pop("calibration", None)
+    with_experts = options.pop("experts", True)
     cls = QUANTIZE[quantize]
 
     def shape_reasons(linear: nn.Linear) -> list[str]:
@@ -514,21 +529,64 @@ def _quantize_projections(model: nn.Module, model_type: str, quantize: str,
                 layer = build(path, linear)
             except ValueError as err:
                 reasons.append(str(err))
-        if reasons:
-            if strict:
-                raise ValueError(f"kpt.integrations.hf.patch: {path}: " + "; ".join(reasons))
-            handle.skipped[path] = reasons
-            continue
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        setattr(parent, name, layer)
-        handle._undo.append(Restore(setattr, parent, name, linear))
-        handle.patched.append(path)
-        before, after = before + weight_bytes(linear), after + weight_bytes(layer)
+        if _swap_module(model, handle, path, linear, None if reasons else layer, reasons,
+                        strict):
+            before, after = before + weight_bytes(linear), after + weight_bytes(layer)
+    projections = len(handle.patched)
+    if with_experts and model_type in QUANTIZED_EXPERTS:
+        moved = _quantize_experts(model, QUANTIZED_EXPERTS[model_type], quantize, options,
+                                  backend, handle, strict)
+        before, after = before + moved[0], after + moved[1]
     handle.weight_bytes = (before, after)
-    log.info("kpt: quantized %d projections to %s: %.1f MiB -> %.1f MiB of weights (%d skipped)",
-             len(handle.patched), quantize, before / 2**20, after / 2**20,
-             sum(1 for p in handle.skipped if p in targets))
+    log.info("kpt: quantized %d projections to %s and %d routed-expert modules: %.1f MiB -> "
+             "%.1f MiB of weights (%d skipped)", projections, quantize,
+             len(handle.patched) - projections, before / 2**20, after / 2**20,
+             len(handle.skipped))
+
+
+def _quantize_experts(model: nn.Module, pattern: str, quantize: str, options: dict[str, Any],
+                      backend: str | None, handle: PatchHandle,
+                      strict: bool) -> tuple[int, int]:
+    """Swap the routed experts modules matching ``pattern`` for ``QuantizedExperts`` (round to
+    nearest: fp8 e4m3 with 128x128 block scales whatever the linears' options; int4 with the
+    linears' ``group_size`` / ``symmetric``); (bytes before, bytes after)."""
+    before = after = 0
+    experts = [(path, m) for path, m in model.named_modules()
+               if path and _tail_matches(path, pattern)]
+    for path, module in experts:
+        w13 = getattr(module, "gate_up_proj", None)
+        reasons = []
+        if isinstance(w13, Tensor) and w13.device.type == "meta":
+            reasons.append("weights on the meta device (offloaded)")
+        else:
+            try:
+                layer = QuantizedExperts.from_hf(
+                    module, quantize, group_size=options.get("group_size", 128),
+                    symmetric=options.get("symmetric", False), backend=backend)
+            except ValueError as err:
+                reasons.append(str(err))
+        if _swap_module(model, handle, path, module, None if reasons else layer, reasons,
+                        strict):
+            before += sum(t.numel() * t.element_size() for t in module.parameters())
+            after += weight_bytes(layer)
+    return before, after
+
+
+def _swap_module(model: nn.Module, handle: PatchHandle, path: str, old: nn.Module,
+                 new: nn.Module | None, reasons: list[str], strict: bool) -> bool:
+    """Put ``new`` at ``path`` in place of ``old`` (recorded for unpatch) and say True; with
+    ``reasons``, list them in ``handle.skipped`` (or raise when ``strict``) and say False."""
+    if reasons:
+        if strict:
+            raise ValueError(f"kpt.integrations.hf.patch: {path}: " + "; ".join(reasons))
+        handle.skipped[path] = reasons
+        return False
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    setattr(parent, name, new)
+    handle._undo.append(Restore(setattr, parent, name, old))
+    handle.patched.append(path)
+    return True
 
 
 def _matches(path: str, pattern: str) -> bool:
@@ -565,8 +623,15 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
       (default, round to nearest) or "gptq" (``kpt.quant.gptq_int4``, with Hessians from one
       run of ``calibration`` through the float model, and optionally ``act_order``).
 
+    MoE models (``QUANTIZED_EXPERTS``: qwen3_moe, qwen2_moe, mixtral) also get their routed
+    experts swapped for ``kpt.nn.QuantizedExperts`` (``fused_moe`` with fp8 or int4 experts),
+    unless ``experts=False``: always round to nearest (``method="gptq"`` applies to the linears
+    only), fp8 as e4m3 with 128x128 block scales (DeepSeek-V3's format; ``weight_granularity``
+    and ``fp8_dtype`` are the linears'), int4 with ``group_size`` and ``symmetric``.
+
     Projections whose shapes the layer does not take (fp8: features not multiples of 16; int4:
-    in_features not a multiple of group_size) stay float, listed in ``skipped``. Quantized
+    in_features not a multiple of group_size; fp8 experts: an intermediate size not a multiple
+    of 128) stay float, listed in ``skipped``. Quantized
     layers are inference only (run the model under ``torch.no_grad()``); a decoder layer whose
     q/k/v are quantized keeps HF's input path instead of the fused ``rmsnorm_qkv_rope`` (listed
     in ``skipped`` with that reason). ``handle.weight_bytes`` = (before, after). While patched,

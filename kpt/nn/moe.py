@@ -83,20 +83,24 @@ def moe_forward(x: Tensor, router: Callable[[Tensor], tuple[Tensor, Tensor, Tens
                 w13: Tensor, w2: Tensor, *, activation: str = "silu",
                 shared: Callable[[Tensor], Tensor] | None = None,
                 shared_gate: Callable[[Tensor], Tensor] | None = None,
-                jitter_noise: float = 0.0, backend: str | None = None) -> tuple[Tensor, Tensor]:
+                jitter_noise: float = 0.0, backend: str | None = None,
+                quantized: dict[str, Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
     """One MoE block: ``x`` (..., H) -> (y shaped like ``x``, router logits (T, E)).
 
     ``router(x2d)`` returns (logits, weights, ids) (a ``Routing`` bound to its weights, or a
     patched HF router module, whose forward hooks then record the logits as HF's do);
     ``shared`` / ``shared_gate`` are callables on (T, H) (HF's own modules when patched);
     ``jitter_noise`` > 0 multiplies the input by uniform noise in [1 - j, 1 + j] first
-    (Mixtral's training-time ``router_jitter_noise``, drawn exactly as HF draws it)."""
+    (Mixtral's training-time ``router_jitter_noise``, drawn exactly as HF draws it);
+    ``quantized``: ``fused_moe``'s scale/zero-point arguments when ``w13`` / ``w2`` are fp8 or
+    int4 (``QuantizedExperts.operands()``)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if jitter_noise > 0:
         x2 = x2 * torch.empty_like(x2).uniform_(1.0 - jitter_noise, 1.0 + jitter_noise)
     logits, weights, ids = router(x2)
-    y = fused_moe(x2, w13, w2, weights, ids, activation=activation, backend=backend)
+    y = fused_moe(x2, w13, w2, weights, ids, activation=activation, backend=backend,
+                  **(quantized or {}))
     if shared is not None:
         s = shared(x2)
         if shared_gate is not None:
@@ -212,6 +216,10 @@ class MoE(nn.Module):
             raise ValueError(f"MoE.from_hf: {type(block).__name__}: " + "; ".join(found))
         plan, parts = found
         gate, experts = parts["gate"], parts["experts"]
+        if not isinstance(getattr(experts, "gate_up_proj", None), Tensor):
+            raise ValueError(f"MoE.from_hf: {type(block).__name__}: its experts are "
+                             f"{type(experts).__name__} (quantized, inference only): MoE holds "
+                             f"float parameters; the patched block runs them as they are")
         e, two_i, h = experts.gate_up_proj.shape
         r = plan.routing
         module = cls(h, two_i // 2, e, r.top_k, scoring=r.scoring, renormalize=r.renormalize,

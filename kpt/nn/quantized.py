@@ -1,8 +1,10 @@
-"""``FP8Linear`` and ``Int4Linear``: inference-only ``nn.Linear`` stand-ins with quantised weights.
+"""``FP8Linear`` and ``Int4Linear``: inference-only ``nn.Linear`` stand-ins with quantised weights;
+``QuantizedExperts``: the same for the routed experts of a MoE block (``fused_moe``).
 
-Both are made from a float layer with ``from_linear`` and run through kpt's ``fp8_gemm`` /
-``int4_gemm`` (whichever backend dispatch picks; on the CPU that is the reference backend,
-which measures quality, not speed). Their tensors are buffers, so ``state_dict``,
+The linears are made from a float layer with ``from_linear`` and run through kpt's ``fp8_gemm`` /
+``int4_gemm``; the experts from 3-D expert weights with ``from_weights`` / ``from_hf`` and run
+through ``fused_moe`` (whichever backend dispatch picks; on the CPU that is the reference
+backend, which measures quality, not speed). Their tensors are buffers, so ``state_dict``,
 ``load_state_dict`` and ``.to(device)`` work; they have no parameters and no backward: calling
 one with an input that requires grad while grad mode is on raises (run them under
 ``torch.no_grad()`` or ``torch.inference_mode()``), rather than silently cutting the graph.
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from kpt.ops.fp8_gemm import ALIGN, FP8, W_BLOCK, fp8_gemm, quantize_fp8
 from kpt.ops.int4_gemm import GROUP_SIZES, int4_gemm, pack_int4
+from kpt.ops.moe import fused_moe
 
 # The smallest normal float32, the floor of quantize_fp8's scales (see fp8_gemm/reference.py).
 _MIN_SCALE = 2.0**-126
@@ -38,6 +41,26 @@ def _check_linear(name: str, linear: nn.Module) -> None:
 def _bias_for(bias: Tensor | None, dtype: torch.dtype, allowed: tuple[torch.dtype, ...]) -> \
         Tensor | None:
     return bias if bias is None or bias.dtype in allowed else bias.to(dtype)
+
+
+def _positive_ints(**sizes: Any) -> list[str]:
+    return [f"{name} must be a positive int, got {size!r}" for name, size in sizes.items()
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0]
+
+
+def _int4_reasons(reasons: list[str], ks: dict[str, int], group_size: Any,
+                  symmetric: Any) -> list[str]:
+    """``reasons`` plus those of int4 weights whose reduction sizes are ``ks`` (name: size)."""
+    if type(group_size) is not int or group_size not in GROUP_SIZES:  # not 32.0, True
+        reasons.append(f"group_size must be one of {GROUP_SIZES} (-1: per channel), got "
+                       f"{group_size!r}")
+    elif not reasons and any(k % 8 or (group_size > 0 and k % group_size) for k in ks.values()):
+        names = " and ".join(f"{name} = {k}" for name, k in ks.items())
+        reasons.append(f"{names} must be {'a multiple' if len(ks) == 1 else 'multiples'} of 8 "
+                       f"and of group_size = {group_size} (int4_gemm's K)")
+    if not isinstance(symmetric, bool):
+        reasons.append(f"symmetric must be a bool, got {symmetric!r}")
+    return reasons
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -246,19 +269,8 @@ class Int4Linear(nn.Module):
     def reasons(in_features: int, out_features: int, group_size: int = 128,
                 symmetric: bool = False) -> list[str]:
         """Why such a layer cannot be built (empty if it can)."""
-        reasons = []
-        for name, size in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-                reasons.append(f"{name} must be a positive int, got {size!r}")
-        if type(group_size) is not int or group_size not in GROUP_SIZES:  # not 32.0, True
-            reasons.append(f"group_size must be one of {GROUP_SIZES} (-1: per channel), got "
-                           f"{group_size!r}")
-        elif not reasons and (in_features % 8 or (group_size > 0 and in_features % group_size)):
-            reasons.append(f"in_features = {in_features} must be a multiple of 8 and of "
-                           f"group_size = {group_size} (int4_gemm's K)")
-        if not isinstance(symmetric, bool):
-            reasons.append(f"symmetric must be a bool, got {symmetric!r}")
-        return reasons
+        reasons = _positive_ints(in_features=in_features, out_features=out_features)
+        return _int4_reasons(reasons, {"in_features": in_features}, group_size, symmetric)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group_size: int = 128, symmetric: bool = False,
@@ -321,4 +333,184 @@ class Int4Linear(nn.Module):
 
 QUANTIZED_LINEARS = (FP8Linear, Int4Linear)
 
-__all__ = ["FP8Linear", "Int4Linear", "QUANTIZED_LINEARS", "weight_bytes"]
+# transformers' expert activation classes -> fused_moe's activation names
+_EXPERT_ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu",
+                       "GELU": "gelu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
+                       "NewGELUActivation": "gelu_tanh"}
+EXPERT_QUANTS = ("fp8", "int4")
+
+
+class QuantizedExperts(nn.Module):
+    """Routed experts with quantised weights, run by ``fused_moe``: a drop-in for the fused
+    experts module of transformers 5 MoE blocks (``forward(hidden_states, top_k_index,
+    top_k_weights)``, as ``Qwen3MoeExperts`` / ``MixtralExperts`` are called), inference only.
+
+    ``"fp8"``: e4m3 weights with one float32 scale per 128x128 block (DeepSeek-V3's format;
+    ``fused_moe`` quantises the activations per token and 128 columns on the fly); needs
+    ``intermediate_size`` % 128 == 0 and ``hidden_size`` % 16 == 0. ``"int4"``: each expert's
+    weight in ``int4_gemm``'s layout (``pack_int4``: round to nearest per group of
+    ``group_size`` input channels, zero points unless ``symmetric``); needs both sizes
+    multiples of 8 and of the group size.
+
+    Buffers (``state_dict``): ``w13`` / ``w2`` (fp8: (E, 2I, H) / (E, H, I); int4: int32
+    (E, H/8, 2I) / (E, I/8, H)), ``w13_scale`` / ``w2_scale`` and, int4 with zero points,
+    ``w13_zeros`` / ``w2_zeros``. ``act_fn`` is the original module's (kept so code that
+    inspects the experts' activation still finds it).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 quant: str, *, group_size: int = 128, symmetric: bool = False,
+                 activation: str = "silu", act_fn: nn.Module | None = None,
+                 backend: str | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        reasons = self.reasons(num_experts, hidden_size, intermediate_size, quant, group_size,
+                               symmetric)
+        if activation not in ("silu", "gelu", "gelu_tanh"):
+            reasons.append(f"activation must be silu, gelu or gelu_tanh, got {activation!r}")
+        if reasons:
+            raise ValueError("QuantizedExperts: " + "; ".join(reasons))
+        e, h, i = num_experts, hidden_size, intermediate_size
+        self.num_experts, self.hidden_dim, self.intermediate_dim = e, h, i
+        self.quant, self.activation, self.backend = quant, activation, backend
+        self.group_size, self.symmetric = group_size, symmetric
+        self.act_fn = act_fn
+        if quant == "fp8":
+            e4m3 = torch.float8_e4m3fn
+            self.register_buffer("w13", torch.zeros(e, 2 * i, h, dtype=e4m3, device=device))
+            self.register_buffer("w2", torch.zeros(e, h, i, dtype=e4m3, device=device))
+            self.register_buffer("w13_scale", torch.ones(e, -(-2 * i // 128), -(-h // 128),
+                                                         device=device))
+            self.register_buffer("w2_scale", torch.ones(e, -(-h // 128), -(-i // 128),
+                                                        device=device))
+            self.register_buffer("w13_zeros", None)
+            self.register_buffer("w2_zeros", None)
+            return
+        for name, k, n in (("w13", h, 2 * i), ("w2", i, h)):
+            groups = 1 if group_size < 0 else k // group_size
+            self.register_buffer(name, torch.zeros(e, k // 8, n, dtype=torch.int32,
+                                                   device=device))
+            self.register_buffer(f"{name}_scale", torch.ones(e, groups, n, device=device))
+            self.register_buffer(f"{name}_zeros", None if symmetric else torch.zeros(
+                e, groups, n, dtype=torch.uint8, device=device))
+
+    @staticmethod
+    def reasons(num_experts: int, hidden_size: int, intermediate_size: int, quant: str,
+                group_size: int = 128, symmetric: bool = False) -> list[str]:
+        """Why such experts cannot be built (empty if they can)."""
+        reasons = _positive_ints(num_experts=num_experts, hidden_size=hidden_size,
+                                 intermediate_size=intermediate_size)
+        if quant not in EXPERT_QUANTS:
+            reasons.append(f"quant must be one of {EXPERT_QUANTS}, got {quant!r}")
+        if reasons:
+            return reasons
+        h, i = hidden_size, intermediate_size
+        if quant == "fp8" and (i % 128 or h % 16):
+            reasons.append(f"fp8 experts need intermediate_size = {i} % 128 == 0 (gate and up "
+                           f"rows in separate 128-row scale blocks) and hidden_size = {h} % 16 "
+                           f"== 0")
+        if quant == "int4":  # both are the K of a GEMM: hidden of gate/up, intermediate of down
+            return _int4_reasons(reasons, {"hidden_size": h, "intermediate_size": i},
+                                 group_size, symmetric)
+        return reasons
+
+    @classmethod
+    def from_weights(cls, w13: Tensor, w2: Tensor, quant: str, *, group_size: int = 128,
+                     symmetric: bool = False, activation: str = "silu",
+                     act_fn: nn.Module | None = None,
+                     backend: str | None = None) -> QuantizedExperts:
+        """Quantise float experts ``w13`` (E, 2I, H) and ``w2`` (E, H, I) (round to nearest;
+        read, never changed), one expert at a time (the peak extra memory is one expert's
+        weights in float32)."""
+        for name, w in (("w13", w13), ("w2", w2)):
+            if not isinstance(w, Tensor) or w.dim() != 3 or not w.is_floating_point():
+                raise ValueError(f"QuantizedExperts.from_weights: {name} must be a 3-D float "
+                                 f"tensor, got {getattr(w, 'shape', type(w).__name__)}")
+        e, two_i, h = w13.shape
+        if two_i % 2 or tuple(w2.shape) != (e, h, two_i // 2):
+            raise ValueError(f"QuantizedExperts.from_weights: w13 {tuple(w13.shape)} and w2 "
+                             f"{tuple(w2.shape)} must be (E, 2I, H) and (E, H, I)")
+        module = cls(e, h, two_i // 2, quant, group_size=group_size, symmetric=symmetric,
+                     activation=activation, act_fn=act_fn, backend=backend, device=w13.device)
+        with torch.no_grad():
+            for name, w in (("w13", w13), ("w2", w2)):
+                for expert in range(e):
+                    weight = w[expert].detach()
+                    if quant == "fp8":
+                        codes, scale = quantize_fp8(weight, "block", block=W_BLOCK)
+                        getattr(module, name)[expert].copy_(codes)
+                        getattr(module, f"{name}_scale")[expert].copy_(scale)
+                        continue
+                    packed, scales, zeros = pack_int4(weight, group_size, symmetric)
+                    getattr(module, name)[expert].copy_(packed)
+                    getattr(module, f"{name}_scale")[expert].copy_(scales)
+                    if zeros is not None:
+                        getattr(module, f"{name}_zeros")[expert].copy_(zeros)
+        return module
+
+    @classmethod
+    def from_hf(cls, experts: nn.Module, quant: str, *, group_size: int = 128,
+                symmetric: bool = False, backend: str | None = None) -> QuantizedExperts:
+        """Quantise a transformers 5 fused experts module (``gate_up_proj`` (E, 2I, H),
+        ``down_proj`` (E, H, I), ``act_fn``); ``ValueError`` naming what does not fit."""
+        w13, w2 = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+        if not (isinstance(w13, Tensor) and isinstance(w2, Tensor)):
+            raise ValueError(f"QuantizedExperts.from_hf: {type(experts).__name__} has no 3-D "
+                             f"gate_up_proj / down_proj")
+        for attr, want in (("has_bias", False), ("is_transposed", False), ("has_gate", True)):
+            if getattr(experts, attr, want) != want:
+                raise ValueError(f"QuantizedExperts.from_hf: experts.{attr} is "
+                                 f"{getattr(experts, attr)!r}")
+        act_fn = getattr(experts, "act_fn", None)
+        activation = _EXPERT_ACTIVATIONS.get(type(act_fn).__name__)
+        if activation is None:
+            raise ValueError(f"QuantizedExperts.from_hf: expert activation "
+                             f"{type(act_fn).__name__} (kpt: silu, gelu, gelu_tanh)")
+        return cls.from_weights(w13, w2, quant, group_size=group_size, symmetric=symmetric,
+                                activation=activation, act_fn=act_fn, backend=backend)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """The weights these experts multiply by, as float (E, 2I, H) and (E, H, I) of
+        ``dtype`` (fp8: codes times block scales; int4: ``(q - zero) * scale``)."""
+        from kpt.ops.fp8_gemm import reference as fp8_ref
+        from kpt.ops.int4_gemm import reference as int4_ref
+
+        out = []
+        for name in ("w13", "w2"):
+            w, scale = getattr(self, name), getattr(self, f"{name}_scale")
+            zeros = getattr(self, f"{name}_zeros")
+            if self.quant == "fp8":
+                rows = [fp8_ref.dequantize(w[e], scale[e], W_BLOCK) for e in range(w.shape[0])]
+            else:
+                group = w.shape[1] * 8 if self.group_size < 0 else self.group_size
+                rows = [int4_ref.dequantize(w[e], scale[e], None if zeros is None else zeros[e],
+                                            group, None, torch.float32)
+                        for e in range(w.shape[0])]
+            out.append(torch.stack(rows).to(dtype))
+        return out[0], out[1]
+
+    def operands(self) -> tuple[Tensor, Tensor, dict[str, Tensor | None]]:
+        """``(w13, w2, {w13_scale, w2_scale, w13_zeros, w2_zeros})`` for ``fused_moe``."""
+        return self.w13, self.w2, {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale,
+                                   "w13_zeros": self.w13_zeros, "w2_zeros": self.w2_zeros}
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor,
+                top_k_weights: Tensor) -> Tensor:
+        """``hidden_states`` (T, H), ``top_k_index`` (T, k) expert ids, ``top_k_weights``
+        (T, k) routing weights -> (T, H) in the input's dtype."""
+        _check_inference(self, hidden_states)
+        w13, w2, scales = self.operands()
+        return fused_moe(hidden_states, w13, w2, top_k_weights, top_k_index,
+                         activation=self.activation, backend=self.backend, **scales)
+
+    def extra_repr(self) -> str:
+        text = (f"experts={self.num_experts}, hidden={self.hidden_dim}, "
+                f"intermediate={self.intermediate_dim}, quant={self.quant}, "
+                f"activation={self.activation}")
+        if self.quant == "int4":
+            kind = "symmetric" if self.symmetric else "zero-point"
+            text += f", group_size={self.group_size}, {kind}"
+        return text
+
+
+__all__ = ["FP8Linear", "Int4Linear", "QuantizedExperts", "QUANTIZED_LINEARS",
+           "weight_bytes"]

@@ -343,7 +343,7 @@ def test_forced_triton_backend_matches():
     assert rel < 3e-2, rel
 
 
-def test_quantize_takes_attention_and_shared_experts_and_keeps_routed_experts():
+def test_quantize_takes_attention_and_shared_experts_and_skips_experts_it_cannot_hold():
     model = tiny("qwen2_moe", shared_expert_intermediate_size=48)  # fp8_gemm: sizes of 16
     ids, mask = padded_batch([6, 3])
     experts = {n: p.detach().clone() for n, p in model.named_parameters() if "experts." in n
@@ -357,12 +357,118 @@ def test_quantize_takes_attention_and_shared_experts_and_keeps_routed_experts():
             assert any(n.endswith("self_attn.q_proj") for n in quantized)
             assert any(".shared_expert." in n for n in quantized)
             assert not any(".experts." in n for n in quantized)
+            # moe_intermediate_size 24: fp8 experts need multiples of 128; they stay float
+            assert "intermediate_size = 24 % 128" in " ".join(
+                handle.skipped["model.layers.0.mlp.experts"])
             assert handle.weight_bytes[1] < handle.weight_bytes[0]
     real = mask.bool()
     # e4m3 weights and activations (2^-4 relative per element) through two layers.
     assert (got[real] - want[real]).norm() < 0.15 * want[real].norm()
     for name, before in experts.items():
         assert torch.equal(dict(model.named_parameters())[name], before)
+
+
+QUANT_OPTIONS = {"fp8": {}, "int4": dict(group_size=32)}
+
+
+def _load_dequantized_experts(twin, quantized):
+    """Copy ``quantized``'s experts, dequantised, into the float experts of ``twin``."""
+    with torch.no_grad():
+        for path, module in quantized.named_modules():
+            if type(module).__name__ == "QuantizedExperts":
+                target = twin.get_submodule(path)
+                w13, w2 = module.dequantized(target.gate_up_proj.dtype)
+                target.gate_up_proj.copy_(w13)
+                target.down_proj.copy_(w2)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int4"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_quantize_swaps_routed_experts_for_quantized_ones(family, quant, op_calls):
+    size = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    model = tiny(family, **{size: 128},  # fp8 experts: I % 128 == 0
+                 **({"shared_expert_intermediate_size": 48} if family == "qwen2_moe" else {}))
+    ids, mask = padded_batch([6, 3])
+    real = mask.bool()
+    params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    originals = {p: m for p, m in model.named_modules() if p.endswith("mlp.experts")}
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        handle = kpt_hf.patch(model, quantize=quant, **QUANT_OPTIONS[quant])
+        seen = {}
+        hooks = [model.get_submodule(p).register_forward_hook(
+            lambda m, args, out, p=p: seen.__setitem__(p, (args[0], out)))
+            for p in moe_paths(model)]
+        got = model(ids, attention_mask=mask).logits
+        for hook in hooks:
+            hook.remove()
+        swapped = {p: m for p, m in model.named_modules() if p.endswith("mlp.experts")}
+        assert all(type(m).__name__ == "QuantizedExperts" and m.quant == quant
+                   for m in swapped.values()) and len(swapped) == 2
+        assert not any(p.endswith("mlp.experts") for p in handle.skipped)
+        assert op_calls["fused_moe"] == 2  # the patched blocks ran the quantized experts
+        keys = model.state_dict().keys()
+        assert "model.layers.0.mlp.experts.w13" in keys
+        assert "model.layers.0.mlp.experts.gate_up_proj" not in keys
+        before, after = handle.weight_bytes
+        assert after < (0.3 if quant == "int4" else 0.6) * before
+        # Each block against the same block with float experts holding the dequantised
+        # weights (the rest, e.g. Qwen2-MoE's shared expert, quantized alike: round to nearest
+        # is deterministic), on the same input, so the same routing. int4 (W4A16): the same
+        # float32 weights and math up to summation order. fp8 also quantises the experts'
+        # activations per token and 128 columns (e4m3: 2^-4 per element, ~2^-5 in norm).
+        _load_dequantized_experts(twin, model)
+        twin_handle = kpt_hf.patch(twin, quantize=quant, experts=False, **QUANT_OPTIONS[quant])
+        assert not any(type(m).__name__ == "QuantizedExperts" for m in twin.modules())
+        for path, (block_in, block_out) in seen.items():
+            expected = twin.get_submodule(path)(block_in)
+            assert ((block_out - expected).norm() <
+                    (1e-5 if quant == "int4" else 2**-4) * expected.norm()), path
+        if quant == "int4":  # and so the whole model
+            expected = twin(ids, attention_mask=mask).logits
+            assert (got[real] - expected[real]).norm() < 1e-4 * expected[real].norm()
+        twin_handle.unpatch()
+    if quant == "fp8":
+        # Against the float model: e4m3 rounding of every projection and expert, two layers.
+        # (int4 at 4 bits moves this random model's router choices; its quality is measured
+        # on real weights in test_hf_quantize.py and per expert in test_quantized_experts.py.)
+        assert (got[real] - want[real]).norm() < 0.25 * want[real].norm()
+    handle.unpatch()
+    assert {p: m for p, m in model.named_modules() if p.endswith("mlp.experts")} == originals
+    for name, (param, value) in params.items():
+        assert dict(model.named_parameters())[name] is param and torch.equal(param, value)
+
+
+def test_quantized_experts_also_run_under_hfs_own_block_forward():
+    """A block left as HF's (here: its patch removed) calls the QuantizedExperts with HF's
+    router output (int64 ids, float weights) and gets the patched block's answer."""
+    model = tiny("qwen3_moe", moe_intermediate_size=96)
+    ids, mask = padded_batch([6, 3])
+    with torch.no_grad(), kpt_hf.patch(model, quantize="int4", group_size=32):
+        patched = model(ids, attention_mask=mask).logits
+        blocks = [model.get_submodule(p) for p in moe_paths(model)]
+        for block in blocks:
+            _hf_moe._unpatch_block(block, block.gate)
+        assert all(type(b.experts).__name__ == "QuantizedExperts" for b in blocks)
+        hf_block = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    # float32: HF's router and kpt's moe_route pick the same experts with weights equal to a
+    # few ulps; the experts are the same fused_moe call.
+    assert (hf_block[real] - patched[real]).norm() < 1e-5 * patched[real].norm()
+
+
+def test_quantize_experts_false_and_strict():
+    model = tiny("qwen3_moe")  # moe_intermediate_size 24
+    with torch.no_grad():
+        with kpt_hf.patch(model, quantize="int4", group_size=32, experts=False) as handle:
+            assert not any(type(m).__name__ == "QuantizedExperts" for m in model.modules())
+            assert not any(p.endswith("mlp.experts") for p in handle.skipped)
+        with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts: .*% 128 == 0"):
+            kpt_hf.patch(model, quantize="fp8", strict=True)
+    assert getattr(model, "_kpt_patch", None) is None
+    with pytest.raises(ValueError, match="takes experts=True or False"):
+        kpt_hf.patch(model, quantize="int4", experts="yes")
 
 
 def test_quantize_is_refused_where_no_projection_table_exists():

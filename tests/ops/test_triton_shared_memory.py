@@ -37,7 +37,14 @@ SCRIPT = textwrap.dedent('''
         const = dict(HEAD_DIM=d, GROUP=4, VARLEN=False, HAS_LEFT=False, HAS_RIGHT=causal,
                      SOFTCAP=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, TMA=tma)
         sig.update(dict.fromkeys(const, "constexpr"))
-        src = ASTSource(F._fwd_kernel, sig, {(names.index(k),): v for k, v in const.items()})
+        # Specialised as a launch is: 16-byte aligned pointers, (batch, token, head) strides
+        # divisible by 16 (a launch marks them so); without it loads are not vectorised, not
+        # pipelined through cp.async, and the pointer configs' shared memory reads far too low.
+        aligned = [n for n in names if n in ("LSE", "CU_Q", "CU_K") or n.startswith("stride_")
+                   or (n in ("Q", "K", "V", "OUT") and not tma)]
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        src = ASTSource(F._fwd_kernel, sig, {(names.index(k),): v for k, v in const.items()},
+                        attrs)
         kernel = compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps, num_stages=stages))
         return kernel.metadata.shared

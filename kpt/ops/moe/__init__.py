@@ -24,9 +24,11 @@ path on HIP; bf16/fp16 and fp8 experts), ``triton`` (``_triton.py``: bf16/fp16, 
 experts; on the CPU under ``TRITON_INTERPRET=1``) and ``reference`` (any device).
 
 Training: ``moe_route``'s weights are differentiable with respect to ``logits``;
-``fused_moe`` has a backward for bf16/fp16/fp32 experts (x, w13, w2 and the routing weights)
-computed by recomputation in PyTorch (per-expert matmuls), not by a kpt kernel; quantised
-experts are inference only.
+``fused_moe`` has a backward for bf16/fp16/fp32 experts (x, w13, w2 and the routing weights):
+Triton kernels (``_triton_backward.py``: no host sync, deterministic) for bf16/fp16 on NVIDIA
+GPUs of sm_80+ or when the forward is forced to ``backend="triton"``, else a recomputation in
+PyTorch (``_backward.py``: per-expert matmuls, one host sync); see ``backward_impl``.
+Quantised experts are inference only.
 """
 
 from __future__ import annotations
@@ -544,13 +546,32 @@ def _fused_setup(ctx, inputs, output) -> None:
     expert_map = inputs[13]
     ctx.save_for_backward(x, w13, w2, weights, ids, expert_map)
     ctx.activation = activation
+    ctx.backend = inputs[14]
+
+
+def backward_impl(x: Tensor, backend: str = "") -> str:
+    """Which backward ``fused_moe`` runs for experts like ``x``: ``"triton"`` (the kernels of
+    ``_triton_backward.py``) for bf16/fp16 on an NVIDIA GPU of sm_80 or newer with a usable
+    Triton, or when the forward was forced to the triton backend; else ``"recompute"`` (the
+    PyTorch recompute of ``_backward.py``: float32, the CPU, ROCm, where the kernels were not
+    run, and a forward forced to the reference backend)."""
+    if x.dtype not in _HALF or triton_unavailable() is not None or backend == "reference":
+        return "recompute"
+    if backend == "triton":
+        return "triton"
+    if (x.device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(x.device) >= (8, 0)):
+        return "triton"
+    return "recompute"
 
 
 def _fused_backward(ctx, dout):
-    from ._backward import backward
-
     x, w13, w2, weights, ids, expert_map = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if backward_impl(x, ctx.backend) == "triton":
+        from ._triton_backward import backward
+    else:
+        from ._backward import backward
     dx, dw13, dw2, dweights = backward(dout, x, w13, w2, weights, ids, expert_map,
                                        ctx.activation, needs[:4])
     return (dx, dw13, dw2, dweights) + (None,) * 11
