@@ -1,10 +1,12 @@
 """flex_attention: kpt's generated Triton kernels vs torch's compiled flex_attention.
 
-B4 H32 S4096 D128 bf16, forward and forward+backward, for: no mask, causal, soft-cap 30 and a
-1024-token causal sliding window (TARGETS.md). Both implementations get the same torch
-BlockMask (BLOCK_SIZE 128). ``kpt_cuda`` runs the same cases on the hand-written kernels with
-the named mods of ``kpt.ops.flex_attention.mods`` (its BlockMask built from them); ``kpt_flash``
-runs those named mods on the ``flash`` backend (``kpt.ops.flash_attention``'s own dispatch).
+B4 H32 S4096 D128 bf16, forward and forward+backward, for: no mask, causal, soft-cap 30, a
+1024-token causal sliding window, and packed documents with causal masks inside each (700-token
+documents, and a ragged set of 120 to 1500 tokens) (TARGETS.md). Both implementations get the
+same torch BlockMask (BLOCK_SIZE 128). ``kpt_cuda`` runs the same cases on the hand-written
+kernels with the named mods of ``kpt.ops.flex_attention.mods`` (its BlockMask built from them);
+``kpt_flash`` runs those named mods on the ``flash`` backend (``kpt.ops.flash_attention``'s own
+dispatch).
 TFLOP/s count 4*B*H*Sq*Skv*D for the forward, times the visible
 fraction of the score matrix, and 2.5x that for the backward. Kernel times are back-to-back
 calls between events under sustained load (``bench/conftest.py``: 1 s of warm-up, then the
@@ -40,6 +42,25 @@ def _softcap(score, b, h, q_idx, kv_idx):
     return 30.0 * torch.tanh(score / 30.0)
 
 
+# Packed documents (causal inside each): 700-token documents as in TARGETS.md, and a ragged
+# set (the case where the backward lagged most).
+DOCS = {"docs700_causal": [700] * (S // 700) + [S % 700],
+        "ragged_docs_causal": [1500, 300, 900, 120, 1276]}
+
+
+@functools.cache
+def _doc_ids(case: str) -> torch.Tensor:
+    lengths = torch.tensor(DOCS[case])
+    return torch.repeat_interleave(torch.arange(len(DOCS[case])), lengths).cuda()
+
+
+def _doc_mask(case: str):
+    def mask(b, h, q_idx, kv_idx):
+        ids = _doc_ids(case)
+        return (q_idx >= kv_idx) & (ids[q_idx] == ids[kv_idx])
+    return mask
+
+
 # case: (score_mod, mask_mod, visible fraction of the S x S score matrix)
 CASES = {
     "full": (None, None, 1.0),
@@ -47,6 +68,8 @@ CASES = {
     "softcap30": (_softcap, None, 1.0),
     "window1024_causal": (None, _window,
                           sum(min(i + 1, WINDOW) for i in range(S)) / (S * S)),
+    **{case: (None, _doc_mask(case), sum(n * (n + 1) / 2 for n in lengths) / (S * S))
+       for case, lengths in DOCS.items()},
 }
 # The same cases as named mods (the window: q - kv < WINDOW is sliding_window(WINDOW - 1)).
 NAMED = {
@@ -55,6 +78,7 @@ NAMED = {
     "softcap30": (mods.softcap(30.0), None),
     "window1024_causal": (None, mods.sliding_window(WINDOW - 1)),
 }
+NAMED |= {case: (None, "document") for case in DOCS}  # built on the device (_named_mask)
 MODES = ("fwd", "fwd_bwd")
 IMPLS = ("kpt_triton", "kpt_cuda", "kpt_flash", "torch_flex_compiled")
 _NAMED_IMPLS = ("kpt_cuda", "kpt_flash")  # on the named mods; the others take CASES' lambdas
@@ -73,6 +97,8 @@ def _block_mask(case: str, named: bool = False):
     from torch.nn.attention.flex_attention import create_block_mask
 
     mask_mod = NAMED[case][1] if named else CASES[case][1]
+    if mask_mod == "document":
+        mask_mod = mods.and_masks(mods.causal(), mods.document(_doc_ids(case)))
     if mask_mod is None:
         return None
     return create_block_mask(mask_mod, None, None, S, S, device="cuda", BLOCK_SIZE=128)
