@@ -1,15 +1,22 @@
-// What the int4_gemm kernels share: the call as they read it, group and scale lookups, and the
-// two epilogue stores (the final one: bias, one rounding to x's dtype; the split-K one:
-// float32 partial sums). On top of kpt/compat.h: one source for nvcc and hipcc.
+// What the int4_gemm kernels share: the call as they read it, group lookups, and the two
+// epilogue stores (the final one: bias, one rounding to x's dtype; the split-K one: float32
+// partial sums); scales and dequantisation are kpt/int4.h's (shared with moe's int4 experts).
+// On top of kpt/compat.h: one source for nvcc and hipcc.
 #pragma once
 
 #include "kpt/compat.h"
+#include "kpt/int4.h"
 #include "kpt/int4_gemm.h"
 
 namespace kpt_int4 {
 
 using kpt::bf16;
 using kpt::fp16;
+
+// The kernels read scales and dequantise with kpt/int4.h, which takes scale_dtype as it is.
+static_assert(KPT_INT4_FP16 == kpt::kInt4ScaleF16 && KPT_INT4_BF16 == kpt::kInt4ScaleBF16 &&
+                  KPT_INT4_FP32 == kpt::kInt4ScaleF32,
+              "int4 scale types are numbered as kpt/int4_gemm.h's dtypes");
 
 // A checked call (launch.cu builds it from kpt_int4_gemm_args). Strides in elements.
 struct Params {
@@ -55,32 +62,6 @@ KPT_DEVICE int group_of(const Params& p, int k) {
     return g < 0 ? 0 : (g >= p.groups ? p.groups - 1 : g);
   }
   return k >> p.group_shift;
-}
-
-KPT_DEVICE float scale_value(const char* base, int dtype, int64_t index) {
-  if (dtype == KPT_INT4_FP32) return reinterpret_cast<const float*>(base)[index];
-  const uint32_t bits = reinterpret_cast<const uint16_t*>(base)[index];
-  return dtype == KPT_INT4_FP16 ? kpt::Half<fp16>::unpack(bits).x
-                                : kpt::Half<bf16>::unpack(bits).x;
-}
-
-// Four consecutive scales (4-element aligned: 16 bytes of float32, 8 of a 16-bit type), read
-// exactly as float32.
-KPT_DEVICE void scales4(const char* p, int dtype, float (&s)[4]) {
-  if (dtype == KPT_INT4_FP32) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    s[0] = __uint_as_float(u.x), s[1] = __uint_as_float(u.y);
-    s[2] = __uint_as_float(u.z), s[3] = __uint_as_float(u.w);
-    return;
-  }
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
-  float2 lo, hi;
-  if (dtype == KPT_INT4_FP16) {
-    lo = kpt::Half<fp16>::unpack(u.x), hi = kpt::Half<fp16>::unpack(u.y);
-  } else {
-    lo = kpt::Half<bf16>::unpack(u.x), hi = kpt::Half<bf16>::unpack(u.y);
-  }
-  s[0] = lo.x, s[1] = lo.y, s[2] = hi.x, s[3] = hi.y;
 }
 
 template <class T>

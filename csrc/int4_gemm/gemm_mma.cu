@@ -14,15 +14,16 @@
 //     the B words of all four tiles, and the scales and zeros of those 4 columns come as one
 //     16-byte (4-byte) load. The accumulators of lane (g, t) hold columns 8t .. 8t + 7 of
 //     rows g and g + 8: one 16-byte store per row.
-//   * dequantisation, exact to the contract (w = round(float32(q - z) * float32(s))): the
-//     nibble j of a word (j < 4; nibbles 4..7 after one 16-bit shift) is OR-ed in place into
-//     the mantissa of a float of exponent 2^(23 - 4j), which gives 2^(23 - 4j) + q exactly
-//     (one LOP3, no shift, no int-to-float); subtracting 2^(23 - 4j) + z (a per-column
-//     constant, exact) leaves q - z exactly, then one FMUL by the float32 scale and one
-//     round-to-nearest conversion per pair (cvt.rn.{bf16x2,f16x2}.f32): the reference's
-//     rounding points, for float32, float16 and bfloat16 scales alike. 3.6 ALU operations
-//     per weight (sm_90a SASS of the 16 x 128 tile, per k32 block and warp: 32 LOP3, 32 FADD,
-//     32 FMUL, 16 F2FP, 4 SHF, 8 HMMA, 3 LDS.128 and ~25 moves into the A fragments).
+//   * dequantisation (kpt/int4.h), exact to the contract (w = round(float32(q - z) *
+//     float32(s))): the nibble j of a word (j < 4; nibbles 4..7 after one 16-bit shift) is
+//     OR-ed in place into the mantissa of a float of exponent 2^(23 - 4j), which gives
+//     2^(23 - 4j) + q exactly (one LOP3, no shift, no int-to-float); subtracting
+//     2^(23 - 4j) + z (a per-column constant, exact) leaves q - z exactly, then one FMUL by
+//     the float32 scale and one round-to-nearest conversion per pair
+//     (cvt.rn.{bf16x2,f16x2}.f32): the reference's rounding points, for float32, float16 and
+//     bfloat16 scales alike. 3.6 ALU operations per weight (sm_90a SASS of the 16 x 128
+//     tile, per k32 block and warp: 32 LOP3, 32 FADD, 32 FMUL, 16 F2FP, 4 SHF, 8 HMMA,
+//     3 LDS.128 and ~25 moves into the A fragments).
 //   * act-order (g_idx): the stage also holds g_idx of its channels, and each weight looks
 //     up its own scale and zero in global memory (L1/L2): the slow path, correct first.
 //
@@ -49,43 +50,6 @@ namespace kpt_int4 {
 #if defined(KPT_CUDA)
 
 namespace {
-
-// 2^(23 - 4j): the float whose mantissa takes nibble j (0..3) in place.
-KPT_DEVICE float magic(int j) { return __uint_as_float(uint32_t(150 - 4 * j) << 23); }
-
-// Nibble j (0..3) of `w` as the float 2^(23 - 4j) + q, exactly: (w & mask) | exponent in one
-// LOP3 (written out, since the compiler splits an AND and an OR of two immediates into two).
-template <int j>
-KPT_DEVICE float nibble_float(uint32_t w) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n"
-      : "=r"(r)
-      : "r"(w), "n"(0xfu << (4 * j)), "n"(uint32_t(150 - 4 * j) << 23));
-  return __uint_as_float(r);
-}
-
-// nibble_float for a j known only after unrolling.
-KPT_DEVICE float nibble_float(uint32_t w, int j) {
-  return j == 0 ? nibble_float<0>(w)
-                : j == 1 ? nibble_float<1>(w) : j == 2 ? nibble_float<2>(w) : nibble_float<3>(w);
-}
-
-// The B fragments of one packed word (8 channels of one column): b[s] for k step s, from
-// float32 (q - z) * s rounded to T. c[j] = 2^(23 - 4j) + z.
-template <class T>
-KPT_DEVICE void dequant_word(uint32_t w, float s, const float (&c)[4], uint32_t (&b)[2][2]) {
-  const uint32_t hi = w >> 16;
-  float v[8];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    v[j] = (nibble_float(w, j) - c[j]) * s;
-    v[j + 4] = (nibble_float(hi, j) - c[j]) * s;
-  }
-  b[0][0] = kpt::Half<T>::pack(v[0], v[1]);
-  b[0][1] = kpt::Half<T>::pack(v[2], v[3]);
-  b[1][0] = kpt::Half<T>::pack(v[4], v[5]);
-  b[1][1] = kpt::Half<T>::pack(v[6], v[7]);
-}
 
 // The instantiated tiles: block_m, block_n, K step (launch_typed below instantiates each;
 // kpt/ops/int4_gemm/_cuda.py's MMA_TILES lists the same).
@@ -267,16 +231,11 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, kMinBlocks) mma_kernel(Para
 #pragma unroll
           for (int nc = 0; nc < NC; ++nc) {
             const int col = (wn * NC + nc) * 32 + 4 * g;
-            scales4(ss + (row * BN + col) * es, p.scale_dtype, sc[nc]);
+            kpt::int4_scales4(ss + (row * BN + col) * es, p.scale_dtype, sc[nc]);
             const uint32_t z4 = p.zeros != nullptr
                                     ? *reinterpret_cast<const uint32_t*>(sz + row * BN + col)
-                                    : 0x08080808u;
-#pragma unroll
-            for (int a = 0; a < 4; ++a) {
-              const float z = float((z4 >> (8 * a)) & 0xffu);
-#pragma unroll
-              for (int j = 0; j < 4; ++j) cz[nc][a][j] = magic(j) + z;
-            }
+                                    : 0x01010101u * kpt::kInt4SymmetricZero;
+            kpt::int4_zero_constants(z4, cz[nc]);
           }
         }
       }
@@ -298,7 +257,7 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, kMinBlocks) mma_kernel(Para
           if constexpr (!kAct) {
 #pragma unroll
             for (int a = 0; a < 4; ++a) {
-              dequant_word<T>(words[a], sc[nc][a], cz[nc][a], bf[nc][a]);
+              kpt::int4_dequant_word<T>(words[a], sc[nc][a], cz[nc][a], bf[nc][a]);
             }
           } else {
             // Per channel: its group's scale and zero of the 4 columns, from global memory.
@@ -310,9 +269,10 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, kMinBlocks) mma_kernel(Para
               int grp = gi[j];
               grp = grp < 0 ? 0 : (grp >= p.groups ? p.groups - 1 : grp);
               float s4[4] = {0.f, 0.f, 0.f, 0.f};
-              uint32_t z4 = 0x08080808u;
+              uint32_t z4 = 0x01010101u * kpt::kInt4SymmetricZero;
               if (col < p.n && valid) {
-                scales4(p.scales + (int64_t(grp) * p.scales_row + col) * es, p.scale_dtype, s4);
+                kpt::int4_scales4(p.scales + (int64_t(grp) * p.scales_row + col) * es,
+                                  p.scale_dtype, s4);
                 if (p.zeros != nullptr) {
                   z4 = *reinterpret_cast<const uint32_t*>(p.zeros + int64_t(grp) * p.zeros_row +
                                                           col);
@@ -322,16 +282,12 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, kMinBlocks) mma_kernel(Para
               for (int a = 0; a < 4; ++a) {
                 const float z = float((z4 >> (8 * a)) & 0xffu);
                 const uint32_t w = j < 4 ? words[a] : words[a] >> 16;
-                v[a][j] = (nibble_float(w, j % 4) - (magic(j % 4) + z)) * s4[a];
+                v[a][j] =
+                    (kpt::int4_nibble_float(w, j % 4) - (kpt::int4_magic(j % 4) + z)) * s4[a];
               }
             }
 #pragma unroll
-            for (int a = 0; a < 4; ++a) {
-              bf[nc][a][0][0] = kpt::Half<T>::pack(v[a][0], v[a][1]);
-              bf[nc][a][0][1] = kpt::Half<T>::pack(v[a][2], v[a][3]);
-              bf[nc][a][1][0] = kpt::Half<T>::pack(v[a][4], v[a][5]);
-              bf[nc][a][1][1] = kpt::Half<T>::pack(v[a][6], v[a][7]);
-            }
+            for (int a = 0; a < 4; ++a) kpt::int4_fragments<T>(v[a], bf[nc][a]);
           }
           if (kTail && !valid) {
 #pragma unroll
@@ -353,15 +309,8 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, kMinBlocks) mma_kernel(Para
             xb = *reinterpret_cast<const uint4*>(sa + rb * (BK * 2) +
                                                  ((chunk ^ ((rb & 1) << 2)) << 4));
           }
-          const uint32_t a0[4] = {xa.x, xb.x, xa.y, xb.y};
-          const uint32_t a1[4] = {xa.z, xb.z, xa.w, xb.w};
 #pragma unroll
-          for (int nc = 0; nc < NC; ++nc)
-#pragma unroll
-            for (int a = 0; a < 4; ++a) {
-              kpt::mma_m16n8k16<T>(acc[mi][nc][a], a0, bf[nc][a][0][0], bf[nc][a][0][1]);
-              kpt::mma_m16n8k16<T>(acc[mi][nc][a], a1, bf[nc][a][1][0], bf[nc][a][1][1]);
-            }
+          for (int nc = 0; nc < NC; ++nc) kpt::int4_mma_k32<T>(acc[mi][nc], xa, xb, bf[nc]);
         }
       };
       if (kk + 32 <= k_end) {

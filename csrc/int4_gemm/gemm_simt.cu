@@ -65,11 +65,11 @@ __global__ void KPT_LAUNCH_BOUNDS(kThreads, 1) simt_kernel(Params p) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const int grp = group_of(p, kw * 8 + j);
-          const float s = scale_value(p.scales, p.scale_dtype, int64_t(grp) * p.scales_row + col);
+          const float s =
+              kpt::int4_scale(p.scales, p.scale_dtype, int64_t(grp) * p.scales_row + col);
           const float z = p.zeros != nullptr ? float(p.zeros[int64_t(grp) * p.zeros_row + col])
-                                             : 8.f;
-          // q - z is exact; the product is the one float32 rounding, then one to x's dtype.
-          v[j] = kpt::round_to<T>((float((word >> (4 * j)) & 0xfu) - z) * s);
+                                             : float(kpt::kInt4SymmetricZero);
+          v[j] = kpt::int4_dequant<T>(word, j, z, s);
         }
       }
 #pragma unroll

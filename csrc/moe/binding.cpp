@@ -126,15 +126,38 @@ void align(const at::Tensor& ids, const std::optional<at::Tensor>& expert_map,
   raise_on_error(kAlign, "kpt_moe_align", kpt_moe_align(&a, as_stream(stream)));
 }
 
+int scale_code(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return KPT_MOE_FP32;
+  if (t.scalar_type() == at::kHalf) return KPT_MOE_FP16;
+  if (t.scalar_type() == at::kBFloat16) return KPT_MOE_BF16;
+  TORCH_CHECK(false, kFused, ": int4 scales must be float32, float16 or bfloat16, got ",
+              t.scalar_type());
+}
+
+// An int4 weight's group size against its reduction length k: 32, 64, 128 or 256 dividing k,
+// or k itself (one group); returns the number of groups.
+int64_t int4_groups(const char* name, int64_t group, int64_t k) {
+  const bool listed = group == 32 || group == 64 || group == 128 || group == 256;
+  TORCH_CHECK(group == k || (listed && k % group == 0), kFused, ": ", name, " = ", group,
+              " must be 32, 64, 128 or 256 dividing K = ", k, ", or K itself (one group)");
+  return k / group;
+}
+
 // Writes out (T, H) like x: the fused experts over x (T, H), w13 (E, 2I, H), w2 (E, H, I)
-// (x's dtype, or float8_e4m3fn with w13_scale / w2_scale block scales), routed by weights /
-// ids (T, top_k). impl: KPT_MOE_IMPL_*; (block_m, block_n): an instantiated tile.
+// (x's dtype, or float8_e4m3fn with w13_scale / w2_scale block scales), or int4 experts: w13
+// (E, H / 8, 2I), w2 (E, I / 8, H) int32 (int4_gemm's packing), w13_scale (E, H / group13,
+// 2I) and w2_scale (E, I / group2, H) float32 / float16 / bfloat16 (one dtype), w13_zeros /
+// w2_zeros uint8 of the scales' shapes or None (symmetric), all contiguous; routed by weights
+// / ids (T, top_k). impl: KPT_MOE_IMPL_*; (block_m, block_n): an instantiated tile.
 void forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
              const std::optional<at::Tensor>& w13_scale,
-             const std::optional<at::Tensor>& w2_scale, const at::Tensor& weights,
-             const at::Tensor& ids, const std::optional<at::Tensor>& expert_map,
-             const at::Tensor& out, int64_t activation, int64_t impl, int64_t block_m,
-             int64_t block_n, bool partial_fp32, int64_t stream) {
+             const std::optional<at::Tensor>& w2_scale,
+             const std::optional<at::Tensor>& w13_zeros,
+             const std::optional<at::Tensor>& w2_zeros, int64_t group13, int64_t group2,
+             const at::Tensor& weights, const at::Tensor& ids,
+             const std::optional<at::Tensor>& expert_map, const at::Tensor& out,
+             int64_t activation, int64_t impl, int64_t block_m, int64_t block_n,
+             bool partial_fp32, int64_t stream) {
   const int dtype = half_code(kFused, x);
   check_gpu(kFused, x, x, "x");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, kFused,
@@ -145,23 +168,48 @@ void forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.stride(2) == 1 && w2.stride(2) == 1,
               kFused, ": w13 and w2 must be 3-D with a contiguous last dim");
   const bool fp8 = w13.scalar_type() == at::ScalarType::Float8_e4m3fn;
-  TORCH_CHECK(w2.scalar_type() == w13.scalar_type() && (fp8 || w13.scalar_type() == x.scalar_type()),
-              kFused, ": w13 and w2 must both be ", x.scalar_type(), " or float8_e4m3fn, got ",
-              w13.scalar_type(), " and ", w2.scalar_type());
-  const int64_t E = w13.size(0), I = w13.size(1) / 2;
-  TORCH_CHECK(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H &&
-                  w2.size(2) == I,
-              kFused, ": w13 ", w13.sizes(), " and w2 ", w2.sizes(), " do not fit hidden ", H);
+  const bool int4 = w13.scalar_type() == at::kInt;
+  TORCH_CHECK(w2.scalar_type() == w13.scalar_type() &&
+                  (fp8 || int4 || w13.scalar_type() == x.scalar_type()),
+              kFused, ": w13 and w2 must both be ", x.scalar_type(),
+              ", float8_e4m3fn or int32 (int4), got ", w13.scalar_type(), " and ",
+              w2.scalar_type());
+  const int64_t E = w13.size(0);
+  const int64_t I = int4 ? w13.size(2) / 2 : w13.size(1) / 2;
+  if (int4) {
+    TORCH_CHECK(H % 8 == 0 && I % 8 == 0 && w13.size(1) * 8 == H && w13.size(2) == 2 * I &&
+                    w2.size(0) == E && w2.size(1) * 8 == I && w2.size(2) == H,
+                kFused, ": int4 w13 ", w13.sizes(), " and w2 ", w2.sizes(),
+                " must be (E, H / 8, 2I) and (E, I / 8, H) for hidden ", H);
+  } else {
+    TORCH_CHECK(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E &&
+                    w2.size(1) == H && w2.size(2) == I,
+                kFused, ": w13 ", w13.sizes(), " and w2 ", w2.sizes(), " do not fit hidden ",
+                H);
+  }
   const int64_t k = ids.dim() == 2 ? ids.size(1) : 0;
   check_contiguous(kFused, ids, x, "ids", at::kInt, {T, k});
   check_contiguous(kFused, weights, x, "weights", at::kFloat, {T, k});
   check_contiguous(kFused, out, x, "out", x.scalar_type(), {T, H});
   const int64_t hb = (H + 127) / 128, ib = (I + 127) / 128;
-  TORCH_CHECK(fp8 == (w13_scale.has_value() && w2_scale.has_value()), kFused,
-              ": w13_scale and w2_scale come with float8_e4m3fn experts, and only with them");
+  TORCH_CHECK((fp8 || int4) == (w13_scale.has_value() && w2_scale.has_value()), kFused,
+              ": w13_scale and w2_scale come with float8_e4m3fn or int4 experts, and only "
+              "with them");
+  TORCH_CHECK(int4 || (!w13_zeros.has_value() && !w2_zeros.has_value()), kFused,
+              ": w13_zeros and w2_zeros are for int4 experts");
   if (fp8) {
     check_contiguous(kFused, *w13_scale, x, "w13_scale", at::kFloat, {E, (2 * I + 127) / 128, hb});
     check_contiguous(kFused, *w2_scale, x, "w2_scale", at::kFloat, {E, hb, ib});
+  }
+  int scale_dtype = KPT_MOE_FP32;
+  if (int4) {
+    scale_dtype = scale_code(*w13_scale);
+    const at::ScalarType st = w13_scale->scalar_type();
+    const int64_t g13 = int4_groups("group13", group13, H), g2 = int4_groups("group2", group2, I);
+    check_contiguous(kFused, *w13_scale, x, "w13_scale", st, {E, g13, 2 * I});
+    check_contiguous(kFused, *w2_scale, x, "w2_scale", st, {E, g2, H});
+    if (w13_zeros) check_contiguous(kFused, *w13_zeros, x, "w13_zeros", at::kByte, {E, g13, 2 * I});
+    if (w2_zeros) check_contiguous(kFused, *w2_zeros, x, "w2_zeros", at::kByte, {E, g2, H});
   }
   int64_t global_experts = E;
   if (expert_map) {
@@ -195,7 +243,7 @@ void forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
 
   kpt_moe_args a{};
   a.dtype = dtype;
-  a.quant = fp8 ? KPT_MOE_QUANT_FP8 : KPT_MOE_QUANT_NONE;
+  a.quant = fp8 ? KPT_MOE_QUANT_FP8 : (int4 ? KPT_MOE_QUANT_INT4 : KPT_MOE_QUANT_NONE);
   a.activation = static_cast<int>(activation);
   a.impl = static_cast<int>(impl);
   a.block_m = static_cast<int>(block_m);
@@ -211,6 +259,15 @@ void forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
   a.w2_stride_row = w2.stride(1);
   a.w13_scale = fp8 ? w13_scale->data_ptr<float>() : nullptr;
   a.w2_scale = fp8 ? w2_scale->data_ptr<float>() : nullptr;
+  if (int4) {
+    a.int4_scale_dtype = scale_dtype;
+    a.w13_int4_scale = w13_scale->data_ptr();
+    a.w2_int4_scale = w2_scale->data_ptr();
+    a.w13_zeros = w13_zeros ? w13_zeros->data_ptr<uint8_t>() : nullptr;
+    a.w2_zeros = w2_zeros ? w2_zeros->data_ptr<uint8_t>() : nullptr;
+    a.group13 = group13;
+    a.group2 = group2;
+  }
   a.weights = weights.data_ptr<float>();
   a.ids = ids.data_ptr<int32_t>();
   a.expert_map = expert_map ? expert_map->data_ptr<int32_t>() : nullptr;
@@ -236,9 +293,9 @@ void forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
   raise_on_error(kFused, "kpt_moe_forward", kpt_moe_forward(&a, as_stream(stream)));
 }
 
-bool tile_supported(int64_t impl, bool fp8, int64_t block_m, int64_t block_n) {
-  return kpt_moe_tile_supported(static_cast<int>(impl),
-                                fp8 ? KPT_MOE_QUANT_FP8 : KPT_MOE_QUANT_NONE,
+// quant: KPT_MOE_QUANT_* (kpt.ops.moe._cuda.QUANTS).
+bool tile_supported(int64_t impl, int64_t quant, int64_t block_m, int64_t block_n) {
+  return kpt_moe_tile_supported(static_cast<int>(impl), static_cast<int>(quant),
                                 static_cast<int>(block_m), static_cast<int>(block_n)) != 0;
 }
 
@@ -255,12 +312,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sorted_pairs"), py::arg("block_expert"), py::arg("num_padded"),
         py::arg("stream"));
   m.def("forward", &forward, "fused experts into out", py::arg("x"), py::arg("w13"),
-        py::arg("w2"), py::arg("w13_scale"), py::arg("w2_scale"), py::arg("weights"),
+        py::arg("w2"), py::arg("w13_scale"), py::arg("w2_scale"), py::arg("w13_zeros"),
+        py::arg("w2_zeros"), py::arg("group13"), py::arg("group2"), py::arg("weights"),
         py::arg("ids"), py::arg("expert_map"), py::arg("out"), py::arg("activation"),
         py::arg("impl"), py::arg("block_m"), py::arg("block_n"), py::arg("partial_fp32"),
         py::arg("stream"));
   m.def("tile_supported", &tile_supported, "whether a tile is instantiated", py::arg("impl"),
-        py::arg("fp8"), py::arg("block_m"), py::arg("block_n"));
+        py::arg("quant"), py::arg("block_m"), py::arg("block_n"));
   m.attr("ROUTE_MAX_EXPERTS") = static_cast<int>(KPT_MOE_ROUTE_MAX_EXPERTS);
   m.attr("MAX_LOCAL_EXPERTS") = static_cast<int>(KPT_MOE_MAX_LOCAL_EXPERTS);
 }

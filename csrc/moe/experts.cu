@@ -3,7 +3,8 @@
 //   1. kpt_moe_align (align.cu): slots grouped by local expert, padded to block_m.
 //   2. fp8 only: quantize_kernel, x -> e4m3 per token and 128 columns (quantize_fp8 "block").
 //   3. GEMM1 (gemm_mma.cu / gemm_simt.cu): act[s] = act(x W1^T) * (x W3^T), rounded to x's
-//      dtype, for every slot s holding a pair.
+//      dtype, for every slot s holding a pair. int4 experts are dequantised inside the GEMM
+//      tiles (as int4_gemm does, rounded to x's dtype): no extra launch, no dequantised copy.
 //   4. fp8 only: quantize_kernel again, act -> e4m3 per slot and 128 columns.
 //   5. GEMM2: partial[pair] = weight * act[s] W2^T, float32 or rounded to x's dtype (the
 //      contract allows either; float32 costs twice the bytes), and for top_k == 1 straight
@@ -14,7 +15,8 @@
 //
 // Everything is sized from the arguments alone: no host sync, safe in CUDA graph capture.
 //
-// Standing: compiles for sm_90a, sm_80 and gfx90a; not yet run or timed on a GPU.
+// Standing: compiles for sm_90a, sm_80 and gfx90a; not yet run or timed on a GPU (int4
+// experts: compiles; not yet run on a GPU).
 
 #include <float.h>
 
@@ -152,16 +154,31 @@ bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) %
 
 int run_gemm(const kpt_moe_args* a, const Gemm& g, int halves, int64_t grid_x,
              kpt::stream_t s) {
-  const bool fp8 = a->quant == KPT_MOE_QUANT_FP8;
   if (a->impl == KPT_MOE_IMPL_MMA) {
-    return launch_gemm_mma(g, a->dtype, fp8, a->block_m, a->block_n, halves, grid_x, s);
+    return launch_gemm_mma(g, a->dtype, a->quant, a->block_m, a->block_n, halves, grid_x, s);
   }
-  return launch_gemm_simt(g, a->dtype, fp8, a->block_m, a->block_n, halves, grid_x, s);
+  return launch_gemm_simt(g, a->dtype, a->quant, a->block_m, a->block_n, halves, grid_x, s);
 }
+
+// The group shift of an int4 weight with reduction length k: log2(group), or 30 for one group
+// over all of k (every k < 2^30 is then in group 0); -1 for a group the kernels do not take.
+int group_shift(int64_t group, int64_t k) {
+  if (group == k) return 30;
+  for (int shift = 5; shift <= 8; ++shift) {
+    if (group == (int64_t(1) << shift)) return k % group == 0 ? shift : -1;
+  }
+  return -1;
+}
+
+// Bytes of one int4 scale; the kernels read the type as kpt::kInt4Scale*.
+int scale_bytes(int dtype) { return dtype == KPT_MOE_FP32 ? 4 : 2; }
+static_assert(KPT_MOE_FP16 == kpt::kInt4ScaleF16 && KPT_MOE_BF16 == kpt::kInt4ScaleBF16 &&
+                  KPT_MOE_FP32 == kpt::kInt4ScaleF32,
+              "int4 scale types are numbered as kpt/moe.h's dtypes");
 
 template <class T>
 int forward(const kpt_moe_args* a, kpt::stream_t s) {
-  const bool fp8 = a->quant == KPT_MOE_QUANT_FP8;
+  const bool fp8 = a->quant == KPT_MOE_QUANT_FP8, int4 = a->quant == KPT_MOE_QUANT_INT4;
   const int64_t T_ = a->tokens, H = a->hidden, I = a->inter, k = a->top_k;
   const int64_t pairs = T_ * k;
   const int64_t capacity = kpt_moe_padded_capacity(pairs, a->experts, a->block_m);
@@ -188,7 +205,7 @@ int forward(const kpt_moe_args* a, kpt::stream_t s) {
     if ((err = launch_quantize<T>(q, s)) != 0) return err;
   }
 
-  const int esize = fp8 ? 1 : 2;
+  const int esize = fp8 ? 1 : (int4 ? 4 : 2);  // int4: strides count 32-bit words
   Gemm g1{};
   g1.a = fp8 ? reinterpret_cast<const char*>(a->x_fp8) : static_cast<const char*>(a->x);
   g1.a_row_bytes = fp8 ? H : a->x_stride * 2;
@@ -200,6 +217,14 @@ int forward(const kpt_moe_args* a, kpt::stream_t s) {
   g1.b_scale = a->w13_scale;
   g1.b_scale_expert = ((2 * I + 127) / 128) * h_blocks;
   g1.b_scale_row = h_blocks;
+  if (int4) {
+    g1.q_scale = a->w13_int4_scale;
+    g1.q_scale_type = a->int4_scale_dtype;
+    g1.q_zeros = a->w13_zeros;
+    g1.q_row = 2 * I;
+    g1.q_expert = H / a->group13 * g1.q_row;
+    g1.group_shift = group_shift(a->group13, H);
+  }
   g1.n = I;
   g1.k = H;
   g1.up = I;
@@ -232,6 +257,13 @@ int forward(const kpt_moe_args* a, kpt::stream_t s) {
   g2.b_scale = a->w2_scale;
   g2.b_scale_expert = h_blocks * i_blocks;
   g2.b_scale_row = i_blocks;
+  if (int4) {
+    g2.q_scale = a->w2_int4_scale;
+    g2.q_zeros = a->w2_zeros;
+    g2.q_row = H;
+    g2.q_expert = I / a->group2 * g2.q_row;
+    g2.group_shift = group_shift(a->group2, I);
+  }
   g2.n = H;
   g2.k = I;
   g2.up = 0;
@@ -261,25 +293,32 @@ int forward(const kpt_moe_args* a, kpt::stream_t s) {
 extern "C" {
 
 int kpt_moe_tile_supported(int impl, int quant, int block_m, int block_n) {
-  if (impl == KPT_MOE_IMPL_MMA) return mma_tile(quant == KPT_MOE_QUANT_FP8, block_m, block_n);
-  if (impl == KPT_MOE_IMPL_SIMT) return simt_tile(block_m, block_n);
+  if (quant < KPT_MOE_QUANT_NONE || quant > KPT_MOE_QUANT_INT4) return 0;
+  if (impl == KPT_MOE_IMPL_MMA) return mma_tile(quant, block_m, block_n);
+  if (impl == KPT_MOE_IMPL_SIMT) return simt_tile(quant, block_m, block_n);
   return 0;
 }
 
 int kpt_moe_forward(const kpt_moe_args* a, void* stream) {
   if (a == nullptr) return KPT_MOE_BAD_ARGUMENT;
   if (a->dtype != KPT_MOE_FP16 && a->dtype != KPT_MOE_BF16) return KPT_MOE_BAD_DTYPE;
-  if (a->quant != KPT_MOE_QUANT_NONE && a->quant != KPT_MOE_QUANT_FP8) return KPT_MOE_UNSUPPORTED;
+  if (a->quant != KPT_MOE_QUANT_NONE && a->quant != KPT_MOE_QUANT_FP8 &&
+      a->quant != KPT_MOE_QUANT_INT4)
+    return KPT_MOE_UNSUPPORTED;
   if (a->activation < KPT_MOE_SILU || a->activation > KPT_MOE_GELU_TANH)
     return KPT_MOE_BAD_ARGUMENT;
   if (!kpt_moe_tile_supported(a->impl, a->quant, a->block_m, a->block_n))
     return KPT_MOE_UNSUPPORTED;
-  const bool fp8 = a->quant == KPT_MOE_QUANT_FP8;
+  const bool fp8 = a->quant == KPT_MOE_QUANT_FP8, int4 = a->quant == KPT_MOE_QUANT_INT4;
   const int64_t T_ = a->tokens, H = a->hidden, I = a->inter, k = a->top_k;
   if (T_ < 0 || H < 1 || I < 1 || k < 1 || a->global_experts < 1) return KPT_MOE_BAD_ARGUMENT;
   if (a->experts < 1 || a->experts > KPT_MOE_MAX_LOCAL_EXPERTS) return KPT_MOE_UNSUPPORTED;
   // 16-byte chunks of every row; fp8 blocks of 128 along inter (one scale per GEMM2 k-tile).
   if (H % 8 || I % 8 || (fp8 && (H % 16 || I % 128))) return KPT_MOE_UNSUPPORTED;
+  // int4: 32-bit channel indices and the one-group shift of 30 (gemm.cuh).
+  if (int4 && (H >= (int64_t(1) << 30) || I >= (int64_t(1) << 30) ||
+               group_shift(a->group13, H) < 0 || group_shift(a->group2, I) < 0))
+    return KPT_MOE_UNSUPPORTED;
   if (T_ == 0) return 0;
   const int64_t capacity = kpt_moe_padded_capacity(T_ * k, a->experts, a->block_m);
   if (capacity >= 0x7fffffff || T_ * k >= 0x7fffffff || (H + 63) / 64 > 65535 ||
@@ -293,9 +332,13 @@ int kpt_moe_forward(const kpt_moe_args* a, void* stream) {
   if (fp8 && (a->w13_scale == nullptr || a->w2_scale == nullptr || a->x_fp8 == nullptr ||
               a->x_scale == nullptr || a->act_fp8 == nullptr || a->act_scale == nullptr))
     return KPT_MOE_BAD_ARGUMENT;
+  if (int4 && (a->w13_int4_scale == nullptr || a->w2_int4_scale == nullptr ||
+               (a->int4_scale_dtype != KPT_MOE_FP32 && a->int4_scale_dtype != KPT_MOE_FP16 &&
+                a->int4_scale_dtype != KPT_MOE_BF16)))
+    return KPT_MOE_BAD_ARGUMENT;
   if (a->expert_map == nullptr && a->global_experts != a->experts) return KPT_MOE_BAD_ARGUMENT;
   // cp.async and the vector loads/stores move 16 bytes: rows and bases must keep that alignment.
-  const int64_t esize = fp8 ? 1 : 2;
+  const int64_t esize = fp8 ? 1 : (int4 ? 4 : 2);
   if (!aligned(a->x, 16) || a->x_stride % 8 || !aligned(a->w13, 16) || !aligned(a->w2, 16) ||
       (a->w13_stride_expert * esize) % 16 || (a->w13_stride_row * esize) % 16 ||
       (a->w2_stride_expert * esize) % 16 || (a->w2_stride_row * esize) % 16 ||
@@ -303,8 +346,20 @@ int kpt_moe_forward(const kpt_moe_args* a, void* stream) {
       (a->partial != nullptr && !aligned(a->partial, 16)) ||
       (fp8 && (!aligned(a->x_fp8, 16) || !aligned(a->act_fp8, 16))))
     return KPT_MOE_BAD_ARGUMENT;
-  if (a->w13_stride_row < H || a->w2_stride_row < I || a->x_stride < H)
-    return KPT_MOE_BAD_ARGUMENT;
+  if (a->x_stride < H) return KPT_MOE_BAD_ARGUMENT;
+  if (!int4 && (a->w13_stride_row < H || a->w2_stride_row < I)) return KPT_MOE_BAD_ARGUMENT;
+  // int4 rows are packed rows of 8 channels, N words each; the scales and zero points are
+  // read 4 columns at a time (16 / 8 bytes of scales, 4 of zeros: N is a multiple of 8).
+  if (int4) {
+    const int sb = scale_bytes(a->int4_scale_dtype);
+    if (a->w13_stride_row < 2 * I || a->w2_stride_row < H ||
+        a->w13_stride_expert < H / 8 * a->w13_stride_row ||
+        a->w2_stride_expert < I / 8 * a->w2_stride_row ||
+        !aligned(a->w13_int4_scale, 4 * sb) || !aligned(a->w2_int4_scale, 4 * sb) ||
+        (a->w13_zeros != nullptr && !aligned(a->w13_zeros, 4)) ||
+        (a->w2_zeros != nullptr && !aligned(a->w2_zeros, 4)))
+      return KPT_MOE_BAD_ARGUMENT;
+  }
   const auto s = static_cast<kpt::stream_t>(stream);
   return a->dtype == KPT_MOE_BF16 ? forward<bf16>(a, s) : forward<fp16>(a, s);
 }

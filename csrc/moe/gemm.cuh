@@ -14,9 +14,17 @@
 //
 // fp8 (e4m3, 128x128 weight blocks, 1x128 activation blocks): A and B hold codes, a_scale one
 // float per (row, 128 columns of k), b_scale one per (128 rows, 128 columns) of an expert.
+//
+// int4 (kpt.ops.int4_gemm's packing of each expert's weight): A is x's dtype as for 16-bit
+// experts; B is k-major instead, b_row_bytes apart per packed row of 8 channels, n
+// contiguous (32-bit words: code j of word (kw, n) is channel 8 kw + j of column n); the up
+// half starts at column `up`. q_scale / q_zeros: (experts, groups, columns), element
+// q_expert * e + q_row * group + column; the group of channel k is k >> group_shift (30: one
+// group). Dequantised as int4_gemm's reference (kpt/int4.h), rounded to x's dtype.
 #pragma once
 
 #include "common.cuh"
+#include "kpt/int4.h"
 
 namespace kpt_moe {
 
@@ -29,6 +37,11 @@ struct Gemm {
   int64_t b_expert_bytes, b_row_bytes;
   const float* b_scale;  // fp8: (experts, n blocks, k blocks) strides in floats
   int64_t b_scale_expert, b_scale_row;
+  const void* q_scale;  // int4: group scales of q_scale_type (kpt::kInt4Scale*)
+  int q_scale_type;
+  const uint8_t* q_zeros;  // int4: zero points, or null (symmetric: 8)
+  int64_t q_expert, q_row;
+  int group_shift;
   int64_t n;   // output columns of one half (GEMM1: inter; GEMM2: hidden)
   int64_t k;   // reduction length in elements (GEMM1: hidden; GEMM2: inter)
   int64_t up;  // first B row of the up half (GEMM1: inter)
@@ -74,14 +87,15 @@ KPT_DEVICE Slot slot_of(const Gemm& g, int64_t s) {
 }
 
 // Launch one GEMM over grid_x blocks of block_m slots; returns a KPT_MOE_* / CUDA error code.
-// dtype: KPT_MOE_FP16 / BF16 (the output, and A and B unless fp8); halves: 2 (GEMM1) or 1.
-int launch_gemm_mma(const Gemm& g, int dtype, bool fp8, int block_m, int block_n, int halves,
+// dtype: KPT_MOE_FP16 / BF16 (the output, and A and B unless quantised); quant: KPT_MOE_QUANT_*;
+// halves: 2 (GEMM1) or 1.
+int launch_gemm_mma(const Gemm& g, int dtype, int quant, int block_m, int block_n, int halves,
                     int64_t grid_x, kpt::stream_t stream);
-int launch_gemm_simt(const Gemm& g, int dtype, bool fp8, int block_m, int block_n, int halves,
+int launch_gemm_simt(const Gemm& g, int dtype, int quant, int block_m, int block_n, int halves,
                      int64_t grid_x, kpt::stream_t stream);
 
-// The tiles each implementation instantiates (block_m, block_n); see the .cu files.
-bool mma_tile(bool fp8, int block_m, int block_n);
-bool simt_tile(int block_m, int block_n);
+// The tiles each implementation instantiates (block_m, block_n) per quant; see the .cu files.
+bool mma_tile(int quant, int block_m, int block_n);
+bool simt_tile(int quant, int block_m, int block_n);
 
 }  // namespace kpt_moe

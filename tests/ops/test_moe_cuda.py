@@ -1,14 +1,17 @@
 """moe's CUDA/HIP backends (``kpt.ops.moe._cuda``, kernels in ``csrc/moe``).
 
-On any machine: reasons and configs, the tile tables against the kernels' instantiations, the
-launchers against the binding and the C header, that every csrc/moe kernel is in the compile
-checks (tests/jit/test_compile_kernels.py: nvcc sm_90a and sm_80, hipcc gfx90a), and that the
+On any machine: reasons and configs (int4 experts' included), the tile tables against the
+kernels' instantiations, the launchers against the binding and the C header, how the launcher
+hands int4 scales and zero points over, that every csrc/moe kernel is in the compile checks
+(tests/jit/test_compile_kernels.py: nvcc sm_90a and sm_80, hipcc gfx90a), and that the
 backends are registered. On a GPU: routing (every option alone and combined, ties, NaN, the
 DeepSeek-V3 shape) and alignment against the reference; fused_moe against the reference on odd
 shapes, with every tile, both implementations (tensor cores and the portable tiles the HIP
-build runs), both per-pair buffers, fp8 experts, an expert map with a quarter of the experts
-local, empty experts and one expert taking all, NaN-poisoned workspace and output, misaligned
-and strided inputs, determinism, and CUDA graph replay with new routing.
+build runs), both per-pair buffers, fp8 experts, int4 experts (every group size, symmetric
+and zero-point, float32 / float16 / bfloat16 scales, K ending inside a k-tile), an expert map
+with a quarter of the experts local, empty experts and one expert taking all, NaN-poisoned
+workspace and output, misaligned and strided inputs, determinism, and CUDA graph replay with
+new routing.
 
 Registry-level behaviour (dispatch, validation) is test_moe.py's, which runs every registered
 kernel backend against the reference too.
@@ -17,6 +20,7 @@ kernel backend against the reference too.
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 import re
 
@@ -38,7 +42,7 @@ from kpt.ops.moe import (
     moe_route,
     reference,
 )
-from tests.ops.jit_backends import unusable
+from tests.ops.jit_backends import forward_arguments, unusable
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -54,6 +58,9 @@ TOLERANCE = {BF16: 2**-7, FP16: 2**-9}
 # three differs by a unit that is ~2^-3 * sqrt(2^-5 / 3) ~ 1.3% norm-wise at worst; measured
 # 0.83% and 0.95% (H200, bf16, I = 128 and 384, one code flip in a few hundred).
 FP8_TOLERANCE = 2**-6
+# int4 experts: the kernels dequantise to exactly the reference's weight in x's dtype (the
+# same float32 product, the same rounding), so the 16-bit tolerance holds: only the order of
+# the float32 sums differs.
 # Routing: float32 softmax / sigmoid in another order and a sum of <= 8 weights.
 ROUTE_RTOL, ROUTE_ATOL = 1e-5, 1e-7
 
@@ -77,17 +84,25 @@ def _route_problem(**dims) -> Problem:
     dict(), dict(t=0), dict(t=1, e=8, e_global=8, top_k=1), dict(h=24, i=40),
     dict(e=1024, e_global=4096, ep=True), dict(activation="gelu_tanh"),
     dict(quant="fp8", h=7168, i=2048), dict(quant="fp8", h=272, i=128),
+    dict(quant="int4"), dict(quant="int4", h=24, i=40, top_k=1),
+    dict(quant="int4", h=7168, i=2048, group13=128, group2=128),
+    dict(quant="int4", h=2048, i=768, group13=32, group2=256),
+    dict(quant="int4", h=200, i=72, group13=200, group2=72),  # one group, K % 32 != 0
 ], ids=str)
 def test_supported_problems(dims):
     assert _cuda.supports(_problem(**dims)) == []
 
 
 @pytest.mark.parametrize(("dims", "text"), [
-    (dict(quant="int4"), "int4 experts are not served"),
     (dict(h=20), "multiples of 8"),
     (dict(i=100), "multiples of 8"),
     (dict(quant="fp8", i=192), "I = 192 % 128"),
     (dict(quant="fp8", h=264), "H = 264 % 16"),
+    (dict(quant="int4", i=100), "multiples of 8"),
+    (dict(quant="int4", group13=512), "group13 = 512 must be one of"),
+    (dict(quant="int4", i=800, group2=64), "group2 = 64 must be one of (32, 64, 128, 256) "
+                                           "dividing K = 800"),
+    (dict(quant="int4", h=2048, group13=96), "group13 = 96"),
     (dict(e=1025, e_global=1025), "1025 local experts"),
     (dict(t=2**28, top_k=8), "exceed int32"),
 ])
@@ -97,7 +112,9 @@ def test_unsupported_problems_say_why(dims, text):
 
 
 def test_fp32_x_is_a_reason():
-    assert any("float16 or bfloat16" in r for r in _cuda.supports(_problem(dtype=FP32)))
+    for quant in ("none", "int4"):
+        reasons = _cuda.supports(_problem(dtype=FP32, quant=quant))
+        assert any("float16 or bfloat16" in r for r in reasons), quant
 
 
 def test_route_reasons():
@@ -120,7 +137,7 @@ def test_default_block_m_follows_pairs_per_expert(dims, block_m):
 
 
 def test_configs_differ_and_are_instantiated(monkeypatch):
-    for quant in ("none", "fp8"):
+    for quant in ("none", "fp8", "int4"):
         for top_k in (1, 8):
             cfgs = _cuda.configs(_problem(quant=quant, top_k=top_k))
             assert len({tuple(sorted(c.items())) for c in cfgs}) == len(cfgs)
@@ -138,6 +155,8 @@ def test_unknown_tiles_are_rejected_before_any_build():
     assert _cuda._tile("mma", "none", 128) == (128, 128)
     assert _cuda._tile("mma", "fp8", 128) == (128, 64)
     assert _cuda._tile("simt", "fp8", 16) == (16, 64)
+    assert _cuda._tile("mma", "int4", 128) == (128, 64)
+    assert _cuda._tile("simt", "int4", 64) == (64, 64)
 
 
 def test_alignment_rules():
@@ -150,12 +169,56 @@ def test_alignment_rules():
 
 
 def _call(x, w13, w2, weights, ids, activation="silu", expert_map=None, w13_scale=None,
-          w2_scale=None, out=None) -> FusedCall:
-    quant = "none" if w13.dtype == x.dtype else "fp8"
+          w2_scale=None, out=None, w13_zeros=None, w2_zeros=None) -> FusedCall:
+    quant = {x.dtype: "none", torch.int32: "int4"}.get(w13.dtype, "fp8")
+    group13 = group2 = 0
+    if quant == "int4":  # fused_moe's rule: K / groups, K itself for one group
+        group13, group2 = x.shape[1] // w13_scale.shape[1], w2.shape[1] * 8 // w2_scale.shape[1]
     return FusedCall(x, w13, w2, weights.float().contiguous(), ids.int().contiguous(),
-                     activation, quant, w13_scale, w2_scale, None, None, 0, 0,
-                     None if expert_map is None else expert_map.int().contiguous(),
+                     activation, quant, w13_scale, w2_scale, w13_zeros, w2_zeros, group13,
+                     group2, None if expert_map is None else expert_map.int().contiguous(),
                      torch.empty_like(x) if out is None else out)
+
+
+def _int4_cpu_call(scale13: torch.dtype, scale2: torch.dtype, zeros: bool) -> FusedCall:
+    h, i, e = 64, 40, 4
+    x = torch.randn(3, h).bfloat16()
+    w13 = torch.randint(-2**31, 2**31 - 1, (e, h // 8, 2 * i), dtype=torch.int32)
+    w2 = torch.randint(-2**31, 2**31 - 1, (e, i // 8, h), dtype=torch.int32)
+    s13, s2 = torch.rand(e, h // 32, 2 * i).to(scale13), torch.rand(e, 1, h).to(scale2)
+    z13 = torch.randint(0, 16, (e, h // 32, 2 * i), dtype=torch.uint8) if zeros else None
+    z2 = torch.randint(0, 16, (e, 1, h), dtype=torch.uint8) if zeros else None
+    return _call(x, w13, w2, torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int32),
+                 w13_scale=s13, w2_scale=s2, w13_zeros=z13, w2_zeros=z2)
+
+
+def test_int4_groups_of_a_call():
+    call = _int4_cpu_call(FP32, FP32, True)
+    assert (call.quant, call.group13, call.group2) == ("int4", 32, 40)  # w2: one group, K = I
+
+
+def test_int4_tables_are_handed_over_as_the_kernels_read_them():
+    """One scale dtype for both weights (float32, exactly, when they differ); tables with a
+    misaligned base or not contiguous are copied, the rest passed as they are."""
+    call = _int4_cpu_call(BF16, BF16, True)
+    s13, s2, z13, z2 = _cuda._int4_tables(call)
+    assert s13 is call.w13_scale and s2 is call.w2_scale and z13 is call.w13_zeros
+    assert z2 is call.w2_zeros
+    call = _int4_cpu_call(FP16, FP32, False)
+    s13, s2, z13, z2 = _cuda._int4_tables(call)
+    assert s13.dtype == s2.dtype == FP32 and z13 is None and z2 is None
+    assert torch.equal(s13, call.w13_scale.float()) and s2 is call.w2_scale
+    call = _int4_cpu_call(FP32, BF16, True)
+    flat = torch.empty(call.w13_scale.numel() + 1)
+    flat[1:] = call.w13_scale.reshape(-1)
+    call.w13_scale = flat[1:].view(call.w13_scale.shape)  # base 4 bytes off
+    wide = torch.zeros(*call.w2_zeros.shape[:2], 2 * call.h, dtype=torch.uint8)
+    wide[..., ::2] = call.w2_zeros
+    call.w2_zeros = wide[..., ::2]  # not contiguous
+    s13, s2, z13, z2 = _cuda._int4_tables(call)
+    assert s13.data_ptr() % 16 == 0 and torch.equal(s13, call.w13_scale)
+    assert s2.dtype == FP32 and z2.is_contiguous() and torch.equal(z2, call.w2_zeros)
+    assert z13 is call.w13_zeros
 
 
 def test_run_needs_gpu_tensors_and_skips_empty_calls():
@@ -203,6 +266,20 @@ def test_launchers_pass_every_binding_argument_in_order(name):
     assert signature.count(",") + 1 == len(names)
 
 
+def test_forward_takes_the_int4_tables_in_order():
+    """The launcher passes the int4 scales, zero points and group sizes (None and 0 for
+    other experts) where the binding declares them, before the routing tensors."""
+    args, names = forward_arguments(_cuda, _binding_text())
+    assert args == len(names) == 19
+    assert names[:13] == ["x", "w13", "w2", "w13_scale", "w2_scale", "w13_zeros", "w2_zeros",
+                          "group13", "group2", "weights", "ids", "expert_map", "out"]
+    tree = ast.parse(open(_cuda.__file__).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Attribute) and n.func.attr == "forward")
+    assert [ast.unparse(a) for a in call.args[3:9]] == [
+        "s13", "s2", "z13", "z2", "call.group13", "call.group2"]
+
+
 def _header_value(name: str) -> int:
     header = (csrc_dir() / "include" / "kpt" / "moe.h").read_text()
     return int(re.search(rf"#define {name} (\d+)", header).group(1))
@@ -216,6 +293,8 @@ def test_python_limits_match_the_header():
         assert re.search(rf"KPT_MOE_{name.upper()} = {code}\b", header), name
     for name, code in _cuda.IMPLS.items():
         assert re.search(rf"KPT_MOE_IMPL_{name.upper()} = {code}\b", header), name
+    for name, code in _cuda.QUANTS.items():
+        assert re.search(rf"KPT_MOE_QUANT_{name.upper()} = {code}\b", header), name
     # The header's capacity formula is the reference's.
     assert "pairs + local_experts * (block_m - 1)" in header
     assert capacity(10, 3, 16) == 64
@@ -227,10 +306,40 @@ def test_tile_tables_match_the_kernels():
     tiles = {(int(m), int(n)) for m, n in launched}
     for quant in ("none", "fp8"):
         assert set(_cuda.MMA_TILES[quant].items()) <= tiles, quant
+    # int4: its own kernel, 64 columns per half; both halves of every block_m.
+    int4 = re.findall(r"launch_int4_halves<T, (\d+), \d+, ([12]),", mma)
+    assert {(int(m), int(h)) for m, h in int4} == {
+        (bm, h) for bm in _cuda.MMA_TILES["int4"] for h in (1, 2)}
+    assert "static constexpr int kBN = 64," in mma
+    assert set(_cuda.MMA_TILES["int4"].values()) == {64}
     simt = (csrc_dir() / "moe" / "gemm_simt.cu").read_text()
-    assert set(re.findall(r"launch_tile<T, kFp8, (\d+)>", simt)) == {
-        str(bm) for bm in _cuda.SIMT_TILES}
-    assert "constexpr int kBN = 64;" in simt and set(_cuda.SIMT_TILES.values()) == {64}
+    assert set(re.findall(r"launch_tile<T, kQuant, (\d+)>", simt)) == {
+        str(bm) for bm in _cuda.SIMT_TILES["none"]}
+    assert "constexpr int kBN = 64;" in simt
+    assert all(table == _cuda.SIMT_TILES["none"] for table in _cuda.SIMT_TILES.values())
+    assert set(_cuda.SIMT_TILES["none"].values()) == {64}
+
+
+def test_int4_shared_memory_reads_are_conflict_free():
+    """gemm_mma.cu's int4 tiles: each phase of 8 lanes (grp = lane // 4, quad = lane % 4) of
+    a 16-byte shared load hits 8 distinct 16-byte bank groups, for the A rows (8 chunks,
+    chunk c of row r at c ^ (r & 1) * 4) and the packed rows (halves * 16 chunks, chunk c of
+    row r at c ^ (r & 3) * 2)."""
+    def bank_groups(address) -> int:
+        return len({address(lane // 4, lane % 4) % 8 for lane in range(8)})
+
+    for mi, kb, phase in itertools.product(range(8), range(2), range(4)):
+        def a_chunk(grp, quad, mi=mi, kb=kb, phase=phase):
+            r, c = 16 * mi + grp + 2 * phase, 4 * kb + quad
+            return r * 8 + (c ^ ((r & 1) << 2))
+        assert bank_groups(a_chunk) == 8
+    for halves, h, wn, kb, phase in itertools.product((1, 2), (0, 1), (0, 1), range(2),
+                                                      range(4)):
+        if h < halves:
+            def b_chunk(grp, quad, h=h, wn=wn, kb=kb, phase=phase, halves=halves):
+                r, c = 4 * kb + quad, 16 * h + 8 * wn + grp + 2 * phase
+                return r * 16 * halves + (c ^ ((r & 3) << 1))
+            assert bank_groups(b_chunk) == 8
 
 
 def test_every_kernel_is_compile_checked():
@@ -474,7 +583,8 @@ def _experts(seed: int, t: int, h: int, i: int, e: int, k: int, dtype: torch.dty
 def _reference(call: FusedCall) -> torch.Tensor:
     return fused_moe(call.x, call.w13, call.w2, call.weights, call.ids,
                      activation=call.activation, w13_scale=call.w13_scale,
-                     w2_scale=call.w2_scale, expert_map=call.expert_map, backend="reference")
+                     w2_scale=call.w2_scale, w13_zeros=call.w13_zeros,
+                     w2_zeros=call.w2_zeros, expert_map=call.expert_map, backend="reference")
 
 
 def _check(call: FusedCall, config: dict, tol: float) -> None:
@@ -484,6 +594,13 @@ def _check(call: FusedCall, config: dict, tol: float) -> None:
     want = _reference(call)
     reason = compare("out", call.out, want.float(), tol)
     assert reason is None, (reason, config)
+
+
+def _check_every_tile(call: FusedCall, impl: str, tol: float) -> None:
+    """_check with every block_m, each with both per-pair buffers (float32, x's dtype)."""
+    for block_m in _cuda.BLOCK_MS:
+        for partial_fp32 in (True, False):
+            _check(call, dict(impl=impl, block_m=block_m, partial_fp32=partial_fp32), tol)
 
 
 EXPERT_SHAPES = [  # t, h, i, e, k, ids mode
@@ -503,10 +620,7 @@ def test_fused_matches_the_reference_with_every_tile(case, dtype, impl):
     t, h, i, e, k, mode = EXPERT_SHAPES[case]
     x, w13, w2, weights, ids = _experts(case, t, h, i, e, k, dtype, mode)
     call = _call(x, w13, w2, weights, ids)
-    for block_m in _cuda.BLOCK_MS:
-        for partial_fp32 in (True, False):
-            _check(call, dict(impl=impl, block_m=block_m, partial_fp32=partial_fp32),
-                   TOLERANCE[dtype])
+    _check_every_tile(call, impl, TOLERANCE[dtype])
 
 
 @needs_gpu
@@ -561,6 +675,100 @@ def test_fp8_experts_match_the_reference(t, h, i, e, k, dtype, impl):
     call = _call(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2)
     for block_m in _cuda.BLOCK_MS:
         _check(call, dict(impl=impl, block_m=block_m), FP8_TOLERANCE)
+
+
+def _int4_experts(seed: int, t: int, h: int, i: int, e: int, k: int, dtype: torch.dtype,
+                  group13: int, group2: int, symmetric: bool, scale_dtypes=(FP32, FP32),
+                  mode: str = "random"):
+    """int4 experts by pack_int4 (group -1: one group), scales cast to scale_dtypes (the
+    reference reads the same cast values); returns _call's arguments."""
+    from kpt.ops import pack_int4
+
+    x, w13, w2, weights, ids = _experts(seed, t, h, i, e, k, FP32, mode)
+    packed = []
+    for w, group, sdtype in ((w13, group13, scale_dtypes[0]), (w2, group2, scale_dtypes[1])):
+        parts = [pack_int4(we, group, symmetric) for we in w]
+        packed.append((torch.stack([q for q, _, _ in parts]),
+                       torch.stack([sc for _, sc, _ in parts]).to(sdtype),
+                       None if symmetric else torch.stack([z for _, _, z in parts])))
+    (q13, s13, z13), (q2, s2, z2) = packed
+    return dict(x=x.to(dtype), w13=q13, w2=q2, weights=weights, ids=ids, w13_scale=s13,
+                w2_scale=s2, w13_zeros=z13, w2_zeros=z2)
+
+
+def _int4_call(args: dict, **extra) -> FusedCall:
+    args = dict(args)
+    return _call(args.pop("x"), args.pop("w13"), args.pop("w2"), args.pop("weights"),
+                 args.pop("ids"), **args, **extra)
+
+
+INT4_CASES = [  # t, h, i, e, k, group13, group2, symmetric, scale dtypes
+    (19, 256, 128, 8, 2, 128, 128, False, (FP32, FP32)),
+    (3, 128, 64, 64, 8, 32, 32, True, (FP32, FP32)),      # a group per k32 block
+    (130, 512, 256, 16, 1, 256, 64, False, (BF16, BF16)),
+    (33, 96, 96, 8, 2, 32, 32, False, (FP16, FP16)),      # K ends after half a k-tile of 64
+    (45, 200, 72, 8, 4, -1, -1, False, (FP32, FP32)),     # one group; K % 32 == 8
+    (7, 264, 40, 16, 8, -1, -1, True, (BF16, FP32)),      # mixed scale dtypes
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=str)
+@pytest.mark.parametrize("case", INT4_CASES,
+                         ids=[f"T{c[0]}-H{c[1]}-I{c[2]}-E{c[3]}-k{c[4]}-g{c[5]}.{c[6]}-"
+                              f"{'sym' if c[7] else 'zp'}-{c[8][0]}.{c[8][1]}"
+                              .replace("torch.", "") for c in INT4_CASES])
+def test_int4_experts_match_the_reference(case, dtype, impl):
+    """Every group size (32 .. 256 and one group over K), symmetric and zero-point, float32 /
+    bfloat16 / float16 scales (and two different ones), K ending inside a k-tile and inside a
+    k32 block (H = 200, 264; I = 40, 72); every tile, both per-pair buffers."""
+    t, h, i, e, k, g13, g2, symmetric, sdtypes = case
+    call = _int4_call(_int4_experts(t + h + i, t, h, i, e, k, dtype, g13, g2, symmetric,
+                                    sdtypes))
+    _check_every_tile(call, impl, TOLERANCE[dtype])
+
+
+@needs_gpu
+@pytest.mark.parametrize("impl", IMPLS)
+def test_int4_expert_map_and_unread_experts(impl):
+    """A quarter of the experts local; NaN scales of an expert no pair reaches are never read
+    (its rows of the packed weight are garbage too)."""
+    e_global, t, k = 64, 45, 8
+    args = _int4_experts(40, t, 128, 64, e_global, k, BF16, 64, 64, False)
+    emap = _quarter_map(e_global, 41)
+    local = torch.nonzero(emap >= 0).flatten()
+    order = local[emap[local].argsort()]
+    for name in ("w13", "w2", "w13_scale", "w2_scale", "w13_zeros", "w2_zeros"):
+        args[name] = args[name][order].contiguous()
+    call = _int4_call(args, expert_map=emap)
+    for block_m in _cuda.BLOCK_MS:
+        _check(call, dict(impl=impl, block_m=block_m), TOLERANCE[BF16])
+    args = _int4_experts(42, 7, 64, 32, 8, 2, BF16, 32, 32, True, mode="few")
+    args["w13_scale"][7] = float("nan")  # "few": no pair routes to experts >= 3
+    args["w2_scale"][6] = float("nan")
+    args["w13"][7] = -1
+    call = _int4_call(args)
+    _check(call, dict(impl=impl, block_m=16), TOLERANCE[BF16])
+    assert torch.isfinite(call.out).all()
+
+
+@needs_gpu
+def test_int4_misaligned_scales_and_the_public_function():
+    """Scales at an odd offset (copied by the launcher), then fused_moe(backend=...) with
+    int4 experts, the path the registry takes."""
+    args = _int4_experts(43, 29, 128, 64, 8, 2, BF16, 32, 64, False)
+    flat = torch.empty(args["w13_scale"].numel() + 1, device="cuda")
+    flat[1:] = args["w13_scale"].reshape(-1)
+    args["w13_scale"] = flat[1:].view(args["w13_scale"].shape)
+    call = _int4_call(args)
+    for impl in IMPLS:
+        _check(call, dict(impl=impl, block_m=16), TOLERANCE[BF16])
+    backend = "hip" if torch.version.hip else "cuda"
+    x, w13, w2, weights, ids = (args.pop(n) for n in ("x", "w13", "w2", "weights", "ids"))
+    got = fused_moe(x, w13, w2, weights, ids, backend=backend, **args)
+    want = fused_moe(x, w13, w2, weights, ids, backend="reference", **args)
+    assert compare("out", got, want.float(), TOLERANCE[BF16]) is None
 
 
 @needs_gpu

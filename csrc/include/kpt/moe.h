@@ -28,6 +28,7 @@ enum {
 enum {
   KPT_MOE_QUANT_NONE = 0,  // experts in x's dtype
   KPT_MOE_QUANT_FP8 = 1,   // e4m3 experts with 128x128 block scales, activations 1x128
+  KPT_MOE_QUANT_INT4 = 2,  // int4_gemm's packing per expert, group scales (+ zero points)
 };
 
 enum {
@@ -124,6 +125,18 @@ typedef struct {
   int64_t w2_stride_expert, w2_stride_row;
   const float* w13_scale;  // fp8: (experts, ceil(2 inter / 128), ceil(hidden / 128)) contiguous
   const float* w2_scale;   // fp8: (experts, ceil(hidden / 128), inter / 128) contiguous
+  // int4 experts (quant KPT_MOE_QUANT_INT4): w13 (experts, hidden / 8, 2 * inter) and w2
+  // (experts, inter / 8, hidden) int32 words, kpt.ops.int4_gemm's packing of each expert's
+  // (N, K) weight (the strides above then count words, and a row is 8 channels of K);
+  // scales (experts, K / group, N) of int4_scale_dtype and zero points (uint8, the scales'
+  // shapes; null: symmetric, zero point 8), contiguous; group 32, 64, 128, 256 dividing K,
+  // or K itself (one group, per channel). K = hidden for w13, inter for w2.
+  int int4_scale_dtype;  // KPT_MOE_FP32 / FP16 / BF16, both weights
+  const void* w13_int4_scale;
+  const void* w2_int4_scale;
+  const uint8_t* w13_zeros;
+  const uint8_t* w2_zeros;
+  int64_t group13, group2;
   const float* weights;    // (tokens, top_k) contiguous
   const int32_t* ids;      // (tokens, top_k) contiguous
   const int32_t* expert_map;  // (global_experts,) or null

@@ -20,7 +20,7 @@ use ``int4_gemm``'s layout per expert and are dequantised exactly as it does.
 
 Two registry ops: ``moe_route`` and ``fused_moe``. Backends: ``cuda`` / ``hip`` (csrc/moe, one
 source; routing is a warp per token, the experts mma.sync grouped GEMMs on CUDA and a SIMT
-path on HIP; bf16/fp16 and fp8 experts), ``triton`` (``_triton.py``: bf16/fp16, fp8 and int4
+path on HIP; bf16/fp16, fp8 and int4 experts), ``triton`` (``_triton.py``: bf16/fp16, fp8 and int4
 experts; on the CPU under ``TRITON_INTERPRET=1``) and ``reference`` (any device).
 
 Training: ``moe_route``'s weights are differentiable with respect to ``logits``;

@@ -8,9 +8,16 @@ described at the top of each file in ``csrc/moe``).
 GEMM2 (down times the routing weight) and the sum over top_k; fp8 experts add two
 quantisation launches. On CUDA the GEMMs run on tensor cores (mma.sync, sm_80+; fp8 codes are
 widened to fp16 in registers, then the mma runs in fp16); the HIP build runs portable
-CUDA-core tiles (``impl="simt"``, also selectable on CUDA). INT4 experts are not served here
-(the dispatcher falls back). Workspace is allocated per call from torch's caching allocator
-on the current stream and sized from shapes only: a call is safe inside CUDA graph capture.
+CUDA-core tiles (``impl="simt"``, also selectable on CUDA). Workspace is allocated per call
+from torch's caching allocator on the current stream and sized from shapes only: a call is
+safe inside CUDA graph capture.
+
+INT4 experts (``int4_gemm``'s packing per expert; float32, float16 or bfloat16 scales,
+symmetric or with zero points, every group size ``fused_moe`` accepts: 32, 64, 128, 256 or
+one group) are dequantised inside the GEMM tiles, each packed word loaded once and unpacked in
+registers to exactly ``int4_gemm``'s weight in x's dtype (tensor cores: 64-column tiles per
+half, k-tiles of 64; portable tiles: k-tiles of 32). They compile for sm_90a, sm_80 and
+gfx90a but have not yet run on a GPU.
 
 Config keys: ``impl`` ("mma" | "simt"), ``block_m`` (rows of a tile and the alignment's
 block: 16, 64 or 128), ``partial_fp32`` (the per-pair buffer summed over top_k is float32,
@@ -44,10 +51,14 @@ MAX_INT32 = 2**31 - 1
 MAX_GRID_Y = 65535
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 IMPLS = {"mma": 0, "simt": 1}
-# (block_m, block_n) tiles csrc/moe instantiates: block_n per block_m.
-MMA_TILES = {"none": {16: 64, 64: 64, 128: 128}, "fp8": {16: 64, 64: 64, 128: 64}}
-SIMT_TILES = {16: 64, 64: 64, 128: 64}
+QUANTS = {"none": 0, "fp8": 1, "int4": 2}
+# (block_m, block_n) tiles csrc/moe instantiates, per quant: block_n per block_m.
+MMA_TILES = {"none": {16: 64, 64: 64, 128: 128}, "fp8": {16: 64, 64: 64, 128: 64},
+             "int4": {16: 64, 64: 64, 128: 64}}
+SIMT_TILES = {quant: {16: 64, 64: 64, 128: 64} for quant in QUANTS}
 BLOCK_MS = (16, 64, 128)
+# int4 group sizes besides one group over all of K (csrc/moe/experts.cu's group_shift).
+INT4_GROUPS = (32, 64, 128, 256)
 
 # Why the CUDA / HIP backend cannot run here (the build's prerequisites, checked once without
 # building), or None; the CUDA-vs-ROCm torch check is the registry's (``rocm=`` flags).
@@ -136,14 +147,29 @@ def align(ids: Tensor, num_experts: int, block_m: int,
 # ---- fused_moe -----------------------------------------------------------------------------------
 
 
+def _int4_group_reason(name: str, group: int, k: int) -> str | None:
+    if group == k or (group in INT4_GROUPS and k % group == 0):
+        return None
+    return (f"int4 {name} = {group} must be one of {INT4_GROUPS} dividing K = {k}, or K "
+            f"(one group)")
+
+
 def supports(problem: Problem) -> list[str]:
-    """Problem-level reasons (bf16/fp16 x; the dtype filter is the backend table's)."""
+    """Problem-level reasons (bf16/fp16 x; the dtype filter is the backend table's).
+
+    int4 experts need nothing beyond the common rules (H and I multiples of 8, which their
+    packing implies): every group size ``fused_moe`` accepts is served. A problem that names
+    its group sizes (``group13`` over K = H, ``group2`` over K = I) is checked against
+    them."""
     h, i, e, t, k = problem["h"], problem["i"], problem["e"], problem["t"], problem["top_k"]
     quant = problem["quant"]
     reasons = []
     if quant == "int4":
-        reasons.append("int4 experts are not served by the cuda/hip kernels (bf16/fp16 and "
-                       "fp8 only)")
+        for name, kk in (("group13", h), ("group2", i)):
+            group = problem.get(name)
+            reason = None if group is None else _int4_group_reason(name, group, kk)
+            if reason:
+                reasons.append(reason)
     if problem.dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"x must be float16 or bfloat16, got {problem.dtype}")
     if h % 8 or i % 8:
@@ -188,7 +214,7 @@ def configs(problem: Problem) -> list[Config]:
 
 
 def _tile(impl: str, quant: str, block_m: int) -> tuple[int, int]:
-    table = MMA_TILES[quant] if impl == "mma" else SIMT_TILES
+    table = (MMA_TILES if impl == "mma" else SIMT_TILES)[quant]
     if impl not in IMPLS or block_m not in table:
         raise ValueError(f"{OP}: no {impl!r} tile with block_m {block_m} for {quant} experts; "
                          f"block_m is one of {sorted(table)}")
@@ -204,6 +230,18 @@ def _aligned(t: Tensor) -> bool:
                for st, size in zip(t.stride()[:-1], t.shape[:-1]))
 
 
+def _int4_tables(call) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(w13_scale, w2_scale, w13_zeros, w2_zeros) as the int4 kernels read them: one scale
+    dtype for both weights (float32 when the two differ: exact), contiguous with 16-byte
+    aligned bases (the scales and zero points are read 4 columns at a time)."""
+    s13, s2 = call.w13_scale, call.w2_scale
+    if s13.dtype != s2.dtype:
+        s13, s2 = s13.float(), s2.float()
+    return tuple(t if t is None or (t.is_contiguous() and t.data_ptr() % 16 == 0)
+                 else t.clone(memory_format=torch.contiguous_format)
+                 for t in (s13, s2, call.w13_zeros, call.w2_zeros))
+
+
 def _launch(call, config: Config, impl: str) -> None:
     x, out = call.x, call.out
     if call.t == 0:
@@ -215,13 +253,15 @@ def _launch(call, config: Config, impl: str) -> None:
     # A fresh contiguous copy is 16-byte aligned (the caching allocator's blocks are).
     x, w13, w2 = (t if _aligned(t) else t.clone(memory_format=torch.contiguous_format)
                   for t in (x, call.w13, call.w2))
+    s13, s2, z13, z2 = (_int4_tables(call) if call.quant == "int4"
+                        else (call.w13_scale, call.w2_scale, None, None))
     dev = x.device
     in_place = out.is_contiguous() and out.data_ptr() % 16 == 0
     with kernel_output(out, in_place) as target, on_device(dev):
-        _module().forward(x, w13, w2, call.w13_scale, call.w2_scale, call.weights, call.ids,
-                          call.expert_map, target, ACTIVATIONS[call.activation], IMPLS[impl],
-                          block_m, block_n, bool(config.get("partial_fp32", True)),
-                          raw_stream(dev))
+        _module().forward(x, w13, w2, s13, s2, z13, z2, call.group13, call.group2,
+                          call.weights, call.ids, call.expert_map, target,
+                          ACTIVATIONS[call.activation], IMPLS[impl], block_m, block_n,
+                          bool(config.get("partial_fp32", True)), raw_stream(dev))
 
 
 def run_cuda(call, config: Config) -> None:
