@@ -246,7 +246,7 @@ def test_kernel_bias_and_out_dtypes(backend, out_dtype, bias_dtype):
 
 @pytest.mark.parametrize("config", [
     dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=32),  # an N tile across two 128-row w scale blocks
-    dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16),  # eight K tiles per scale block
+    dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32),  # four K tiles per scale block
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=2),  # K tile > 128: per tensor/row only
 ], ids=["wide-n", "short-k", "long-k"])
 @pytest.mark.parametrize("a_gran,w_gran", [("block", "block"), ("row", "tensor")],
@@ -265,6 +265,19 @@ def test_kernel_tile_configs(config, a_gran, w_gran):
         return
     fp8_triton.run(call, config)
     _check(out, want, torch.float32)
+
+
+def test_kernel_tile_config_below_the_fp8_dot_minimum_is_refused():
+    """K tiles under 32 compile in the interpreter but not for an NVIDIA GPU (Triton's fp8
+    tl.dot needs K >= 32): refused by name on every device, before any launch."""
+    if "triton" not in KERNELS:
+        pytest.skip("triton cannot run here: " + "; ".join(_triton_reasons()))
+    a8, w8, sa, sw, bias = _operands(31, 37, 144, 272, "row", "tensor", device=DEVICE)
+    out = torch.full((37, 144), float("nan"), device=DEVICE)
+    call = Call(a8, w8, sa, sw.reshape(1, 1), "row", "tensor", bias, out)
+    with pytest.raises(ValueError, match="BLOCK_K=16 is below 32"):
+        fp8_triton.run(call, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16))
+    assert out.isnan().all()
 
 
 def _triton_reasons() -> list[str]:

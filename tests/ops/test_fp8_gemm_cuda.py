@@ -134,7 +134,7 @@ def test_decode_k_split_fills_the_sms(device, n, k, split):
 
 def test_configs_differ_and_are_instantiated(device):
     device(H100)
-    for m in (1, 16, 100, 4096):
+    for m in (0, 1, 16, 100, 4096):  # M = 0: configs are asked for before the empty launch
         cfgs = _cuda.configs(_problem(m=m, n=1024))
         assert len({tuple(sorted(c.items())) for c in cfgs}) == len(cfgs)
         for c in cfgs:

@@ -89,8 +89,10 @@ def test_default_config_by_m(m, n, k, tile, split):
                                                   "block_n": tile[1], "split_k": split}
 
 
-def test_default_never_splits_without_an_sm_count():
+def test_default_never_splits_without_an_sm_count_or_rows():
     assert _cuda.default_config(1, 8192, 8192, 0)["split_k"] == 1
+    # M = 0: configs are asked for before the empty launch (was a division by zero)
+    assert _cuda.default_config(0, 8192, 8192, 132)["split_k"] == 1
     assert _cuda.default_config(4096, 8192, 8192, 0)["block_m"] == 128
 
 

@@ -129,7 +129,7 @@ def _split_k(problem: Problem, block_m: int, block_n: int, sms: int) -> int:
     about one CTA per SM, each streaming at least MIN_K_TILES_PER_SPLIT k-tiles. A split costs
     a float32 partial tile per split and one reduce launch, so wide outputs never split."""
     tiles = -(-problem["m"] // block_m) * -(-problem["n"] // block_n)
-    if tiles >= sms // 2:
+    if tiles == 0 or tiles >= sms // 2:  # M = 0: nothing to split (nothing launches)
         return 1
     k_tiles = _k_tiles(problem)
     want = max(1, min(-(-sms // tiles), k_tiles // MIN_K_TILES_PER_SPLIT, MAX_SPLIT_K))

@@ -118,12 +118,19 @@ def configs(problem) -> list[dict]:
     return [default] + [c for c in others if c != default]
 
 
+MIN_BLOCK_K = 32  # tl.dot's smallest K for fp8 operands on NVIDIA GPUs (16 for 16-bit ones)
+
+
 def _fit(config: dict, m: int, n: int, k: int) -> tuple[int, int, int]:
-    """The config's tile, shrunk to the problem (powers of two, at least 16: tl.dot's minimum)
-    so that tiny problems, as under the interpreter, do not compute mostly padding."""
+    """The config's tile, shrunk to the problem (powers of two, at least 16 rows and columns
+    and MIN_BLOCK_K deep: tl.dot's minimums for fp8) so that tiny problems, as under the
+    interpreter, do not compute mostly padding."""
+    if config.get("BLOCK_K", 128) < MIN_BLOCK_K:
+        raise ValueError(f"fp8_gemm: BLOCK_K={config['BLOCK_K']} is below {MIN_BLOCK_K}, "
+                         f"the smallest K of a Triton fp8 dot")
     bm = min(config.get("BLOCK_M", 128), max(16, triton.next_power_of_2(m)))
     bn = min(config.get("BLOCK_N", 128), max(16, triton.next_power_of_2(n)))
-    bk = min(config.get("BLOCK_K", 128), max(16, triton.next_power_of_2(k)))
+    bk = min(config.get("BLOCK_K", 128), max(MIN_BLOCK_K, triton.next_power_of_2(k)))
     return bm, bn, bk
 
 

@@ -130,7 +130,7 @@ def default_split(m: int, n: int, k: int, tile: tuple[int, int], sms: int,
     MIN_SPLIT_STEPS K steps long."""
     bm, bn = tile
     ctas = _cdiv(m, bm) * _cdiv(n, bn)
-    if sms <= 0 or ctas >= sms:
+    if sms <= 0 or ctas == 0 or ctas >= sms:  # M = 0: nothing to split (nothing launches)
         return 1
     steps = _cdiv(k, _tiles(impl)[tile])
     return max(1, min(DEFAULT_MAX_SPLIT, _cdiv(CTAS_PER_SM * sms, ctas), steps // MIN_SPLIT_STEPS))
