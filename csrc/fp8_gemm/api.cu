@@ -4,7 +4,7 @@
 //
 // Nothing is read back and the workspace is the caller's: safe inside CUDA graph capture.
 //
-// Standing: compiles for sm_90a, sm_80 and gfx90a; not yet run on a GPU.
+// Standing: compiles for sm_90a, sm_80 and gfx90a; ran on an H100 (2026-12-07): its GPU tests pass (HIP build not run).
 
 #include "common.cuh"
 

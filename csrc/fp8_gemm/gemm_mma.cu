@@ -29,7 +29,7 @@
 // Epilogue: straight from the accumulator fragments, two columns per store; with a K split,
 // float32 partial tiles to the workspace, summed in split order by api.cu's reduce kernel.
 //
-// Standing: compiles for sm_90a and sm_80 (ptxas -v: no spills); not yet run on a GPU.
+// Standing: compiles for sm_90a and sm_80 (ptxas -v: no spills); ran on an H100 (2026-12-07): its GPU tests pass.
 
 #include "common.cuh"
 #include "kpt/ptx.h"

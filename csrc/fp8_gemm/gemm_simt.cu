@@ -9,7 +9,7 @@
 // its outputs with FMAs; the epilogue adds the bias and rounds once.
 //
 // Standing: compiles for sm_90a, sm_80 and gfx90a; correct-first, not tuned (byte loads, no
-// register blocking along k); not yet run on a GPU.
+// register blocking along k); its GPU tests pass on an H100 (2026-12-07).
 
 #include "common.cuh"
 

@@ -38,7 +38,7 @@
 // 128 x 128 and 128 x 256 for prefill. Split-K (grid.y) writes float32 partial sums that
 // launch.cu's reduce kernel adds in share order: deterministic, no atomics.
 //
-// Standing: compiles for sm_90a and sm_80 (ptxas -v: no spills); not yet run on a GPU.
+// Standing: compiles for sm_90a and sm_80 (ptxas -v: no spills); ran on an H100 (2026-12-07): its GPU tests pass.
 
 #include <type_traits>
 

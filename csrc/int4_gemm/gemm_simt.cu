@@ -10,7 +10,7 @@
 // Split-K shares write float32 partial sums like the tensor-core tiles.
 //
 // Standing: compiles for sm_90a, sm_80 and gfx90a; correct-first, not tuned (one word per
-// thread and step, scalar scale loads, no register blocking along k); not yet run on a GPU.
+// thread and step, scalar scale loads, no register blocking along k); its GPU tests pass on an H100 (2026-12-07).
 
 #include "common.cuh"
 

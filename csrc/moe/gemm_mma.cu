@@ -32,8 +32,8 @@
 // Epilogue (16-bit, fp8): straight from the accumulator fragments, two values (4 bytes) per
 // store.
 //
-// Standing: compiles for sm_90a and sm_80 without spills (ptxas -v); not yet run on a GPU
-// (the int4 kernel: compiles; not yet run on a GPU).
+// Standing: compiles for sm_90a and sm_80 without spills (ptxas -v); GPU tests pass on an
+// H200 and an H100 (the int4 kernel: 2026-12-07, on the H100).
 
 #include <type_traits>
 

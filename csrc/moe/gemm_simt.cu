@@ -14,7 +14,7 @@
 // values, stored as float32 like the other paths'.
 //
 // Standing: compiles for sm_90a, sm_80 and gfx90a; correct-first, not tuned (no vector loads,
-// no register blocking along k); not yet run on a GPU (int4: compiles; not yet run on a GPU).
+// no register blocking along k); GPU tests pass on an H100 (2026-12-07; HIP build not run).
 
 #include "gemm.cuh"
 

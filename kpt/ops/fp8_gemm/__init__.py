@@ -23,8 +23,9 @@ Backends:
   and hipcc): mma.sync tiles (fp8 ``m16n8k32`` on sm_89+, codes widened to fp16 on sm_80) with a
   K split for decode shapes; on Hopper a TMA + wgmma kernel (its own sm_90a build) above 64
   rows; the HIP build runs portable CUDA-core tiles. Block scales promote each 128-wide k-tile
-  into float32. Compiled for sm_90a, sm_80 and gfx90a; not yet run on a GPU, so dispatch puts
-  them after ``triton`` (first where Triton cannot run: sm_80, ROCm);
+  into float32. Tested on an H100 (2026-12-07, both the mma and wgmma kernels); slower than
+  ``triton`` there except for block scales (bench/RESULTS.md), so dispatch puts them after
+  ``triton`` (first where Triton cannot run: sm_80, ROCm); the HIP build is compile-checked;
 * ``triton`` (CUDA sm_89+; on the CPU only under ``TRITON_INTERPRET=1``);
 * ``reference`` (any device).
 
