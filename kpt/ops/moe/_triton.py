@@ -412,6 +412,24 @@ def _int4_tile(W, S, Z, k0, cols, n_ok, K, stride_wk, stride_wn, stride_sk, stri
 
 
 @triton.jit
+def _slot_tile(BLOCK_EXPERT, P, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               GROUP_M: tl.constexpr):
+    """This program's tile of the sorted slots x N: (its expert, -1 past num_padded; its slot
+    rows; its column tile, columns and their bound)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), P, N, BLOCK_M, BLOCK_N, GROUP_M)
+    e = tl.load(BLOCK_EXPERT + pid_m)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n, offs_n, offs_n < N
+
+
+@triton.jit
+def _slot_pairs(SORTED, rows, tk, top_k):
+    """The pairs at slot ``rows``, which of them are real (padding holds tk), their tokens."""
+    pair = tl.load(SORTED + rows)
+    return pair, pair < tk, (pair // top_k).to(tl.int64)
+
+
+@triton.jit
 def _gemm1(
     X, XS, W, WS, WZ, SORTED, BLOCK_EXPERT, INTER, INTER_S, tk, top_k, N, K, P,
     stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
@@ -421,17 +439,11 @@ def _gemm1(
     DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), P, N, BLOCK_M, BLOCK_N, GROUP_M)
-    e = tl.load(BLOCK_EXPERT + pid_m)
+    e, rows, pid_n, offs_n, n_ok = _slot_tile(BLOCK_EXPERT, P, N, BLOCK_M, BLOCK_N, GROUP_M)
     if e < 0:  # past num_padded
         return
     e = e.to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SORTED + rows)
-    r_ok = pair < tk
-    tok = (pair // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    pair, r_ok, tok = _slot_pairs(SORTED, rows, tk, top_k)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = X + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -498,14 +510,10 @@ def _gemm2(
     DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), P, N, BLOCK_M, BLOCK_N, GROUP_M)
-    e = tl.load(BLOCK_EXPERT + pid_m)
+    e, rows, pid_n, offs_n, n_ok = _slot_tile(BLOCK_EXPERT, P, N, BLOCK_M, BLOCK_N, GROUP_M)
     if e < 0:
         return
     e = e.to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     W = W + e * stride_we

@@ -67,7 +67,17 @@ from kpt.ops._triton_compat import dot as _dot
 from kpt.ops._triton_compat import grouped_tile
 from kpt.ops._triton_compat import rnd as _rnd
 from kpt.ops.moe import _triton as _fwd
-from kpt.ops.moe._triton import ACTS, _act, _gemm2, _local_expert, _pow2, _regime, _sum_k
+from kpt.ops.moe._triton import (
+    ACTS,
+    _act,
+    _gemm2,
+    _local_expert,
+    _pow2,
+    _regime,
+    _slot_pairs,
+    _slot_tile,
+    _sum_k,
+)
 
 OP = "fused_moe backward"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -99,17 +109,11 @@ def _hidden_bwd(
     STORE_A: tl.constexpr, STORE_DW: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), P, N, BLOCK_M, BLOCK_N, GROUP_M)
-    e = tl.load(BLOCK_EXPERT + pid_m)
+    e, rows, pid_n, offs_n, n_ok = _slot_tile(BLOCK_EXPERT, P, N, BLOCK_M, BLOCK_N, GROUP_M)
     if e < 0:  # past num_padded
         return
     e = e.to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SORTED + rows)
-    r_ok = pair < tk
-    tok = (pair // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    pair, r_ok, tok = _slot_pairs(SORTED, rows, tk, top_k)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
     d_ptrs = DOUT + tok[:, None] * stride_gm + offs_k[None, :] * stride_gk
