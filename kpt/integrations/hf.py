@@ -384,8 +384,9 @@ QUANTIZED_EXPERTS: dict[str, str] = {model_type: "layers.*.mlp.experts"
 QUANTIZE = {"fp8": FP8Linear, "int4": Int4Linear}
 ALIGN_CHECK = 256  # layer sizes every option takes: _check_quantize checks the options alone
 QUANTIZE_OPTIONS = {"fp8": ("weight_granularity", "activation", "fp8_dtype", "method",
-                            "act_order", "calibration", "experts"),
-                    "int4": ("group_size", "symmetric", "method", "act_order", "calibration",
+                            "act_order", "damp", "calibration", "experts"),
+                    "int4": ("group_size", "symmetric", "method", "act_order", "damp",
+                             "calibration",
                              "experts")}
 METHODS = ("rtn", "gptq")
 
@@ -412,9 +413,14 @@ def _check_quantize(quantize: str | None, options: dict[str, Any]) -> None:
     if not isinstance(options.get("experts", True), bool):
         raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r} takes experts=True "
                          f"or False, got {options['experts']!r}")
-    if not gptq and "act_order" in options:
-        raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r} takes act_order "
-                         f"only with method='gptq'")
+    for name in ("act_order", "damp"):
+        if not gptq and name in options:
+            raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r} takes {name} "
+                             f"only with method='gptq'")
+    damp = options.get("damp", 0.01)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+        raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r}: damp must be a "
+                         f"number >= 0, got {damp!r}")
     if quantize == "fp8":
         static = options.get("activation", "dynamic") == "static"
         if (static or gptq) != ("calibration" in options):
@@ -487,6 +493,7 @@ def _quantize_projections(model: nn.Module, model_type: str, quantize: str,
     amax: dict[str, Any] = {}
     gptq = options.pop("method", "rtn") == "gptq"
     act_order = options.pop("act_order", False)
+    damp = options.pop("damp", 0.01)
     static = options.get("activation") == "static"
     if gptq:  # the Hessians (and for static fp8 activations the largest |x|) of one pass
         with Calibrator(model, list(linears)) as cal:
@@ -504,14 +511,14 @@ def _quantize_projections(model: nn.Module, model_type: str, quantize: str,
         if quantize == "int4" and gptq:
             group_size = options.get("group_size", 128)
             q = gptq_int4(weight, hessian, group_size, options.get("symmetric", False),
-                          act_order, is_hessian=True)
+                          act_order, damp, is_hessian=True)
             return Int4Linear.from_quantized(q.packed, q.scales, q.zeros, group_size=group_size,
                                              g_idx=q.g_idx, bias=linear.bias, backend=backend)
         extra: dict[str, Any] = {"sample_inputs": amax[path]} if static else {}
         if gptq:  # fp8
             extra["quantized"] = gptq_fp8(
                 weight, hessian, options.get("weight_granularity", "row"),
-                options.get("fp8_dtype", torch.float8_e4m3fn), act_order, is_hessian=True)
+                options.get("fp8_dtype", torch.float8_e4m3fn), act_order, damp, is_hessian=True)
         return cls.from_linear(linear, **options, **extra, backend=backend)
     before = after = 0
     for path, linear in targets.items():
@@ -621,7 +628,9 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
       ``fp8_dtype``, ``method`` as for int4 (``kpt.quant.gptq_fp8``);
     * int4: ``group_size`` (default 128), ``symmetric`` (default False), ``method``: "rtn"
       (default, round to nearest) or "gptq" (``kpt.quant.gptq_int4``, with Hessians from one
-      run of ``calibration`` through the float model, and optionally ``act_order``).
+      run of ``calibration`` through the float model, and optionally ``act_order`` and
+      ``damp``, the fraction of the mean Hessian diagonal added to it, default 0.01: raise it
+      when the calibration holds few tokens for the layers' widths).
 
     MoE models (``QUANTIZED_EXPERTS``: qwen3_moe, qwen2_moe, mixtral) also get their routed
     experts swapped for ``kpt.nn.QuantizedExperts`` (``fused_moe`` with fp8 or int4 experts),

@@ -184,6 +184,9 @@ def test_gptq_int4_from_calibration_inputs(act_order):
     (dict(quantize="fp8", method="gptq"), "quantize='fp8' takes calibration .* method='gptq'"),
     (dict(quantize="fp8", act_order=True), "quantize='fp8' takes act_order only with"),
     (dict(quantize="fp8", method="awq"), "quantize='fp8': method must be one of"),
+    (dict(quantize="int4", damp=0.1), "takes damp only with method='gptq'"),
+    (dict(quantize="int4", method="gptq", calibration={}, damp=-1.0),
+     "damp must be a number >= 0"),
 ])
 def test_gptq_options_are_checked_before_any_change(options, match):
     model = tiny("llama")

@@ -65,8 +65,10 @@ CONFIGS: dict[str, dict | None] = {
     # +23%; +5.3% when calibrated on the scored tokens themselves), with it better (+17%).
     "int4 gptq g64": {"quantize": "int4", "group_size": 64, "method": "gptq", "act_order": True,
                       "calibration": _smollm2_calibration},
+    # damp 0.1: 8 paragraphs (~1,500 tokens) leave the 1536-wide FFN Hessians ill-conditioned;
+    # at the default 0.01 GPTQ g128 fell below RTN g128 on MiniLM (0.942 against 0.949).
     "int4 gptq g128": {"quantize": "int4", "group_size": 128, "method": "gptq",
-                       "act_order": True, "calibration": _minilm_calibration},
+                       "act_order": True, "damp": 0.1, "calibration": _minilm_calibration},
 }
 
 # Largest perplexity increase over float32 each configuration may show: the measured one
@@ -176,11 +178,11 @@ MINILM_CONFIGS = ("fp8 row", "fp8 block", "fp8 gptq row", "fp8 gptq block", "int
 # Smallest cosine similarity to the float32 embeddings each configuration may show, every
 # sentence. FP8: the issue's 0.99 (measured 0.9954-0.9970, GPTQ or not). INT4 misses the
 # issue's 0.98 (measured RTN 0.949 g128, 0.967 g32, zero-point, symmetric worse; GPTQ g128
-# 0.942 from 8 paragraphs of calibration, no better than RTN here): the bounds sit about 0.01
-# below the measurements, and test_minilm_int4_meets_the_issue_target keeps the target in view.
+# 0.959 from 8 paragraphs of calibration at damp 0.1): the bounds sit about 0.01 below the
+# measurements, and test_minilm_int4_meets_the_issue_target keeps the target in view.
 COSINE_BOUND = {"fp8 row": 0.99, "fp8 block": 0.99, "fp8 gptq row": 0.99,
                 "fp8 gptq block": 0.99, "int4 rtn g128": 0.94,
-                "int4 rtn g32": 0.955, "int4 gptq g128": 0.93}
+                "int4 rtn g32": 0.955, "int4 gptq g128": 0.95}
 INT4_COSINE_TARGET = 0.98
 
 
@@ -200,6 +202,13 @@ def minilm_cosine(minilm, name: str) -> float:
 @pytest.mark.parametrize("name", MINILM_CONFIGS)
 def test_minilm_quantized_embeddings_stay_close(minilm, name):
     assert minilm_cosine(minilm, name) >= COSINE_BOUND[name], (name, _cosines[name])
+
+
+@needs_minilm
+def test_minilm_int4_gptq_beats_round_to_nearest_at_the_same_group_size(minilm):
+    """The issue's GPTQ target, on the embeddings: GPTQ g128 above RTN g128."""
+    gptq, rtn = minilm_cosine(minilm, "int4 gptq g128"), minilm_cosine(minilm, "int4 rtn g128")
+    assert gptq > rtn, (gptq, rtn)
 
 
 @needs_minilm
