@@ -384,9 +384,9 @@ QUANTIZED_EXPERTS: dict[str, str] = {model_type: "layers.*.mlp.experts"
 QUANTIZE = {"fp8": FP8Linear, "int4": Int4Linear}
 ALIGN_CHECK = 256  # layer sizes every option takes: _check_quantize checks the options alone
 QUANTIZE_OPTIONS = {"fp8": ("weight_granularity", "activation", "fp8_dtype", "method",
-                            "act_order", "damp", "calibration", "experts"),
+                            "act_order", "damp", "sequential", "calibration", "experts"),
                     "int4": ("group_size", "symmetric", "method", "act_order", "damp",
-                             "calibration",
+                             "sequential", "clip", "calibration",
                              "experts")}
 METHODS = ("rtn", "gptq")
 
@@ -413,10 +413,14 @@ def _check_quantize(quantize: str | None, options: dict[str, Any]) -> None:
     if not isinstance(options.get("experts", True), bool):
         raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r} takes experts=True "
                          f"or False, got {options['experts']!r}")
-    for name in ("act_order", "damp"):
+    for name in ("act_order", "damp", "sequential", "clip"):
         if not gptq and name in options:
             raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r} takes {name} "
                              f"only with method='gptq'")
+    for name in ("sequential", "clip"):
+        if not isinstance(options.get(name, False), bool):
+            raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r}: {name} must be "
+                             f"True or False, got {options[name]!r}")
     damp = options.get("damp", 0.01)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
         raise ValueError(f"kpt.integrations.hf.patch: quantize={quantize!r}: damp must be a "
@@ -494,24 +498,42 @@ def _quantize_projections(model: nn.Module, model_type: str, quantize: str,
     gptq = options.pop("method", "rtn") == "gptq"
     act_order = options.pop("act_order", False)
     damp = options.pop("damp", 0.01)
+    sequential = options.pop("sequential", False)
+    clip = options.pop("clip", False)
     static = options.get("activation") == "static"
-    if gptq:  # the Hessians (and for static fp8 activations the largest |x|) of one pass
+    hessians: dict[str, Tensor] = {}  # sequential: each layer's, from calibrate_one below
+    if gptq and not sequential:  # the Hessians (and static fp8 amax) of one pass
         with Calibrator(model, list(linears)) as cal:
             if static:
                 amax = _calibrate(model, linears, calibration)
             else:
                 _run_calibration(model, calibration)
         seen = {p: None for p in cal.modules if cal.tokens(p)}
-    elif calibration is not None:  # fp8, static activations: each input's largest |x|
+    elif calibration is not None and not gptq:  # fp8, static activations: each input's largest |x|
         seen = amax = _calibrate(model, linears, calibration)
+
+    def calibrate_one(path: str, linear: nn.Linear) -> bool:
+        """Sequential GPTQ: this layer's Hessian (and static amax) from one calibration run
+        of the model as it is now, every earlier target already quantized; whether the
+        calibration reached the layer."""
+        with Calibrator(model, [path]) as one:
+            if static:
+                amax.update(_calibrate(model, {path: linear}, calibration))
+            else:
+                _run_calibration(model, calibration)
+        if one.tokens(path):
+            hessians[path] = one.hessian(path)
+        return path in hessians
 
     def build(path: str, linear: nn.Linear) -> nn.Module:
         weight = linear.weight.detach()
-        hessian = cal.hessian(path).to(weight.device) if gptq else None
+        hessian = None
+        if gptq:
+            hessian = (hessians.pop(path) if sequential else cal.hessian(path)).to(weight.device)
         if quantize == "int4" and gptq:
             group_size = options.get("group_size", 128)
             q = gptq_int4(weight, hessian, group_size, options.get("symmetric", False),
-                          act_order, damp, is_hessian=True)
+                          act_order, damp, is_hessian=True, clip=clip)
             return Int4Linear.from_quantized(q.packed, q.scales, q.zeros, group_size=group_size,
                                              g_idx=q.g_idx, bias=linear.bias, backend=backend)
         extra: dict[str, Any] = {"sample_inputs": amax[path]} if static else {}
@@ -529,6 +551,9 @@ def _quantize_projections(model: nn.Module, model_type: str, quantize: str,
             reasons.append("weight on the meta device (offloaded)")
         elif shape_reasons(linear):
             reasons.extend(shape_reasons(linear))
+        elif gptq and sequential:
+            if not calibrate_one(path, linear):
+                reasons.append("the calibration inputs never reached it")
         elif calibration is not None and path not in seen:
             reasons.append("the calibration inputs never reached it")
         if not reasons:
@@ -630,7 +655,12 @@ def patch(model: nn.Module, *, backend: str | None = None, strict: bool = False,
       (default, round to nearest) or "gptq" (``kpt.quant.gptq_int4``, with Hessians from one
       run of ``calibration`` through the float model, and optionally ``act_order`` and
       ``damp``, the fraction of the mean Hessian diagonal added to it, default 0.01: raise it
-      when the calibration holds few tokens for the layers' widths).
+      when the calibration holds few tokens for the layers' widths; ``clip=True``: each
+      group's range chosen among its full range shrunk by up to 20 %, the smallest rounding
+      error; ``sequential=True`` (both formats): the layers are quantized one at a time in
+      module order, each Hessian from a fresh run of ``calibration`` through the model with
+      the layers before it already quantized, as in the GPTQ paper: one calibration run per
+      layer).
 
     MoE models (``QUANTIZED_EXPERTS``: qwen3_moe, qwen2_moe, mixtral) also get their routed
     experts swapped for ``kpt.nn.QuantizedExperts`` (``fused_moe`` with fp8 or int4 experts),

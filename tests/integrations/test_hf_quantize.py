@@ -177,6 +177,37 @@ def test_gptq_int4_from_calibration_inputs(act_order):
     assert rel(got[real], want[real]) < 0.35  # as RTN above: a wrong layer, not precision
 
 
+def test_sequential_gptq_calibrates_each_layer_after_the_ones_before():
+    """sequential=True: one calibration run per quantized layer, each seeing the layers before
+    it already quantized (so its Hessian, and the result, differ from the one-pass run), the
+    same layers quantized, the logits as close to the float model."""
+    model = tiny("llama")
+    ids, mask = padded_batch([7, 5])
+    runs = []
+    calibration = {"input_ids": torch.randint(0, VOCAB, (4, 16),
+                                              generator=torch.Generator().manual_seed(3))}
+
+    def count(m):
+        runs.append(1)
+        m(**calibration)
+
+    got = {}
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        for sequential in (False, True):
+            runs.clear()
+            with kpt_hf.patch(model, quantize="int4", group_size=32, method="gptq",
+                              sequential=sequential, clip=True, calibration=count) as handle:
+                got[sequential] = model(ids, attention_mask=mask).logits
+                patched = len([p for p in handle.patched if p.endswith("_proj")])
+            assert patched == 14
+            assert len(runs) == (14 if sequential else 1)
+    real = mask.bool()
+    assert not torch.equal(got[True], got[False])
+    for logits in got.values():
+        assert rel(logits[real], want[real]) < 0.35  # as the one-pass test above
+
+
 @pytest.mark.parametrize(("options", "match"), [
     (dict(quantize="int4", method="gptq"), "calibration .* exactly when method='gptq'"),
     (dict(quantize="int4", act_order=True), "act_order only with method='gptq'"),
@@ -185,6 +216,10 @@ def test_gptq_int4_from_calibration_inputs(act_order):
     (dict(quantize="fp8", act_order=True), "quantize='fp8' takes act_order only with"),
     (dict(quantize="fp8", method="awq"), "quantize='fp8': method must be one of"),
     (dict(quantize="int4", damp=0.1), "takes damp only with method='gptq'"),
+    (dict(quantize="int4", sequential=True), "takes sequential only with method='gptq'"),
+    (dict(quantize="int4", clip=True), "takes clip only with method='gptq'"),
+    (dict(quantize="int4", method="gptq", calibration={}, sequential=1),
+     "sequential must be True or False"),
     (dict(quantize="int4", method="gptq", calibration={}, damp=-1.0),
      "damp must be a number >= 0"),
 ])

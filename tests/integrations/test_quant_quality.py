@@ -39,6 +39,13 @@ def _minilm_calibration(model, tokenizer) -> dict:
                           truncation=True, max_length=256, return_tensors="pt"))
 
 
+def _minilm_calibration_wide(model, tokenizer) -> dict:
+    """Every paragraph of the bundled text but the one SENTENCES scores (index 2)."""
+    paragraphs = bundled.EVAL_TEXT.split("\n\n")
+    return dict(tokenizer([p for i, p in enumerate(paragraphs) if i != 2], padding=True,
+                          truncation=True, max_length=256, return_tensors="pt"))
+
+
 def _own_calibration(model, tokenizer) -> dict:
     """Each model's calibration text above (for configurations both models measure)."""
     is_bert = model.config.model_type == "bert"
@@ -69,6 +76,11 @@ CONFIGS: dict[str, dict | None] = {
     # at the default 0.01 GPTQ g128 fell below RTN g128 on MiniLM (0.942 against 0.949).
     "int4 gptq g128": {"quantize": "int4", "group_size": 128, "method": "gptq",
                        "act_order": True, "damp": 0.1, "calibration": _minilm_calibration},
+    # GPTQ as the paper runs it (sequential: each layer calibrated with those before it already
+    # quantized) plus a clipped range per group, on ~60 paragraphs: MiniLM's INT4 row.
+    "int4 gptq g32 seq clip": {"quantize": "int4", "group_size": 32, "method": "gptq",
+                               "act_order": True, "damp": 0.1, "sequential": True,
+                               "clip": True, "calibration": _minilm_calibration_wide},
 }
 
 # Largest perplexity increase over float32 each configuration may show: the measured one
@@ -174,15 +186,15 @@ def test_smollm2_fp8_meets_the_issue_target(smollm2):
 
 
 MINILM_CONFIGS = ("fp8 row", "fp8 block", "fp8 gptq row", "fp8 gptq block", "int4 rtn g128",
-                  "int4 rtn g32", "int4 gptq g128")
+                  "int4 rtn g32", "int4 gptq g128", "int4 gptq g32 seq clip")
 # Smallest cosine similarity to the float32 embeddings each configuration may show, every
-# sentence. FP8: the issue's 0.99 (measured 0.9954-0.9970, GPTQ or not). INT4 misses the
-# issue's 0.98 (measured RTN 0.949 g128, 0.967 g32, zero-point, symmetric worse; GPTQ g128
-# 0.959 from 8 paragraphs of calibration at damp 0.1): the bounds sit about 0.01 below the
-# measurements, and test_minilm_int4_meets_the_issue_target keeps the target in view.
+# sentence. FP8: the issue's 0.99 (measured 0.9954-0.9970, GPTQ or not). INT4: RTN 0.949 g128,
+# 0.967 g32 (zero-point; symmetric worse); GPTQ g128 0.959 from 8 paragraphs of calibration
+# at damp 0.1; sequential GPTQ g32 with clipped groups 0.98012 (the issue's 0.98, checked by
+# test_minilm_int4_meets_the_issue_target). The bounds sit about 0.01 below the measurements.
 COSINE_BOUND = {"fp8 row": 0.99, "fp8 block": 0.99, "fp8 gptq row": 0.99,
                 "fp8 gptq block": 0.99, "int4 rtn g128": 0.94,
-                "int4 rtn g32": 0.955, "int4 gptq g128": 0.95}
+                "int4 rtn g32": 0.955, "int4 gptq g128": 0.95, "int4 gptq g32 seq clip": 0.97}
 INT4_COSINE_TARGET = 0.98
 
 
@@ -212,9 +224,9 @@ def test_minilm_int4_gptq_beats_round_to_nearest_at_the_same_group_size(minilm):
 
 
 @needs_minilm
-@pytest.mark.xfail(strict=True, reason="INT4 reaches a cosine of 0.967 at best (RTN g32) on "
-                   "all-MiniLM-L6-v2")
 def test_minilm_int4_meets_the_issue_target(minilm):
+    """Met by sequential GPTQ g32 with clipped groups, by a thin margin: 0.98012 measured (the
+    same computation on another CPU's float32 kernels may move the last digits)."""
     best = max(minilm_cosine(minilm, name) for name in MINILM_CONFIGS if "int4" in name)
     assert best >= INT4_COSINE_TARGET, best
 
