@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from kpt.integrations._undo import Bound, Restore
 from kpt.nn.moe import Routing, moe_forward
-from kpt.nn.quantized import QuantizedExperts
+from kpt.nn.quantized import HF_EXPERTS_LAYOUT, QuantizedExperts
 from kpt.ops.moe import ACTIVATIONS
 
 # transformers' activation classes (experts.act_fn) -> fused_moe's activation.
@@ -130,10 +130,7 @@ def _float_experts(experts: nn.Module, weight: Any) -> list[str] | tuple[tuple[i
                        f"(E, H, I), (E, H)")
     if w13.dtype not in _FLOATS or w2.dtype != w13.dtype:
         reasons.append(f"expert weights {w13.dtype}/{w2.dtype} (float experts only)")
-    # transformers' experts-implementation options (use_experts_implementation).
-    for attr, want in (("has_bias", False), ("is_transposed", False), ("has_gate", True),
-                       ("is_concatenated", True), ("has_post_expert_norm", False),
-                       ("_is_expert_parallel", False)):
+    for attr, want in HF_EXPERTS_LAYOUT:
         if getattr(experts, attr, want) != want:
             reasons.append(f"experts.{attr} is {getattr(experts, attr)!r}")
     act = type(getattr(experts, "act_fn", None)).__name__

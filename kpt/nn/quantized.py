@@ -338,6 +338,11 @@ _EXPERT_ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation
                        "GELU": "gelu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
                        "NewGELUActivation": "gelu_tanh"}
 EXPERT_QUANTS = ("fp8", "int4")
+# transformers' experts-implementation options (use_experts_implementation) of the layout
+# fused_moe reads: gate_up_proj (E, 2I, H) gate rows first, down_proj (E, H, I), no biases.
+HF_EXPERTS_LAYOUT = (("has_bias", False), ("is_transposed", False), ("has_gate", True),
+                     ("is_concatenated", True), ("has_post_expert_norm", False),
+                     ("_is_expert_parallel", False))
 
 
 class QuantizedExperts(nn.Module):
@@ -456,7 +461,7 @@ class QuantizedExperts(nn.Module):
         if not (isinstance(w13, Tensor) and isinstance(w2, Tensor)):
             raise ValueError(f"QuantizedExperts.from_hf: {type(experts).__name__} has no 3-D "
                              f"gate_up_proj / down_proj")
-        for attr, want in (("has_bias", False), ("is_transposed", False), ("has_gate", True)):
+        for attr, want in HF_EXPERTS_LAYOUT:
             if getattr(experts, attr, want) != want:
                 raise ValueError(f"QuantizedExperts.from_hf: experts.{attr} is "
                                  f"{getattr(experts, attr)!r}")

@@ -133,3 +133,9 @@ def test_from_weights_and_from_hf_refuse_what_does_not_fit():
 
     with pytest.raises(ValueError, match="expert activation ReLU"):
         QuantizedExperts.from_hf(ReluExperts(), "int4", group_size=32)
+
+    class TransposedExperts(ReluExperts):  # another layout of the same shapes: never guessed
+        is_transposed = True
+
+    with pytest.raises(ValueError, match="experts.is_transposed is True"):
+        QuantizedExperts.from_hf(TransposedExperts(), "int4", group_size=32)
