@@ -9,7 +9,8 @@ Rows (float8_e4m3fn operands from ``quantize_fp8`` of random normal data, bf16 o
   scaling ((M, 1) and (1, N) scales); target >= 1.0x;
 * blockwise M=4096, N=K=8192 (1x128 activations, 128x128 weights, DeepSeek-V3's recipe):
   against per-tensor ``_scaled_mm`` of the same shape (cuBLAS's blockwise path is not in
-  every torch build); target >= 0.9x;
+  every torch build); target >= 0.9x; also at M=256 (prefill chunks; where dispatch's choice
+  between the wgmma kernel and Triton is least settled);
 * decode M=16, N=K=8192, per-tensor and blockwise: against the floor of reading the weight
   once, weight bytes / the copy bandwidth measured in the same run (bytes read + written per
   second by ``dst.copy_(src)`` of a 1 GiB buffer); target <= 1.2x the floor. ``_scaled_mm``
@@ -49,6 +50,7 @@ CASES = {
     "per-tensor M8192 N8192 K8192": (8192, 8192, 8192, "tensor", "x base >= 1.0"),
     "per-row M8192 N8192 K8192": (8192, 8192, 8192, "row", "x base >= 1.0"),
     "block M4096 N8192 K8192": (4096, 8192, 8192, "block", "x base >= 0.9"),
+    "block M256 N8192 K8192": (256, 8192, 8192, "block", "x base >= 0.9"),
     "decode per-tensor M16 N8192 K8192": (16, 8192, 8192, "tensor", "x floor <= 1.2"),
     "decode block M16 N8192 K8192": (16, 8192, 8192, "block", "x floor <= 1.2"),
 }

@@ -613,3 +613,17 @@ def test_public_function_dispatches_to_the_backend():
     want = fp8_gemm(a8, w8, sa, sw, bias=bias, out_dtype=FP16, backend="reference")
     # 50 rows: the mma tiles by default (the wgmma kernel starts above 64 rows).
     assert compare("out", got, want.float(), TOLERANCE[FP16]) is None
+
+
+@pytest.mark.parametrize(("m", "a", "w", "info", "want"), [
+    (4096, "block", "block", H100, ("cuda",)), (65, "block", "block", H100, ("cuda",)),
+    (64, "block", "block", H100, ()),             # the mma tiles: Triton led at 16 rows
+    (4096, "tensor", "tensor", H100, ()), (4096, "row", "row", H100, ()),  # Triton led
+    (4096, "block", "block", A100, ()), (4096, "block", "block", ADA, ()),
+])
+def test_dispatch_prefers_the_wgmma_kernel_for_block_scales(device, m, a, w, info, want):
+    device(info)
+    assert _cuda.prefer(_problem(m=m, a_granularity=a, w_granularity=w)) == want
+    assert _cuda.prefer(_problem("cpu", m=m)) == ()
+    device(H100, sm90_ok=False)  # no sm_90a build: nothing to prefer
+    assert _cuda.prefer(_problem(m=4096)) == ()

@@ -611,3 +611,22 @@ def test_group_sizes_are_all_served():
                              n=72, k=512, group_size=group_size, zero_point=not symmetric,
                              act_order=False, bias=False, scale_dtype=FP32)
         _check(call, _cuda.configs(problem)[0], f"g{group_size}")
+
+
+# ---- dispatch (any machine: the device is pretended) -----------------------------------------
+
+
+@pytest.mark.parametrize(("m", "cap", "rocm", "first"), [
+    (1, (9, 0), False, "cuda"), (16, (9, 0), False, "cuda"), (16, (8, 0), False, "cuda"),
+    (17, (9, 0), False, "triton"), (4096, (9, 0), False, "triton"),  # Triton led from M = 256
+    (1, (7, 5), False, "triton"), (1, (9, 0), True, "triton"),
+])
+def test_dispatch_prefers_the_cuda_kernel_for_decode(monkeypatch, m, cap, rocm, first):
+    """On NVIDIA sm_80+ the csrc kernel leads up to PREFER_MAX_M rows (it measured faster
+    there on an H100), Triton above; ROCm and older GPUs keep the static order."""
+    monkeypatch.setattr(_cuda, "capability", lambda index: cap)
+    monkeypatch.setattr(_cuda, "is_rocm", lambda: rocm)
+    problem = _problem(m=m)
+    assert _cuda.prefer(problem) == (("cuda",) if first == "cuda" else ())
+    assert _cuda.prefer(_problem("cpu", m=m)) == ()
+    assert m <= _cuda.PREFER_MAX_M or first == "triton"

@@ -25,7 +25,8 @@ Backends:
   rows; the HIP build runs portable CUDA-core tiles. Block scales promote each 128-wide k-tile
   into float32. Tested on an H100 (2026-12-07, both the mma and wgmma kernels); slower than
   ``triton`` there except for block scales (bench/RESULTS.md), so dispatch puts them after
-  ``triton`` (first where Triton cannot run: sm_80, ROCm); the HIP build is compile-checked;
+  ``triton`` (first where Triton cannot run: sm_80, ROCm) except for blockwise weights above
+  64 rows on sm_90 (``_cuda.prefer``); the HIP build is compile-checked;
 * ``triton`` (CUDA sm_89+; on the CPU only under ``TRITON_INTERPRET=1``);
 * ``reference`` (any device).
 
@@ -47,6 +48,7 @@ from kpt.backends.xpu import xpu_backend
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
+    lazy,
     native_backends,
     plain_eager,
     reference_backend,
@@ -144,6 +146,7 @@ SPEC = Op(
               "xla": ("xla",),
               "xpu": ("xpu", "reference")},
     bucket=_bucket,
+    prefer=lazy(f"{__name__}._cuda", "prefer"),
     example=_example,
 )
 

@@ -33,9 +33,9 @@ differ only in the order of the float32 sums.
 Backends: ``cuda`` / ``hip`` (``csrc/int4_gemm``, one source: tensor-core tiles with the weight
 dequantised in registers on CUDA sm_80+, portable CUDA-core tiles on HIP; fp16/bf16 x, N a
 multiple of 8; ``_cuda.py``), ``triton`` (fp16/bf16 x, CUDA, or the CPU under
-``TRITON_INTERPRET=1``) and ``reference`` (fp16/bf16/fp32 x, any device). On CUDA devices
-triton comes first until the csrc kernels have been validated and timed on a GPU. Inference
-only: no backward.
+``TRITON_INTERPRET=1``) and ``reference`` (fp16/bf16/fp32 x, any device). On NVIDIA GPUs
+cuda comes first for decode (M <= 16, where it measured faster on an H100: ``_cuda.prefer``),
+triton for larger M. Inference only: no backward.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from kpt.backends.xpu import xpu_backend
 from kpt.ops._common import (
     check_tensor,
     dtype_name,
+    lazy,
     native_backends,
     plain_eager,
     read_content,
@@ -143,6 +144,7 @@ SPEC = Op(
     priority={"cuda": ("triton", "cuda", "hip", "reference"), "cpu": ("reference",),
               "xla": ("xla",), "xpu": ("xpu", "reference")},
     bucket=_bucket,
+    prefer=lazy(f"{__name__}._cuda", "prefer"),
     example=_example,
 )
 

@@ -22,8 +22,9 @@ Default by M: 16 x 128 for M <= 16 (decode: the weight stream is the bound), 64 
 above that the largest of 128 x 256 and 128 x 128 that still gives every SM a CTA (else 64 x
 128); split-K when the tiles alone leave SMs idle.
 
-Standing: compiled for sm_90a, sm_80 and gfx90a (``tests/jit/test_compile_kernels.py``); not
-yet run or timed on a GPU (``tests/ops/test_int4_gemm_cuda.py`` holds the GPU checks).
+Standing: compiled for sm_90a, sm_80 and gfx90a (``tests/jit/test_compile_kernels.py``); the
+CUDA build passed ``tests/ops/test_int4_gemm_cuda.py`` on an H100 and was timed there
+(bench/RESULTS.md); the HIP build is compile-checked only.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ SIMT_TILES = {(16, 64): 32, (64, 64): 32}
 CTAS_PER_SM = 2
 MIN_SPLIT_STEPS = 4
 DEFAULT_MAX_SPLIT = 16
+# Rows up to which dispatch tries this backend before Triton on NVIDIA GPUs (see prefer()).
+PREFER_MAX_M = 16
 
 # Why the CUDA / HIP backend cannot run here (the build's prerequisites, checked once without
 # building), or None; the CUDA-vs-ROCm torch check is the registry's (``rocm=`` flags).
@@ -102,6 +105,24 @@ def _sm_count(device_index: int) -> int:
     if not torch.cuda.is_available():
         return 0
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def prefer(problem: Problem) -> tuple[str, ...]:
+    """Dispatch's ``prefer`` hook: on NVIDIA sm_80+ the cuda backend before Triton for decode
+    (M <= PREFER_MAX_M). Measured on an H100 (2026-12-06, ``bench/bench_int4_gemm.py``,
+    N = K = 8192, g128): 38.2 / 38.7 us at M = 1 / 16 against Triton's 50.0 / 46.6; from
+    M = 256 Triton led (136.8 against 209.6 us), so larger problems keep the static order."""
+    if problem.device_type != "cuda" or is_rocm() or problem["m"] > PREFER_MAX_M:
+        return ()
+    return ("cuda",) if capability(problem.device_index) >= (8, 0) else ()
+
+
+@functools.cache
+def capability(device_index: int) -> tuple[int, int]:
+    """A CUDA device's compute capability; (0, 0) where none is visible."""
+    if not torch.cuda.is_available():
+        return (0, 0)
+    return torch.cuda.get_device_capability(device_index)
 
 
 def _tiles(impl: str) -> dict[tuple[int, int], int]:
