@@ -125,6 +125,52 @@ void forward(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sc
               " (code ", code, ")");
 }
 
+// Writes w (K, N) of w's dtype (float16 / bfloat16) = the dequantised weight, transposed: the
+// operand of a 16-bit GEMM x @ w for problems with many rows.
+void dequantize(const at::Tensor& packed, const at::Tensor& scales,
+                const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& g_idx,
+                const at::Tensor& w, int64_t group_size, int64_t stream) {
+  check_gpu(w, w, "w");
+  const int dtype = dtype_code(w.scalar_type());
+  TORCH_CHECK(dtype == KPT_INT4_FP16 || dtype == KPT_INT4_BF16, kOp,
+              ": the dequantised weight must be float16 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2, kOp, ": w must be (K, N), got ", w.sizes());
+  const int64_t K = w.size(0), N = w.size(1);
+  check_rows(w, w, "w", w.scalar_type(), K, N);
+  TORCH_CHECK(K % 8 == 0 && K < KPT_INT4_MAX_DIM, kOp, ": K = ", K,
+              " must be a multiple of 8 below 2^30");
+  check_rows(packed, w, "packed", at::kInt, K / 8, N);
+  const int64_t G = scales.dim() == 2 ? scales.size(0) : -1;
+  const int scale_dtype = dtype_code(scales.scalar_type());
+  TORCH_CHECK(scale_dtype >= 0, kOp, ": scales must be float32, float16 or bfloat16, got ",
+              scales.scalar_type());
+  check_rows(scales, w, "scales", scales.scalar_type(), G, N);
+  if (zeros) check_rows(*zeros, w, "zeros", at::kByte, G, N);
+  if (g_idx) {
+    check_gpu(*g_idx, w, "g_idx");
+    TORCH_CHECK(g_idx->scalar_type() == at::kInt && g_idx->dim() == 1 && g_idx->size(0) == K &&
+                    g_idx->is_contiguous(),
+                kOp, ": g_idx must be a contiguous int32 tensor of K = ", K, " entries");
+  }
+  kpt_int4_gemm_args a{};
+  a.dtype = dtype;
+  a.scale_dtype = scale_dtype;
+  a.packed = packed.data_ptr<int32_t>();
+  a.packed_row = packed.stride(0);
+  a.scales = scales.data_ptr();
+  a.scales_row = scales.stride(0);
+  a.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
+  a.zeros_row = zeros ? zeros->stride(0) : 0;
+  a.g_idx = g_idx ? g_idx->data_ptr<int32_t>() : nullptr;
+  a.n = static_cast<int>(N);
+  a.k = static_cast<int>(K);
+  a.groups = static_cast<int>(G);
+  a.group_size = static_cast<int>(group_size);
+  const int code = kpt_int4_dequantize(&a, w.data_ptr(), w.stride(0), as_stream(stream));
+  TORCH_CHECK(code == 0, kOp, ": kpt_int4_dequantize failed: ", kpt_int4_gemm_error_string(code),
+              " (code ", code, ")");
+}
+
 int64_t tile_k(int64_t impl, int64_t block_m, int64_t block_n) {
   return kpt_int4_gemm_tile_k(static_cast<int>(impl), static_cast<int>(block_m),
                               static_cast<int>(block_n));
@@ -138,6 +184,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("g_idx"),
         py::arg("bias"), py::arg("out"), py::arg("group_size"), py::arg("impl"),
         py::arg("block_m"), py::arg("block_n"), py::arg("split"), py::arg("stream"));
+  m.def("dequantize", &dequantize, "w (K, N) = the dequantised weight, transposed",
+        py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("g_idx"), py::arg("w"),
+        py::arg("group_size"), py::arg("stream"));
   m.def("tile_k", &tile_k, "the K step of a tile, 0 when this build has no such tile",
         py::arg("impl"), py::arg("block_m"), py::arg("block_n"));
 }

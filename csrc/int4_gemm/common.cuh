@@ -111,6 +111,8 @@ KPT_DEVICE void store_cols(const Params& p, int share, int64_t row, int col,
 // such tile). The HIP build has no tensor-core tiles.
 int launch_mma(const Params& p, int dtype, int block_m, int block_n, kpt::stream_t stream);
 int launch_simt(const Params& p, int dtype, int block_m, int block_n, kpt::stream_t stream);
+// dequant.cu: p.out (K, N) of dtype = the dequantised weight, transposed (x, m unused).
+int launch_dequant(const Params& p, int dtype, kpt::stream_t stream);
 int mma_tile_k(int block_m, int block_n);
 int simt_tile_k(int block_m, int block_n);
 

@@ -1,5 +1,6 @@
-// int4_gemm's C entry point: checks the arguments against what the kernels handle, runs one
-// GEMM launch (gemm_mma.cu or gemm_simt.cu) and, for split-K, the reduction below.
+// int4_gemm's C entry points: kpt_int4_gemm checks the arguments against what the kernels
+// handle, runs one GEMM launch (gemm_mma.cu or gemm_simt.cu) and, for split-K, the reduction
+// below; kpt_int4_dequantize checks the weight's arguments and runs dequant.cu.
 //
 // Split-K reduction: out[row, col] = round(sum over shares s = 0, 1, ... of partial[s, row,
 // col] + bias), the shares added in index order whatever order their CTAs ran in
@@ -141,6 +142,55 @@ int kpt_int4_gemm(const kpt_int4_gemm_args* a, void* stream) {
                       : launch_simt(p, a->dtype, a->block_m, a->block_n, s);
   if (err != 0 || split == 1) return err;
   return a->dtype == KPT_INT4_BF16 ? launch_reduce<bf16>(p, s) : launch_reduce<fp16>(p, s);
+}
+
+int kpt_int4_dequantize(const kpt_int4_gemm_args* a, void* w, int64_t w_row, void* stream) {
+  if (a == nullptr) return KPT_INT4_BAD_ARGUMENT;
+  if ((a->dtype != KPT_INT4_FP16 && a->dtype != KPT_INT4_BF16) ||
+      (a->scale_dtype != KPT_INT4_FP32 && a->scale_dtype != KPT_INT4_FP16 &&
+       a->scale_dtype != KPT_INT4_BF16)) {
+    return KPT_INT4_BAD_DTYPE;
+  }
+  if (a->n <= 0 || a->k <= 0 || a->n % KPT_INT4_N_MULTIPLE || a->k % 8 ||
+      a->n >= KPT_INT4_MAX_DIM || a->k >= KPT_INT4_MAX_DIM) {
+    return KPT_INT4_UNSUPPORTED;
+  }
+  int shift;
+  if (a->group_size == -1) {
+    if (a->groups != 1) return KPT_INT4_BAD_ARGUMENT;
+    shift = 30;
+  } else {
+    shift = log2_exact(a->group_size);
+    if (shift < 5 || a->k % a->group_size || a->groups != a->k / a->group_size) {
+      return KPT_INT4_BAD_ARGUMENT;
+    }
+  }
+  const int es = a->scale_dtype == KPT_INT4_FP32 ? 4 : 2;
+  if (w == nullptr || a->packed == nullptr || a->scales == nullptr || !aligned(w, 8) ||
+      w_row % 4 || w_row < a->n || !aligned(a->packed, 16) || a->packed_row % 4 ||
+      a->packed_row < a->n || !aligned(a->scales, 4 * es) || a->scales_row % 4 ||
+      a->scales_row < a->n ||
+      (a->zeros != nullptr && (!aligned(a->zeros, 4) || a->zeros_row % 4 || a->zeros_row < a->n)) ||
+      (a->g_idx != nullptr && !aligned(a->g_idx, 4))) {
+    return KPT_INT4_BAD_ARGUMENT;
+  }
+  Params p{};
+  p.packed = a->packed;
+  p.packed_row = a->packed_row;
+  p.scales = static_cast<const char*>(a->scales);
+  p.scales_row = a->scales_row;
+  p.scale_dtype = a->scale_dtype;
+  p.scale_bytes = es;
+  p.zeros = a->zeros;
+  p.zeros_row = a->zeros_row;
+  p.g_idx = a->g_idx;
+  p.out = static_cast<char*>(w);
+  p.out_row = w_row;
+  p.n = a->n;
+  p.k = a->k;
+  p.groups = a->groups;
+  p.group_shift = shift;
+  return launch_dequant(p, a->dtype, static_cast<kpt::stream_t>(stream));
 }
 
 const char* kpt_int4_gemm_error_string(int code) {

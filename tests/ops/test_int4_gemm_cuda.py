@@ -98,11 +98,21 @@ def test_default_never_splits_without_an_sm_count_or_rows():
 
 def test_configs_differ_and_are_instantiated(monkeypatch):
     monkeypatch.setattr(_cuda, "_sm_count", lambda index: 132)
-    for m in (1, 3, 16, 17, 64, 256, 4096):
+    for m in (1, 3, 16, 17, 64, 255, 256, 4096):
         problem = _problem(m=m)
         cfgs = _cuda.configs(problem)
-        first = cfgs[0]
-        assert first == _cuda.default_config(m, 8192, 8192, 132)
+        # From DEQUANT_MIN_M rows the dequantise-then-GEMM config leads; from DEQUANT_TUNE_M
+        # it is offered last; below, never.
+        dequant = [c for c in cfgs if c["impl"] == "dequant"]
+        if m >= _cuda.DEQUANT_MIN_M:
+            assert cfgs[0] == _cuda.DEQUANT_CONFIG and cfgs[1:] and dequant == cfgs[:1]
+            cfgs = cfgs[1:]
+        elif m >= _cuda.DEQUANT_TUNE_M:
+            assert dequant == [_cuda.DEQUANT_CONFIG] == cfgs[-1:]
+            cfgs = cfgs[:-1]
+        else:
+            assert not dequant
+        assert cfgs[0] == _cuda.default_config(m, 8192, 8192, 132)
         assert len({tuple(sorted(c.items())) for c in cfgs}) == len(cfgs)
         for c in cfgs:
             assert c["impl"] == "mma" and (c["block_m"], c["block_n"]) in _cuda.MMA_TILES
@@ -113,8 +123,9 @@ def test_configs_differ_and_are_instantiated(monkeypatch):
     monkeypatch.setattr(_cuda, "is_rocm", lambda: True)
     for m in (1, 300):
         cfgs = _cuda.configs(_problem(m=m))
-        assert {c["impl"] for c in cfgs} == {"simt"}
-        assert all((c["block_m"], c["block_n"]) in _cuda.SIMT_TILES for c in cfgs)
+        assert {c["impl"] for c in cfgs} == ({"simt", "dequant"} if m >= 256 else {"simt"})
+        assert all((c["block_m"], c["block_n"]) in _cuda.SIMT_TILES for c in cfgs
+                   if c["impl"] == "simt")
 
 
 def test_unknown_tiles_and_splits_are_rejected_before_any_build():
@@ -217,7 +228,7 @@ def test_every_kernel_is_compile_checked():
     from tests.jit.test_compile_kernels import KERNELS, declared_targets
 
     sources = sorted((csrc_dir() / "int4_gemm").glob("*.cu"))
-    assert {p.name for p in sources} == {"gemm_mma.cu", "gemm_simt.cu", "launch.cu"}
+    assert {p.name for p in sources} == {"dequant.cu", "gemm_mma.cu", "gemm_simt.cu", "launch.cu"}
     assert set(sources) <= set(KERNELS)
     assert all(declared_targets(p.read_text()) is None for p in sources)
     assert {f"int4_gemm/{p.name}" for p in sources} | {"int4_gemm/binding.cpp"} == set(
@@ -364,13 +375,14 @@ BACKEND = "hip" if torch.version.hip else "cuda"
 
 
 def _all_configs() -> list[dict]:
-    """Every tile of each implementation, unsplit and split in 3 (fewer where K is short)."""
+    """Every tile of each implementation, unsplit and split in 3 (fewer where K is short), and
+    the dequantise-then-GEMM config."""
     out = []
     for impl in IMPLS:
         for bm, bn in _cuda._tiles(impl):
             for split in (1, 3):
                 out.append(dict(impl=impl, block_m=bm, block_n=bn, split_k=split))
-    return out
+    return [*out, dict(_cuda.DEQUANT_CONFIG)]
 
 
 def _weights(seed: int, n: int, k: int, group_size: int, symmetric: bool, act_order: bool,
@@ -472,6 +484,28 @@ def test_one_hot_x_gives_the_dequantised_weight_exactly(group_size, act, scale_d
         RUN(call, config)
         torch.cuda.synchronize()
         assert torch.equal(call.out.view(torch.int16), want.view(torch.int16)), config
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=str)
+@pytest.mark.parametrize(("group_size", "symmetric", "act", "scale_dtype"), [
+    (32, False, False, FP32), (64, True, True, FP32), (128, False, True, FP16),
+    (256, True, False, BF16), (-1, False, False, FP32),
+], ids=str)
+def test_dequantize_kernel_is_the_reference_bit_for_bit(group_size, symmetric, act,
+                                                        scale_dtype, dtype):
+    """csrc's dequant.cu writes dequantize_int4's weight (transposed) exactly, into a padded
+    buffer whose other columns it must leave alone."""
+    n, k = 200, 512
+    packed, scales, zeros, g_idx = _weights(11, n, k, group_size, symmetric, act, scale_dtype)
+    want = dequantize_int4(packed, scales, zeros, group_size=group_size, g_idx=g_idx,
+                           dtype=dtype).t()
+    w = _poisoned(torch.empty(k, n, device="cuda", dtype=dtype), 8)
+    _cuda._module().dequantize(packed, scales, zeros, g_idx, w, group_size,
+                               torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert torch.equal(w.view(torch.int16), want.view(torch.int16))
+    assert w.as_strided((k, 8), (w.stride(0), 1), n).isnan().all()
 
 
 def _poisoned(t: torch.Tensor, extra_cols: int) -> torch.Tensor:

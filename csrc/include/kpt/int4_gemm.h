@@ -90,6 +90,12 @@ static inline int kpt_int4_gemm_split(int k, int tile_k, int split) {
 // out = x @ dequant(packed).T (+ bias); m == 0 launches nothing.
 int kpt_int4_gemm(const kpt_int4_gemm_args* args, void* stream);
 
+// The weight alone, dequantised as the GEMM kernels do: w (k, n) of args->dtype, row stride
+// w_row elements (a multiple of 4, >= n), 8-byte aligned; w[k, c] is column c's weight for
+// input channel k (the transpose of the nn.Linear weight). Reads args' packed, scales, zeros,
+// g_idx, n, k, groups and group_size; x, bias, out, m, impl and the tile are ignored.
+int kpt_int4_dequantize(const kpt_int4_gemm_args* args, void* w, int64_t w_row, void* stream);
+
 // Message for any code returned above.
 const char* kpt_int4_gemm_error_string(int code);
 

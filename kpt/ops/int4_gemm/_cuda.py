@@ -16,11 +16,15 @@ aligned as the kernels read them (x rows of 16-byte chunks, weight / scales / ze
 of 4 columns), else from a contiguous copy made per call; out goes through a temporary when it
 is not a contiguous, 16-byte aligned (M, N).
 
-Config keys: ``impl`` ("mma" | "simt"), ``block_m`` / ``block_n`` (a tile of ``MMA_TILES`` or
-``SIMT_TILES``), ``split_k`` (K shares asked for; the kernels may use fewer, never an empty one).
-Default by M: 16 x 128 for M <= 16 (decode: the weight stream is the bound), 64 x 128 up to 64,
-above that the largest of 128 x 256 and 128 x 128 that still gives every SM a CTA (else 64 x
-128); split-K when the tiles alone leave SMs idle.
+Config keys: ``impl`` ("mma" | "simt" | "dequant"), ``block_m`` / ``block_n`` (a tile of
+``MMA_TILES`` or ``SIMT_TILES``), ``split_k`` (K shares asked for; the kernels may use fewer,
+never an empty one). Default by M: 16 x 128 for M <= 16 (decode: the weight stream is the
+bound), 64 x 128 up to 64, above that the largest of 128 x 256 and 128 x 128 that still gives
+every SM a CTA (else 64 x 128); split-K when the tiles alone leave SMs idle. From
+``DEQUANT_MIN_M`` rows ``{"impl": "dequant"}``: one launch writes the dequantised weight (K, N)
+in x's dtype to a temporary, then torch's 16-bit GEMM (cuBLAS / hipBLASLt) multiplies; the
+same rounding points as the reference (the weight rounded once to x's dtype, float32 sums, one
+final rounding).
 
 Standing: compiled for sm_90a, sm_80 and gfx90a (``tests/jit/test_compile_kernels.py``); the
 CUDA build passed ``tests/ops/test_int4_gemm_cuda.py`` on an H100 and was timed there
@@ -42,8 +46,8 @@ OP = "int4_gemm"
 
 SPEC = JitSpec(
     name="int4_gemm",
-    sources=("int4_gemm/gemm_mma.cu", "int4_gemm/gemm_simt.cu", "int4_gemm/launch.cu",
-             "int4_gemm/binding.cpp"),
+    sources=("int4_gemm/gemm_mma.cu", "int4_gemm/gemm_simt.cu", "int4_gemm/dequant.cu",
+             "int4_gemm/launch.cu", "int4_gemm/binding.cpp"),
 )
 
 # Limits of the kernels (csrc/include/kpt/int4_gemm.h).
@@ -52,6 +56,13 @@ MAX_DIM = 1 << 30
 MAX_SPLIT = 64
 MAX_GRID_X = 2**31 - 1
 IMPLS = {"mma": 0, "simt": 1}
+# The config that dequantises the weight once (csrc/int4_gemm/dequant.cu) and runs torch's
+# 16-bit GEMM: the default from DEQUANT_MIN_M rows (where the fused tiles are bound by
+# dequantising every weight tile once per row tile), offered to the tuner from DEQUANT_TUNE_M.
+# It takes a (K, N) temporary of x's dtype from torch's caching allocator.
+DEQUANT_CONFIG: Config = {"impl": "dequant"}
+DEQUANT_MIN_M = 256
+DEQUANT_TUNE_M = 64
 # The tiles csrc/int4_gemm instantiates: (block_m, block_n) -> their K step.
 MMA_TILES = {(16, 128): 128, (16, 256): 128, (64, 128): 64, (128, 128): 64, (128, 256): 64}
 SIMT_TILES = {(16, 64): 32, (64, 64): 32}
@@ -165,7 +176,9 @@ def default_config(m: int, n: int, k: int, sms: int, impl: str = "mma") -> Confi
 
 def configs(problem: Problem) -> list[Config]:
     """The default first, then the other tiles of at most twice M's rows (at least 16), each
-    unsplit and with its own default split. ROCm builds have only the portable tiles."""
+    unsplit and with its own default split. ROCm builds have only the portable tiles. From
+    DEQUANT_MIN_M rows the dequantise-then-GEMM config leads; from DEQUANT_TUNE_M it is
+    listed last, for the tuner."""
     impl = "simt" if is_rocm() else "mma"
     m, n, k = problem["m"], problem["n"], problem["k"]
     sms = _sm_count(problem.device_index) if problem.device_type == "cuda" else 0
@@ -177,6 +190,10 @@ def configs(problem: Problem) -> list[Config]:
             cfg = {"impl": impl, "block_m": tile[0], "block_n": tile[1], "split_k": split}
             if cfg not in out:
                 out.append(cfg)
+    if m >= DEQUANT_MIN_M:
+        out.insert(0, dict(DEQUANT_CONFIG))
+    elif m >= DEQUANT_TUNE_M:
+        out.append(dict(DEQUANT_CONFIG))
     return out
 
 
@@ -234,12 +251,50 @@ def _launch(call, config: Config, impl: str) -> None:
                           IMPLS[impl], block_m, block_n, split, raw_stream(dev))
 
 
+def _launch_dequant(call, config: Config) -> None:
+    """The weight dequantised once into a (K, N) temporary of x's dtype (csrc's dequant.cu,
+    the reference's values), then torch's 16-bit GEMM into out (cuBLAS / hipBLASLt, float32
+    accumulation, the bias added before the one rounding)."""
+    if set(config) - {"impl"}:
+        raise ValueError(f"{OP}: the 'dequant' config takes no other keys, got {config}")
+    x, out = call.x, call.out
+    if out.shape[0] == 0:
+        return
+    if x.device.type != "cuda":
+        raise ValueError(f"{OP}: the cuda/hip backend needs GPU tensors, got {x.device}")
+    es = call.scales.element_size()
+    packed = _fit(call.packed, 4, 16)
+    scales = _fit(call.scales, 4, 4 * es)
+    zeros = _fit(call.zeros, 4, 4)
+    g_idx = _fit(call.g_idx, 1, 16)
+    bias, dev = call.bias, x.device
+    with on_device(dev):
+        w = torch.empty((x.shape[1], out.shape[1]), dtype=x.dtype, device=dev)
+        _module().dequantize(packed, scales, zeros, g_idx, w, call.group_size, raw_stream(dev))
+        if bias is None:
+            torch.mm(x, w, out=out)
+        elif bias.dtype == x.dtype:
+            torch.addmm(bias, x, w, out=out)
+        elif torch.version.hip is None:  # a float32 bias joins the float32 sum
+            out.copy_(torch.addmm(bias, x, w, out_dtype=torch.float32))
+        else:
+            out.copy_(torch.addmm(bias, x.float(), w.float()))
+
+
 def run_cuda(call, config: Config) -> None:
     """The ``cuda`` backend of ``int4_gemm``: write ``call.out`` (tensor cores unless the config
     asks for the portable tiles)."""
-    _launch(call, config, str(config.get("impl", "mma")))
+    impl = str(config.get("impl", "mma"))
+    if impl == "dequant":
+        _launch_dequant(call, config)
+    else:
+        _launch(call, config, impl)
 
 
 def run_hip(call, config: Config) -> None:
-    """The ``hip`` backend of ``int4_gemm``: the portable tiles (no mma.sync on AMD GPUs)."""
-    _launch(call, config, "simt")
+    """The ``hip`` backend of ``int4_gemm``: the portable tiles (no mma.sync on AMD GPUs), or
+    the dequantise-then-GEMM config."""
+    if config.get("impl") == "dequant":
+        _launch_dequant(call, config)
+    else:
+        _launch(call, config, "simt")
