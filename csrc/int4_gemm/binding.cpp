@@ -43,6 +43,40 @@ int dtype_code(at::ScalarType t) {
   return -1;
 }
 
+// Checks the quantised weight of K input channels and N columns (packed (K / 8, N), scales
+// and zeros (G, N), g_idx (K,)) and fills its fields of `a` (scale_dtype, pointers, rows,
+// n, k, groups, group_size).
+void check_weight(const at::Tensor& packed, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& g_idx,
+                  const at::Tensor& like, int64_t K, int64_t N, int64_t group_size,
+                  kpt_int4_gemm_args& a) {
+  check_rows(packed, like, "packed", at::kInt, K / 8, N);
+  const int64_t G = scales.dim() == 2 ? scales.size(0) : -1;
+  const int scale_dtype = dtype_code(scales.scalar_type());
+  TORCH_CHECK(scale_dtype >= 0, kOp, ": scales must be float32, float16 or bfloat16, got ",
+              scales.scalar_type());
+  check_rows(scales, like, "scales", scales.scalar_type(), G, N);
+  if (zeros) check_rows(*zeros, like, "zeros", at::kByte, G, N);
+  if (g_idx) {
+    check_gpu(*g_idx, like, "g_idx");
+    TORCH_CHECK(g_idx->scalar_type() == at::kInt && g_idx->dim() == 1 && g_idx->size(0) == K &&
+                    g_idx->is_contiguous(),
+                kOp, ": g_idx must be a contiguous int32 tensor of K = ", K, " entries");
+  }
+  a.scale_dtype = scale_dtype;
+  a.packed = packed.data_ptr<int32_t>();
+  a.packed_row = packed.stride(0);
+  a.scales = scales.data_ptr();
+  a.scales_row = scales.stride(0);
+  a.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
+  a.zeros_row = zeros ? zeros->stride(0) : 0;
+  a.g_idx = g_idx ? g_idx->data_ptr<int32_t>() : nullptr;
+  a.n = static_cast<int>(N);
+  a.k = static_cast<int>(K);
+  a.groups = static_cast<int>(G);
+  a.group_size = static_cast<int>(group_size);
+}
+
 // Writes out (M, N) = x (M, K) @ dequant(packed (K / 8, N), scales (G, N), zeros (G, N) or
 // none, g_idx (K,) or none).T (+ bias (N,)). impl: KPT_INT4_IMPL_*; (block_m, block_n): an
 // instantiated tile; split: split-K shares asked for.
@@ -60,19 +94,8 @@ void forward(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sc
   TORCH_CHECK(K % 8 == 0 && K < KPT_INT4_MAX_DIM, kOp, ": K = ", K,
               " must be a multiple of 8 below 2^30");
   const int64_t N = packed.dim() == 2 ? packed.size(1) : -1;
-  check_rows(packed, x, "packed", at::kInt, K / 8, N);
-  const int64_t G = scales.dim() == 2 ? scales.size(0) : -1;
-  const int scale_dtype = dtype_code(scales.scalar_type());
-  TORCH_CHECK(scale_dtype >= 0, kOp, ": scales must be float32, float16 or bfloat16, got ",
-              scales.scalar_type());
-  check_rows(scales, x, "scales", scales.scalar_type(), G, N);
-  if (zeros) check_rows(*zeros, x, "zeros", at::kByte, G, N);
-  if (g_idx) {
-    check_gpu(*g_idx, x, "g_idx");
-    TORCH_CHECK(g_idx->scalar_type() == at::kInt && g_idx->dim() == 1 && g_idx->size(0) == K &&
-                    g_idx->is_contiguous(),
-                kOp, ": g_idx must be a contiguous int32 tensor of K = ", K, " entries");
-  }
+  kpt_int4_gemm_args a{};
+  check_weight(packed, scales, zeros, g_idx, x, K, N, group_size, a);
   int bias_dtype = KPT_INT4_FP32;
   if (bias) {
     check_gpu(*bias, x, "bias");
@@ -94,9 +117,7 @@ void forward(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sc
     partial = at::empty({shares, M, N}, x.options().dtype(at::kFloat));
   }
 
-  kpt_int4_gemm_args a{};
   a.dtype = dtype;
-  a.scale_dtype = scale_dtype;
   a.bias_dtype = bias_dtype;
   a.impl = static_cast<int>(impl);
   a.block_m = static_cast<int>(block_m);
@@ -104,22 +125,11 @@ void forward(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sc
   a.split = static_cast<int>(split < 1 ? 1 : split);
   a.x = x.data_ptr();
   a.x_row = x.stride(0);
-  a.packed = packed.data_ptr<int32_t>();
-  a.packed_row = packed.stride(0);
-  a.scales = scales.data_ptr();
-  a.scales_row = scales.stride(0);
-  a.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
-  a.zeros_row = zeros ? zeros->stride(0) : 0;
-  a.g_idx = g_idx ? g_idx->data_ptr<int32_t>() : nullptr;
   a.bias = bias ? bias->data_ptr() : nullptr;
   a.out = out.data_ptr();
   a.out_row = out.stride(0);
   a.partial = shares > 1 && M > 0 ? partial.data_ptr<float>() : nullptr;
   a.m = M;
-  a.n = static_cast<int>(N);
-  a.k = static_cast<int>(K);
-  a.groups = static_cast<int>(G);
-  a.group_size = static_cast<int>(group_size);
   const int code = kpt_int4_gemm(&a, as_stream(stream));
   TORCH_CHECK(code == 0, kOp, ": kpt_int4_gemm failed: ", kpt_int4_gemm_error_string(code),
               " (code ", code, ")");
@@ -139,33 +149,9 @@ void dequantize(const at::Tensor& packed, const at::Tensor& scales,
   check_rows(w, w, "w", w.scalar_type(), K, N);
   TORCH_CHECK(K % 8 == 0 && K < KPT_INT4_MAX_DIM, kOp, ": K = ", K,
               " must be a multiple of 8 below 2^30");
-  check_rows(packed, w, "packed", at::kInt, K / 8, N);
-  const int64_t G = scales.dim() == 2 ? scales.size(0) : -1;
-  const int scale_dtype = dtype_code(scales.scalar_type());
-  TORCH_CHECK(scale_dtype >= 0, kOp, ": scales must be float32, float16 or bfloat16, got ",
-              scales.scalar_type());
-  check_rows(scales, w, "scales", scales.scalar_type(), G, N);
-  if (zeros) check_rows(*zeros, w, "zeros", at::kByte, G, N);
-  if (g_idx) {
-    check_gpu(*g_idx, w, "g_idx");
-    TORCH_CHECK(g_idx->scalar_type() == at::kInt && g_idx->dim() == 1 && g_idx->size(0) == K &&
-                    g_idx->is_contiguous(),
-                kOp, ": g_idx must be a contiguous int32 tensor of K = ", K, " entries");
-  }
   kpt_int4_gemm_args a{};
+  check_weight(packed, scales, zeros, g_idx, w, K, N, group_size, a);
   a.dtype = dtype;
-  a.scale_dtype = scale_dtype;
-  a.packed = packed.data_ptr<int32_t>();
-  a.packed_row = packed.stride(0);
-  a.scales = scales.data_ptr();
-  a.scales_row = scales.stride(0);
-  a.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
-  a.zeros_row = zeros ? zeros->stride(0) : 0;
-  a.g_idx = g_idx ? g_idx->data_ptr<int32_t>() : nullptr;
-  a.n = static_cast<int>(N);
-  a.k = static_cast<int>(K);
-  a.groups = static_cast<int>(G);
-  a.group_size = static_cast<int>(group_size);
   const int code = kpt_int4_dequantize(&a, w.data_ptr(), w.stride(0), as_stream(stream));
   TORCH_CHECK(code == 0, kOp, ": kpt_int4_dequantize failed: ", kpt_int4_gemm_error_string(code),
               " (code ", code, ")");

@@ -56,6 +56,58 @@ int log2_exact(int v) {
   return (1 << s) == v ? s : -1;
 }
 
+// The dtypes and sizes both entry points check (x's / the dequantised weight's dtype).
+int check_types_and_sizes(const kpt_int4_gemm_args* a) {
+  if ((a->dtype != KPT_INT4_FP16 && a->dtype != KPT_INT4_BF16) ||
+      (a->scale_dtype != KPT_INT4_FP32 && a->scale_dtype != KPT_INT4_FP16 &&
+       a->scale_dtype != KPT_INT4_BF16)) {
+    return KPT_INT4_BAD_DTYPE;
+  }
+  if (a->n <= 0 || a->k <= 0 || a->n % KPT_INT4_N_MULTIPLE || a->k % 8 ||
+      a->n >= KPT_INT4_MAX_DIM || a->k >= KPT_INT4_MAX_DIM) {
+    return KPT_INT4_UNSUPPORTED;
+  }
+  return 0;
+}
+
+// Groups: contiguous runs of a power of two >= 32 channels dividing K (the shift is its log2),
+// or one per channel (shift 30: every k < 2^30 is in group 0); -1 for anything else.
+int group_shift(const kpt_int4_gemm_args* a) {
+  if (a->group_size == -1) return a->groups == 1 ? 30 : -1;
+  const int shift = log2_exact(a->group_size);
+  if (shift < 5 || a->k % a->group_size || a->groups != a->k / a->group_size) return -1;
+  return shift;
+}
+
+// Whether the weight, scales, zeros and g_idx are as the kernels read them: rows in runs of
+// 4 columns, 16-byte weight and 4-element scale vectors.
+bool weight_readable(const kpt_int4_gemm_args* a, int scale_bytes) {
+  return a->packed != nullptr && a->scales != nullptr && aligned(a->packed, 16) &&
+         a->packed_row % 4 == 0 && a->packed_row >= a->n &&
+         aligned(a->scales, 4 * scale_bytes) && a->scales_row % 4 == 0 &&
+         a->scales_row >= a->n &&
+         (a->zeros == nullptr ||
+          (aligned(a->zeros, 4) && a->zeros_row % 4 == 0 && a->zeros_row >= a->n)) &&
+         (a->g_idx == nullptr || aligned(a->g_idx, 16));
+}
+
+// Params' weight fields from checked arguments.
+void weight_params(const kpt_int4_gemm_args* a, int shift, int scale_bytes, Params& p) {
+  p.packed = a->packed;
+  p.packed_row = a->packed_row;
+  p.scales = static_cast<const char*>(a->scales);
+  p.scales_row = a->scales_row;
+  p.scale_dtype = a->scale_dtype;
+  p.scale_bytes = scale_bytes;
+  p.zeros = a->zeros;
+  p.zeros_row = a->zeros_row;
+  p.g_idx = a->g_idx;
+  p.n = a->n;
+  p.k = a->k;
+  p.groups = a->groups;
+  p.group_shift = shift;
+}
+
 }  // namespace
 
 extern "C" {
@@ -68,41 +120,23 @@ int kpt_int4_gemm_tile_k(int impl, int block_m, int block_n) {
 
 int kpt_int4_gemm(const kpt_int4_gemm_args* a, void* stream) {
   if (a == nullptr) return KPT_INT4_BAD_ARGUMENT;
-  if ((a->dtype != KPT_INT4_FP16 && a->dtype != KPT_INT4_BF16) ||
-      (a->scale_dtype != KPT_INT4_FP32 && a->scale_dtype != KPT_INT4_FP16 &&
-       a->scale_dtype != KPT_INT4_BF16) ||
-      (a->bias != nullptr && a->bias_dtype != KPT_INT4_FP32 && a->bias_dtype != a->dtype)) {
+  const int checked = check_types_and_sizes(a);
+  if (checked != 0) return checked;
+  if (a->bias != nullptr && a->bias_dtype != KPT_INT4_FP32 && a->bias_dtype != a->dtype) {
     return KPT_INT4_BAD_DTYPE;
   }
-  if (a->m < 0 || a->n <= 0 || a->k <= 0 || a->n % KPT_INT4_N_MULTIPLE || a->k % 8 ||
-      a->n >= KPT_INT4_MAX_DIM || a->k >= KPT_INT4_MAX_DIM) {
-    return KPT_INT4_UNSUPPORTED;
-  }
+  if (a->m < 0) return KPT_INT4_UNSUPPORTED;
   const int tile_k = kpt_int4_gemm_tile_k(a->impl, a->block_m, a->block_n);
   if (tile_k == 0) return KPT_INT4_UNSUPPORTED;
   if (a->m == 0) return 0;
-  // Groups: contiguous runs of a power of two >= 32 channels dividing K, or one per channel.
-  int shift;
-  if (a->group_size == -1) {
-    if (a->groups != 1) return KPT_INT4_BAD_ARGUMENT;
-    shift = 30;
-  } else {
-    shift = log2_exact(a->group_size);
-    if (shift < 5 || a->k % a->group_size || a->groups != a->k / a->group_size) {
-      return KPT_INT4_BAD_ARGUMENT;
-    }
-  }
+  const int shift = group_shift(a);
+  if (shift < 0) return KPT_INT4_BAD_ARGUMENT;
   const int es = a->scale_dtype == KPT_INT4_FP32 ? 4 : 2;
   // Every pointer and row as the kernels read them: rows of 16-byte x chunks and 8-column
-  // output runs, runs of 4 columns of the weight, scales and zeros.
-  if (a->x == nullptr || a->packed == nullptr || a->scales == nullptr || a->out == nullptr ||
-      !aligned(a->x, 16) || a->x_row % 8 || a->x_row < a->k || !aligned(a->packed, 16) ||
-      a->packed_row % 4 || a->packed_row < a->n || !aligned(a->scales, 4 * es) ||
-      a->scales_row % 4 || a->scales_row < a->n || !aligned(a->out, 16) || a->out_row % 8 ||
-      a->out_row < a->n ||
-      (a->zeros != nullptr && (!aligned(a->zeros, 4) || a->zeros_row % 4 || a->zeros_row < a->n)) ||
-      (a->g_idx != nullptr && !aligned(a->g_idx, 16)) ||
-      (a->bias != nullptr && !aligned(a->bias, 16))) {
+  // output runs, the weight's as weight_readable says.
+  if (a->x == nullptr || a->out == nullptr || !aligned(a->x, 16) || a->x_row % 8 ||
+      a->x_row < a->k || !aligned(a->out, 16) || a->out_row % 8 || a->out_row < a->n ||
+      !weight_readable(a, es) || (a->bias != nullptr && !aligned(a->bias, 16))) {
     return KPT_INT4_BAD_ARGUMENT;
   }
   const int split = kpt_int4_gemm_split(a->k, tile_k, a->split);
@@ -112,27 +146,15 @@ int kpt_int4_gemm(const kpt_int4_gemm_args* a, void* stream) {
   const int steps = (a->k + tile_k - 1) / tile_k;
 
   Params p{};
+  weight_params(a, shift, es, p);
   p.x = static_cast<const char*>(a->x);
   p.x_row = a->x_row;
-  p.packed = a->packed;
-  p.packed_row = a->packed_row;
-  p.scales = static_cast<const char*>(a->scales);
-  p.scales_row = a->scales_row;
-  p.scale_dtype = a->scale_dtype;
-  p.scale_bytes = es;
-  p.zeros = a->zeros;
-  p.zeros_row = a->zeros_row;
-  p.g_idx = a->g_idx;
   p.bias = static_cast<const char*>(a->bias);
   p.bias_fp32 = a->bias_dtype == KPT_INT4_FP32;
   p.out = static_cast<char*>(a->out);
   p.out_row = a->out_row;
   p.partial = a->partial;
   p.m = a->m;
-  p.n = a->n;
-  p.k = a->k;
-  p.groups = a->groups;
-  p.group_shift = shift;
   p.k_per_split = (steps + split - 1) / split * tile_k;
   p.split = split;
 
@@ -146,50 +168,18 @@ int kpt_int4_gemm(const kpt_int4_gemm_args* a, void* stream) {
 
 int kpt_int4_dequantize(const kpt_int4_gemm_args* a, void* w, int64_t w_row, void* stream) {
   if (a == nullptr) return KPT_INT4_BAD_ARGUMENT;
-  if ((a->dtype != KPT_INT4_FP16 && a->dtype != KPT_INT4_BF16) ||
-      (a->scale_dtype != KPT_INT4_FP32 && a->scale_dtype != KPT_INT4_FP16 &&
-       a->scale_dtype != KPT_INT4_BF16)) {
-    return KPT_INT4_BAD_DTYPE;
-  }
-  if (a->n <= 0 || a->k <= 0 || a->n % KPT_INT4_N_MULTIPLE || a->k % 8 ||
-      a->n >= KPT_INT4_MAX_DIM || a->k >= KPT_INT4_MAX_DIM) {
-    return KPT_INT4_UNSUPPORTED;
-  }
-  int shift;
-  if (a->group_size == -1) {
-    if (a->groups != 1) return KPT_INT4_BAD_ARGUMENT;
-    shift = 30;
-  } else {
-    shift = log2_exact(a->group_size);
-    if (shift < 5 || a->k % a->group_size || a->groups != a->k / a->group_size) {
-      return KPT_INT4_BAD_ARGUMENT;
-    }
-  }
+  const int checked = check_types_and_sizes(a);
+  if (checked != 0) return checked;
+  const int shift = group_shift(a);
   const int es = a->scale_dtype == KPT_INT4_FP32 ? 4 : 2;
-  if (w == nullptr || a->packed == nullptr || a->scales == nullptr || !aligned(w, 8) ||
-      w_row % 4 || w_row < a->n || !aligned(a->packed, 16) || a->packed_row % 4 ||
-      a->packed_row < a->n || !aligned(a->scales, 4 * es) || a->scales_row % 4 ||
-      a->scales_row < a->n ||
-      (a->zeros != nullptr && (!aligned(a->zeros, 4) || a->zeros_row % 4 || a->zeros_row < a->n)) ||
-      (a->g_idx != nullptr && !aligned(a->g_idx, 4))) {
+  if (shift < 0 || w == nullptr || !aligned(w, 8) || w_row % 4 || w_row < a->n ||
+      !weight_readable(a, es)) {
     return KPT_INT4_BAD_ARGUMENT;
   }
   Params p{};
-  p.packed = a->packed;
-  p.packed_row = a->packed_row;
-  p.scales = static_cast<const char*>(a->scales);
-  p.scales_row = a->scales_row;
-  p.scale_dtype = a->scale_dtype;
-  p.scale_bytes = es;
-  p.zeros = a->zeros;
-  p.zeros_row = a->zeros_row;
-  p.g_idx = a->g_idx;
+  weight_params(a, shift, es, p);
   p.out = static_cast<char*>(w);
   p.out_row = w_row;
-  p.n = a->n;
-  p.k = a->k;
-  p.groups = a->groups;
-  p.group_shift = shift;
   return launch_dequant(p, a->dtype, static_cast<kpt::stream_t>(stream));
 }
 
