@@ -1,7 +1,9 @@
 """int4_gemm: kpt's backends against the weight-read floor, torch's tinygemm and bf16 cuBLAS.
 
-Rows: ``kpt_triton`` and ``kpt_cuda`` (each backend forced, its default config), ``kpt_auto``
-(what dispatch picks), ``tinygemm``, ``cublas_bf16``.
+Rows: ``kpt_triton`` and ``kpt_cuda`` (each backend forced, its default config: from 256 rows
+the dequantise-then-GEMM one), ``kpt_auto`` (what dispatch picks), ``kpt_triton_fused`` and
+``kpt_cuda_fused`` (from 256 rows: each backend's fused kernel, the config the default
+replaced), ``tinygemm``, ``cublas_bf16``.
 
 One weight, N = K = 8192 (a Llama-class square projection), quantised by ``pack_int4`` with
 group size 128, zero-point; bf16 activations of M = 1, 16 (decode), 256 and 4096 (prefill).
@@ -94,7 +96,32 @@ def tinygemm_weights() -> tuple[list, str | None]:
     return out, None
 
 
+def fused_config(backend: str, x: torch.Tensor) -> dict:
+    """The backend's fused-kernel default for x's rows (what its dequantise-then-GEMM config
+    replaces from DEQUANT_MIN_M rows), for the ``_fused`` rows."""
+    m = x.shape[0]
+    if backend == "triton":
+        from kpt.ops.int4_gemm import _triton
+
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        return _triton.default_config(m, N, K, GROUP, False, sms)
+    from kpt.ops.int4_gemm import _cuda
+
+    return _cuda.default_config(m, N, K, _cuda._sm_count(x.device.index or 0))
+
+
 def impl_fn(impl: str, x: torch.Tensor, copy: int):
+    if impl.endswith("_fused"):
+        backend = impl.removeprefix("kpt_").removesuffix("_fused")
+        packed, scales, zeros = weights()[copy]
+        config, run = fused_config(backend, x), SPEC.backend(backend).run
+
+        def fused():
+            call = Call(x, packed, scales, zeros, None, None, GROUP, x.new_empty(x.shape[0], N))
+            run(call, config)
+            return call.out
+
+        return fused
     if impl.startswith("kpt_"):
         backend = impl.removeprefix("kpt_")
         packed, scales, zeros = weights()[copy]
@@ -111,10 +138,12 @@ def _reasons(impl: str, x: torch.Tensor) -> list[str]:
     if impl == "tinygemm":
         reason = tinygemm_weights()[1]
         return [reason] if reason else []
+    if impl.endswith("_fused") and x.shape[0] < 256:
+        return ["the fused rows are for M >= 256 (below, the default is the fused kernel)"]
     if impl.startswith("kpt_") and impl != "kpt_auto":
         packed, scales, zeros = weights()[0]
         call = Call(x, packed, scales, zeros, None, None, GROUP, x.new_empty(x.shape[0], N))
-        return SPEC.reasons(impl.removeprefix("kpt_"), problem_of(call))
+        return SPEC.reasons(impl.removeprefix("kpt_").removesuffix("_fused"), problem_of(call))
     return []
 
 
@@ -160,7 +189,8 @@ def test_copy_bandwidth(cuda_only):
     assert copy_gbps() > 0
 
 
-@pytest.mark.parametrize("impl", ["kpt_triton", "kpt_cuda", "kpt_auto", "tinygemm", "cublas_bf16"])
+@pytest.mark.parametrize("impl", ["kpt_triton", "kpt_cuda", "kpt_auto", "kpt_triton_fused",
+                                  "kpt_cuda_fused", "tinygemm", "cublas_bf16"])
 @pytest.mark.parametrize("m", MS)
 def test_int4_gemm(benchmark, cuda_only, request, m, impl):
     x = activations(m)

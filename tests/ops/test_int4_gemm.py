@@ -276,6 +276,62 @@ def test_triton_split_k_matches_reference(split, act_order):
     _check(call.out, want, dtype)
 
 
+@pytest.mark.parametrize("case", [
+    (3, 80, 256, 32, False, False, "x"), (17, 48, 512, 128, True, True, "fp32"),
+    (5, 80, 264, -1, False, False, "fp32"), (2, 48, 256, 256, True, False, None),
+    (4, 80, 256, 64, False, True, None),
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_dequantize_then_gemm_matches_reference(case, dtype):
+    """The config that dequantises the weight once and multiplies with torch's GEMM (the
+    default from DEQUANT_MIN_M rows), forced here on small problems: against the reference with
+    every group size, both schemes, act-order, a bias of x's dtype and a float32 one, reading
+    strided inputs and nothing past them; and a one-hot x gives the dequantised weight bit for
+    bit (the kernel's rounding is the reference's)."""
+    reasons = SPEC.reasons("triton", _small_problem(dtype))
+    if reasons:
+        pytest.skip("triton cannot run on the cpu here: " + "; ".join(reasons))
+    from kpt.ops.int4_gemm import _triton
+
+    m, n, k, group_size, symmetric, act, bias_kind = case
+    _, packed, scales, zeros, g_idx = _weights(61 + m, n, k, group_size, symmetric, act)
+    x = _x(62, m, k, dtype)
+    bias = {None: None, "x": torch.randn(n).to(dtype), "fp32": torch.randn(n)}[bias_kind]
+    strided = [_poisoned(t, 8) if t is not None else None for t in (packed, scales, zeros)]
+    call = Call(_poisoned(x, 16), *strided, g_idx, bias, group_size,
+                torch.full((m, n), float("nan"), dtype=dtype))
+    SPEC.backend("triton").run(call, dict(_triton.DEQUANT_CONFIG))
+    want = int4_gemm(x, packed, scales, zeros, group_size=group_size, g_idx=g_idx, bias=bias,
+                     backend="reference")
+    _check(call.out, want, dtype)
+    eye = torch.eye(k, dtype=dtype)[torch.randperm(k, generator=torch.Generator().manual_seed(m))]
+    one_hot = Call(eye, packed, scales, zeros, g_idx, None, group_size,
+                   torch.empty(k, n, dtype=dtype))
+    SPEC.backend("triton").run(one_hot, dict(_triton.DEQUANT_CONFIG))
+    w = dequantize_int4(packed, scales, zeros, group_size=group_size, g_idx=g_idx, dtype=dtype)
+    assert torch.equal(one_hot.out.view(torch.int16), (eye @ w.t()).view(torch.int16))
+
+
+def test_triton_configs_lead_with_dequantize_from_its_threshold():
+    from kpt.ops.int4_gemm import _triton
+
+    def first_and_all(m: int):
+        got = _triton.configs(m, 4096, 4096, 128, False, 132)
+        return got[0], got
+
+    for m in (1, 16, 63):
+        assert _triton.DEQUANT_CONFIG not in first_and_all(m)[1]
+    for m in (_triton.DEQUANT_TUNE_M, _triton.DEQUANT_MIN_M - 1):
+        assert first_and_all(m)[1][-1] == _triton.DEQUANT_CONFIG != first_and_all(m)[0]
+    for m in (_triton.DEQUANT_MIN_M, 4096):
+        assert first_and_all(m)[0] == _triton.DEQUANT_CONFIG
+    with pytest.raises(ValueError, match="DEQUANT config takes no other keys"):
+        _triton.run(Call(torch.randn(300, 64).bfloat16(), *_weights(0, 48, 64, 32, False,
+                                                                     False)[1:4], None, None,
+                         32, torch.empty(300, 48, dtype=torch.bfloat16)),
+                    {"DEQUANT": True, "BLOCK_M": 64})
+
+
 def _small_problem(dtype: torch.dtype):
     _, packed, scales, zeros, _ = _weights(0, 48, 64, 32, False, False)
     x = _x(0, 3, 64, dtype)

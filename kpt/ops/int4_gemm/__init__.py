@@ -122,7 +122,8 @@ def _triton_supports(p: Problem) -> list[str]:
 
 
 BACKENDS = (
-    triton_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports),
+    triton_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports,
+                   configs="problem_configs"),
     # One kernel source for nvcc and hipcc (csrc/int4_gemm); supports() and configs() in _cuda.py.
     *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run_cuda", run_hip="run_hip"),
     reference_backend(_reference.run, _FLOATS),

@@ -41,6 +41,7 @@ from torch import Tensor
 from kpt.jit import BuildError, JitSpec
 from kpt.ops._common import is_rocm, jit_unavailable, kernel_output, on_device, raw_stream
 from kpt.ops._registry import BackendUnavailable, Config, Problem
+from kpt.ops.int4_gemm.reference import matmul_dequantized
 
 OP = "int4_gemm"
 
@@ -253,8 +254,7 @@ def _launch(call, config: Config, impl: str) -> None:
 
 def _launch_dequant(call, config: Config) -> None:
     """The weight dequantised once into a (K, N) temporary of x's dtype (csrc's dequant.cu,
-    the reference's values), then torch's 16-bit GEMM into out (cuBLAS / hipBLASLt, float32
-    accumulation, the bias added before the one rounding)."""
+    the reference's values), then torch's 16-bit GEMM into out (``matmul_dequantized``)."""
     if set(config) - {"impl"}:
         raise ValueError(f"{OP}: the 'dequant' config takes no other keys, got {config}")
     x, out = call.x, call.out
@@ -271,14 +271,7 @@ def _launch_dequant(call, config: Config) -> None:
     with on_device(dev):
         w = torch.empty((x.shape[1], out.shape[1]), dtype=x.dtype, device=dev)
         _module().dequantize(packed, scales, zeros, g_idx, w, call.group_size, raw_stream(dev))
-        if bias is None:
-            torch.mm(x, w, out=out)
-        elif bias.dtype == x.dtype:
-            torch.addmm(bias, x, w, out=out)
-        elif torch.version.hip is None:  # a float32 bias joins the float32 sum
-            out.copy_(torch.addmm(bias, x, w, out_dtype=torch.float32))
-        else:
-            out.copy_(torch.addmm(bias, x.float(), w.float()))
+        matmul_dequantized(x, w, bias, out)
 
 
 def run_cuda(call, config: Config) -> None:

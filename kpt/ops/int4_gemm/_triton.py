@@ -15,7 +15,10 @@ to a workspace, and the sum over shares, the bias and the rounding to x's dtype 
 torch. The split count comes from shapes and the SM count only (no host sync).
 
 Config keys: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, ``GROUP_M`` (tile swizzle for
-L2 reuse), ``num_warps``, ``num_stages``.
+L2 reuse), ``num_warps``, ``num_stages``; or ``{"DEQUANT": True}``, the default from
+``DEQUANT_MIN_M`` rows: ``_dequant_kernel`` writes the dequantised weight (K, N) in x's dtype to
+a temporary (the same unpacking and rounding), then torch's 16-bit GEMM multiplies
+(``reference.matmul_dequantized``: float32 sums, the bias, one rounding).
 
 Standing: the earlier version, which gathered each row's word (8 loads of every word), ran on
 an H100 (2026-12-06, bench/RESULTS.md): 4.4x the weight-read floor at M = 1 and 3.1x cuBLAS's
@@ -37,8 +40,16 @@ import triton.language as tl
 from kpt.ops._triton_compat import cast as _cast
 from kpt.ops._triton_compat import dot as _dot
 from kpt.ops._triton_compat import grouped_tile
+from kpt.ops.int4_gemm.reference import matmul_dequantized
 
 MAX_SPLIT_K = 16
+# The dequantise-then-GEMM config (one kernel writes the weight (K, N) in x's dtype, then
+# torch's 16-bit GEMM): the default from DEQUANT_MIN_M rows, where the fused kernel is bound by
+# dequantising every weight tile once per row tile; offered to the tuner from DEQUANT_TUNE_M.
+DEQUANT_CONFIG = {"DEQUANT": True}
+DEQUANT_MIN_M = 256
+DEQUANT_TUNE_M = 64
+DEQUANT_BLOCK_K, DEQUANT_BLOCK_N = 64, 128
 
 
 @triton.jit
@@ -115,6 +126,49 @@ def _int4_gemm_kernel(
         tl.store(dst, _cast(acc, OUT.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _dequant_kernel(
+    W, S, Z, G_IDX, OUT,
+    N, K, num_groups,
+    stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn, stride_ok, stride_on,
+    GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, ACT_ORDER: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """OUT (K, N) of the activations' dtype = the dequantised weight, transposed: one
+    (BLOCK_K, BLOCK_N) tile per program, unpacked and rounded as in the GEMM kernel."""
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    wrow = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    k_ok = ks < K
+    n_ok = offs_n < N
+    words = tl.load(W + wrow[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=(wrow < K // 8)[:, None] & n_ok[None, :], other=0)
+    shift = (tl.arange(0, 8) * 4)[None, :, None]
+    q = tl.reshape((words[:, None, :] >> shift) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
+    wk_ok = k_ok[:, None] & n_ok[None, :]
+    if ACT_ORDER:
+        g = tl.minimum(tl.maximum(tl.load(G_IDX + ks, mask=k_ok, other=0), 0), num_groups - 1)
+        s = tl.load(S + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=wk_ok,
+                    other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(Z + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=wk_ok,
+                        other=0).to(tl.float32)
+        else:
+            z = 8.0
+    else:
+        g = tl.program_id(0) * BLOCK_K // GROUP_SIZE  # BLOCK_K divides the group
+        s = tl.load(S + g * stride_sg + offs_n * stride_sn, mask=n_ok,
+                    other=0.0).to(tl.float32)[None, :]
+        if HAS_ZERO:
+            z = tl.load(Z + g * stride_zg + offs_n * stride_zn, mask=n_ok,
+                        other=0).to(tl.float32)[None, :]
+        else:
+            z = 8.0
+    w = _cast((q - z) * s, OUT.dtype.element_ty)
+    tl.store(OUT + ks[:, None].to(tl.int64) * stride_ok + offs_n[None, :] * stride_on, w,
+             mask=wk_ok)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     """SMs (CUs on ROCm) of a GPU; 0 for the CPU (the interpreter never splits by itself)."""
@@ -153,9 +207,12 @@ def default_config(m: int, n: int, k: int, group_size: int, act_order: bool,
 
 
 def configs(m: int, n: int, k: int, group_size: int, act_order: bool, sms: int) -> list[dict]:
-    """The default first, then variants for the tuner."""
+    """The default first, then variants for the tuner; from DEQUANT_MIN_M rows the
+    dequantise-then-GEMM config leads, from DEQUANT_TUNE_M it comes last."""
     first = default_config(m, n, k, group_size, act_order, sms)
     out = [first]
+    if m >= DEQUANT_MIN_M:
+        out.insert(0, dict(DEQUANT_CONFIG))
     for bm, bn, bk, warps, stages in ((16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
                                       (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
                                       (128, 128, 128, 8, 3)):
@@ -166,7 +223,38 @@ def configs(m: int, n: int, k: int, group_size: int, act_order: bool, sms: int) 
                        SPLIT_K=split, GROUP_M=8, num_warps=warps, num_stages=stages)
             if cfg not in out:
                 out.append(cfg)
+    if DEQUANT_TUNE_M <= m < DEQUANT_MIN_M:
+        out.append(dict(DEQUANT_CONFIG))
     return out
+
+
+def problem_configs(problem) -> list[dict]:
+    """``configs`` for a dispatch Problem (the registry's hook): the first is the default."""
+    sms = (_sm_count(torch.device("cuda", problem.device_index))
+           if problem.device_type == "cuda" else 0)
+    return configs(problem["m"], problem["n"], problem["k"], problem["group_size"],
+                   problem["act_order"], sms)
+
+
+def _run_dequant(call, config: dict) -> None:
+    """The weight dequantised once into a (K, N) temporary of x's dtype, then torch's 16-bit
+    GEMM (``matmul_dequantized``)."""
+    if set(config) - {"DEQUANT"}:
+        raise ValueError(f"int4_gemm: the triton DEQUANT config takes no other keys, got {config}")
+    x, packed, scales, zeros = call.x, call.packed, call.scales, call.zeros
+    k, n = x.shape[1], call.out.shape[1]
+    act_order = call.g_idx is not None
+    bk = block_k(call.group_size, act_order, DEQUANT_BLOCK_K)
+    w = torch.empty((k, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(k, bk), triton.cdiv(n, DEQUANT_BLOCK_N))
+    _dequant_kernel[grid](
+        packed, scales, zeros, call.g_idx, w, n, k, scales.shape[0],
+        packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1),
+        zeros.stride(0) if zeros is not None else 0, zeros.stride(1) if zeros is not None else 0,
+        w.stride(0), w.stride(1),
+        GROUP_SIZE=call.group_size if call.group_size > 0 else k, HAS_ZERO=zeros is not None,
+        ACT_ORDER=act_order, BLOCK_K=bk, BLOCK_N=DEQUANT_BLOCK_N, num_warps=4)
+    matmul_dequantized(x, w, call.bias, call.out)
 
 
 def run(call, config: dict) -> None:
@@ -175,6 +263,9 @@ def run(call, config: dict) -> None:
     m, k = x.shape
     n = out.shape[1]
     if m == 0 or n == 0:
+        return
+    if config.get("DEQUANT"):
+        _run_dequant(call, config)
         return
     act_order = call.g_idx is not None
     cfg = default_config(m, n, k, call.group_size, act_order, _sm_count(x.device)) | config

@@ -106,6 +106,22 @@ def forward(call) -> Tensor:
     return out.to(call.x.dtype)
 
 
+def matmul_dequantized(x: Tensor, w: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """out = x @ w (+ bias) with ``w`` the dequantised weight, (K, N) in x's dtype, at this
+    op's rounding points: float32 sums (the GEMM's accumulator), the bias added to them, one
+    rounding to out's dtype. The GPU backends' dequantise-then-GEMM configs end here: torch's
+    16-bit GEMM (cuBLAS / hipBLASLt) rounds its float32 accumulator once, after the epilogue's
+    bias of x's dtype; a float32 bias needs a float32 result first."""
+    if bias is None:
+        torch.mm(x, w, out=out)
+    elif bias.dtype == x.dtype:
+        torch.addmm(bias, x, w, out=out)
+    elif x.device.type == "cuda" and torch.version.hip is None:
+        out.copy_(torch.addmm(bias, x, w, out_dtype=torch.float32))
+    else:  # float32 products of 16-bit values are exact: the same sums, more slowly
+        out.copy_(torch.addmm(bias, x.float(), w.float()))
+
+
 def run(call, config: dict) -> None:
     """Reference backend of ``int4_gemm``: write call.out."""
     call.out.copy_(forward(call))
