@@ -53,6 +53,37 @@ DEQUANT_BLOCK_K, DEQUANT_BLOCK_N = 64, 128
 
 
 @triton.jit
+def _dequantize(q, S, Z, G_IDX, ks, k_ok, offs_n, n_ok, k0, num_groups, stride_sg, stride_sn,
+                stride_zg, stride_zn, GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                ACT_ORDER: tl.constexpr, DTYPE: tl.constexpr):
+    """Codes q (float32, rows ks x columns offs_n) as weights of DTYPE: float32 (q - z) * scale
+    of each row's group, rounded once, as the reference. Without act-order the rows from k0
+    lie in one group (the K step divides the group size): one scale (and zero) row."""
+    if ACT_ORDER:
+        # Clamped as the reference does: whatever g_idx holds, no read leaves the scales.
+        wk_ok = k_ok[:, None] & n_ok[None, :]
+        g = tl.minimum(tl.maximum(tl.load(G_IDX + ks, mask=k_ok, other=0), 0), num_groups - 1)
+        s = tl.load(S + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=wk_ok,
+                    other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(Z + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=wk_ok,
+                        other=0).to(tl.float32)
+        else:
+            z = 8.0
+    else:
+        g = k0 // GROUP_SIZE
+        s = tl.load(S + g * stride_sg + offs_n * stride_sn, mask=n_ok,
+                    other=0.0).to(tl.float32)[None, :]
+        if HAS_ZERO:
+            z = tl.load(Z + g * stride_zg + offs_n * stride_zn, mask=n_ok,
+                        other=0).to(tl.float32)[None, :]
+        else:
+            z = 8.0
+    # (q - z) is an exact small integer: the float32 product is the one rounding before DTYPE.
+    return _cast((q - z) * s, DTYPE)
+
+
+@triton.jit
 def _int4_gemm_kernel(
     X, W, S, Z, G_IDX, BIAS, OUT,
     M, N, K, k_per_split, num_groups,
@@ -81,7 +112,6 @@ def _int4_gemm_kernel(
         k_ok = ks < k_hi
         x = tl.load(X + rows[:, None] + ks[None, :].to(tl.int64) * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wk_ok = k_ok[:, None] & n_ok[None, :]
         # Each packed word once: (BLOCK_K / 8, BLOCK_N) words, their 8 nibbles spread to
         # (BLOCK_K / 8, 8, BLOCK_N) and folded to rows k = 8 i + j (K steps start at
         # multiples of 8 and K is one, so a word's rows are all in or all out).
@@ -94,27 +124,9 @@ def _int4_gemm_kernel(
         q = q.to(tl.float32)
         # Dequantise: (q - z) is an exact small integer, so the float32 product is the one
         # rounding before the cast to x's dtype, as in the reference.
-        if ACT_ORDER:
-            # Clamped as the reference does: whatever g_idx holds, no read leaves the scales.
-            g = tl.minimum(tl.maximum(tl.load(G_IDX + ks, mask=k_ok, other=0), 0),
-                           num_groups - 1)
-            s = tl.load(S + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=wk_ok,
-                        other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(Z + g[:, None] * stride_zg + offs_n[None, :] * stride_zn,
-                            mask=wk_ok, other=0).to(tl.float32)
-            else:
-                z = 8.0
-        else:
-            g = k0 // GROUP_SIZE  # BLOCK_K divides the group: one group per step
-            s = tl.load(S + g * stride_sg + offs_n * stride_sn, mask=n_ok,
-                        other=0.0).to(tl.float32)[None, :]
-            if HAS_ZERO:
-                z = tl.load(Z + g * stride_zg + offs_n * stride_zn, mask=n_ok,
-                            other=0).to(tl.float32)[None, :]
-            else:
-                z = 8.0
-        w = _cast((q - z) * s, X.dtype.element_ty)
+        w = _dequantize(q, S, Z, G_IDX, ks, k_ok, offs_n, n_ok, k0, num_groups, stride_sg,
+                        stride_sn, stride_zg, stride_zn, GROUP_SIZE, HAS_ZERO, ACT_ORDER,
+                        X.dtype.element_ty)
         acc = _dot(x, w, acc)
     out_mask = m_ok[:, None] & n_ok[None, :]
     dst = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
@@ -145,28 +157,11 @@ def _dequant_kernel(
                     mask=(wrow < K // 8)[:, None] & n_ok[None, :], other=0)
     shift = (tl.arange(0, 8) * 4)[None, :, None]
     q = tl.reshape((words[:, None, :] >> shift) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
-    wk_ok = k_ok[:, None] & n_ok[None, :]
-    if ACT_ORDER:
-        g = tl.minimum(tl.maximum(tl.load(G_IDX + ks, mask=k_ok, other=0), 0), num_groups - 1)
-        s = tl.load(S + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=wk_ok,
-                    other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(Z + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=wk_ok,
-                        other=0).to(tl.float32)
-        else:
-            z = 8.0
-    else:
-        g = tl.program_id(0) * BLOCK_K // GROUP_SIZE  # BLOCK_K divides the group
-        s = tl.load(S + g * stride_sg + offs_n * stride_sn, mask=n_ok,
-                    other=0.0).to(tl.float32)[None, :]
-        if HAS_ZERO:
-            z = tl.load(Z + g * stride_zg + offs_n * stride_zn, mask=n_ok,
-                        other=0).to(tl.float32)[None, :]
-        else:
-            z = 8.0
-    w = _cast((q - z) * s, OUT.dtype.element_ty)
+    w = _dequantize(q, S, Z, G_IDX, ks, k_ok, offs_n, n_ok, tl.program_id(0) * BLOCK_K,
+                    num_groups, stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, HAS_ZERO,
+                    ACT_ORDER, OUT.dtype.element_ty)
     tl.store(OUT + ks[:, None].to(tl.int64) * stride_ok + offs_n[None, :] * stride_on, w,
-             mask=wk_ok)
+             mask=k_ok[:, None] & n_ok[None, :])
 
 
 @functools.cache
