@@ -550,6 +550,8 @@ def test_nan_poisoned_workspace_is_never_read():
     packed, scales, zeros, _ = _weights(31, 200, 1024, 128, False, False)
     call = _call(_x(32, 33, 1024, BF16), packed, scales, zeros, None, None, 128)
     for config in _all_configs():
+        if config["impl"] == "dequant":  # no split workspace (its temporary is the weight)
+            continue
         for split in (2, 5, 8, 64):
             poison = [torch.full((size,), 0xFF, dtype=torch.uint8, device="cuda")
                       for size in (1 << 16, 1 << 18, 1 << 20) for _ in "ab"]
@@ -652,15 +654,18 @@ def test_group_sizes_are_all_served():
 
 @pytest.mark.parametrize(("m", "cap", "rocm", "first"), [
     (1, (9, 0), False, "cuda"), (16, (9, 0), False, "cuda"), (16, (8, 0), False, "cuda"),
-    (17, (9, 0), False, "triton"), (4096, (9, 0), False, "triton"),  # Triton led from M = 256
+    (17, (9, 0), False, "triton"), (255, (9, 0), False, "triton"),  # Triton's fused kernel
+    (256, (9, 0), False, "cuda"), (4096, (8, 0), False, "cuda"),  # csrc's dequantisation
     (1, (7, 5), False, "triton"), (1, (9, 0), True, "triton"),
 ])
 def test_dispatch_prefers_the_cuda_kernel_for_decode(monkeypatch, m, cap, rocm, first):
-    """On NVIDIA sm_80+ the csrc kernel leads up to PREFER_MAX_M rows (it measured faster
-    there on an H100), Triton above; ROCm and older GPUs keep the static order."""
+    """On NVIDIA sm_80+ the csrc backend leads up to PREFER_MAX_M rows and from
+    DEQUANT_MIN_M (it measured faster there on an H100), Triton between; ROCm and older GPUs
+    keep the static order."""
     monkeypatch.setattr(_cuda, "capability", lambda index: cap)
     monkeypatch.setattr(_cuda, "is_rocm", lambda: rocm)
     problem = _problem(m=m)
     assert _cuda.prefer(problem) == (("cuda",) if first == "cuda" else ())
     assert _cuda.prefer(_problem("cpu", m=m)) == ()
-    assert m <= _cuda.PREFER_MAX_M or first == "triton"
+    preferred_rows = m <= _cuda.PREFER_MAX_M or m >= _cuda.DEQUANT_MIN_M
+    assert preferred_rows == (first == "cuda") or cap < (8, 0) or rocm

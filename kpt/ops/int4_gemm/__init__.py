@@ -34,8 +34,9 @@ Backends: ``cuda`` / ``hip`` (``csrc/int4_gemm``, one source: tensor-core tiles 
 dequantised in registers on CUDA sm_80+, portable CUDA-core tiles on HIP; fp16/bf16 x, N a
 multiple of 8; ``_cuda.py``), ``triton`` (fp16/bf16 x, CUDA, or the CPU under
 ``TRITON_INTERPRET=1``) and ``reference`` (fp16/bf16/fp32 x, any device). On NVIDIA GPUs
-cuda comes first for decode (M <= 16, where it measured faster on an H100: ``_cuda.prefer``),
-triton for larger M. Inference only: no backward.
+cuda comes first for decode (M <= 16) and from 256 rows (its dequantise-then-GEMM config),
+where it measured faster on an H100 (``_cuda.prefer``), triton between. Inference only: no
+backward.
 """
 
 from __future__ import annotations

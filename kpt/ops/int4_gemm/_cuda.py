@@ -121,10 +121,13 @@ def _sm_count(device_index: int) -> int:
 
 def prefer(problem: Problem) -> tuple[str, ...]:
     """Dispatch's ``prefer`` hook: on NVIDIA sm_80+ the cuda backend before Triton for decode
-    (M <= PREFER_MAX_M). Measured on an H100 (2026-12-06, ``bench/bench_int4_gemm.py``,
-    N = K = 8192, g128): 38.2 / 38.7 us at M = 1 / 16 against Triton's 50.0 / 46.6; from
-    M = 256 Triton led (136.8 against 209.6 us), so larger problems keep the static order."""
-    if problem.device_type != "cuda" or is_rocm() or problem["m"] > PREFER_MAX_M:
+    (M <= PREFER_MAX_M) and from DEQUANT_MIN_M rows. Measured on an H100 (2026-12-07,
+    ``bench/bench_int4_gemm.py``, N = K = 8192, g128, two runs): 37.7 / 38.2 us at M = 1 / 16
+    against Triton's 48.8 / 45.6; at M = 4096 the dequantise-then-GEMM configs took 801.7 /
+    812.1 us (csrc's dequantisation) against Triton's 839.7 / 842.0 (cuBLAS bf16: 741.9), at
+    M = 256 117.7 / 117.6 against 118.7 / 118.8. Between, Triton's fused kernel leads."""
+    m = problem["m"]
+    if problem.device_type != "cuda" or is_rocm() or PREFER_MAX_M < m < DEQUANT_MIN_M:
         return ()
     return ("cuda",) if capability(problem.device_index) >= (8, 0) else ()
 
