@@ -48,15 +48,23 @@ DOCS = {"docs700_causal": [700] * (S // 700) + [S % 700],
         "ragged_docs_causal": [1500, 300, 900, 120, 1276]}
 
 
-@functools.cache
+# Each case's document id per token, made on the device by _doc_ids. The mask mods read them
+# from this dict: torch.compile traces a global dict's tensor into the compiled kernel, where a
+# call of a functools.cache'd function inside the mask mod made inductor fail to lower the
+# mask (the torch baseline then ran unfused and its backward raised).
+_DOC_IDS: dict[str, torch.Tensor] = {}
+
+
 def _doc_ids(case: str) -> torch.Tensor:
-    lengths = torch.tensor(DOCS[case])
-    return torch.repeat_interleave(torch.arange(len(DOCS[case])), lengths).cuda()
+    if case not in _DOC_IDS:
+        lengths = torch.tensor(DOCS[case])
+        _DOC_IDS[case] = torch.repeat_interleave(torch.arange(len(DOCS[case])), lengths).cuda()
+    return _DOC_IDS[case]
 
 
 def _doc_mask(case: str):
     def mask(b, h, q_idx, kv_idx):
-        ids = _doc_ids(case)
+        ids = _DOC_IDS[case]
         return (q_idx >= kv_idx) & (ids[q_idx] == ids[kv_idx])
     return mask
 
@@ -96,6 +104,8 @@ def _inputs():
 def _block_mask(case: str, named: bool = False):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    if case in DOCS:
+        _doc_ids(case)  # the mask mods read it
     mask_mod = NAMED[case][1] if named else CASES[case][1]
     if mask_mod == "document":
         mask_mod = mods.and_masks(mods.causal(), mods.document(_doc_ids(case)))
