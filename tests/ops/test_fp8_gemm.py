@@ -407,3 +407,69 @@ def test_fp8_dtypes_are_both_served():
     assert FP8 == {E4M3, E5M2}
     for backend in SPEC.backends:
         assert backend.dtypes == FP8
+
+
+# ---- the one-launch activation quantizer (kpt/ops/fp8_gemm/_quantize_triton.py) --------------
+
+
+def _activations(seed: int, m: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Rows of very different magnitudes with the cases a scale must survive: zeros, a zero
+    row, a NaN, an inf, values at the fp8 range's ends."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-30, 30, m, base=2.0)[:, None]
+    x[0, :5] = 0
+    if m > 1:
+        x[1] = 0
+    if m > 2:
+        x[2, 7] = float("nan")
+    if m > 3:
+        x[3, k // 2] = float("-inf")
+    if m > 4:
+        x[4, :3] = torch.tensor([1e-40, -3e38, 2.5e-7])
+    return x.to(device, dtype)
+
+
+@pytest.mark.parametrize("fp8", [E4M3, E5M2], ids=FP8_IDS.get)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(("m", "k", "cols"), [(5, 300, None), (6, 4096, None), (1, 17, None),
+                                              (5, 300, 128), (6, 1024, 128), (2, 100, 128)])
+def test_fused_activation_quantizer_is_the_reference_bit_for_bit(fp8, dtype, m, k, cols):
+    """Per-row scales (cols None) and 1 x 128 blocks, with strided input: codes and scales
+    equal the reference's, NaN where it has NaN. On the CPU under the interpreter the final
+    cast is torch's (the interpreter's float32 -> fp8 conversion does not round to nearest);
+    on a GPU it is the kernel's cvt.rn."""
+    if _triton_reasons():
+        pytest.skip("triton cannot run here: " + "; ".join(_triton_reasons()))
+    from kpt.ops.fp8_gemm import _quantize_triton, reference
+
+    x = _activations(m * k, m, k + 3, dtype, DEVICE)[:, :k]  # rows k + 3 apart
+    got8, got = _quantize_triton.quantize(x, fp8, cols)
+    want8, want = reference.quantize(x, "row" if cols is None else "block", fp8,
+                                     None if cols is None else (1, cols))
+    assert torch.equal(got8.view(torch.uint8), want8.view(torch.uint8))
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.reshape(got.shape).nan_to_num())
+
+
+def test_quantize_fp8_takes_the_fused_kernel_only_where_it_applies():
+    """Activation granularities of CUDA tensors only; on a GPU the public function's result
+    is the reference's bit for bit either way."""
+    import importlib
+
+    module = importlib.import_module("kpt.ops.fp8_gemm")
+    assert not module._fused_quantize(torch.randn(4, 256), "row", None)  # a CPU tensor
+    assert module._activation_granularity("row", None)
+    assert module._activation_granularity("block", (1, 128))
+    assert not module._activation_granularity("block", (128, 128))  # weights: the reference
+    assert not module._activation_granularity("tensor", None)
+    if DEVICE == "cuda":
+        from kpt.ops.fp8_gemm import reference
+
+        x = _activations(3, 6, 512, torch.bfloat16, "cuda").reshape(2, 3, 512)
+        for gran, block in (("row", None), ("block", (1, 128)), ("block", (128, 128))):
+            got8, got = quantize_fp8(x if gran == "row" else x.reshape(6, 512), gran,
+                                     block=block)
+            want8, want = reference.quantize(x if gran == "row" else x.reshape(6, 512), gran,
+                                             E4M3, block)
+            assert torch.equal(got8.view(torch.uint8), want8.view(torch.uint8)), gran
+            assert got.shape == want.shape and torch.equal(got.nan_to_num(), want.nan_to_num())

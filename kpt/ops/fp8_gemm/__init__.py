@@ -36,6 +36,7 @@ that torch.compile fuses); it is not dispatched through the registry.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ from kpt.ops._common import (
     reference_backend,
     triton_backend,
     triton_interpreting,
+    triton_unavailable,
 )
 from kpt.ops._registry import Op, Problem
 
@@ -309,4 +311,32 @@ def quantize_fp8(
         if x.dim() != 2 or x.shape[1] == 0:
             raise ValueError(f"{op}: blockwise scales need a 2-D (M, K) x with K > 0, got shape "
                              f"{tuple(x.shape)}")
+    if _fused_quantize(x, granularity, block):
+        from . import _quantize_triton
+
+        if granularity == "row":
+            x8, scale = _quantize_triton.quantize(x.reshape(-1, x.shape[-1]), dtype, None)
+            return x8.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+        return _quantize_triton.quantize(x, dtype, block[1])
     return _reference.quantize(x, granularity, dtype, block)
+
+
+@functools.cache
+def _fp8_convert_in_hardware(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def _fused_quantize(x: Tensor, granularity: str, block: tuple[int, int] | None) -> bool:
+    """Whether quantize_fp8 runs its one-launch Triton kernel (``_quantize_triton``, the
+    reference's codes and scales bit for bit) instead of the reference's chain of torch ops:
+    activation granularities (per row, 1 x cols blocks) of a non-empty x on an NVIDIA sm_89+
+    GPU, in plain eager execution (torch.compile fuses the reference itself)."""
+    if x.device.type != "cuda" or x.numel() == 0 or not plain_eager(x):
+        return False
+    return (_activation_granularity(granularity, block) and triton_unavailable() is None
+            and _fp8_convert_in_hardware(x.device.index or 0))
+
+
+def _activation_granularity(granularity: str, block: tuple[int, int] | None) -> bool:
+    """Per-row scales or one-row blocks: what the fused quantizer computes."""
+    return granularity == "row" or (granularity == "block" and block[0] == 1)

@@ -25,9 +25,9 @@ an H100 (2026-12-06, bench/RESULTS.md): 4.4x the weight-read floor at M = 1 and 
 bf16 GEMM at M = 4096, far from the targets. This version (each word loaded once, unpacked by a
 3-D shift and a reshape) ran on an H200 and an H100 (2026-12-07): 3.4x the floor at M = 1, 3.1x
 cuBLAS at M = 4096 (bench/RESULTS.md). The dequantise-then-GEMM default from 256 rows ran on an
-H100 (2026-12-07): 1.13x cuBLAS's bf16 GEMM at M = 4096, 2.1x at M = 256. Not tried yet: a GEMV path without tensor cores for M =
-1, and Marlin-style offline reordering for act-order (sorting K by group so that a step loads
-one scale row again).
+H100 (2026-12-07): 1.13x cuBLAS's bf16 GEMM at M = 4096, 2.1x at M = 256. Not tried yet: a
+GEMV path without tensor cores for M = 1, and Marlin-style offline reordering for act-order
+(sorting K by group so that a step loads one scale row again).
 """
 
 from __future__ import annotations
