@@ -26,8 +26,17 @@ only (batch, heads, the table's capacity, the SM count), on the host, never from
 the shares themselves are cut on the device from each sequence's actual length, so every share
 of a short sequence stays busy. No host sync: safe under CUDA graphs and ``Plan.run``.
 
+Chunked prefill (varlen queries under a causal bound): a query tile's keys before its first
+query's diagonal are seen whole by all its rows and take the plain P V product; only the tiles
+the diagonal cuts take ``masked_pv`` (whose rare non-finite branch holds three more
+accumulators). Compiled for sm_90 (Triton 3.9, 64-row tiles, D = 128): with 4 warps the
+varlen kernel needs 255 registers and 752-792 bytes of stack (it did before the split too:
+the likely reason chunked prefill ran at 105 TFLOP/s on an H100, bench/RESULTS.md), with 8
+warps 208 bytes, so varlen tiles of 64 rows default to 8 warps. Not yet timed.
+
 Config keys (``run``'s ``config``): ``BLOCK_N`` (keys per tile), ``SPLITS`` (1: never split;
-absent: ``num_splits``), ``num_warps``, ``num_stages``.
+absent: ``num_splits``), ``num_warps`` (default 4; 8 for varlen tiles of 64 rows),
+``num_stages``.
 
 Standing: fp8 and split-KV are checked against the reference under the interpreter only; not
 yet timed on a GPU. ``bench/bench_paged_attention.py`` has the rows and their targets (decode
@@ -61,6 +70,57 @@ MIN_BLOCKS_PER_SM = 2
 # Fixed cost of one block in key tiles: the pipeline's first load, the q tile, the output
 # (and, when split, its float32 share written and read back once more by the combine).
 BLOCK_OVERHEAD_TILES = 2
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, start, hi, row_ok, qpos, b, kh, TABLE, K, V, stride_table,
+            stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, num_pages, mul,
+            mul_out, window_left, window_right, PAGE_SIZE: tl.constexpr,
+            HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+            SOFTCAP: tl.constexpr, FP8: tl.constexpr, MASKED: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key tile from ``start``: its pages through the block table, the scores, the online
+    softmax update. ``MASKED``: some row may not see some key of the tile (the band), so P V
+    leaves hidden keys out (masked_pv); else (every row sees every key before ``hi``) the
+    plain product."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    cols = start + offs_n
+    col_ok = cols < hi
+    page = tl.load(TABLE + b.to(tl.int64) * stride_table + cols // PAGE_SIZE, mask=col_ok,
+                   other=0)
+    page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+    slot = (cols % PAGE_SIZE).to(tl.int64)
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_ks + kh * stride_kh
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vs + kh * stride_vh
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    if FP8:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    qk = _mm(q, tl.trans(k))
+    if SOFTCAP:
+        s = _tanh(qk * mul) * mul_out
+    else:
+        s = qk * mul
+    ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_RIGHT:
+        ok = ok & (cols[None, :] <= qpos[:, None] + window_right)
+    if HAS_LEFT:
+        ok = ok & (cols[None, :] >= qpos[:, None] - window_left)
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:  # a NaN / inf value of a key some row cannot see stays out of it
+        acc = _masked_pv(p, v, ok, acc * alpha[:, None])
+    else:
+        acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -127,43 +187,25 @@ def _paged_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < hi
-        page = tl.load(TABLE + b.to(tl.int64) * stride_table + cols // PAGE_SIZE, mask=col_ok,
-                       other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        slot = (cols % PAGE_SIZE).to(tl.int64)
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_ks + kh * stride_kh
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vs + kh * stride_vh
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
-        if FP8:
-            k = k.to(Q.dtype.element_ty)
-            v = v.to(Q.dtype.element_ty)
-        qk = _mm(q, tl.trans(k))
-        if SOFTCAP:
-            s = _tanh(qk * mul) * mul_out
-        else:
-            s = qk * mul
-        ok = row_ok[:, None] & col_ok[None, :]
-        if HAS_RIGHT:
-            ok = ok & (cols[None, :] <= qpos[:, None] + window_right)
-        if HAS_LEFT:
-            ok = ok & (cols[None, :] >= qpos[:, None] - window_left)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK_INSIDE:  # a NaN / inf value of a key some row cannot see stays out of it
-            acc = _masked_pv(p, v, ok, acc * alpha[:, None])
-        else:
-            acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    # Chunked prefill under a causal bound (no left window): the key tiles before the tile's
+    # first query's last visible key are seen whole by every row and take the plain product
+    # (no mask, no masked_pv); only the tiles the diagonal cuts take the masked one.
+    full_end = lo
+    if MASK_INSIDE and not HAS_LEFT:
+        full_end = tl.maximum(lo, tl.minimum(diag_lo + window_right + 1, hi) // BLOCK_N
+                              * BLOCK_N)
+        for start in range(lo, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend(
+                acc, m_i, l_i, q, start, hi, row_ok, qpos, b, kh, TABLE, K, V, stride_table,
+                stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, num_pages,
+                mul, mul_out, window_left, window_right, PAGE_SIZE, HEAD_DIM, HAS_LEFT,
+                HAS_RIGHT, SOFTCAP, FP8, False, BLOCK_N, BLOCK_D)
+    for start in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _attend(
+            acc, m_i, l_i, q, start, hi, row_ok, qpos, b, kh, TABLE, K, V, stride_table,
+            stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, num_pages, mul,
+            mul_out, window_left, window_right, PAGE_SIZE, HEAD_DIM, HAS_LEFT, HAS_RIGHT,
+            SOFTCAP, FP8, MASK_INSIDE, BLOCK_N, BLOCK_D)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if FP8:
@@ -308,7 +350,8 @@ def run(call, config: dict) -> None:
         GROUP=group, PAGE_SIZE=call.page_size, HEAD_DIM=d, VARLEN=call.varlen,
         HAS_LEFT=call.window_left >= 0, HAS_RIGHT=call.window_right >= 0, SOFTCAP=softcap,
         FP8=fp8, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+        num_warps=config.get("num_warps", 8 if call.varlen and block_m >= 64 else 4),
+        num_stages=config.get("num_stages", 2))
     if splits > 1:
         _combine_kernel[(call.max_seqlen_q, q.shape[1], batch)](
             o_dst, lse_dst, out, lse, cu, *o_strides, *lse_strides, out.stride(0),
