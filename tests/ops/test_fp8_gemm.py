@@ -458,10 +458,14 @@ def test_quantize_fp8_takes_the_fused_kernel_only_where_it_applies():
 
     module = importlib.import_module("kpt.ops.fp8_gemm")
     assert not module._fused_quantize(torch.randn(4, 256), "row", None)  # a CPU tensor
-    assert module._activation_granularity("row", None)
-    assert module._activation_granularity("block", (1, 128))
-    assert not module._activation_granularity("block", (128, 128))  # weights: the reference
-    assert not module._activation_granularity("tensor", None)
+    assert module._activation_granularity("row", None, 4096)
+    assert module._activation_granularity("block", (1, 128), 4096)
+    assert not module._activation_granularity("block", (128, 128), 4096)  # weights
+    assert not module._activation_granularity("tensor", None, 4096)
+    # Past the grid's second dimension: the reference's ops instead of a failed launch.
+    limit = module.MAX_FUSED_GROUPS
+    assert module._activation_granularity("block", (1, 16), 16 * limit)
+    assert not module._activation_granularity("block", (1, 16), 16 * limit + 1)
     if DEVICE == "cuda":
         from kpt.ops.fp8_gemm import reference
 

@@ -312,6 +312,38 @@ def test_triton_dequantize_then_gemm_matches_reference(case, dtype):
     assert torch.equal(one_hot.out.view(torch.int16), (eye @ w.t()).view(torch.int16))
 
 
+def test_triton_dequantize_past_the_grid_limit_runs_the_fused_kernel(monkeypatch):
+    """Columns past CUDA's grid limit (lowered here to 1 tile) take the fused kernel, not a
+    failed launch; the result is the reference's either way."""
+    reasons = SPEC.reasons("triton", _small_problem(torch.bfloat16))
+    if reasons:
+        pytest.skip("triton cannot run on the cpu here: " + "; ".join(reasons))
+    from kpt.ops.int4_gemm import _triton
+
+    monkeypatch.setattr(_triton, "MAX_GRID_Y", 1)
+    ran = []
+    monkeypatch.setattr(_triton, "_dequant_kernel", _Recorder(_triton._dequant_kernel, ran))
+    _, packed, scales, zeros, _ = _weights(71, 200, 256, 64, False, False)  # 2 column tiles
+    x = _x(72, 3, 256, torch.bfloat16)
+    call = Call(x, packed, scales, zeros, None, None, 64,
+                torch.full((3, 200), float("nan"), dtype=torch.bfloat16))
+    _triton.run(call, dict(_triton.DEQUANT_CONFIG))
+    assert not ran
+    _check(call.out, int4_gemm(x, packed, scales, zeros, group_size=64, backend="reference"),
+           torch.bfloat16)
+
+
+class _Recorder:
+    """A Triton kernel whose launches are recorded (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
 def test_triton_configs_lead_with_dequantize_from_its_threshold():
     from kpt.ops.int4_gemm import _triton
 

@@ -333,10 +333,17 @@ def _fused_quantize(x: Tensor, granularity: str, block: tuple[int, int] | None) 
     GPU, in plain eager execution (torch.compile fuses the reference itself)."""
     if x.device.type != "cuda" or x.numel() == 0 or not plain_eager(x):
         return False
-    return (_activation_granularity(granularity, block) and triton_unavailable() is None
-            and _fp8_convert_in_hardware(x.device.index or 0))
+    return (_activation_granularity(granularity, block, x.shape[-1])
+            and triton_unavailable() is None and _fp8_convert_in_hardware(x.device.index or 0))
 
 
-def _activation_granularity(granularity: str, block: tuple[int, int] | None) -> bool:
-    """Per-row scales or one-row blocks: what the fused quantizer computes."""
-    return granularity == "row" or (granularity == "block" and block[0] == 1)
+# The fused quantizer's grid is (rows, column groups); CUDA caps a grid's second dimension.
+MAX_FUSED_GROUPS = 65535
+
+
+def _activation_granularity(granularity: str, block: tuple[int, int] | None, k: int) -> bool:
+    """Per-row scales, or one-row blocks of at most MAX_FUSED_GROUPS groups per row: what the
+    fused quantizer computes."""
+    if granularity == "row":
+        return True
+    return granularity == "block" and block[0] == 1 and -(-k // block[1]) <= MAX_FUSED_GROUPS

@@ -51,6 +51,7 @@ DEQUANT_CONFIG = {"DEQUANT": True}
 DEQUANT_MIN_M = 256
 DEQUANT_TUNE_M = 64
 DEQUANT_BLOCK_K, DEQUANT_BLOCK_N = 64, 128
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the dequantise kernel's columns)
 
 
 @triton.jit
@@ -238,11 +239,15 @@ def _run_dequant(call, config: dict) -> None:
     if set(config) - {"DEQUANT"}:
         raise ValueError(f"int4_gemm: the triton DEQUANT config takes no other keys, got {config}")
     x, packed, scales, zeros = call.x, call.packed, call.scales, call.zeros
-    k, n = x.shape[1], call.out.shape[1]
+    m, k = x.shape
+    n = call.out.shape[1]
     act_order = call.g_idx is not None
     bk = block_k(call.group_size, act_order, DEQUANT_BLOCK_K)
-    w = torch.empty((k, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(k, bk), triton.cdiv(n, DEQUANT_BLOCK_N))
+    if grid[1] > MAX_GRID_Y:  # CUDA caps a grid's second dimension: the fused kernel instead
+        run(call, default_config(m, n, k, call.group_size, act_order, _sm_count(x.device)))
+        return
+    w = torch.empty((k, n), dtype=x.dtype, device=x.device)
     _dequant_kernel[grid](
         packed, scales, zeros, call.g_idx, w, n, k, scales.shape[0],
         packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1),
