@@ -12,7 +12,10 @@ every page table a random permutation of the cache's pages, random normal data):
 * fp8 KV (float8_e4m3fn, per-kv-head scales) at the B64 ctx4096 page-16 shape: time over the
   same backend's bf16 time;
 * chunked prefill, 4 sequences of 2048 new tokens over 8192 cached (causal, bottom-right):
-  against ``kpt.ops.flash_attention`` on the contiguous KV, (B, S, H, D).
+  kpt triton (its gather path: pages copied to a contiguous buffer, then flash_attention),
+  cuda and kpt auto (dispatch's choice) against ``kpt.ops.flash_attention`` on the contiguous
+  KV, (B, S, H, D). ``KPT_BENCH_PAGED_CONFIG='{"GATHER": false}'`` times the paged Triton
+  kernel itself.
 
 Effective bandwidth = unique KV bytes read / kernel time; "x copy" divides it by the copy
 bandwidth (bytes read + written per second by ``dst.copy_(src)`` of a 1 GiB buffer). Kernel
@@ -231,9 +234,12 @@ def kpt_fn(impl: str, q, kv: Paged, cu=None, max_q=None):
     under ``KPT_BENCH_PAGED_CONFIG``), skipping with the backend's reasons."""
     call = _call(q, kv, cu, max_q or 1)
     backend = "triton" if impl == "kpt_triton_cfg" else impl.removeprefix("kpt_")
-    reasons = backend_reasons(SPEC, backend, problem_of(call))
-    if reasons:
-        pytest.skip(f"{backend}: " + "; ".join(reasons))
+    if backend == "auto":
+        backend = None
+    else:
+        reasons = backend_reasons(SPEC, backend, problem_of(call))
+        if reasons:
+            pytest.skip(f"{backend}: " + "; ".join(reasons))
     if impl == "kpt_triton_cfg":
         from kpt.ops.paged_attention import _triton
 
@@ -309,7 +315,7 @@ def _prefill_flops() -> float:
     return 4 * seqs * HEADS * HEAD_DIM * pairs
 
 
-@pytest.mark.parametrize("impl", KPT_IMPLS + ["kpt_flash_attention"])
+@pytest.mark.parametrize("impl", KPT_IMPLS + ["kpt_auto", "kpt_flash_attention"])
 def test_chunked_prefill(benchmark, cuda_only, request, impl):
     seqs, new, cached = PREFILL_SHAPE
     ctx = new + cached

@@ -270,3 +270,93 @@ def test_cuda_graph_capture_with_split_kv_and_fp8():
     want = paged_attention(q, kc, vc, table, lens, k_scale=ks, v_scale=vs, backend="reference")
     assert compare("out", out, want, TOLERANCE[torch.bfloat16]) is None
 
+
+
+# ---- chunked prefill through flash_attention (the gather path) -------------------------------
+
+
+def _flash_backends(device: str) -> list[str | None]:
+    """flash_attention backends the gathered call is checked with: its own dispatch (the
+    reference on the CPU) and, where Triton runs, its Triton kernel."""
+    return [None, "triton"] if device == "cuda" or triton_interpreting() else [None]
+
+
+GATHER_CASES = [(d, t, f) for d, t in DEVICE_CASES for f in _flash_backends(d)]
+
+
+@pytest.mark.parametrize(("device", "dtype", "flash"), GATHER_CASES,
+                         ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize(("layout", "page_size"), [("NHD", 1), ("HND", 3), ("NHD", 16)])
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_gather_path_matches_reference(device, dtype, flash, layout, page_size, feature,
+                                       monkeypatch):
+    """Ragged lengths around the page size, a sequence of 0 keys and one with fewer keys than
+    queries (its first rows see none), GQA of 3, head dim 40, shuffled NaN-poisoned pages: the
+    gathered copy must read exactly each sequence's keys, in order."""
+    lengths = [page_size + 1, 0, 2, 3 * page_size + 5, page_size - 1 or 1]
+    queries = [3, 2, 4, page_size + 2, 1]
+    q, kc, vc, table, lens, cu = _case(50 + page_size, len(lengths), 6, 2, 40, page_size,
+                                       lengths, layout, dtype, device, queries)
+    if _reasons(q, kc, vc, table, lens, cu, layout=layout):
+        pytest.skip("triton: " + "; ".join(_reasons(q, kc, vc, table, lens, cu, layout=layout)))
+    kw = FEATURES[feature] | dict(cu_seqlens_q=cu, kv_layout=layout, return_lse=True)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    run, taken = _triton.run, []
+    config = {"GATHER": True} | ({} if flash is None else {"FLASH": flash})
+    monkeypatch.setattr(_triton, "_run_gathered", lambda call, fb, inner=_triton._run_gathered:
+                        taken.append(fb) or inner(call, fb))
+    monkeypatch.setattr(_triton, "run", lambda call, cfg: run(call, config))
+    out, lse = paged_attention(q, kc, vc, table, lens, backend="triton", **kw)
+    assert taken == [flash]
+    _check(out, lse, want, want_lse, dtype)
+
+
+@on_cpu
+def test_gather_copies_each_sequences_keys_packed_and_clamped(monkeypatch):
+    """The copy itself, exactly: sequence b's keys at rows cu_k[b]..cu_k[b+1] in order, lengths
+    clamped to the table's capacity and page ids to the cache (bad tables read in range)."""
+    module = sys.modules["kpt.ops.paged_attention"]
+    monkeypatch.setattr(module, "_check_tables", lambda *args: None)
+    for layout in ("NHD", "HND"):
+        q, kc, vc, table, lens, cu = _case(60, 3, 4, 2, 24, 4, [6, 0, 9], layout,
+                                           torch.float16, queries=[2, 1, 3])
+        table[2, 0] = 10**6  # clamps to the last page
+        table[2, 1] = -3  # clamps to page 0
+        lens[0] = 10**6  # clamps to the table's capacity
+        call = Call(q, kc, vc, table, lens, cu, 3, 0.25, -1, 0, 0.0, None, None, layout,
+                    torch.zeros_like(q), torch.full((4, 6), float("-inf")))
+        k, v, cu_k, max_k = _triton.gather(call)
+        cap = table.shape[1] * 4
+        assert max_k == cap and cu_k.tolist() == [0, cap, cap, cap + 9]
+        pages = table.clamp(0, kc.shape[0] - 1).long()
+        for cache, got in ((kc, k), (vc, v)):
+            nhd = cache if layout == "NHD" else cache.transpose(1, 2)
+            for b, n in enumerate([cap, 0, 9]):
+                j = torch.arange(n)
+                want = nhd[pages[b, j // 4], j % 4]
+                start = cu_k[b].item()
+                assert torch.equal(got[start:start + n].view(torch.int16),
+                                   want.view(torch.int16))
+
+
+def test_gather_rule_and_prefer_hook():
+    """The gather path is the default for prefill-sized chunks of 16-bit caches on a GPU, and
+    dispatch then tries Triton first; decode, fp8 caches and oversized buffers keep the paged
+    kernels (shapes only, no GPU needed)."""
+    from kpt.ops._registry import Problem
+    from kpt.ops.paged_attention import PREFILL_PREFER_ROWS, _prefer
+
+    base = dict(batch=4, seqlen_q=2048, capacity=10240, heads_q=32, heads_kv=8, head_dim=128,
+                page_size=16, kv_layout="NHD", kv_dtype=torch.bfloat16, varlen=True,
+                mask="causal", softcap=False)
+    gpu = torch.device("cuda", 0)
+    assert _prefer(Problem.of(gpu, torch.bfloat16, **base)) == ("triton",)
+    rows = PREFILL_PREFER_ROWS // 4 - 1  # GQA group of 4: just under the row threshold
+    for change in (dict(varlen=False, seqlen_q=1), dict(seqlen_q=rows),
+                   dict(kv_dtype=FP8_TYPES[0])):
+        assert _prefer(Problem.of(gpu, torch.bfloat16, **base | change)) == ()
+    assert _prefer(Problem.of(torch.device("cpu"), torch.bfloat16, **base)) == ()
+    assert {"GATHER": True} in _triton.configs(Problem.of(gpu, torch.bfloat16, **base))
+    assert _triton.configs(Problem.of(gpu, torch.bfloat16, **base | dict(varlen=False))) == [{}]
+    assert _triton.gather_bytes(4, 10240, 8, 128, 2) == 2 * 4 * 10240 * 8 * 128 * 2
+    assert _triton.gather_bytes(64, 131072, 8, 128, 2) > _triton.GATHER_MAX_BYTES

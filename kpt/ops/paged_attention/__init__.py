@@ -148,7 +148,8 @@ def _triton_supports(p: Problem) -> list[str]:
 
 
 BACKENDS = (
-    triton_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports),
+    triton_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports,
+                   configs="configs"),
     # One kernel source for nvcc and hipcc; its supports() lives in _cuda.py.
     *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run", run_hip="run",
                      fast="fast"),
@@ -164,9 +165,24 @@ def _example(device: torch.device, dtype: torch.dtype) -> Problem:
                       varlen=False, mask="causal", softcap=False)
 
 
+# Query rows (tokens x GQA group) per kv head of a chunk from which dispatch tries the Triton
+# backend first on GPUs: its gather path runs prefill at flash_attention's rate, while the
+# cuda/hip kernel, built for decode, streams keys per query row (bench/RESULTS.md).
+PREFILL_PREFER_ROWS = 64
+
+
+def _prefer(p: Problem) -> tuple[str, ...]:
+    """Dispatch's ``prefer`` hook: Triton first for prefill-sized chunks of 16-bit caches."""
+    if (p.device_type == "cuda" and p["varlen"] and p["kv_dtype"] not in FP8
+            and p["seqlen_q"] * (p["heads_q"] // p["heads_kv"]) >= PREFILL_PREFER_ROWS):
+        return ("triton",)
+    return ()
+
+
 SPEC = Op(
     name=OP,
     backends=BACKENDS,
+    prefer=_prefer,
     priority={"cuda": ("cuda", "hip", "triton", "reference"), "cpu": ("reference",),
               "xla": ("xla", "reference"), "xpu": ("xpu", "reference")},
     bucket=_bucket,

@@ -34,9 +34,25 @@ varlen kernel needs 255 registers and 752-792 bytes of stack (it did before the 
 the likely reason chunked prefill ran at 105 TFLOP/s on an H100, bench/RESULTS.md), with 8
 warps 208 bytes, so varlen tiles of 64 rows default to 8 warps. Not yet timed.
 
+Chunked prefill through flash_attention (``GATHER``): a prefill chunk is compute-bound, and
+the paged kernel above computes at a fraction of flash_attention's rate (bench/RESULTS.md). So
+for 16-bit caches, ``_gather_kernel`` copies each sequence's visible pages into one contiguous
+(keys, Hkv, D) buffer per K and V (torch's allocator: graph capture takes them from the
+graph's pool), packed by the clamped lengths' prefix sums computed on the device, and
+flash_attention's varlen forward runs on it (its own dispatch, or ``FLASH`` names a backend),
+writing this call's ``out`` and ``lse``. The copy reads and writes every visible key once: at
+the issue's prefill shape (4 x 2048 new over 8192 cached, 8 kv heads, D 128) 168 MB each way,
+a few percent of the attention's time on an H100. Its cost is memory: the buffers hold the
+whole batch's keys, so it is the default only for prefill-sized chunks (``GATHER_MIN_ROWS``
+query rows per kv head) and buffers up to ``GATHER_MAX_BYTES``. Page ids are clamped to the
+cache and lengths to the table's capacity, as in the kernel above. fp8 caches stay on the
+paged kernel (the copy would round the dequantised keys to 16 bits, which the reference never
+does).
+
 Config keys (``run``'s ``config``): ``BLOCK_N`` (keys per tile), ``SPLITS`` (1: never split;
 absent: ``num_splits``), ``num_warps`` (default 4; 8 for varlen tiles of 64 rows),
-``num_stages``.
+``num_stages``; ``GATHER`` (True / False; absent: ``gathers``'s rule), ``FLASH`` (the
+flash_attention backend of a gathered call; absent: its dispatch).
 
 Standing: fp8 and split-KV are checked against the reference under the interpreter only; not
 yet timed on a GPU. ``bench/bench_paged_attention.py`` has the rows and their targets (decode
@@ -61,6 +77,7 @@ from kpt.ops._triton_compat import dot as _dot
 from kpt.ops._triton_compat import masked_pv as _masked_pv
 from kpt.ops._triton_compat import mm as _mm
 from kpt.ops.flash_attention._triton import _tanh
+from kpt.ops.paged_attention import PREFILL_PREFER_ROWS
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -221,6 +238,42 @@ def _paged_kernel(
     tl.store(LSE + t64 * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
+# The gather path (GATHER) is the default from this many query rows (tokens x GQA group) per
+# kv head of a sequence, and while the contiguous K + V copy stays within GATHER_MAX_BYTES.
+GATHER_MIN_ROWS = PREFILL_PREFER_ROWS
+GATHER_MAX_BYTES = 1 << 30
+GATHER_BLOCK_T = 64
+
+
+@triton.jit
+def _gather_kernel(
+    CACHE, DST, TABLE, CU_K,
+    stride_page, stride_slot, stride_head, stride_table, stride_dt, stride_dh,
+    num_pages, max_pages,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Keys [tile * BLOCK_T, +BLOCK_T) of sequence b, kv head h, to DST rows CU_K[b] + j.
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    start = tl.load(CU_K + b).to(tl.int64)
+    n = tl.load(CU_K + b + 1).to(tl.int64) - start
+    if tile * BLOCK_T >= n:
+        return
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < n
+    page = tl.load(TABLE + b.to(tl.int64) * stride_table
+                   + tl.minimum(offs_t // PAGE_SIZE, max_pages - 1), mask=t_ok, other=0)
+    page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+    ok = t_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x = tl.load(CACHE + page[:, None] * stride_page + (offs_t % PAGE_SIZE)[:, None] * stride_slot
+                + h * stride_head + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(DST + (start + offs_t)[:, None] * stride_dt + h * stride_dh + offs_d[None, :],
+             x, mask=ok)
+
+
 @triton.jit
 def _combine_kernel(
     O_PART, LSE_PART, OUT, LSE, CU_Q,
@@ -299,11 +352,85 @@ def num_splits(programs: int, key_tiles: int, sms: int) -> int:
     return best
 
 
+def gather_bytes(batch: int, capacity: int, heads_kv: int, head_dim: int, elem: int) -> int:
+    """Bytes of the gather path's contiguous K and V buffers (every sequence at capacity)."""
+    return 2 * batch * capacity * heads_kv * head_dim * elem
+
+
+def gathers(call) -> bool:
+    """Whether ``run`` takes the gather path by default: a chunked prefill of 16-bit caches on
+    a GPU whose longest chunk has ``GATHER_MIN_ROWS`` query rows per kv head, with buffers
+    within ``GATHER_MAX_BYTES``."""
+    q = call.q
+    return (call.varlen and call.k_scale is None and q.device.type == "cuda"
+            and call.max_seqlen_q * (q.shape[1] // call.heads_kv) >= GATHER_MIN_ROWS
+            and gather_bytes(call.batch, call.block_table.shape[1] * call.page_size,
+                             call.heads_kv, q.shape[2], call.k_cache.element_size())
+            <= GATHER_MAX_BYTES)
+
+
+def gather(call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(k, v, cu_seqlens_k, max_seqlen_k): the sequences' visible keys and values packed
+    contiguously, (total, Hkv, D), with their prefix sums (lengths clamped to the table's
+    capacity). No host sync: the buffers are sized by the capacity."""
+    capacity = call.block_table.shape[1] * call.page_size
+    batch, heads_kv, d = call.batch, call.heads_kv, call.q.shape[2]
+    dev = call.q.device
+    cu_k = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(call.seq_lens.clamp(0, capacity), 0, out=cu_k[1:])
+    dtype = call.k_cache.dtype
+    k = torch.empty((batch * capacity, heads_kv, d), dtype=dtype, device=dev)
+    v = torch.empty_like(k)
+    if batch * capacity == 0:
+        return k, v, cu_k, 0
+    grid = (triton.cdiv(capacity, GATHER_BLOCK_T), heads_kv, batch)
+    for cache, dst in ((call.k_cache, k), (call.v_cache, v)):
+        _gather_kernel[grid](
+            cache, dst, call.block_table, cu_k, *_cache_strides(cache, call.kv_layout),
+            call.block_table.stride(0), dst.stride(0), dst.stride(1), cache.shape[0],
+            call.block_table.shape[1], PAGE_SIZE=call.page_size, HEAD_DIM=d,
+            BLOCK_T=GATHER_BLOCK_T, BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
+    return k, v, cu_k, capacity
+
+
+def _run_gathered(call, flash_backend: str | None) -> None:
+    """The gather path: pages to contiguous buffers, then flash_attention's varlen forward
+    writes ``call.out`` and ``call.lse`` (same layouts: (Tq, H, D) and (H, Tq))."""
+    from kpt.ops.flash_attention import SPEC as FLASH
+    from kpt.ops.flash_attention import Call as FlashCall
+    from kpt.ops.flash_attention import _key, problem_of
+
+    k, v, cu_k, max_k = gather(call)
+    fcall = FlashCall(call.q, k, v, call.cu_seqlens_q, cu_k, call.max_seqlen_q, max_k,
+                      call.scale, call.window_left, call.window_right, call.softcap, call.out,
+                      call.lse)
+    FLASH.launch_keyed(_key(fcall), lambda: problem_of(fcall), fcall, flash_backend, None)
+
+
+def configs(problem) -> list[dict]:
+    """Launch variants; the first (empty: every choice by rule) is the default. Chunked
+    prefill of 16-bit caches adds the gather path forced on and off."""
+    variants: list[dict] = [{}]
+    if problem["varlen"] and problem["kv_dtype"] not in (getattr(torch, "float8_e4m3fn", None),
+                                                         getattr(torch, "float8_e5m2", None)):
+        variants += [{"GATHER": True}, {"GATHER": False}]
+    return variants
+
+
 def run(call, config: dict) -> None:
     """Write call.out and call.lse."""
     q, out, lse = call.q, call.out, call.lse
     batch, heads_kv = call.batch, call.heads_kv
     if batch == 0 or call.max_seqlen_q == 0 or q.shape[1] == 0:
+        return
+    gathered = config.get("GATHER")
+    if gathered is None:
+        gathered = gathers(call)
+    if gathered:
+        if not call.varlen or call.k_scale is not None:
+            raise ValueError("paged_attention: the gather path serves chunked prefill "
+                             "(cu_seqlens_q) of 16-bit caches only")
+        _run_gathered(call, config.get("FLASH"))
         return
     group = q.shape[1] // heads_kv
     d = q.shape[-1]
