@@ -339,20 +339,25 @@ def test_gather_copies_each_sequences_keys_packed_and_clamped(monkeypatch):
                                    want.view(torch.int16))
 
 
-def test_gather_rule_and_prefer_hook():
+def test_gather_rule_and_prefer_hook(monkeypatch):
     """The gather path is the default for prefill-sized chunks of 16-bit caches on a GPU, and
-    dispatch then tries Triton first; decode, fp8 caches and oversized buffers keep the paged
-    kernels (shapes only, no GPU needed)."""
+    dispatch then tries Triton first; decode, short chunks, a cascade's stacked decode queries
+    over a shared prefix (too few query tiles for flash's grid), fp8 caches and oversized
+    buffers keep the paged kernels (shapes only: an H100's SM count patched in)."""
     from kpt.ops._registry import Problem
     from kpt.ops.paged_attention import PREFILL_PREFER_ROWS, _prefer
 
+    module = sys.modules["kpt.ops.paged_attention"]
+    monkeypatch.setattr(module, "_sm_count", lambda index: 132)
     base = dict(batch=4, seqlen_q=2048, capacity=10240, heads_q=32, heads_kv=8, head_dim=128,
                 page_size=16, kv_layout="NHD", kv_dtype=torch.bfloat16, varlen=True,
                 mask="causal", softcap=False)
     gpu = torch.device("cuda", 0)
     assert _prefer(Problem.of(gpu, torch.bfloat16, **base)) == ("triton",)
+    assert _prefer(Problem.of(gpu, torch.bfloat16, **base | dict(batch=1, seqlen_q=640)))
     rows = PREFILL_PREFER_ROWS // 4 - 1  # GQA group of 4: just under the row threshold
-    for change in (dict(varlen=False, seqlen_q=1), dict(seqlen_q=rows),
+    cascade = dict(batch=1, seqlen_q=64, capacity=16384)  # 64 requests' queries, one group
+    for change in (dict(varlen=False, seqlen_q=1), dict(seqlen_q=rows), cascade,
                    dict(kv_dtype=FP8_TYPES[0])):
         assert _prefer(Problem.of(gpu, torch.bfloat16, **base | change)) == ()
     assert _prefer(Problem.of(torch.device("cpu"), torch.bfloat16, **base)) == ()

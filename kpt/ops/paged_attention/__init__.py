@@ -11,6 +11,7 @@ tokens' keys and values into their pages). Inference only: neither has a backwar
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -165,16 +166,35 @@ def _example(device: torch.device, dtype: torch.dtype) -> Problem:
                       varlen=False, mask="causal", softcap=False)
 
 
-# Query rows (tokens x GQA group) per kv head of a chunk from which dispatch tries the Triton
-# backend first on GPUs: its gather path runs prefill at flash_attention's rate, while the
-# cuda/hip kernel, built for decode, streams keys per query row (bench/RESULTS.md).
+# Prefill-sized chunks, which the Triton backend's gather path runs at flash_attention's rate
+# (the cuda/hip kernel, built for decode, streams keys per query row: bench/RESULTS.md): at
+# least this many query rows (tokens x GQA group) per kv head of a sequence, and enough query
+# tiles of FLASH_TILE_M tokens over the batch's heads for flash_attention's grid to give every
+# SM a CTA (flash does not split the keys: a few stacked decode queries over a long shared
+# prefix, cascade_attention's shared levels, stay on the paged kernels' split-KV).
 PREFILL_PREFER_ROWS = 64
+FLASH_TILE_M = 128
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def prefill_sized(batch: int, seqlen_q: int, heads_q: int, heads_kv: int,
+                  device_index: int | None) -> bool:
+    """Whether a chunked prefill is large enough for the gather path (see above)."""
+    if seqlen_q * (heads_q // heads_kv) < PREFILL_PREFER_ROWS:
+        return False
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return batch * heads_q * -(-seqlen_q // FLASH_TILE_M) >= _sm_count(index)
 
 
 def _prefer(p: Problem) -> tuple[str, ...]:
     """Dispatch's ``prefer`` hook: Triton first for prefill-sized chunks of 16-bit caches."""
     if (p.device_type == "cuda" and p["varlen"] and p["kv_dtype"] not in FP8
-            and p["seqlen_q"] * (p["heads_q"] // p["heads_kv"]) >= PREFILL_PREFER_ROWS):
+            and prefill_sized(p["batch"], p["seqlen_q"], p["heads_q"], p["heads_kv"],
+                              p.device_index)):
         return ("triton",)
     return ()
 

@@ -43,8 +43,9 @@ flash_attention's varlen forward runs on it (its own dispatch, or ``FLASH`` name
 writing this call's ``out`` and ``lse``. The copy reads and writes every visible key once: at
 the issue's prefill shape (4 x 2048 new over 8192 cached, 8 kv heads, D 128) 168 MB each way,
 a few percent of the attention's time on an H100. Its cost is memory: the buffers hold the
-whole batch's keys, so it is the default only for prefill-sized chunks (``GATHER_MIN_ROWS``
-query rows per kv head) and buffers up to ``GATHER_MAX_BYTES``. Page ids are clamped to the
+whole batch's keys, so it is the default only for prefill-sized chunks (many query rows per kv
+head, enough query tiles to fill flash_attention's grid: ``paged_attention.prefill_sized``)
+and buffers up to ``GATHER_MAX_BYTES``. Page ids are clamped to the
 cache and lengths to the table's capacity, as in the kernel above. fp8 caches stay on the
 paged kernel (the copy would round the dequantised keys to 16 bits, which the reference never
 does).
@@ -77,7 +78,7 @@ from kpt.ops._triton_compat import dot as _dot
 from kpt.ops._triton_compat import masked_pv as _masked_pv
 from kpt.ops._triton_compat import mm as _mm
 from kpt.ops.flash_attention._triton import _tanh
-from kpt.ops.paged_attention import PREFILL_PREFER_ROWS
+from kpt.ops.paged_attention import prefill_sized
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -238,9 +239,8 @@ def _paged_kernel(
     tl.store(LSE + t64 * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
-# The gather path (GATHER) is the default from this many query rows (tokens x GQA group) per
-# kv head of a sequence, and while the contiguous K + V copy stays within GATHER_MAX_BYTES.
-GATHER_MIN_ROWS = PREFILL_PREFER_ROWS
+# The gather path (GATHER) is the default for prefill-sized chunks while the contiguous K + V
+# copy stays within GATHER_MAX_BYTES.
 GATHER_MAX_BYTES = 1 << 30
 GATHER_BLOCK_T = 64
 
@@ -358,12 +358,13 @@ def gather_bytes(batch: int, capacity: int, heads_kv: int, head_dim: int, elem: 
 
 
 def gathers(call) -> bool:
-    """Whether ``run`` takes the gather path by default: a chunked prefill of 16-bit caches on
-    a GPU whose longest chunk has ``GATHER_MIN_ROWS`` query rows per kv head, with buffers
-    within ``GATHER_MAX_BYTES``."""
+    """Whether ``run`` takes the gather path by default: a prefill-sized chunked prefill
+    (``paged_attention.prefill_sized``) of 16-bit caches on a GPU, with buffers within
+    ``GATHER_MAX_BYTES``."""
     q = call.q
     return (call.varlen and call.k_scale is None and q.device.type == "cuda"
-            and call.max_seqlen_q * (q.shape[1] // call.heads_kv) >= GATHER_MIN_ROWS
+            and prefill_sized(call.batch, call.max_seqlen_q, q.shape[1], call.heads_kv,
+                              q.device.index)
             and gather_bytes(call.batch, call.block_table.shape[1] * call.page_size,
                              call.heads_kv, q.shape[2], call.k_cache.element_size())
             <= GATHER_MAX_BYTES)
