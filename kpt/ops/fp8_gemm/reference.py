@@ -53,7 +53,10 @@ def quantize(x: Tensor, granularity: str, dtype: torch.dtype,
     or +-inf gets a NaN scale and all-NaN values: non-finite input propagates, never raises."""
     fmax = torch.finfo(dtype).max
     amax = _amax(x, granularity, block)
-    scale = torch.where(amax > 0, amax / fmax, 1.0).clamp_min(MIN_SCALE)
+    # IEEE division on every device: a Python-number divisor would take torch's CUDA path for
+    # CPU scalars, amax * (1 / fmax), one unit of the last place off for some amax (an H100
+    # run caught it against the fused kernel's div_rn, while the CPU agreed bit for bit).
+    scale = torch.where(amax > 0, amax / amax.new_tensor(fmax), 1.0).clamp_min(MIN_SCALE)
     scale = torch.where(torch.isfinite(amax), scale, float("nan"))
     full = scale if block is None else expand_scale(scale, tuple(x.shape), block)
     x8 = (x.float() / full).clamp(-fmax, fmax).to(dtype)
