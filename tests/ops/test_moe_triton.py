@@ -376,7 +376,8 @@ def test_fused_reads_strided_x():
     """x with a row stride wider than H (a column slice): rows read through the stride."""
     t, h, i, e, top_k = 37, 64, 32, 8, 2
     gen = _gen(4)
-    wide = torch.randn(t, h + 24, generator=gen).to(torch.bfloat16)
+    # Made on DEVICE before slicing: moving the slice there would copy it contiguous.
+    wide = torch.randn(t, h + 24, generator=gen).to(DEVICE, torch.bfloat16)
     weights, ids = _routing(5, t, e, top_k)
     call = _fused_call(wide[:, 8:8 + h], weights, ids,
                        _experts(6, e, h, i, "none", torch.bfloat16))
