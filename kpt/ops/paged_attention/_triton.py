@@ -409,12 +409,17 @@ def _run_gathered(call, flash_backend: str | None) -> None:
 
 
 def configs(problem) -> list[dict]:
-    """Launch variants; the first (empty: every choice by rule) is the default. Chunked
-    prefill of 16-bit caches adds the gather path forced on and off."""
+    """Launch variants; the first (empty: every choice by rule) is the default. Varlen calls
+    add the in-place kernel at 4 and 8 warps and, for 16-bit caches, the gather path."""
     variants: list[dict] = [{}]
-    if problem["varlen"] and problem["kv_dtype"] not in (getattr(torch, "float8_e4m3fn", None),
-                                                         getattr(torch, "float8_e5m2", None)):
-        variants += [{"GATHER": True}, {"GATHER": False}]
+    if not problem["varlen"]:
+        return variants
+    # The in-place kernel's varlen warps: 8 by default for 64-row tiles (ptxas: 208 bytes of
+    # stack against 752-792 at 4), timed side by side only by the tuner so far.
+    variants += [{"GATHER": False, "num_warps": 4}, {"GATHER": False, "num_warps": 8}]
+    if problem["kv_dtype"] not in (getattr(torch, "float8_e4m3fn", None),
+                                   getattr(torch, "float8_e5m2", None)):
+        variants.insert(1, {"GATHER": True})
     return variants
 
 
