@@ -32,7 +32,8 @@ the diagonal cuts take ``masked_pv`` (whose rare non-finite branch holds three m
 accumulators). Compiled for sm_90 (Triton 3.9, 64-row tiles, D = 128): with 4 warps the
 varlen kernel needs 255 registers and 752-792 bytes of stack (it did before the split too:
 the likely reason chunked prefill ran at 105 TFLOP/s on an H100, bench/RESULTS.md), with 8
-warps 208 bytes, so varlen tiles of 64 rows default to 8 warps. Not yet timed.
+warps 208 bytes, so varlen tiles of 64 rows default to 8 warps (not timed against 4 apart; the
+tuner has both).
 
 Chunked prefill through flash_attention (``GATHER``): a prefill chunk is compute-bound, and
 the paged kernel above computes at a fraction of flash_attention's rate (bench/RESULTS.md). So
@@ -42,7 +43,10 @@ graph's pool), packed by the clamped lengths' prefix sums computed on the device
 flash_attention's varlen forward runs on it (its own dispatch, or ``FLASH`` names a backend),
 writing this call's ``out`` and ``lse``. The copy reads and writes every visible key once: at
 the issue's prefill shape (4 x 2048 new over 8192 cached, 8 kv heads, D 128) 168 MB each way,
-a few percent of the attention's time on an H100. Its cost is memory: the buffers hold the
+a few percent of the attention's time on an H100 (measured: 164 µs, against 7409 µs for
+flash_attention's varlen forward, which runs Triton there: the sm90 kernels have no varlen;
+7454 µs in all, 3.65x flash on the same keys as a dense batch, against 5.75x for the in-place
+kernel; bench/RESULTS.md). Its cost is memory: the buffers hold the
 whole batch's keys, so it is the default only for prefill-sized chunks (many query rows per kv
 head, enough query tiles to fill flash_attention's grid: ``paged_attention.prefill_sized``)
 and buffers up to ``GATHER_MAX_BYTES``. Page ids are clamped to the
