@@ -173,13 +173,13 @@ def visible_matmul(p: torch.Tensor, visible: torch.Tensor, v: torch.Tensor) -> t
     if v.device.type == "cpu" and plain_eager(p, v) and not bool(bad.any()):
         return p @ v
     out = p @ v.masked_fill(bad, 0.0)
-    seen = visible.expand(p.shape).to(p.dtype)
+    seen = visible.expand(p.shape)
     pos, neg, nan = ((v == math.inf).to(p.dtype), (v == -math.inf).to(p.dtype),
                      torch.isnan(v).to(p.dtype))
     p_pos, p_neg = p @ pos, p @ neg
-    n_pos, n_neg, n_nan = seen @ pos, seen @ neg, seen @ nan
-    is_nan = ((n_nan > 0) | ((n_pos > 0) & (p_pos == 0)) | ((n_neg > 0) & (p_neg == 0))
-              | ((p_pos > 0) & (p_neg > 0)))
+    # 0 * inf wherever a visible key's probability underflowed to 0, whatever else the row has
+    underflow = (seen & (p == 0)).to(p.dtype) @ (pos + neg)
+    is_nan = ((seen.to(p.dtype) @ nan > 0) | (underflow > 0) | ((p_pos > 0) & (p_neg > 0)))
     return torch.where(is_nan, math.nan, torch.where(
         p_pos > 0, math.inf, torch.where(p_neg > 0, -math.inf, out)))
 

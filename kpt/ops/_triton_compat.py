@@ -70,33 +70,36 @@ else:
 
 
 @triton.jit
-def nonfinite_pv(p, ok, v):
-    """IEEE's sum over the visible keys of p * v for v's non-finite entries only (0 where
-    there are none): NaN from a NaN, from +inf and -inf together, or from an inf times a
-    probability that underflowed to 0; else +-inf where an inf meets a positive p.
+def nonfinite_pv(p, ok, v, acc):
+    """``acc`` plus IEEE's sum over the visible keys of p * v for v's non-finite entries only:
+    NaN from a NaN, from +inf and -inf together, or from an inf times a probability that
+    underflowed to 0 (0 * inf); else +-inf where an inf meets a positive p.
 
-    Counts, not products: three dots of 0/1 (and 256) indicators in v's 16-bit dtype, exact
-    in their float32 sums, so the rare branch needs two 16-bit operand tiles of shared memory
-    (float32 copies of p and v took four times that and pushed Hopper configs past 227 KB).
-    A tile must hold fewer than 256 keys, so that the two counts packed in one sum stay apart."""
+    Counts, not products: dots of 0/1 (and 256) indicators in v's 16-bit dtype, exact in their
+    float32 sums, so the rare branch needs two 16-bit operand tiles of shared memory (float32
+    copies of p and v took four times that and pushed Hopper configs past 227 KB). Each count
+    is folded into ``acc`` as soon as it is made, so one float32 count tile is live at a time:
+    holding three at once took the flash forward past 255 registers, and ptxas then serialised
+    every wgmma of the kernel, the unmasked loop's too (C7512; sm_90a compiles, Triton 3.6 and
+    3.9: 6552 SASS instructions and 848 bytes of stack against 2328 and none without the
+    branch). A tile must hold fewer than 256 keys, so that the two counts packed in one sum
+    stay apart."""
     tl.static_assert(v.shape[0] < 256, "nonfinite_pv: a key tile of 256 or more")
     vf = v.to(tl.float32)
-    # +inf counts 1, -inf 256: n = n_pos + 256 n_neg, each count below 256.
-    code = tl.where(vf == float("inf"), 1.0, tl.where(vf == float("-inf"), 256.0, 0.0))
-    code = code.to(v.dtype)
+    # Over the keys with a positive p, +inf counts 1 and -inf 256: h = h_pos + 256 h_neg.
     # Booleans go through float32 (the interpreter cannot cast them to bf16 directly).
-    seen = ok.to(tl.float32).to(v.dtype)
-    n = mm(seen, code)
-    h = mm((p > 0).to(tl.float32).to(v.dtype), code)  # the same over keys with a positive p
-    n_nan = mm(seen, (vf != vf).to(tl.float32).to(v.dtype))
-    n_neg = tl.floor(n / 256.0)
-    n_pos = n - 256.0 * n_neg
+    code = tl.where(vf == float("inf"), 1.0, tl.where(vf == float("-inf"), 256.0, 0.0))
+    h = mm((p > 0).to(tl.float32).to(v.dtype), code.to(v.dtype))
     h_neg = tl.floor(h / 256.0)
     h_pos = h - 256.0 * h_neg
-    is_nan = ((n_nan > 0) | ((n_pos > 0) & (h_pos == 0)) | ((n_neg > 0) & (h_neg == 0))
-              | ((h_pos > 0) & (h_neg > 0)))
-    return tl.where(is_nan, float("nan"),
+    acc += tl.where((h_pos > 0) & (h_neg > 0), float("nan"),
                     tl.where(h_pos > 0, float("inf"), tl.where(h_neg > 0, float("-inf"), 0.0)))
+    # A visible key whose p underflowed to 0 with an inf value: 0 * inf.
+    under = (ok & (p == 0)).to(tl.float32).to(v.dtype)
+    z = mm(under, (tl.abs(vf) == float("inf")).to(tl.float32).to(v.dtype))
+    acc = tl.where(z > 0, float("nan"), acc)
+    n_nan = mm(ok.to(tl.float32).to(v.dtype), (vf != vf).to(tl.float32).to(v.dtype))
+    return tl.where(n_nan > 0, float("nan"), acc)
 
 
 @triton.jit
@@ -110,7 +113,7 @@ def masked_pv(p, v, ok, acc):
     bad = (vf != vf) | (tl.abs(vf) == float("inf"))
     acc = dot(cast(p, v.dtype), tl.where(bad, tl.zeros_like(v), v), acc)
     if tl.sum(tl.sum(bad.to(tl.int32), 1), 0) > 0:
-        acc += nonfinite_pv(p, ok, v)
+        acc = nonfinite_pv(p, ok, v, acc)
     return acc
 
 

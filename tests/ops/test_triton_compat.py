@@ -64,6 +64,50 @@ def test_masked_pv_is_the_visible_product(seed, dtype):
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_masked_pv_follows_ieee_on_each_kind_of_non_finite_meeting(dtype):
+    """Rows built for each rule, kernel and reference alike: an inf at a positive p gives that
+    inf; +inf and -inf both at positive p NaN; an inf at a visible key whose p underflowed to 0
+    NaN (0 * inf), also beside an inf of the same sign at a positive p; a hidden NaN or inf
+    nothing; a visible NaN NaN even at p = 0."""
+    p = torch.full((M, N), 0.01).to(dtype).float()
+    ok = torch.ones(M, N, dtype=torch.bool)
+    v = torch.randn(N, D, generator=torch.Generator().manual_seed(7))
+    v[0, 0], v[1, 0], v[2, 1], v[3, 2], v[4, 3] = math.inf, math.inf, -math.inf, math.nan, math.inf
+    p[:, 0:5] = 0.0
+    ok[:, 0:5] = False  # by default rows see none of the five poisoned keys
+    rules = {  # row: (keys seen with p > 0, keys seen with p == 0, expected column 0..3)
+        0: ([0], [], {0: math.inf}),
+        1: ([0, 2], [], {0: math.inf, 1: -math.inf}),
+        2: ([0], [1], {0: math.nan}),  # +inf at p > 0 beside +inf at p == 0
+        3: ([], [4], {3: math.nan}),
+        4: ([], [3], {2: math.nan}),
+        5: ([], [], {}),
+    }
+    for row, (positive, underflow, _) in rules.items():
+        for key in positive:
+            p[row, key], ok[row, key] = 0.25, True
+        for key in underflow:
+            ok[row, key] = True
+    v = v.to(dtype)
+    out = torch.empty(M, D, device=DEVICE)
+    _masked_pv_kernel[(1,)](p.to(DEVICE), ok.to(torch.int8).to(DEVICE), v.to(DEVICE), out,
+                            M=M, N=N, D=D)
+    want = visible_matmul(p, ok, v.float())
+    got = out.cpu()
+    for row, (_, _, expected) in rules.items():
+        for col in range(4):
+            value = expected.get(col)
+            for name, t in (("kernel", got), ("reference", want)):
+                x = float(t[row, col])
+                if value is None:
+                    assert math.isfinite(x), (name, row, col, x)
+                elif math.isnan(value):
+                    assert math.isnan(x), (name, row, col, x)
+                else:
+                    assert x == value, (name, row, col, x)
+
+
 def test_kernel_output_writes_through_a_temporary_only_when_needed():
     """``_common.kernel_output`` (what the csrc launchers write into): ``out`` itself when the
     kernel can store to it, else a contiguous temporary whose values land in ``out``."""

@@ -1,6 +1,7 @@
 """Every Hopper config of the Triton flash-attention forward fits in a block's shared memory
-(232448 bytes on the H100 and H200), checked on any machine: the kernel is compiled for sm_90a
-(Triton's own ptxas; no GPU needed) and the compiled kernel's ``shared`` size is read.
+(232448 bytes on the H100 and H200) and keeps its wgmmas asynchronous, checked on any machine:
+the kernel is compiled for sm_90a (Triton's own ptxas; no GPU needed), the compiled kernel's
+``shared`` size is read and its PTX assembled again with ``-v`` for ptxas's C7512 warning.
 
 A config past the limit compiles on the CPU and in the interpreter but fails on the GPU at its
 first launch with ``OutOfResources`` (it happened: masked_pv's extra tiles pushed the 128 x 128
@@ -47,7 +48,26 @@ SCRIPT = textwrap.dedent('''
                         attrs)
         kernel = compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=warps, num_stages=stages))
-        return kernel.metadata.shared
+        return kernel.metadata.shared, serialised(kernel.asm["ptx"])
+
+    def serialised(ptx):
+        """Whether ptxas serialises the kernel's wgmmas (warning C7512), run on the PTX again
+        with -v (Triton keeps ptxas's warnings to itself)."""
+        import os, subprocess, tempfile
+        try:  # the ptxas Triton itself runs for sm_90 (a newer one than its sm_80 ptxas)
+            from triton.backends.nvidia.compiler import get_ptxas
+            ptxas = get_ptxas(90).path
+        except ImportError:
+            import triton
+            ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                 "ptxas")
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            done = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", src, "-o",
+                                   os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+        return "C7512" in done.stdout + done.stderr
 
     out = []
     for d, seqlen in json.loads(sys.argv[1]):
@@ -57,7 +77,7 @@ SCRIPT = textwrap.dedent('''
         for cfg in F.configs(Problem(head_dim=d, seqlen_q=seqlen, varlen=False)):
             args = (cfg.get("TMA", False), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"],
                     cfg["num_stages"], d, True)
-            out.append([list(args), shared(*args)])
+            out.append([list(args), *shared(*args)])
     print(json.dumps(out))
 ''')
 
@@ -73,5 +93,16 @@ def test_flash_forward_hopper_configs_fit_in_shared_memory():
     assert done.returncode == 0, done.stderr[-3000:]
     sizes = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(sizes) >= 10
-    over = [(cfg, size) for cfg, size in sizes if size > HOPPER_SHARED]
+    over = [(cfg, size) for cfg, size, _ in sizes if size > HOPPER_SHARED]
     assert not over, f"configs past {HOPPER_SHARED} bytes of shared memory: {over}"
+    # ptxas serialising the wgmmas (C7512: registers ran out) halves the whole kernel's rate,
+    # its unmasked loop included: the H100 measured 271 TFLOP/s against 573-577 before the
+    # rare non-finite branch held three float32 count tiles at once (_triton_compat).
+    # Checked where it holds: head dims up to 128 at 8 warps (every default there). With 4
+    # warps a thread holds a 128-row tile's 128-column accumulator in 128 registers, and at
+    # D = 256 in 128 at 8 warps: the rare branch's count tile then does not fit beside it
+    # (those configs compile serialised; tuner candidates, not defaults at D <= 128).
+    serial = [cfg for cfg, _, slow in sizes if slow and cfg[5] <= 128 and cfg[3] == 8]
+    assert not serial, f"configs whose wgmmas ptxas serialises (C7512): {serial}"
+    defaults = {cfg[5]: slow for cfg, _, slow in reversed(sizes)}  # the first config per D
+    assert not defaults[64] and not defaults[128], defaults

@@ -109,7 +109,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n, off
         acc = acc * alpha[:, None] + _kpt_dot(p.to(v.dtype), tl.where(bad, tl.zeros_like(v), v),
                                               PREC)
         if tl.sum(tl.sum(bad.to(tl.int32), 1), 0) > 0:
-            acc += _kpt_nonfinite_pv(p, keep, v)
+            acc = _kpt_nonfinite_pv(p, keep, v, acc)
     else:
         acc = acc * alpha[:, None] + _kpt_dot(p.to(v.dtype), v, PREC)
     return acc, l_i, m_new
