@@ -625,13 +625,23 @@ def _as_config(entry: tuple) -> dict:
             | dict(GROUP_M=group_m, PARTIAL_FP32=partial_fp32))
 
 
-def _regime(t: int, top_k: int, e_global: int) -> str:
+# Pairs per expert above which the "large" tiles are the forward's default, per quant. bf16:
+# from 128, where an expert's rows fill a 128-row tile on average; measured on an H100
+# (2026-12-07, scripts/moe_profile.py, T 4096, 128 experts, top 8: 256 pairs per expert) the
+# large tiles took 868.2 µs against 1028.8 for the medium ones (the bound was 512). fp8 and
+# int4 keep 512 (not measured there; fp8's large tiles have 64 rows like its medium ones).
+LARGE_FROM = {"none": 128, "fp8": 512, "int4": 512}
+
+
+def _regime(t: int, top_k: int, e_global: int, large_from: int = 512) -> str:
+    """The tile regime by pairs per expert; ``large_from``: the forward's LARGE_FROM[quant]
+    (the backward keeps 512, where its tiles were chosen)."""
     per_expert = t * top_k / max(1, e_global)
     if per_expert <= 16:
         return "decode"
     if per_expert <= 48:
         return "small"
-    if per_expert <= 512:
+    if per_expert <= large_from:
         return "medium"
     return "large"
 
@@ -641,7 +651,8 @@ def configs(problem) -> list[dict]:
     weight read dominates), then the other regimes' tiles and a few variants, with the
     per-pair partials in the other dtype as well."""
     table = _TILES[problem["quant"]]
-    default = _as_config(table[_regime(problem["t"], problem["top_k"], problem["e_global"])])
+    default = _as_config(table[_regime(problem["t"], problem["top_k"], problem["e_global"],
+                                       LARGE_FROM[problem["quant"]])])
     out = [default]
     for entry in (*table.values(), *_EXTRA[problem["quant"]]):
         for cfg in (_as_config(entry), _as_config(entry) | dict(
@@ -713,7 +724,7 @@ def run(call, config: dict) -> None:
     if t == 0:
         return
     quant = call.quant
-    default = _as_config(_TILES[quant][_regime(t, top_k, call.e_global)])
+    default = _as_config(_TILES[quant][_regime(t, top_k, call.e_global, LARGE_FROM[quant])])
     cfg = _fit(default | config, call)
     dev = x.device
     dtype = _TL[x.dtype]
