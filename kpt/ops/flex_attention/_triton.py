@@ -137,7 +137,17 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, sv
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
     row = b * tab_b + hq * tab_h + (pid_m * BM) // SPARSE_Q
-    # Partial blocks (mask_mod evaluated), then full blocks (mask_mod skipped).
+    # Full blocks (mask_mod skipped) first, then partial blocks (mask_mod evaluated). The other
+    # order made ptxas serialise every wgmma of the kernel, the full blocks' too (C7515, with
+    # any mask; sm_90a compiles with Triton 3.6 and 3.9): the partial loop's rare non-finite
+    # branch then defined the accumulator the full loop's wgmmas went on to use.
+    n = tl.load(FKV_NUM + row)
+    for j in range(0, n):
+        kvb = tl.load(FKV_IDX + row * NKVB + j)
+        for sub in range(0, SPARSE_KV // BN):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd,
+                                      kvb * SPARSE_KV + sub * BN, offs_m, offs_d, offs_dv,
+                                      b, hq, Skv, D, DV, sm_scale BUFS, BN, False, PREC)
     if HAS_PARTIAL:
         n = tl.load(KV_NUM + row)
         for j in range(0, n):
@@ -146,13 +156,6 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, sv
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd,
                                           kvb * SPARSE_KV + sub * BN, offs_m, offs_d, offs_dv,
                                           b, hq, Skv, D, DV, sm_scale BUFS, BN, True, PREC)
-    n = tl.load(FKV_NUM + row)
-    for j in range(0, n):
-        kvb = tl.load(FKV_IDX + row * NKVB + j)
-        for sub in range(0, SPARSE_KV // BN):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd,
-                                      kvb * SPARSE_KV + sub * BN, offs_m, offs_d, offs_dv,
-                                      b, hq, Skv, D, DV, sm_scale BUFS, BN, False, PREC)
     # Fully masked rows: output 0 and lse -inf, like torch.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
