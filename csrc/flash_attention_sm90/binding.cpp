@@ -17,24 +17,32 @@ namespace {
 
 constexpr const char* kOp = "flash_attention[sm90]";
 
-void check_bshd(const at::Tensor& t, const at::Tensor& q, const char* name) {
+// (B, S, H, D) with q's batch and head dim, or for varlen (tokens, H, D) with q's head dim; on
+// q's device, of q's dtype, with a unit last stride.
+void check_layout(const at::Tensor& t, const at::Tensor& q, const char* name,
+                  bool varlen = false) {
   TORCH_CHECK(t.is_cuda() && t.device() == q.device(), kOp, ": ", name, " must be on ",
               q.device());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), kOp, ": ", name, " dtype mismatch");
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(3) == q.size(3), kOp, ": ",
-              name, " must be (B, S, H, D) like q");
-  TORCH_CHECK(t.stride(3) == 1, kOp, ": ", name, " needs a contiguous last dim");
+  if (varlen) {
+    TORCH_CHECK(t.dim() == 3 && t.size(2) == q.size(2), kOp, ": ", name,
+                " must be (tokens, H, D) like q");
+  } else {
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(3) == q.size(3), kOp, ": ",
+                name, " must be (B, S, H, D) like q");
+  }
+  TORCH_CHECK(t.stride(-1) == 1, kOp, ": ", name, " needs a contiguous last dim");
 }
 
 // dtype, layouts and shapes of the tensors both directions take.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& out) {
+                  const at::Tensor& out, bool varlen = false) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
               ": dtype must be float16 or bfloat16");
-  check_bshd(q, q, "q");
-  check_bshd(k, q, "k");
-  check_bshd(v, q, "v");
-  check_bshd(out, q, "out");
+  check_layout(q, q, "q", varlen);
+  check_layout(k, q, "k", varlen);
+  check_layout(v, q, "v", varlen);
+  check_layout(out, q, "out", varlen);
   TORCH_CHECK(k.sizes() == v.sizes(), kOp, ": k and v must have the same shape");
   TORCH_CHECK(out.sizes() == q.sizes(), kOp, ": out must be shaped like q");
 }
@@ -102,6 +110,45 @@ std::tuple<at::Tensor, at::Tensor> forward_new(const at::Tensor& q, const at::Te
   return {out, lse};
 }
 
+// Varlen forward: q and out (Tq, H, D), k and v (Tk, Hkv, D), lse (H, Tq), cu_seqlens int32
+// (B + 1). The caller has checked the boundaries (non-decreasing, inside the tensors, none
+// longer than the max_seqlen given); rows outside every sequence are left as they are.
+void forward_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                    double scale, double softcap, int64_t window_left, int64_t window_right,
+                    int64_t variant, int64_t stream) {
+  check_inputs(q, k, v, out, /*varlen=*/true);
+  TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.scalar_type() == at::kFloat &&
+                  lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == q.size(1) &&
+                  lse.size(1) == q.size(0),
+              kOp, ": lse must be contiguous float32 (H, Tq)");
+  for (const at::Tensor* cu : {&cu_seqlens_q, &cu_seqlens_k}) {
+    TORCH_CHECK(cu->is_cuda() && cu->device() == q.device() && cu->scalar_type() == at::kInt &&
+                    cu->is_contiguous() && cu->dim() == 1 && cu->size(0) >= 2,
+                kOp, ": cu_seqlens must be contiguous int32 (B + 1,) on ", q.device());
+  }
+  TORCH_CHECK(cu_seqlens_k.size(0) == cu_seqlens_q.size(0), kOp,
+              ": cu_seqlens_q and cu_seqlens_k must have the same length");
+  const int64_t qs[2] = {q.stride(0), q.stride(1)};
+  const int64_t ks[2] = {k.stride(0), k.stride(1)};
+  const int64_t vs[2] = {v.stride(0), v.stride(1)};
+  const int64_t os[2] = {out.stride(0), out.stride(1)};
+  const int dtype = q.scalar_type() == at::kBFloat16 ? KPT_FA90_BF16 : KPT_FA90_FP16;
+  at::Tensor counter;
+  if (variant == KPT_FA90_VARIANT_DYNAMIC) counter = at::zeros({1}, q.options().dtype(at::kInt));
+  const int code = kpt_fa90_forward_varlen(
+      dtype, static_cast<int>(q.size(2)), q.data_ptr(), qs, k.data_ptr(), ks, v.data_ptr(), vs,
+      out.data_ptr(), os, lse.data_ptr<float>(), cu_seqlens_q.data_ptr<int>(),
+      cu_seqlens_k.data_ptr<int>(), cu_seqlens_q.size(0) - 1, q.size(0), k.size(0),
+      max_seqlen_q, max_seqlen_k, q.size(1), k.size(1), static_cast<float>(scale),
+      static_cast<float>(softcap), window_left, window_right, static_cast<int>(variant),
+      counter.defined() ? reinterpret_cast<unsigned int*>(counter.data_ptr<int>()) : nullptr,
+      reinterpret_cast<void*>(static_cast<intptr_t>(stream)));
+  TORCH_CHECK(code == KPT_FA90_OK, kOp, ": kpt_fa90_forward_varlen failed: ",
+              kpt_fa90_error_string(code), " (code ", code, ")");
+}
+
 void check_lse(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.device() == q.device() && t.scalar_type() == at::kFloat &&
                   t.is_contiguous() && t.dim() == 3 && t.size(0) == q.size(0) &&
@@ -120,10 +167,10 @@ void backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, con
               const at::Tensor& dv, const at::Tensor& workspace, double scale, double softcap,
               int64_t window_left, int64_t window_right, int64_t stream) {
   check_inputs(q, k, v, out);
-  check_bshd(dout, q, "dout");
-  check_bshd(dq, q, "dq");
-  check_bshd(dk, q, "dk");
-  check_bshd(dv, q, "dv");
+  check_layout(dout, q, "dout");
+  check_layout(dq, q, "dq");
+  check_layout(dk, q, "dk");
+  check_layout(dv, q, "dv");
   TORCH_CHECK(dk.sizes() == k.sizes() && dv.sizes() == k.sizes(), kOp,
               ": dk and dv must be shaped like k");
   TORCH_CHECK(dout.sizes() == q.sizes() && dq.sizes() == q.sizes(), kOp,
@@ -166,6 +213,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_new", &forward_new, "attention forward into new (out, lse)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("softcap"),
         py::arg("window_left"), py::arg("window_right"), py::arg("variant"), py::arg("stream"));
+  m.def("forward_varlen", &forward_varlen,
+        "varlen attention forward into out and lse (the overlap kernel's variants)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
+        py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("variant"), py::arg("stream"));
   m.def("backward", &backward, "attention backward into dq, dk and dv (fp32 dq atomics)",
         py::arg("dout"), py::arg("dlse"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),

@@ -44,7 +44,34 @@ struct Params {
   int split_from, split_pieces;
   float4* split_ws;
   unsigned int* split_count;
+  // Varlen (the overlap kernel only): q, k, v and out are packed (tokens, heads, head_dim)
+  // and sequence b's rows are [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and out and
+  // [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v (int32 device arrays, batch + 1
+  // entries); seqlen_q / seqlen_k hold the longest sequences, total_q the tokens of q (lse is
+  // (heads, total_q)). nullptr for a dense (B, S, H, D) batch.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  int total_q;
 };
+
+// One sequence of the launch: its query and key lengths and its first query and key rows in
+// the tensors (the TMA row coordinates) and the batch coordinate of its boxes. A dense batch
+// gives every sequence Params' lengths at rows 0 of batch `batch`; a varlen batch (kVarlen)
+// reads them from cu_seqlens, with batch coordinate 0 (the maps then have one batch).
+struct Seq {
+  int len_q, len_k, off_q, off_k, coord_batch;
+};
+
+template <bool kVarlen>
+__device__ __forceinline__ Seq sequence(const Params& p, int batch) {
+  if constexpr (kVarlen) {
+    const int q0 = __ldg(p.cu_seqlens_q + batch), q1 = __ldg(p.cu_seqlens_q + batch + 1);
+    const int k0 = __ldg(p.cu_seqlens_k + batch), k1 = __ldg(p.cu_seqlens_k + batch + 1);
+    return {q1 - q0, k1 - k0, q0, k0, 0};
+  } else {
+    return {p.seqlen_q, p.seqlen_k, 0, 0, batch};
+  }
+}
 
 // ---- PTX helpers -----------------------------------------------------------------------------
 
@@ -202,14 +229,15 @@ __device__ __forceinline__ uint32_t ring_bar(uint32_t bars, int stage, int which
 // the consumers released it. L gives the
 // tile offsets and sizes (kQ, kQBytes, kQChunk, kK, kV, kKVBytes, kKVChunk) and the key block kN.
 template <class L, int kD, int kStages>
-__device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t bars, int m0,
-                                        int head, int batch, int n_last, int blocks,
+__device__ __forceinline__ void produce(const Params& p, const Seq& sq, uint32_t base,
+                                        uint32_t bars, int m0, int head, int n_last, int blocks,
                                         int ring = 0) {
   const int head_kv = head / p.group;
   bar_expect_tx(bars, L::kQBytes);
 #pragma unroll
   for (int c = 0; c < kD / kSwizzleElems; ++c) {
-    tma_load(base + L::kQ + c * L::kQChunk, &p.tma_q, bars, c * kSwizzleElems, m0, head, batch);
+    tma_load(base + L::kQ + c * L::kQChunk, &p.tma_q, bars, c * kSwizzleElems, sq.off_q + m0,
+             head, sq.coord_batch);
   }
   for (int it = 0; it < blocks; ++it) {
     const int n0 = (n_last - it) * L::kN;
@@ -222,8 +250,8 @@ __device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t
 #pragma unroll
       for (int c = 0; c < kD / kSwizzleElems; ++c) {
         tma_load(base + (kv ? L::kV : L::kK) + s * L::kKVBytes + c * L::kKVChunk,
-                 kv ? &p.tma_v : &p.tma_k, ring_bar(bars, s, 1 + 2 * kv), c * kSwizzleElems, n0,
-                 head_kv, batch);
+                 kv ? &p.tma_v : &p.tma_k, ring_bar(bars, s, 1 + 2 * kv), c * kSwizzleElems,
+                 sq.off_k + n0, head_kv, sq.coord_batch);
       }
     }
   }
@@ -232,9 +260,10 @@ __device__ __forceinline__ void produce(const Params& p, uint32_t base, uint32_t
 // Whether key block n0 (kN keys) is fully visible to all 64 rows from wg_row_lo: inside the
 // keys, and inside the window of every row.
 template <int kN>
-__device__ __forceinline__ bool block_fully_visible(const Params& p, int n0, int wg_row_lo) {
-  const int diag = p.seqlen_k - p.seqlen_q;
-  return n0 + kN <= p.seqlen_k &&
+__device__ __forceinline__ bool block_fully_visible(const Params& p, const Seq& sq, int n0,
+                                                    int wg_row_lo) {
+  const int diag = sq.len_k - sq.len_q;
+  return n0 + kN <= sq.len_k &&
          (p.window_right < 0 || n0 + kN - 1 <= wg_row_lo + diag + p.window_right) &&
          (p.window_left < 0 || n0 >= wg_row_lo + 63 + diag - p.window_left);
 }
@@ -250,11 +279,12 @@ __device__ __forceinline__ int64_t floor_div(int64_t a, int64_t b) {  // b > 0
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
 template <int kN>
-__device__ __forceinline__ void fully_visible_iterations(const Params& p, int n_last,
-                                                         int wg_row_lo, int& first, int& last) {
-  const int64_t diag = static_cast<int64_t>(p.seqlen_k) - p.seqlen_q;
+__device__ __forceinline__ void fully_visible_iterations(const Params& p, const Seq& sq,
+                                                         int n_last, int wg_row_lo, int& first,
+                                                         int& last) {
+  const int64_t diag = static_cast<int64_t>(sq.len_k) - sq.len_q;
   // n0 + kN <= seqlen_k, n0 = (n_last - it) * kN.
-  int64_t lo = n_last - floor_div(static_cast<int64_t>(p.seqlen_k) - kN, kN);
+  int64_t lo = n_last - floor_div(static_cast<int64_t>(sq.len_k) - kN, kN);
   if (p.window_right >= 0) {  // n0 + kN - 1 <= wg_row_lo + diag + window_right
     lo = max(lo, n_last - floor_div(wg_row_lo + diag + p.window_right - kN + 1, kN));
   }
@@ -274,8 +304,9 @@ __device__ __forceinline__ void fully_visible_iterations(const Params& p, int n_
 // cap (or a non-positive scale, which would flip the row max) is applied here and 1 is
 // returned.
 template <int kHalf>  // kHalf = key block / 2 scores per thread
-__device__ __forceinline__ float scale_and_mask_known(const Params& p, float (&sc)[kHalf],
-                                                      int n0, int row0, int col0, bool full) {
+__device__ __forceinline__ float scale_and_mask_known(const Params& p, const Seq& sq,
+                                                      float (&sc)[kHalf], int n0, int row0,
+                                                      int col0, bool full) {
   constexpr int kN = 2 * kHalf;
   float fold = 1.f;
   if (p.softcap_log2 > 0.f) {
@@ -288,7 +319,7 @@ __device__ __forceinline__ float scale_and_mask_known(const Params& p, float (&s
     for (int i = 0; i < kHalf; ++i) sc[i] *= p.score_scale;
   }
   if (full) return fold;
-  const int diag = p.seqlen_k - p.seqlen_q;
+  const int diag = sq.len_k - sq.len_q;
   // Per row, the visible columns as an interval [lo, hi) relative to this thread's first
   // column, so each score costs two compares against its compile-time offset and a select
   // (the per-score column arithmetic of the plain form compiled to ~10 instructions).
@@ -298,7 +329,7 @@ __device__ __forceinline__ float scale_and_mask_known(const Params& p, float (&s
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t key0 = static_cast<int64_t>(row0 + 8 * h) + diag;  // the diagonal's key
-    int64_t end = p.seqlen_k;
+    int64_t end = sq.len_k;
     if (p.window_right >= 0) end = min(end, key0 + p.window_right + 1);
     const int64_t begin = p.window_left >= 0 ? key0 - p.window_left : 0;
     hi[h] = static_cast<int>(max(end - base, int64_t{-1}));
@@ -321,10 +352,11 @@ __device__ __forceinline__ float scale_and_mask_known(const Params& p, float (&s
 }
 
 template <int kHalf>
-__device__ __forceinline__ float scale_and_mask(const Params& p, float (&sc)[kHalf], int n0,
-                                                int wg_row_lo, int row0, int col0) {
-  return scale_and_mask_known(p, sc, n0, row0, col0,
-                              block_fully_visible<2 * kHalf>(p, n0, wg_row_lo));
+__device__ __forceinline__ float scale_and_mask(const Params& p, const Seq& sq,
+                                                float (&sc)[kHalf], int n0, int wg_row_lo,
+                                                int row0, int col0) {
+  return scale_and_mask_known(p, sq, sc, n0, row0, col0,
+                              block_fully_visible<2 * kHalf>(p, sq, n0, wg_row_lo));
 }
 
 // Online softmax of one block in place: sc (log2-domain scores once multiplied by `fold` > 0)
@@ -379,39 +411,47 @@ __device__ __forceinline__ float quad_sum(float partial) {
 }
 
 // The natural-log lse of `row` from its log2-domain max and sum (-inf where it saw nothing).
-__device__ __forceinline__ void store_lse(const Params& p, int batch, int head, int row,
-                                          float row_max, float sum) {
+// `row` is in-sequence; lse is (B, H, Sq), or (H, total_q) for varlen.
+__device__ __forceinline__ void store_lse(const Params& p, const Seq& sq, int batch, int head,
+                                          int row, float row_max, float sum) {
   const float lse = sum > 0.f ? (row_max + log2f(sum)) * 0.69314718055994531f : -INFINITY;
-  p.lse[(static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row] = lse;
+  const int64_t at = p.cu_seqlens_q != nullptr
+                         ? static_cast<int64_t>(head) * p.total_q + sq.off_q + row
+                         : (static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row;
+  p.lse[at] = lse;
 }
 
 // Epilogue of a consumer thread: normalise its O rows (row0, row0 + 8), store those below
 // seqlen_q from registers, and (one thread per row) the natural-log lse.
 template <bool kBf16, int kD>
-__device__ __forceinline__ void store_output(const Params& p, int batch, int head, int row0,
-                                             int col0, int lane, const float (&o)[kD / 2],
+__device__ __forceinline__ void store_output(const Params& p, const Seq& sq, int batch, int head,
+                                             int row0, int col0, int lane,
+                                             const float (&o)[kD / 2],
                                              const float (&row_max)[2], float (&row_sum)[2]) {
-  const int64_t out_base = batch * p.out_batch + head * p.out_head;
+  // Varlen: out_batch is 0 and the sequence's rows start at off_q.
+  const int64_t out_base = batch * p.out_batch + head * p.out_head +
+                           static_cast<int64_t>(sq.off_q) * p.out_seq;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float sum = quad_sum(row_sum[h]);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int row = row0 + 8 * h;
-    if (row >= p.seqlen_q) continue;
+    if (row >= sq.len_q) continue;
     uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + out_base +
                                                 static_cast<int64_t>(row) * p.out_seq + col0);
 #pragma unroll
     for (int j = 0; j < kD / 8; ++j) {
       dst[4 * j] = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
     }
-    if (lane % 4 == 0) store_lse(p, batch, head, row, row_max[h], sum);
+    if (lane % 4 == 0) store_lse(p, sq, batch, head, row, row_max[h], sum);
   }
 }
 
 // The same epilogue through shared memory: a warpgroup writes its 64 normalised O rows (rows
 // row0 - wg_row_lo and + 8 of the tile, in the TMA box's swizzle) to `stage` (kD / 64 chunks of
 // 64 rows x 128 B, chunk_bytes apart; the caller guarantees nothing else reads it any more),
-// then one thread stores the chunks with TMA, which clips rows past seqlen_q, and (with
+// then one thread stores the chunks with TMA, which clips rows past seqlen_q (dense batches
+// only: a varlen sequence's rows are followed by the next one's), and (with
 // `wait_read`) waits until they have read `stage`. `bar_id` is a named barrier for this
 // warpgroup's 128 threads.
 template <bool kBf16, int kD>
@@ -433,7 +473,7 @@ __device__ __forceinline__ void store_output_tma(const Params& p, int batch, int
       const uint32_t v = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
       asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
     }
-    if (row < p.seqlen_q && tid % 4 == 0) store_lse(p, batch, head, row, row_max[h], sum);
+    if (row < p.seqlen_q && tid % 4 == 0) store_lse(p, Seq{}, batch, head, row, row_max[h], sum);
   }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   asm volatile("bar.sync %0, 128;" ::"r"(bar_id) : "memory");
@@ -446,12 +486,13 @@ __device__ __forceinline__ void store_output_tma(const Params& p, int batch, int
   }
 }
 
-// The key columns [n_begin, n_end) some row of the query tile [m0, m0 + block_m) can see.
-__device__ __forceinline__ void key_range(const Params& p, int m0, int block_m, int& n_begin,
-                                          int& n_end) {
-  const int diag = p.seqlen_k - p.seqlen_q;
-  const int last_row = min(m0 + block_m, p.seqlen_q) - 1;
-  n_end = p.seqlen_k;
+// The key columns [n_begin, n_end) some row of the query tile [m0, m0 + block_m) can see
+// (none when the tile starts past the sequence's queries).
+__device__ __forceinline__ void key_range(const Params& p, const Seq& sq, int m0, int block_m,
+                                          int& n_begin, int& n_end) {
+  const int diag = sq.len_k - sq.len_q;
+  const int last_row = min(m0 + block_m, sq.len_q) - 1;
+  n_end = m0 < sq.len_q ? sq.len_k : 0;
   if (p.window_right >= 0) n_end = min(n_end, last_row + diag + p.window_right + 1);
   n_begin = 0;
   if (p.window_left >= 0) n_begin = max(0, m0 + diag - p.window_left);

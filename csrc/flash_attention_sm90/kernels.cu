@@ -57,8 +57,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int head = blockIdx.y, batch = blockIdx.z;
   const int m0 = m_block * kBlockM;
+  const Seq sq = sequence<false>(p, batch);  // dense batches only (varlen: the overlap kernel)
   int n_begin, n_end;
-  key_range(p, m0, kBlockM, n_begin, n_end);
+  key_range(p, sq, m0, kBlockM, n_begin, n_end);
   const int n_first = n_begin / kBlockN;
   const int n_last = n_end > n_begin ? (n_end - 1) / kBlockN : n_first - 1;
   const int blocks = n_last - n_first + 1;  // <= 0: no row of this tile sees any key
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     // ---- producer ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0 || blocks <= 0) return;
-    produce<L, kD, kStages>(p, base, bars, m0, head, batch, n_last, blocks);
+    produce<L, kD, kStages>(p, sq, base, bars, m0, head, n_last, blocks);
     return;
   }
 
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     bar_arrive(k_empty(s));
 
     // Scores to the log2 domain, soft cap, mask; online softmax, then rescale O.
-    const float fold = scale_and_mask(p, sc, n0, m0 + wg * 64, row0, col0);
+    const float fold = scale_and_mask(p, sq, sc, n0, m0 + wg * 64, row0, col0);
     float correction[2];
     softmax(sc, fold, row_max, row_sum, correction);
     rescale<kD>(o, correction);
@@ -134,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd(const __grid_consta
     pv_and_release<L, kBf16, kD>(o, pa, v_tile, v_full(s), parity, v_empty(s));
   }
 
-  store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
+  store_output<kBf16, kD>(p, sq, batch, head, row0, col0, lane, o, row_max, row_sum);
 #endif
 }
 
@@ -193,19 +194,21 @@ bool aligned_strides(const int64_t* strides) {
   return true;
 }
 
-}  // namespace kpt_fa90
-
-extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const int64_t* q_strides,
-                                const void* k, const int64_t* k_strides, const void* v,
-                                const int64_t* v_strides, void* out, const int64_t* out_strides,
-                                float* lse, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
-                                int64_t heads, int64_t heads_kv, float scale, float softcap,
-                                int64_t window_left, int64_t window_right, int variant,
-                                unsigned int* tile_counter, float* split_workspace,
-                                void* stream) {
-  using namespace kpt_fa90;
+// Both C entry points: a dense batch (cu_q == nullptr; the maps have `batch` batches of
+// seqlen_q / seqlen_k rows) or a varlen one (sequences at cu_q / cu_k in tensors of total_q /
+// total_k rows, one batch in the maps; seqlen_q / seqlen_k the longest sequences).
+int forward(int dtype, int head_dim, const void* q, const int64_t* q_strides, const void* k,
+            const int64_t* k_strides, const void* v, const int64_t* v_strides, void* out,
+            const int64_t* out_strides, float* lse, int64_t batch, int64_t seqlen_q,
+            int64_t seqlen_k, int64_t heads, int64_t heads_kv, float scale, float softcap,
+            int64_t window_left, int64_t window_right, int variant, unsigned int* tile_counter,
+            float* split_workspace, const int* cu_q, const int* cu_k, int64_t total_q,
+            int64_t total_k, void* stream) {
+  const bool varlen = cu_q != nullptr;
   // The Python launcher validates all of this first; these checks keep the C entry point safe.
   if ((dtype != KPT_FA90_FP16 && dtype != KPT_FA90_BF16) || (head_dim != 64 && head_dim != 128) ||
+      (varlen && (cu_k == nullptr || variant == KPT_FA90_VARIANT_BASE || total_q < 1 ||
+                  total_k < 1 || total_q >= kMaxSeqlen || total_k >= kMaxSeqlen)) ||
       batch < 1 || batch > 65535 || heads < 1 || heads > 65535 || heads_kv < 1 ||
       heads % heads_kv != 0 || seqlen_q < 1 || seqlen_k < 1 || seqlen_q >= kMaxSeqlen ||
       seqlen_k >= kMaxSeqlen || !aligned_strides(q_strides) || !aligned_strides(k_strides) ||
@@ -228,7 +231,11 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   params.lse = lse;
   params.tile_counter = tile_counter;
   params.head_group = 1;
-  params.split_ws = reinterpret_cast<float4*>(split_workspace);
+  params.split_ws = varlen ? nullptr : reinterpret_cast<float4*>(split_workspace);
+  params.cu_seqlens_q = cu_q;
+  params.cu_seqlens_k = cu_k;
+  params.total_q = static_cast<int>(total_q);
+  if (varlen) params.out_batch = 0;
   params.seqlen_q = static_cast<int>(seqlen_q);
   params.seqlen_k = static_cast<int>(seqlen_k);
   params.heads = static_cast<int>(heads);
@@ -246,16 +253,22 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   params.window_right = normalized_window(window_right, seqlen_q, seqlen_k);
   const bool overlap = variant != KPT_FA90_VARIANT_BASE;  // persistent: the overlap kernel
   const int block_m = overlap ? overlap_block_m(head_dim) : kBlockM;
-  int rc = make_map(&params.tma_q, dtype, q, q_strides, batch, seqlen_q, heads, head_dim, block_m);
+  const int64_t map_batch = varlen ? 1 : batch;
+  const int64_t rows_q = varlen ? total_q : seqlen_q, rows_k = varlen ? total_k : seqlen_k;
+  int rc = make_map(&params.tma_q, dtype, q, q_strides, map_batch, rows_q, heads, head_dim,
+                    block_m);
   if (rc == KPT_FA90_OK) {
-    rc = make_map(&params.tma_k, dtype, k, k_strides, batch, seqlen_k, heads_kv, head_dim, kBlockN);
+    rc = make_map(&params.tma_k, dtype, k, k_strides, map_batch, rows_k, heads_kv, head_dim,
+                  kBlockN);
   }
   if (rc == KPT_FA90_OK) {
-    rc = make_map(&params.tma_v, dtype, v, v_strides, batch, seqlen_k, heads_kv, head_dim, kBlockN);
+    rc = make_map(&params.tma_v, dtype, v, v_strides, map_batch, rows_k, heads_kv, head_dim,
+                  kBlockN);
   }
   if (rc != KPT_FA90_OK) return rc;
-  // The overlap kernel stores O with TMA where out's rows allow it (else from registers).
-  params.store_tma = overlap && aligned_strides(out_strides) &&
+  // The overlap kernel stores O with TMA where out's rows allow it (else from registers);
+  // varlen never: a box would write past its sequence into the next one's rows.
+  params.store_tma = overlap && !varlen && aligned_strides(out_strides) &&
                      reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
                      make_map(&params.tma_o, dtype, out, out_strides, batch, seqlen_q, heads,
                               head_dim, 64) == KPT_FA90_OK;
@@ -274,6 +287,45 @@ extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const in
   }
   return bf16 ? launch<true, 64>(params, m_blocks, heads, batch, s)
               : launch<false, 64>(params, m_blocks, heads, batch, s);
+}
+
+}  // namespace kpt_fa90
+
+extern "C" int kpt_fa90_forward(int dtype, int head_dim, const void* q, const int64_t* q_strides,
+                                const void* k, const int64_t* k_strides, const void* v,
+                                const int64_t* v_strides, void* out, const int64_t* out_strides,
+                                float* lse, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                                int64_t heads, int64_t heads_kv, float scale, float softcap,
+                                int64_t window_left, int64_t window_right, int variant,
+                                unsigned int* tile_counter, float* split_workspace,
+                                void* stream) {
+  return kpt_fa90::forward(dtype, head_dim, q, q_strides, k, k_strides, v, v_strides, out,
+                           out_strides, lse, batch, seqlen_q, seqlen_k, heads, heads_kv, scale,
+                           softcap, window_left, window_right, variant, tile_counter,
+                           split_workspace, nullptr, nullptr, 0, 0, stream);
+}
+
+extern "C" int kpt_fa90_forward_varlen(int dtype, int head_dim, const void* q,
+                                       const int64_t* q_strides, const void* k,
+                                       const int64_t* k_strides, const void* v,
+                                       const int64_t* v_strides, void* out,
+                                       const int64_t* out_strides, float* lse,
+                                       const int* cu_seqlens_q, const int* cu_seqlens_k,
+                                       int64_t batch, int64_t total_q, int64_t total_k,
+                                       int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t heads,
+                                       int64_t heads_kv, float scale, float softcap,
+                                       int64_t window_left, int64_t window_right, int variant,
+                                       unsigned int* tile_counter, void* stream) {
+  if (cu_seqlens_q == nullptr || cu_seqlens_k == nullptr) return KPT_FA90_UNSUPPORTED;
+  // {seq, head} strides of the packed tensors in the {batch, seq, head} slots (one batch).
+  const int64_t qs[3] = {0, q_strides[0], q_strides[1]};
+  const int64_t ks[3] = {0, k_strides[0], k_strides[1]};
+  const int64_t vs[3] = {0, v_strides[0], v_strides[1]};
+  const int64_t os[3] = {0, out_strides[0], out_strides[1]};
+  return kpt_fa90::forward(dtype, head_dim, q, qs, k, ks, v, vs, out, os, lse, batch,
+                           max_seqlen_q, max_seqlen_k, heads, heads_kv, scale, softcap,
+                           window_left, window_right, variant, tile_counter, nullptr,
+                           cu_seqlens_q, cu_seqlens_k, total_q, total_k, stream);
 }
 
 extern "C" int kpt_fa90_forward_scratch(int head_dim, int64_t batch, int64_t seqlen_q,

@@ -117,7 +117,22 @@ __device__ __forceinline__ void issue_qk_regs(float* sc, const uint32_t* qa, uin
   }
 }
 
-template <bool kBf16, int kD>
+// Varlen (kVarlen): a sequence's last key block may run into the next sequence's keys (the
+// tensor maps span them all; a dense batch's maps end at each sequence, and TMA fills zeros
+// past them). Their scores are masked, but P = 0 times a non-finite V would still reach O, so
+// the consumers zero that block's V rows from the sequence's end on, in shared memory, before
+// any PV reads it: rows [from, kN) of the stage at `tile`, spread over `threads` threads.
+template <class L, int kD>
+__device__ __forceinline__ void zero_rows(uint32_t tile, int from, int thread, int threads) {
+  constexpr int kPerRow = kD / 64 * 8;  // 16-byte pieces of a key row over the column chunks
+  for (int i = from * kPerRow + thread; i < L::kN * kPerRow; i += threads) {
+    const int row = i / kPerRow, piece = i % kPerRow;
+    const uint32_t addr = tile + (piece / 8) * L::kKVChunk + row * kRowBytes + (piece % 8) * 16;
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(addr), "r"(0) : "memory");
+  }
+}
+
+template <bool kBf16, int kD, bool kVarlen>
 __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
     attention_fwd_overlap(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -127,8 +142,8 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
   constexpr int kN = T::kN;
   constexpr int kStages = T::kStages;
   constexpr int kConsumers = T::kConsumers;
-  // Only D = 128 splits its last tiles (p.split_pieces; see the epilogue).
-  constexpr bool kCanSplit = kD == 128;
+  // Only D = 128 splits its last tiles (p.split_pieces; see the epilogue), and not varlen.
+  constexpr bool kCanSplit = kD == 128 && !kVarlen;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t bars = base + T::kBars;
@@ -174,6 +189,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
   const int group_tiles = m_blocks * p.head_group;
   struct TileInfo {
     int m0, head, batch, n_last, blocks;
+    Seq sq;  // the tile's sequence (Params' lengths for a dense batch)
   };
   // Where tile t sits (the integer divisions: with dynamic scheduling only the producer runs
   // them, and publishes the result with the index).
@@ -188,8 +204,9 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
   };
   // Its key blocks, from the highest (n_last) down: the same for every consumer warpgroup.
   auto tile_keys = [&](TileInfo& ti) {
+    ti.sq = sequence<kVarlen>(p, ti.batch);
     int n_begin, n_end;
-    key_range(p, ti.m0, T::kBlockM, n_begin, n_end);
+    key_range(p, ti.sq, ti.m0, T::kBlockM, n_begin, n_end);
     const int n_first = n_begin / kN;
     ti.n_last = n_end > n_begin ? (n_end - 1) / kN : n_first - 1;
     ti.blocks = ti.n_last - n_first + 1;
@@ -253,8 +270,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
       if (ti.blocks <= 0) continue;
       wait(q_empty, (q_uses & 1) ^ 1);  // fresh barriers pass parity 1
       ++q_uses;
-      produce<T, kD, kStages>(p, base, bars, ti.m0, ti.head, ti.batch, ti.n_last, ti.blocks,
-                              ring);
+      produce<T, kD, kStages>(p, ti.sq, base, bars, ti.m0, ti.head, ti.n_last, ti.blocks, ring);
       ring += ti.blocks;
     }
     return;
@@ -281,6 +297,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
   const int next_turn = 1 + (wg + 1) % kConsumers;
   const bool last_wg = wg == kConsumers - 1;
   const int o_bar = 1 + kConsumers + wg;  // this warpgroup's own named barrier
+  constexpr int kZeroBar = 2 * kConsumers + 1;  // all consumers (varlen: zero_rows)
   int ring = 0, q_uses = 0;
 
   if (last_wg) turn_pass(1);
@@ -315,15 +332,14 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
     // 2048 tokens; and all but one of them for a warpgroup whose rows all lie past seqlen_q
     // (at least one block runs the normal path, so the loop below keeps its shape).
     int skip = 0;
-    if (kConsumers * 64 > kN && blocks > 0 &&
-        (p.window_right >= 0 || wg_row_lo >= p.seqlen_q)) {
+    const int len_q = ti.sq.len_q, len_k = ti.sq.len_k;
+    if (kConsumers * 64 > kN && blocks > 0 && (p.window_right >= 0 || wg_row_lo >= len_q)) {
       // The keys this warpgroup's last row sees end before key_end (int32 is safe: the
       // lengths are below kMaxSeqlen and the windows clamped to seqlen_q + seqlen_k).
       const int key_end =
-          wg_row_lo >= p.seqlen_q
+          wg_row_lo >= len_q
               ? 0
-              : min(p.seqlen_k, min(wg_row_lo + 63, p.seqlen_q - 1) +
-                                    (p.seqlen_k - p.seqlen_q) + p.window_right + 1);
+              : min(len_k, min(wg_row_lo + 63, len_q - 1) + (len_k - len_q) + p.window_right + 1);
       skip = key_end <= 0 ? blocks - 1
                           : min(max(ti.n_last - (key_end - 1) / kN, 0), blocks - 1);
     }
@@ -335,7 +351,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
     // The iterations whose key block is fully visible to this warpgroup's rows (no mask),
     // warp-uniform like skip.
     int full_first, full_last;
-    fully_visible_iterations<kN>(p, n_last, wg_row_lo, full_first, full_last);
+    fully_visible_iterations<kN>(p, ti.sq, n_last, wg_row_lo, full_first, full_last);
     full_first = __shfl_sync(0xffffffffu, full_first, 0);
     full_last = __shfl_sync(0xffffffffu, full_last, 0);
 
@@ -356,6 +372,20 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
       if constexpr (kQRegs) {
         load_q_fragments<kD, T::kQChunk>(qa, q_tile, warp, lane);
         bar_arrive(q_empty);  // Q's rows are read: the next tile's Q may load now
+      }
+      if constexpr (kVarlen) {
+        // The tile's first block (it = 0) holds the sequence's last keys (see zero_rows); all
+        // consumers take part (the same tile, so the same condition), then meet before any
+        // of them can reach a PV. No turn is held here, so the ring cannot block the meeting.
+        const int valid = len_k - n_last * kN;
+        if (valid < kN) {
+          const int s0 = ring % kStages;
+          wait(v_full(s0), (ring / kStages) & 1);
+          zero_rows<T, kD>(base + T::kV + s0 * T::kKVBytes, valid, wg * 128 + tid,
+                           kConsumers * 128);
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // st.shared -> wgmma
+          asm volatile("bar.sync %0, %1;" ::"n"(kZeroBar), "n"(kConsumers * 128) : "memory");
+        }
       }
       for (int it = 0; it < skip; ++it) {  // invisible blocks: the turn and the releases only
         const int s = (ring + it) % kStages;
@@ -386,7 +416,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
         wgmma_wait_all();
         pin(sc);
         bar_arrive(k_empty(s0));
-        const float fold = scale_and_mask_known(p, sc, (n_last - skip) * kN, row0, col0,
+        const float fold = scale_and_mask_known(p, ti.sq, sc, (n_last - skip) * kN, row0, col0,
                                                 skip >= full_first && skip <= full_last);
         moved = softmax(sc, fold, row_max, row_sum, correction);  // O is 0: harmless
 #pragma unroll
@@ -426,7 +456,7 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
           wgmma_wait<1>();
           pin(sc);
           bar_arrive(k_empty(s));
-          const float fold = scale_and_mask_known(p, sc, (n_last - it) * kN, row0, col0,
+          const float fold = scale_and_mask_known(p, ti.sq, sc, (n_last - it) * kN, row0, col0,
                                                   it >= full_first && it <= full_last);
           moved = softmax(sc, fold, row_max, row_sum, correction);
 
@@ -502,9 +532,9 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
             o[4 * j + 3] = o[4 * j + 3] * a[1] + v.w * b[1];
           }
         }
-        store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
+        store_output<kBf16, kD>(p, ti.sq, batch, head, row0, col0, lane, o, row_max, row_sum);
       }
-    } else if (p.store_tma) {
+    } else if (!kVarlen && p.store_tma) {
       // O through its own shared-memory buffer; a previous tile's store must have read it
       // first.
       if (tid == 0) bulk_wait_read();
@@ -512,11 +542,11 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
       store_output_tma<kBf16, kD>(p, batch, head, wg_row_lo, row0, col0, tid, o_stage,
                                   T::kQChunk, o_bar, o, row_max, row_sum, false);
     } else {
-      store_output<kBf16, kD>(p, batch, head, row0, col0, lane, o, row_max, row_sum);
+      store_output<kBf16, kD>(p, ti.sq, batch, head, row0, col0, lane, o, row_max, row_sum);
     }
   }
   if (wg == 0) turn_wait(1);  // the last warpgroup's final pass
-  if (p.store_tma && tid == 0) bulk_wait_read();
+  if (!kVarlen && p.store_tma && tid == 0) bulk_wait_read();
 #endif
 }
 
@@ -534,11 +564,11 @@ __global__ void __launch_bounds__(Tile<kD>::kThreads, 1)
 #define KPT_FA90_L2_GROUP_BYTES (8 << 20)
 #endif
 
-template <bool kBf16, int kD>
+template <bool kBf16, int kD, bool kVarlen>
 int launch(Params params, int64_t seqlen_q, int64_t heads, int64_t batch, bool persistent,
            cudaStream_t stream) {
   using T = Tile<kD>;
-  auto kernel = attention_fwd_overlap<kBf16, kD>;
+  auto kernel = attention_fwd_overlap<kBf16, kD, kVarlen>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kTotal) !=
       cudaSuccess) {
     return KPT_FA90_CUDA_ERROR;
@@ -558,7 +588,7 @@ int launch(Params params, int64_t seqlen_q, int64_t heads, int64_t batch, bool p
   // (sized by overlap_split_plan for the same problem and device).
   params.split_pieces = 0;
   int64_t items = tiles;
-  if (params.tile_counter != nullptr && persistent && params.split_ws != nullptr) {
+  if (!kVarlen && params.tile_counter != nullptr && persistent && params.split_ws != nullptr) {
     const bool masked = params.window_left >= 0 || params.window_right >= 0;
     int pieces = 0;
     int64_t split_from = 0, words = 0, float4s = 0;
@@ -625,12 +655,20 @@ int launch_overlap(const Params& params, bool bf16, int head_dim, int64_t seqlen
                    int64_t heads, int64_t batch, bool persistent, cudaStream_t stream) {
   // persistent with params.tile_counter set: dynamic scheduling (see the kernel).
   const bool p = persistent;
-  if (head_dim == 128) {
-    return bf16 ? launch<true, 128>(params, seqlen_q, heads, batch, p, stream)
-                : launch<false, 128>(params, seqlen_q, heads, batch, p, stream);
+  if (params.cu_seqlens_q != nullptr) {  // varlen: seqlen_q is the longest sequence
+    if (head_dim == 128) {
+      return bf16 ? launch<true, 128, true>(params, seqlen_q, heads, batch, p, stream)
+                  : launch<false, 128, true>(params, seqlen_q, heads, batch, p, stream);
+    }
+    return bf16 ? launch<true, 64, true>(params, seqlen_q, heads, batch, p, stream)
+                : launch<false, 64, true>(params, seqlen_q, heads, batch, p, stream);
   }
-  return bf16 ? launch<true, 64>(params, seqlen_q, heads, batch, p, stream)
-              : launch<false, 64>(params, seqlen_q, heads, batch, p, stream);
+  if (head_dim == 128) {
+    return bf16 ? launch<true, 128, false>(params, seqlen_q, heads, batch, p, stream)
+                : launch<false, 128, false>(params, seqlen_q, heads, batch, p, stream);
+  }
+  return bf16 ? launch<true, 64, false>(params, seqlen_q, heads, batch, p, stream)
+              : launch<false, 64, false>(params, seqlen_q, heads, batch, p, stream);
 }
 
 }  // namespace kpt_fa90

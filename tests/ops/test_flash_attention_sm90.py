@@ -102,10 +102,13 @@ def _shape(sq: int, sk: int, d: int, **extra) -> dict:
     return dict(batch=2, seqlen_q=sq, seqlen_k=sk, heads_q=4, heads_kv=4, head_dim=d, **extra)
 
 
-def _run_and_check(call: Call, config: dict) -> None:
+def _run_and_check(call: Call, config: dict, poisoned: bool = True) -> None:
+    """The kernel against the reference; ``poisoned``: its outputs NaN-filled first (not for
+    varlen, whose rows outside every sequence keep what the op put there)."""
     expected = clone_outputs(call)
     ref.run(expected, {})
-    poison(call)
+    if poisoned:
+        poison(call)
     reasons = _sm90.supports(problem_of(call)) + _sm90.call_reasons(call)
     assert not reasons, reasons
     _sm90.run(call, config)
@@ -193,6 +196,119 @@ def test_persistent_walks_many_tiles_per_cta(d, extra):
     call = make_call(shape, torch.bfloat16, torch.device("cuda"), seed=5)
     for variant in ("persistent", "dynamic", "dynamic"):  # the counter is fresh each call
         _run_and_check(call, CONFIGS[variant])
+
+
+# ---- varlen (the overlap kernel's variants) ------------------------------------------------
+
+# (query lengths, key lengths) per sequence: one token; an empty sequence and one with queries
+# but no keys; partial query tiles and key blocks, Sq < Sk and Sq > Sk (bottom-right masks);
+# one long sequence beside one of a single token; one sequence of several tiles.
+VARLEN_LENGTHS = {
+    "one": ([1], [1]),
+    "empty": ([5, 17, 0, 130, 2], [9, 17, 0, 200, 0]),
+    "ragged": ([300, 129, 64], [300, 129, 700]),
+    "long_short": ([257, 1], [129, 1000]),
+    "single": ([1000], [1000]),
+}
+VARLEN_MASKS = {"full": {}, "causal": {"causal": True},
+                "window_softcap": {"causal": True, "window_left": 100, "softcap": 20.0}}
+VARLEN_PAD = 3  # tokens after the last sequence, which no sequence owns
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                        device="cuda")
+
+
+def _varlen_call(lq, lk, d, dtype, *, heads=4, heads_kv=2, seed=0, transposed=False,
+                 causal=False, window_left=-1, softcap=0.0) -> Call:
+    """A varlen call on fresh random (Tq + VARLEN_PAD, H, D) tensors, outputs initialised as
+    the op does (0 and -inf: rows outside every sequence are not written). ``transposed``:
+    (T, H, D) views of (H, T, D) tensors."""
+    g = torch.Generator().manual_seed(seed)
+
+    def packed(total: int, h: int) -> torch.Tensor:
+        if transposed:
+            return torch.randn(h, total, d, generator=g).to("cuda", dtype).transpose(0, 1)
+        return torch.randn(total, h, d, generator=g).to("cuda", dtype)
+
+    tq, tk = sum(lq) + VARLEN_PAD, sum(lk) + VARLEN_PAD
+    q, k, v = packed(tq, heads), packed(tk, heads_kv), packed(tk, heads_kv)
+    return Call(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), d**-0.5, window_left,
+                0 if causal else -1, softcap, torch.zeros(q.shape, dtype=dtype, device="cuda"),
+                torch.full((heads, tq), float("-inf"), device="cuda"))
+
+
+VARLEN_CONFIGS = {name: CONFIGS[name] for name in _sm90.VARLEN_VARIANTS}
+
+
+@needs_sm90
+@pytest.mark.parametrize("variant", list(VARLEN_CONFIGS))
+@pytest.mark.parametrize("lengths", list(VARLEN_LENGTHS))
+@pytest.mark.parametrize("mask", list(VARLEN_MASKS))
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_varlen_matches_reference(lengths, mask, d, dtype, variant):
+    """Every row of every sequence against the reference; the rows after the last sequence
+    keep 0 and -inf."""
+    lq, lk = VARLEN_LENGTHS[lengths]
+    call = _varlen_call(lq, lk, d, dtype, **VARLEN_MASKS[mask])
+    _run_and_check(call, VARLEN_CONFIGS[variant], poisoned=False)
+
+
+@needs_sm90
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_varlen_transposed_views_and_mqa(d):
+    call = _varlen_call([300, 77], [500, 91], d, torch.bfloat16, heads=6, heads_kv=1,
+                        transposed=True, causal=True)
+    assert not call.q.is_contiguous()
+    for variant in VARLEN_CONFIGS.values():
+        _run_and_check(call, variant, poisoned=False)
+
+
+@needs_sm90
+@pytest.mark.parametrize("d", _sm90.HEAD_DIMS)
+def test_varlen_never_reads_the_next_sequence(d):
+    """A sequence's last key block runs into the next sequence's rows (the tensor maps span
+    all of them): NaN in the next sequence's q, k and v must not reach this one's output, not
+    even through P = 0 times v. The first sequence's rows match the reference of it alone."""
+    lq, lk = [150, 40], [100, 40]
+    call = _varlen_call(lq, lk, d, torch.bfloat16)
+    for t, first in ((call.q, lq[0]), (call.k, lk[0]), (call.v, lk[0])):
+        t[first:] = float("nan")
+    alone = _varlen_call(lq[:1], lk[:1], d, torch.bfloat16)
+    alone.q.copy_(call.q[: alone.q.shape[0]].nan_to_num(0.0))
+    for name in ("k", "v"):
+        getattr(alone, name).copy_(getattr(call, name)[: alone.k.shape[0]].nan_to_num(0.0))
+    ref.run(alone, {})
+    for variant in VARLEN_CONFIGS.values():
+        call.out.zero_()
+        _sm90.run(call, variant)
+        torch.cuda.synchronize()
+        first = call.out[: lq[0]]
+        assert bool(first.isfinite().all()), "NaN of the next sequence reached the first one"
+        failure = check(dataclasses.replace(call, out=first, lse=call.lse[:, : lq[0]]),
+                        dataclasses.replace(alone, out=alone.out[: lq[0]],
+                                            lse=alone.lse[:, : lq[0]]))
+        assert failure is None, failure
+
+
+@needs_sm90
+def test_varlen_dispatch_runs_the_sm90_kernel():
+    """The public op with cu_seqlens on Hopper: the cuda backend's sm90 config, matching the
+    reference backend."""
+    from kpt.ops import flash_attention
+    call = _varlen_call([700, 300], [900, 300], 128, torch.bfloat16, causal=True)
+    kw = dict(cu_seqlens_q=call.cu_seqlens_q, cu_seqlens_k=call.cu_seqlens_k,
+              max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k, causal=True)
+    chosen, config = SPEC.static_choice(problem_of(call))
+    assert chosen.name == "cuda" and config == CONFIGS["dynamic"]
+    out, lse = flash_attention(call.q, call.k, call.v, return_lse=True, **kw)
+    want, want_lse = flash_attention(call.q, call.k, call.v, return_lse=True,
+                                     backend="reference", **kw)
+    failure = check(dataclasses.replace(call, out=out, lse=lse),
+                    dataclasses.replace(call, out=want, lse=want_lse))
+    assert failure is None, failure
 
 
 def _split_shape(rounds: int, seqlen_q: int, seqlen_k: int, **extra) -> dict:
@@ -517,12 +633,43 @@ def test_head_dim_reasons(extra, needle):
     assert any(needle in r for r in reasons), reasons
 
 
+def _cpu_varlen_call() -> Call:
+    """Two sequences (5 and 2 queries, 7 and 3 keys) packed as (tokens, H, D) on the CPU."""
+    call = make_call(_shape(7, 10, 64), torch.bfloat16, torch.device("cpu"))
+    q, k, v = (t[0] for t in (call.q, call.k, call.v))
+    return Call(q, k, v, torch.tensor([0, 5, 7], dtype=torch.int32),
+                torch.tensor([0, 7, 10], dtype=torch.int32), 5, 7, 0.125, -1, -1, 0.0,
+                torch.zeros_like(q), torch.full((q.shape[1], q.shape[0]), float("-inf")))
+
+
 def test_dtype_and_varlen_reasons():
     call = make_call(_shape(5, 7, 64), torch.float32, torch.device("cpu"))
     assert any("float32" in r for r in _sm90.supports(problem_of(call)))
-    varlen = dataclasses.replace(_cpu_call(), cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32),
-                                 cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32))
-    assert any("varlen" in r for r in _sm90.supports(problem_of(varlen)))
+    # Varlen: the forward's overlap kernel runs it (its layout passes), the backward does not,
+    # and the base variant is refused before anything.
+    varlen = _cpu_varlen_call()
+    problem = problem_of(varlen)
+    assert not any("varlen" in r for r in _sm90.supports(problem))
+    assert any("varlen" in r for r in _sm90.supports_backward(problem))
+    assert _sm90.call_reasons(varlen) == []
+    with pytest.raises(ValueError, match="varlen runs in the overlap kernel only"):
+        _sm90.run(varlen, {"impl": "sm90"})
+    # A 4-D tensor in a varlen call is named.
+    bad = dataclasses.replace(varlen, k=varlen.k[None])
+    assert any("k must be (tokens, H, D)" in r for r in _sm90.call_reasons(bad))
+
+
+@pytest.mark.usefixtures("hopper")
+def test_hopper_varlen_dispatch_takes_the_overlap_kernel():
+    """Varlen forwards on Hopper: the cuda backend first, its dynamic then overlap variants
+    (no base); the backward stays off the sm90 kernel."""
+    problem = on_cuda(problem_of(_cpu_varlen_call()))
+    assert _cuda.prefer(problem) == ("cuda",)
+    assert _cuda.configs(problem)[:2] == [CONFIGS["dynamic"], CONFIGS["overlap"]]
+    assert CONFIGS["base"] not in _cuda.configs(problem)
+    long = tuple((key, 4096 if key in ("seqlen_q", "seqlen_k") else value)
+                 for key, value in problem.dims)
+    assert _cuda.prefer_backward(dataclasses.replace(problem, dims=long)) == ()
 
 
 def test_call_reasons_strides():

@@ -41,6 +41,21 @@ int kpt_fa90_forward(int dtype, int head_dim, const void* q, const int64_t* q_st
                      int64_t heads_kv, float scale, float softcap, int64_t window_left,
                      int64_t window_right, int variant, unsigned int* tile_counter,
                      float* split_workspace, void* stream);
+// Varlen: q and out (total_q, H, D), k and v (total_k, Hkv, D), strides {seq, head} in
+// elements; sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and out and
+// [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v (int32 device arrays of batch + 1
+// entries, non-decreasing, within the tensors, no sequence longer than max_seqlen_q /
+// max_seqlen_k: the caller checks). lse is contiguous float32 (H, total_q); rows outside
+// every sequence are not written. The overlap kernel's variants only (not
+// KPT_FA90_VARIANT_BASE); the dynamic one needs one zeroed counter word and splits no tile.
+int kpt_fa90_forward_varlen(int dtype, int head_dim, const void* q, const int64_t* q_strides,
+                            const void* k, const int64_t* k_strides, const void* v,
+                            const int64_t* v_strides, void* out, const int64_t* out_strides,
+                            float* lse, const int* cu_seqlens_q, const int* cu_seqlens_k,
+                            int64_t batch, int64_t total_q, int64_t total_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k, int64_t heads, int64_t heads_kv, float scale,
+                            float softcap, int64_t window_left, int64_t window_right, int variant,
+                            unsigned int* tile_counter, void* stream);
 int kpt_fa90_forward_scratch(int head_dim, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                              int64_t heads, int64_t window_left, int64_t window_right,
                              int variant, int64_t* counter_words, int64_t* workspace_floats);

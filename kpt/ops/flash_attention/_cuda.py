@@ -89,6 +89,9 @@ def _sm90_config(problem: Problem) -> list[Config]:
     # (scripts/forward_variants_ab.py) it matched the one-CTA-per-tile "overlap" launch within
     # 2% without a mask and beat it by 5-13% with causal and window masks, where the static
     # stride of "persistent" had lost up to 23% (SM90_NOTES.md, "Tile scheduling").
+    # Varlen batches run in the overlap kernel only (no "base").
+    if problem["varlen"]:
+        return [{"impl": "sm90", "variant": "dynamic"}, {"impl": "sm90", "variant": "overlap"}]
     return [{"impl": "sm90", "variant": "dynamic"}, {"impl": "sm90", "variant": "overlap"},
             {"impl": "sm90"}]
 

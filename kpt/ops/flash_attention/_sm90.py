@@ -38,6 +38,8 @@ SPEC = JitSpec(
 # CTA per SM walking the query tiles with a static stride) and "dynamic" (persistent, each CTA
 # taking the next untaken tile from a counter); all pass the GPU tests.
 VARIANTS = {"base": 0, "overlap": 1, "persistent": 2, "dynamic": 3}
+# Varlen (cu_seqlens) runs in the overlap kernel only: every variant but "base".
+VARLEN_VARIANTS = ("overlap", "persistent", "dynamic")
 
 HEAD_DIMS = (64, 128)
 _HALF = (torch.float16, torch.bfloat16)
@@ -60,8 +62,9 @@ def build_reason() -> str | None:
     return SPEC.unavailable_reason()
 
 
-def supports(problem: Problem) -> list[str]:
-    """Reasons this kernel cannot run ``problem``; empty when it can."""
+def supports(problem: Problem, backward: bool = False) -> list[str]:
+    """Reasons this kernel (the forward, or with ``backward`` the backward) cannot run
+    ``problem``; empty when it can."""
     reasons = []
     if problem.device_type != "cuda" or torch.version.hip is not None:
         reasons.append("sm90 kernel needs an NVIDIA CUDA device")
@@ -76,8 +79,8 @@ def supports(problem: Problem) -> list[str]:
         reasons.append(f"sm90 kernel: dtype {problem.dtype} is not float16/bfloat16")
     if problem["head_dim"] not in HEAD_DIMS:
         reasons.append(f"sm90 kernel: head_dim {problem['head_dim']} not in {HEAD_DIMS}")
-    if problem["varlen"]:
-        reasons.append("sm90 kernel: varlen (cu_seqlens) is not implemented")
+    if problem["varlen"] and backward:
+        reasons.append("sm90 backward: varlen (cu_seqlens) is not implemented")
     if problem["batch"] > _MAX_GRID_YZ or problem["heads_q"] > _MAX_GRID_YZ:
         reasons.append(f"sm90 kernel: batch and heads must be <= {_MAX_GRID_YZ}")
     if max(problem["seqlen_q"], problem["seqlen_k"]) >= _MAX_SEQLEN:
@@ -92,15 +95,19 @@ def supports(problem: Problem) -> list[str]:
 def _layout_ok(call) -> bool:
     """The common case of :func:`call_reasons`, tested cheaply (it runs on every call): 16-bit
     q, k, v with 16-byte aligned starts and strides (8 elements) and a unit last stride, out
-    with even strides, lse contiguous float32. False sends the call to the full check."""
+    with even strides, lse contiguous float32 (and, varlen, fewer than 2^28 tokens). False
+    sends the call to the full check."""
     if call.q.dtype not in _HALF:
+        return False
+    dims = 3 if call.varlen else 4
+    if call.varlen and max(call.q.shape[0], call.k.shape[0]) >= _MAX_SEQLEN:
         return False
     for t in (call.q, call.k, call.v):
         s = t.stride()
-        if len(s) != 4 or s[3] != 1 or (s[0] | s[1] | s[2]) & 7 or t.data_ptr() & 15:
+        if len(s) != dims or s[-1] != 1 or (s[0] | s[1] | s[dims - 2]) & 7 or t.data_ptr() & 15:
             return False
     s = call.out.stride()
-    if len(s) != 4 or s[3] != 1 or (s[0] | s[1] | s[2]) & 1 or call.out.data_ptr() & 3:
+    if len(s) != dims or s[-1] != 1 or (s[0] | s[1] | s[dims - 2]) & 1 or call.out.data_ptr() & 3:
         return False
     return call.lse.dtype == torch.float32 and call.lse.is_contiguous()
 
@@ -110,10 +117,13 @@ def call_reasons(call) -> list[str]:
     if _layout_ok(call):
         return []
     reasons = []
+    dims, layout = (3, "(tokens, H, D)") if call.varlen else (4, "(B, S, H, D)")
+    if call.varlen and max(call.q.shape[0], call.k.shape[0]) >= _MAX_SEQLEN:
+        reasons.append(f"sm90 kernel: varlen q and k must hold fewer than {_MAX_SEQLEN} tokens")
     tensors = (("q", call.q), ("k", call.k), ("v", call.v), ("out", call.out))
     for name, t in tensors:
-        if t.dim() != 4:
-            reasons.append(f"sm90 kernel: {name} must be (B, S, H, D)")
+        if t.dim() != dims:
+            reasons.append(f"sm90 kernel: {name} must be {layout}")
             continue
         if t.stride(-1) != 1:
             reasons.append(f"sm90 kernel: {name} needs a contiguous last dim")
@@ -124,7 +134,8 @@ def call_reasons(call) -> list[str]:
             reasons += _pair_reasons(name, t)
     lse = call.lse
     if lse.dtype != torch.float32 or not lse.is_contiguous():
-        reasons.append("sm90 kernel: lse must be contiguous float32 (B, H, Sq)")
+        reasons.append("sm90 kernel: lse must be contiguous float32 "
+                       + ("(H, tokens)" if call.varlen else "(B, H, Sq)"))
     return reasons
 
 
@@ -141,10 +152,16 @@ def run(call, config: Config, layout_checked: bool = False) -> None:
         raise ValueError(f"{OP}[sm90]: unknown variant {variant!r}, expected one of "
                          f"{sorted(VARIANTS)}")
     reasons = list(_call_supports(call))
+    if call.varlen and variant not in VARLEN_VARIANTS:
+        reasons.append(f"varlen runs in the overlap kernel only: variant {variant!r} is not one "
+                       f"of {VARLEN_VARIANTS}")
     if not layout_checked:
         reasons += call_reasons(call)
     if reasons:
         raise ValueError(f"{OP}[sm90]: cannot run this call: " + "; ".join(reasons))
+    if call.varlen:
+        _run_varlen(call, VARIANTS[variant])
+        return
     q, k = call.q, call.k
     batch, seqlen_q, heads = q.shape[:3]
     seqlen_k = k.shape[1]
@@ -160,6 +177,24 @@ def run(call, config: Config, layout_checked: bool = False) -> None:
         module.forward(q, k, call.v, call.out, call.lse, float(call.scale), float(call.softcap),
                        int(call.window_left), int(call.window_right), VARIANTS[variant],
                        stream)
+
+
+def _run_varlen(call, variant: int) -> None:
+    """The varlen launch: rows outside every sequence are not written (the op's outputs hold
+    0 and -inf there already)."""
+    q = call.q
+    if q.shape[0] == 0 or q.shape[1] == 0 or call.batch == 0 or call.max_seqlen_q == 0:
+        return
+    if call.k.shape[0] == 0 or call.max_seqlen_k == 0:  # no sequence has a key
+        call.out.zero_()
+        call.lse.fill_(float("-inf"))
+        return
+    module = SPEC.load()
+    with on_device(q.device):
+        module.forward_varlen(q, call.k, call.v, call.out, call.lse, call.cu_seqlens_q,
+                              call.cu_seqlens_k, int(call.max_seqlen_q), int(call.max_seqlen_k),
+                              float(call.scale), float(call.softcap), int(call.window_left),
+                              int(call.window_right), variant, raw_stream(q.device))
 
 
 def fast_forward(call, config: Config):
@@ -191,16 +226,16 @@ def fast_forward(call, config: Config):
 _SUPPORTS: dict[tuple, tuple[str, ...]] = {}
 
 
-def _call_supports(call) -> tuple[str, ...]:
+def _call_supports(call, backward: bool = False) -> tuple[str, ...]:
     """:func:`supports` of the call's problem, remembered by what it reads (run() checks it on
     every call; building the Problem would cost more than the check)."""
     q = call.q
     key = (q.device.index, q.dtype, q.shape[-1], call.varlen,
            call.batch > _MAX_GRID_YZ or q.shape[-2] > _MAX_GRID_YZ,
-           max(call.max_seqlen_q, call.max_seqlen_k) >= _MAX_SEQLEN)
+           max(call.max_seqlen_q, call.max_seqlen_k) >= _MAX_SEQLEN, backward)
     found = _SUPPORTS.get(key)
     if found is None:
-        found = _SUPPORTS[key] = tuple(supports(problem_of(call)))
+        found = _SUPPORTS[key] = tuple(supports(problem_of(call), backward))
     return found
 
 
@@ -209,7 +244,7 @@ _NOT_DETERMINISTIC = "sm90 backward adds dq with fp32 atomics: not deterministic
 
 def supports_backward(problem: Problem) -> list[str]:
     """Reasons the sm90 backward cannot run ``problem``; empty when it can."""
-    reasons = supports(problem)
+    reasons = supports(problem, backward=True)
     if problem.get("deterministic", False):
         reasons.append(_NOT_DETERMINISTIC)
     return reasons
@@ -260,7 +295,7 @@ def run_backward(call, config: Config, layout_checked: bool = False) -> None:
     unknown = set(config) - {"impl"}
     if unknown:
         raise ValueError(f"{OP}[sm90]: unknown backward config keys {sorted(unknown)}")
-    reasons = list(_call_supports(call))
+    reasons = list(_call_supports(call, backward=True))
     if call.deterministic:
         reasons.append(_NOT_DETERMINISTIC)
     if not layout_checked:

@@ -43,10 +43,10 @@ graph's pool), packed by the clamped lengths' prefix sums computed on the device
 flash_attention's varlen forward runs on it (its own dispatch, or ``FLASH`` names a backend),
 writing this call's ``out`` and ``lse``. The copy reads and writes every visible key once: at
 the issue's prefill shape (4 x 2048 new over 8192 cached, 8 kv heads, D 128) 168 MB each way,
-a few percent of the attention's time on an H100 (measured: 164 µs, against 7409 µs for
-flash_attention's varlen forward, which runs Triton there: the sm90 kernels have no varlen;
-7454 µs in all, 3.65x flash on the same keys as a dense batch, against 5.75x for the in-place
-kernel; bench/RESULTS.md, scripts/paged_prefill_parts.py). Its cost is memory: the buffers hold the
+under a tenth of the attention's time on an H100 (measured 2026-12-07: 158 µs, against 1799
+µs for flash_attention's varlen forward, which on Hopper is the sm90 overlap kernel; 2116 µs
+in all, 1.07x flash on the same keys as a dense batch, against 5.75x for the in-place kernel;
+bench/RESULTS.md, scripts/paged_prefill_parts.py). Its cost is memory: the buffers hold the
 whole batch's keys, so it is the default only for prefill-sized chunks (many query rows per kv
 head, enough query tiles to fill flash_attention's grid: ``paged_attention.prefill_sized``)
 and buffers up to ``GATHER_MAX_BYTES``. Page ids are clamped to the
