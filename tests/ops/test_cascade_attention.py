@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kpt.ops import flash_attention
-from kpt.ops.cascade_attention import merge_attention_states, merge_attention_states_
+from kpt.ops._common import triton_interpreting
+from kpt.ops.cascade_attention import _merge, merge_attention_states, merge_attention_states_
 
 
 def _parts(seed: int, dtype: torch.dtype):
@@ -53,6 +54,42 @@ def test_in_place_variant():
     assert out is o_a and out_lse is lse_a
     torch.testing.assert_close(o_a, o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse_a, lse, rtol=1e-5, atol=1e-5)
+
+
+# The Triton merge (what merge_attention_states and cascade_attention run on a GPU) against
+# the torch math it replaces: on the GPU when there is one, else on CPU tensors under the
+# interpreter.
+_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(_DEVICE == "cpu" and not triton_interpreting(),
+                    reason="runs the Triton kernel on CPU tensors: TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize(("dtype", "out_dtype"), [(torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32),
+                                                  (torch.float32, torch.float16)])
+def test_triton_merge_matches_the_torch_math(dtype, out_dtype):
+    """Odd heads and head dim (masked tails), lse as a transposed view (varlen's (H, T)), rows
+    where one part or both are empty (-inf), a strided o; out and lse against ``_merge``
+    rounded to out_dtype once (float32 math both ways: a few float32 ulps apart)."""
+    triton_merge = pytest.importorskip("kpt.ops.cascade_attention._triton").merge
+    gen = torch.Generator().manual_seed(4)
+    tokens, heads, d = 7, 5, 24
+    o_a = torch.randn(tokens, heads, d + 8, generator=gen).to(dtype)[..., :d]  # strided rows
+    o_b = torch.randn(tokens, heads, d, generator=gen).to(dtype)
+    lse_a = (3 * torch.randn(heads, tokens, generator=gen)).T  # (T, H) view of (H, T)
+    lse_b = 3 * torch.randn(tokens, heads, generator=gen)
+    lse_a[1, 2] = float("-inf")                      # only b
+    lse_b[3, 0] = float("-inf")                      # only a
+    lse_a[5, :] = lse_b[5, :] = float("-inf")        # neither: zeros, lse -inf
+    args = [t.to(_DEVICE) for t in (o_a, lse_a, o_b, lse_b)]
+    got, got_lse = triton_merge(*args, out_dtype)
+    want, want_lse = _merge(*args)
+    assert got.dtype == out_dtype and got.shape == o_b.shape and got_lse.shape == lse_b.shape
+    torch.testing.assert_close(got_lse.cpu(), want_lse.cpu(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.cpu(), want.to(out_dtype).cpu(), rtol=2**-7, atol=1e-6)
+    assert not got.isnan().any() and not got[5].any()
+    assert bool(torch.isneginf(got_lse[5]).all())
 
 
 @pytest.mark.parametrize(("override", "error", "text"), [

@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kpt.ops._common import attention_options, check_tensor, read_content
+from kpt.ops._common import (
+    attention_options,
+    check_tensor,
+    plain_eager,
+    read_content,
+    triton_unavailable,
+)
 
 OP = "merge_attention_states"
 OP_CASCADE = "cascade_attention"
@@ -58,19 +64,34 @@ def _merge(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tens
     return o.to(o_a.dtype), lse
 
 
+def _merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor,
+                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``_merge`` with o in ``out_dtype``: one Triton kernel on a GPU (``_triton.merge``) for
+    plain eager tensors that need no gradient; the torch math everywhere else (CPU, other
+    devices, autograd, torch.compile and other tracing, which see the elementwise ops)."""
+    tensors = (o_a, lse_a, o_b, lse_b)
+    if (o_a.is_cuda and triton_unavailable() is None and plain_eager(*tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        from . import _triton
+
+        return _triton.merge(o_a, lse_a, o_b, lse_b, out_dtype)
+    o, lse = _merge(o_a, lse_a, o_b, lse_b)
+    return o.to(out_dtype), lse
+
+
 def merge_attention_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor,
                            lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """(o, lse) of attention over both parts' keys; o (..., H, D), lse (..., H) float32 (for
     flash_attention's varlen lse (H, T), pass ``lse.T``). Device ops only: graph-capturable."""
     _validate(OP, o_a, lse_a, o_b, lse_b)
-    return _merge(o_a, lse_a, o_b, lse_b)
+    return _merge_states(o_a, lse_a, o_b, lse_b, o_a.dtype)
 
 
 def merge_attention_states_(o_a: Tensor, lse_a: Tensor, o_b: Tensor,
                             lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """In place: the merged state replaces ``o_a`` and ``lse_a``, which are returned."""
     _validate(OP + "_", o_a, lse_a, o_b, lse_b)
-    o, lse = _merge(o_a, lse_a, o_b, lse_b)
+    o, lse = _merge_states(o_a, lse_a, o_b, lse_b, o_a.dtype)
     o_a.copy_(o)
     lse_a.copy_(lse)
     return o_a, lse_a
@@ -247,10 +268,11 @@ def cascade_attention(
             o, lse = paged_attention(q, k_cache, v_cache, table, lens, cu_seqlens_q=cu,
                                      max_seqlen_q=rows, causal=level_causal, **common)
             lse = lse.transpose(0, 1)
-        o32, lse = o.float(), lse.contiguous()
-        state = (o32, lse) if state is None else _merge(state[0], state[1], o32, lse)
+        # The merged state stays float32 between levels and is rounded once, by the last merge.
+        state = (o, lse) if state is None else _merge_states(
+            state[0], state[1], o, lse, q.dtype if last else torch.float32)
     out, lse = state
-    out = out.to(q.dtype)
+    out, lse = out.to(q.dtype), lse.contiguous()
     return (out, lse) if return_lse else out
 
 

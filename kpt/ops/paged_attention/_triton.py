@@ -32,8 +32,11 @@ the diagonal cuts take ``masked_pv`` (whose rare non-finite branch holds three m
 accumulators). Compiled for sm_90 (Triton 3.9, 64-row tiles, D = 128): with 4 warps the
 varlen kernel needs 255 registers and 752-792 bytes of stack (it did before the split too:
 the likely reason chunked prefill ran at 105 TFLOP/s on an H100, bench/RESULTS.md), with 8
-warps 208 bytes, so varlen tiles of 64 rows default to 8 warps (not timed against 4 apart; the
-tuner has both).
+warps 208 bytes, so causal varlen tiles of 64 rows default to 8 warps. Without a causal bound
+or window (a cascade's shared level: every query sees the whole level) no tile is masked but
+the key tail, and 4 warps are faster: cascade_attention's shared level on its benchmark (64
+queries x 32 heads over 16384 keys, H100, 2026-12-07, CUDA-graph replay) 88.9 µs at 4 warps
+against 160.9 at 8 (161.4 before, with 8 by default; BLOCK_M 128 at 8 warps 94.4).
 
 Chunked prefill through flash_attention (``GATHER``): a prefill chunk is compute-bound, and
 the paged kernel above computes at a fraction of flash_attention's rate (bench/RESULTS.md). So
@@ -54,7 +57,8 @@ cache and lengths to the table's capacity, as in the kernel above. fp8 caches st
 paged kernel (the copy would round the dequantised keys to 16 bits, which the reference never
 does).
 
-Config keys (``run``'s ``config``): ``BLOCK_N`` (keys per tile), ``SPLITS`` (1: never split;
+Config keys (``run``'s ``config``): ``BLOCK_M`` ((query, head) rows per tile; default the
+rows of a sequence's queries up to 64), ``BLOCK_N`` (keys per tile), ``SPLITS`` (1: never split;
 absent: ``num_splits``), ``num_warps`` (default 4; 8 for varlen tiles of 64 rows),
 ``num_stages``; ``GATHER`` (True / False; absent: ``gathers``'s rule), ``FLASH`` (the
 flash_attention backend of a gathered call; absent: its dispatch).
@@ -418,8 +422,8 @@ def configs(problem) -> list[dict]:
     variants: list[dict] = [{}]
     if not problem["varlen"]:
         return variants
-    # The in-place kernel's varlen warps: 8 by default for 64-row tiles (ptxas: 208 bytes of
-    # stack against 752-792 at 4), timed side by side only by the tuner so far.
+    # The in-place kernel's varlen warps: 8 by default for masked 64-row tiles (ptxas: 208
+    # bytes of stack against 752-792 at 4), 4 without a mask (measured faster: module doc).
     variants += [{"GATHER": False, "num_warps": 4}, {"GATHER": False, "num_warps": 8}]
     if problem["kv_dtype"] not in (getattr(torch, "float8_e4m3fn", None),
                                    getattr(torch, "float8_e5m2", None)):
@@ -445,7 +449,8 @@ def run(call, config: dict) -> None:
     group = q.shape[1] // heads_kv
     d = q.shape[-1]
     fp8 = call.k_scale is not None
-    block_m = max(16, min(64, triton.next_power_of_2(call.max_seqlen_q * group)))
+    block_m = config.get("BLOCK_M", max(16, min(64, triton.next_power_of_2(
+        call.max_seqlen_q * group))))
     # fp8: twice the keys per tile, the same bytes in flight as a 16-bit tile of 64.
     block_n = config.get("BLOCK_N", 128 if fp8 and not call.varlen else 64)
     block_d = max(16, triton.next_power_of_2(d))
@@ -487,7 +492,8 @@ def run(call, config: dict) -> None:
         GROUP=group, PAGE_SIZE=call.page_size, HEAD_DIM=d, VARLEN=call.varlen,
         HAS_LEFT=call.window_left >= 0, HAS_RIGHT=call.window_right >= 0, SOFTCAP=softcap,
         FP8=fp8, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=config.get("num_warps", 8 if call.varlen and block_m >= 64 else 4),
+        num_warps=config.get("num_warps", 8 if call.varlen and block_m >= 64
+                             and (call.window_right >= 0 or call.window_left >= 0) else 4),
         num_stages=config.get("num_stages", 2))
     if splits > 1:
         _combine_kernel[(call.max_seqlen_q, q.shape[1], batch)](
