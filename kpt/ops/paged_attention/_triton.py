@@ -59,14 +59,16 @@ does).
 
 Config keys (``run``'s ``config``): ``BLOCK_M`` ((query, head) rows per tile; default the
 rows of a sequence's queries up to 64), ``BLOCK_N`` (keys per tile), ``SPLITS`` (1: never split;
-absent: ``num_splits``), ``num_warps`` (default 4; 8 for varlen tiles of 64 rows),
-``num_stages``; ``GATHER`` (True / False; absent: ``gathers``'s rule), ``FLASH`` (the
+absent: ``num_splits``), ``num_warps`` (default 4; 8 for masked varlen tiles of 64 rows),
+``num_stages`` (default ``DECODE_STAGES`` for decode, 2 for varlen); ``GATHER`` (True /
+False; absent: ``gathers``'s rule), ``FLASH`` (the
 flash_attention backend of a gathered call; absent: its dispatch).
 
-Standing: fp8 and split-KV are checked against the reference under the interpreter only; not
-yet timed on a GPU. ``bench/bench_paged_attention.py`` has the rows and their targets (decode
-at >= 0.85x the copy bandwidth), and ``KPT_BENCH_PAGED_CONFIG`` times any config above; the
-split model's constants (``MIN_BLOCKS_PER_SM``, ``BLOCK_OVERHEAD_TILES``) are first estimates.
+Standing (H100, 2026-12-07, bench/RESULTS.md): bf16 decode at 1.03x SDPA's time on the same
+keys stored contiguously (page 16 and page 1) and 1.11x with split-KV (B1, 65536 keys); fp8
+decode at 0.83x this kernel's bf16 time (target 0.6x). ``bench/bench_paged_attention.py`` has
+the rows and their targets, and ``KPT_BENCH_PAGED_CONFIG`` times any config above; the split
+model's constants (``MIN_BLOCKS_PER_SM``, ``BLOCK_OVERHEAD_TILES``) are first estimates.
 Compiled for sm_90 without a GPU (Triton 3.9, ptxas; Llama-3-8B decode, 16-token pages), every
 variant pipelines its K/V loads through cp.async without spills: unsplit bf16 128 registers and
 38 KB shared (4 blocks per SM), split 150 (3), fp8 with 128-key tiles 170 (2).
@@ -90,6 +92,11 @@ from kpt.ops.paged_attention import prefill_sized
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# Pipeline stages of a decode launch (varlen launches keep 2). A config sweep of decode B64,
+# context 4096, page 16, 32/8 heads, D 128 on an H100 (2026-12-07, CUDA-graph replay, 4 warps):
+# bf16 64-key tiles 422.2 µs at 2 stages, 349.1 at 3 (SDPA on the same keys stored
+# contiguously: 344.2); 128-key tiles 348.5 / 347.9; fp8 e4m3 128-key tiles 291.5 / 289.1.
+DECODE_STAGES = 3
 # Resident blocks an SM needs for HBM, not latency, to bound its bandwidth (a block's 2-stage
 # pipeline keeps about one K+V tile in flight); below that the cost model stretches the time.
 MIN_BLOCKS_PER_SM = 2
@@ -494,7 +501,7 @@ def run(call, config: dict) -> None:
         FP8=fp8, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=config.get("num_warps", 8 if call.varlen and block_m >= 64
                              and (call.window_right >= 0 or call.window_left >= 0) else 4),
-        num_stages=config.get("num_stages", 2))
+        num_stages=config.get("num_stages", 2 if call.varlen else DECODE_STAGES))
     if splits > 1:
         _combine_kernel[(call.max_seqlen_q, q.shape[1], batch)](
             o_dst, lse_dst, out, lse, cu, *o_strides, *lse_strides, out.stride(0),
