@@ -161,7 +161,7 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void fwd_mma_kernel(kpt_fa_params p
   for (int r = 0; r < 2; ++r) {
     const int i = r_lo + r * 8;
     const float l = quad_sum(row_sum[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l != 0.f ? 1.f / l : 0.f;  // NaN sum (NaN logits): NaN, as the reference
     if (i < s.q_len) {
       uint16_t* row = out + int64_t(i) * p.out_st.token;
 #pragma unroll
@@ -174,7 +174,7 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void fwd_mma_kernel(kpt_fa_params p
       }
       if (t == 0) {
         p.lse[lse_offset(p, b, s.q_start, i, h)] =
-            l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : neg_inf();
+            l != 0.f ? (row_max[r] + log2f(l)) * kLn2 : neg_inf();
       }
     }
   }

@@ -77,9 +77,9 @@ __global__ KPT_LAUNCH_BOUNDS(kRowsPerBlock* kpt::kWarpSize, 1) void fwd_simt_ker
     m = m_new;
   }
   auto* out = static_cast<uint16_t*>(p.out) + row_offset(p.out_st, b, s.q_start, i, h);
-  store_row<T>(out, d, acc, l > 0.f ? 1.f / l : 0.f);
+  store_row<T>(out, d, acc, l != 0.f ? 1.f / l : 0.f);  // NaN sum: NaN row
   if (threadIdx.x % kpt::kWarpSize == 0) {
-    p.lse[lse_offset(p, b, s.q_start, i, h)] = l > 0.f ? (m + log2f(l)) * kLn2 : neg_inf();
+    p.lse[lse_offset(p, b, s.q_start, i, h)] = l != 0.f ? (m + log2f(l)) * kLn2 : neg_inf();
   }
 }
 

@@ -414,7 +414,7 @@ __device__ __forceinline__ float quad_sum(float partial) {
 // `row` is in-sequence; lse is (B, H, Sq), or (H, total_q) for varlen.
 __device__ __forceinline__ void store_lse(const Params& p, const Seq& sq, int batch, int head,
                                           int row, float row_max, float sum) {
-  const float lse = sum > 0.f ? (row_max + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+  const float lse = sum != 0.f ? (row_max + log2f(sum)) * 0.69314718055994531f : -INFINITY;
   const int64_t at = p.cu_seqlens_q != nullptr
                          ? static_cast<int64_t>(head) * p.total_q + sq.off_q + row
                          : (static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row;
@@ -434,7 +434,7 @@ __device__ __forceinline__ void store_output(const Params& p, const Seq& sq, int
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float sum = quad_sum(row_sum[h]);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = sum != 0.f ? 1.f / sum : 0.f;
     const int row = row0 + 8 * h;
     if (row >= sq.len_q) continue;
     uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + out_base +
@@ -464,7 +464,7 @@ __device__ __forceinline__ void store_output_tma(const Params& p, int batch, int
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float sum = quad_sum(row_sum[h]);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = sum != 0.f ? 1.f / sum : 0.f;
     const int row = row0 + 8 * h;
     const int r = row - wg_row_lo;
 #pragma unroll

@@ -257,6 +257,26 @@ def test_backend_gpu_sizes(backend, name):
     check_backend(backend, GPU_CASES[name], torch.bfloat16, "cuda", 5, with_dlse=False)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_nan_query_gives_a_nan_row(backend, device):
+    """A query with a NaN feature: its row of out and its lse are NaN on every backend (as in
+    the reference), never the 0 / -inf of a row that sees no key; every other row is
+    untouched. Head dim 64 in bf16, so that on Hopper the cuda backend runs its sm90 kernel."""
+    case = dict(B=1, Sq=70, Sk=90, H=2, Hkv=1, D=64)
+    q, k, v = (t.detach() for t in make_qkv(case, torch.bfloat16, device, 11))
+    skip_unless_runs(backend, q, k, v)
+    q[0, 5, 1, 3] = float("nan")
+    out, lse = flash_attention(q, k, v, return_lse=True, backend=backend)
+    assert bool(out[0, 5, 1].isnan().all()) and bool(lse[0, 1, 5].isnan())
+    clean = torch.ones_like(lse, dtype=torch.bool)
+    clean[0, 1, 5] = False
+    assert bool(lse[clean].isfinite().all())
+    want = flash_attention(q, k, v, backend="reference")
+    keep = clean.transpose(1, 2)  # (B, Sq, H) like out's rows
+    assert compare("out", out[keep], want[keep], TOLERANCE[torch.bfloat16]) is None
+
+
 # ---- varlen: packed sequences, an empty one, NaN beyond every sequence ---------------------
 
 VARLEN = {

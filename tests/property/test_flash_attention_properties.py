@@ -479,22 +479,17 @@ def test_scale_that_overflows_float32():
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG kpt/ops/flash_attention/_triton.py _kv_ranges: m_last + diag + window_right + 1 "
-    "overflows int32 when a window side is 2**31 - 1 (Triton passes Python ints below 2**31 as "
-    "int32): the key range comes out empty and Triton returns out = 0, lse = -inf, where the "
-    "reference attends to every key (validation rejects sides >= 2**31 since b75188f, but "
-    "accepts 2**31 - 1, the one value that overflows)"))
 def test_window_side_near_int32_max():
+    """Regression (found by this suite): Triton's key range m_last + diag + window_right + 1
+    overflowed int32 for a side of 2**31 - 1 (out 0, lse -inf). Validation now makes sides
+    wider than any row reaches unbounded (flash_attention._unbounded)."""
     _triton_vs_reference(*_small(), window=(-1, 2**31 - 1))
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG kpt/ops/flash_attention/_triton.py _q_ranges: n_last - diag + window_left + 1 "
-    "overflows int32 for window=(2**31 - 1, 0): the Triton backward returns dk = dv = 0 "
-    "(the forward is right)"))
 def test_window_left_near_int32_max_backward():
+    """Regression (found by this suite): the Triton backward's query range overflowed int32
+    for window=(2**31 - 1, 0) (dk = dv = 0); fixed as above."""
     q, k, v = (t.requires_grad_() for t in _small())
     grads = {}
     for backend in ("triton", "reference"):
@@ -505,11 +500,11 @@ def test_window_left_near_int32_max_backward():
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG Triton flash_attention returns lse=-inf ('no visible key') for a query whose logits "
-    "are NaN; the reference returns NaN. Code merging partial attention by lse then drops "
-    "that row's NaN silently"))
 def test_nan_query_lse_is_nan():
+    """Regression (found by this suite): Triton returned lse=-inf ('no visible key') for a
+    query whose logits are NaN, so code merging partial attention by lse dropped the NaN. The
+    kernels now test the row sum against 0, not > 0 (tests/ops/test_flash_attention.py checks
+    every backend on its device)."""
     q, k, v = _small()
     q[0, 0, 0, 0] = float("nan")
     _, lse = flash_attention(q, k, v, return_lse=True, backend="triton")

@@ -390,7 +390,8 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None
     if not varlen:
         if max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError(f"{OP}: max_seqlen_q/k are for varlen calls (with cu_seqlens)")
-        return float(scale), left, right, q.shape[1], k.shape[1]
+        return float(scale), *_unbounded(left, right, q.shape[1], k.shape[1]), q.shape[1], \
+            k.shape[1]
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError(f"{OP}: varlen needs both cu_seqlens_q and cu_seqlens_k")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -414,7 +415,16 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None
         # Never more than the tokens there are: the grid is sized by it, so a huge hint
         # cannot launch (or loop over) blocks past the tensor.
         maxes.append(min(given, t.shape[0]))
-    return float(scale), left, right, maxes[0], maxes[1]
+    return float(scale), *_unbounded(left, right, *maxes), maxes[0], maxes[1]
+
+
+def _unbounded(left: int, right: int, max_q: int, max_k: int) -> tuple[int, int]:
+    """The window sides with every side wider than any row can reach made unbounded (-1):
+    the same mask (a row sees keys [row + diag - left, row + diag + right] with |diag| below
+    max_q + max_k), and the kernels' int32 arithmetic on row + diag + side never meets a side
+    near 2**31 (Triton's key and query ranges overflowed there)."""
+    reach = max_q + max_k
+    return (-1 if left > reach else left), (-1 if right > reach else right)
 
 
 def _check_boundaries(name: str, cu: Tensor, total: int, hint: int | None) -> int:

@@ -314,7 +314,7 @@ def _fwd_kernel(
                                mul_in, mul_out, b, kh, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                                HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D, TMA)
 
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # NaN logits give a NaN sum: NaN out and lse, as in the reference
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     # back to natural log: * ln(2)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
