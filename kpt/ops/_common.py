@@ -129,6 +129,23 @@ def check_tensor(
         raise ValueError(f"{op}: {name} is on {t.device}, expected {device} like the input")
 
 
+# The kernels fold the softmax scale into the exp2 domain in float32 (scale * log2(e)): the
+# largest scale whose factor is still finite there. Past it (1e39 is finite in Python, inf in
+# float32) the backends overflowed differently (lse +inf, -inf or NaN).
+MAX_SCALE = float(torch.finfo(torch.float32).max) / math.log2(math.e)
+
+
+def check_scale(op: str, scale: Any) -> float:
+    """``scale`` as a float after checking it: a finite number whose magnitude stays within
+    ``MAX_SCALE`` (the kernels' float32 exp2-domain factor)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+    if abs(scale) > MAX_SCALE:
+        raise ValueError(f"{op}: |scale| must be at most {MAX_SCALE:.4g} (the kernels multiply "
+                         f"it by log2(e) in float32), got {scale!r}")
+    return float(scale)
+
+
 def attention_options(op: str, causal: bool, window: Any, scale: Any, softcap: Any,
                       head_dim: int) -> tuple[float, int, int, float]:
     """The checked mask and logit arguments every attention op takes: (scale, window_left,
@@ -147,10 +164,7 @@ def attention_options(op: str, causal: bool, window: Any, scale: Any, softcap: A
             raise ValueError(f"{op}: causal=True already fixes the right window to 0, got "
                              f"window={tuple(window)}")
         right = 0
-    if scale is None:
-        scale = head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+    scale = check_scale(op, head_dim**-0.5 if scale is None else scale)
     if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
             or not math.isfinite(softcap) or softcap < 0):
         raise ValueError(f"{op}: softcap must be a finite number >= 0, got {softcap!r}")

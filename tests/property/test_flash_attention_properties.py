@@ -470,12 +470,21 @@ def test_triton_softcap_far_above_logits():
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG flash_attention accepts a scale whose logits overflow the fp32 exp2-domain "
-    "multiplier (scale * log2(e)) of the Triton kernel: scale=1e38 gives non-finite out and "
-    "lse=-inf where the reference is finite; scale=1e39..1e300 (finite in Python, inf in "
-    "float32) gives lse -inf vs +inf"))
+    "BUG a scale whose float32 exp2-domain factor (scale * log2(e)) is finite but whose "
+    "logits overflow: scale=1e38 gives NaN out on both backends, and lse NaN from Triton "
+    "against +inf from the reference (scales past kpt.ops._common.MAX_SCALE, 1e39..1e300, "
+    "are rejected: test_scale_past_float32_is_rejected)"))
 def test_scale_that_overflows_float32():
     _triton_vs_reference(*_small(), scale=1e38)
+
+
+@pytest.mark.parametrize("scale", [1e39, 1e300, -1e300])
+def test_scale_past_float32_is_rejected(scale):
+    """Regression (found by this suite): scales finite in Python but whose exp2-domain factor
+    is inf in float32 gave lse -inf from Triton and +inf from the reference; now a ValueError
+    naming the op before any launch (paged and cascade attention share the check)."""
+    with pytest.raises(ValueError, match="flash_attention: .scale. must be at most"):
+        flash_attention(*_small(), scale=scale)
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")

@@ -27,7 +27,7 @@ import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from kpt.ops._common import compare, triton_interpreting
+from kpt.ops._common import MAX_SCALE, compare, triton_interpreting
 from kpt.ops.flash_attention import TOLERANCE as FLASH_TOLERANCE
 from kpt.ops.flash_attention import compare_lse
 from kpt.ops.flex_attention import (
@@ -679,15 +679,16 @@ def test_triton_softcap_far_above_scores():
     check_close(compare_lse("triton.lse", lse, ref_lse, LSE_TOLERANCE))
 
 
-@pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG flex_attention accepts scale=1e300 (finite in Python, inf in float32): the logits "
-    "overflow and Triton's lse differs from the reference's (inf vs -inf / NaN)"))
-def test_scale_that_overflows_float32():
+@pytest.mark.parametrize("scale", [1e39, 1e300, -1e300])
+def test_scale_that_overflows_float32_is_rejected(scale):
+    """Regression (found by this suite): scale=1e300 (finite in Python, inf in float32) was
+    accepted, and the backends overflowed differently (lse inf vs -inf / NaN). Scales whose
+    exp2-domain factor (scale * log2(e)) is not finite in float32 are now a ValueError before
+    any launch; the largest allowed one still runs."""
     q, k, v = _qkv()
-    _, lse = flex_attention(q, k, v, scale=1e300, return_lse=True, backend="triton")
-    _, ref_lse = flex_attention(q, k, v, scale=1e300, return_lse=True, backend="reference")
-    check_close(compare_lse("triton.lse", lse, ref_lse, LSE_TOLERANCE))
+    with pytest.raises(ValueError, match="flex_attention: .scale. must be at most"):
+        flex_attention(q, k, v, scale=scale, return_lse=True)
+    flex_attention(q, k, v, scale=MAX_SCALE, backend="reference")
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
@@ -701,24 +702,27 @@ def test_triton_bf16_interpreted():
     check_close(compare("triton.out", out, ref, TOLERANCE[torch.bfloat16]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG flex_attention's reference backward (the default on the CPU) raises RuntimeError "
-    "'element 1 of tensors does not require grad and does not have a grad_fn' when the "
-    "score_mod does not read the score (a pure positional bias such as q_idx - kv_idx): "
-    "reference.backward always differentiates lse too (autograd hands it a zero dlse) and "
-    "lse then depends on no leaf"))
 def test_backward_of_a_score_mod_that_ignores_the_score():
+    """Regression (found by this suite): the reference backward differentiated lse too, which
+    depends on no input when the score_mod ignores the score (q_idx - kv_idx), and raised
+    'element 1 of tensors does not require grad'. dv is softmax(bias)^T dout, checked against
+    the same math in float64; dq and dk are 0."""
     q, k, v = (t.requires_grad_() for t in _qkv())
     out = flex_attention(q, k, v, lambda score, b, h, q_idx, kv_idx: q_idx - kv_idx)
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
-    assert dv is not None and dv.abs().sum() > 0
+    sq, sk = q.shape[-2], k.shape[-2]
+    bias = (torch.arange(sq)[:, None] - torch.arange(sk)[None, :]).double()
+    p = torch.softmax(bias, dim=-1)
+    want = (p.T @ torch.ones(sq, v.shape[-1], dtype=torch.float64)).expand(v.shape)
+    check_close(compare("reference.dv", dv, want, 1e-5))
+    for name, g in (("dq", dq), ("dk", dk)):
+        assert g is None or not g.any(), f"{name} should be 0"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG flex_attention on float64 inputs evaluates a translated mod's float constants in "
-    "float32 (_codegen.evaluate builds 'const' nodes as float32 tensors): score * 0.1 uses "
-    "0.1f, so the float64 reference is ~5e-10 off float64 math (1e-17 for score * 3.0)"))
 def test_float64_mod_constants_keep_float64_precision():
+    """Regression (found by this suite): the reference evaluated a translated mod's float
+    constants in float32 on float64 inputs (score * 0.1 used 0.1f: ~5e-10 off float64 math);
+    _codegen.evaluate now builds them in the scores' dtype."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (random_tensor(gen, (1, 1, 4, 8), torch.float64) for _ in range(3))
     out = flex_attention(q, k, v, lambda score, b, h, q_idx, kv_idx: score * 0.1)

@@ -33,6 +33,7 @@ from torch import Tensor
 from kpt.backends.xla import xla_backend
 from kpt.backends.xpu import triton_entry, xpu_backend
 from kpt.ops._common import (
+    check_scale,
     check_tensor,
     lazy,
     module,
@@ -120,7 +121,8 @@ def _mod_fns(mods: _codegen.Translation, buffers: list[Tensor]) -> tuple:
     if mods.score_ir is not None:
         def score_fn(s, b, h, q_idx, kv_idx):
             env = dict(score=s, b=b, h=h, q_idx=q_idx, kv_idx=kv_idx)
-            return _codegen.evaluate(mods.score_ir, env, buffers)
+            return _codegen.evaluate(mods.score_ir, env, buffers,
+                                     float_dtype=torch.promote_types(s.dtype, torch.float32))
     if mods.mask_ir is not None:
         def mask_fn(b, h, q_idx, kv_idx):
             env = dict(b=b, h=h, q_idx=q_idx, kv_idx=kv_idx)
@@ -401,9 +403,8 @@ def _validate(query, key, value, score_mod, scale, enable_gqa) -> None:
                          f"k {tuple(key.shape)}")
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"{OP}: score_mod must be callable, got {type(score_mod).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not (
-            isinstance(scale, (int, float)) and math.isfinite(scale))):
-        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
+    if scale is not None:
+        check_scale(OP, scale)
 
 
 # ---- torch.compile ----------------------------------------------------------------------------

@@ -386,8 +386,10 @@ _TORCH_IMPL: dict[str, Callable] = {
 
 
 def evaluate(n: Node, env: dict[str, torch.Tensor], buffers: list[torch.Tensor],
-             memo: dict | None = None) -> torch.Tensor:
-    """``n`` computed with torch ops on broadcastable index tensors (``env``) and buffers.
+             memo: dict | None = None, float_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` computed with torch ops on broadcastable index tensors (``env``) and buffers, its
+    float constants and float buffer reads in ``float_dtype`` (the scores' dtype: float32 as
+    in the kernel, float64 for the reference on float64 inputs).
 
     Out-of-range buffer indices read 0 and negative ones wrap once, exactly like the kernel."""
     memo = {} if memo is None else memo
@@ -395,13 +397,13 @@ def evaluate(n: Node, env: dict[str, torch.Tensor], buffers: list[torch.Tensor],
         return memo[n]
     op, kind, *a = n
     if op == "const":
-        dtype = {"f": torch.float32, "i": torch.int64, "b": torch.bool}[kind]
+        dtype = {"f": float_dtype, "i": torch.int64, "b": torch.bool}[kind]
         out = torch.tensor(a[0], dtype=dtype)
     elif op == "var":
         out = env[a[0]]
     elif op == "load":
         buf = buffers[a[0]]
-        idx = [evaluate(x, env, buffers, memo).long() for x in a[1:]]
+        idx = [evaluate(x, env, buffers, memo, float_dtype).long() for x in a[1:]]
         ok = torch.ones((), dtype=torch.bool, device=buf.device)
         clean = []
         for dim, i in enumerate(idx):
@@ -412,9 +414,9 @@ def evaluate(n: Node, env: dict[str, torch.Tensor], buffers: list[torch.Tensor],
         val = buf[tuple(clean)] if clean else buf
         out = torch.where(ok, val, torch.zeros((), dtype=buf.dtype, device=buf.device))
         if kind == "f":
-            out = out.float()
+            out = out.to(float_dtype)
     else:
-        args = [evaluate(x, env, buffers, memo) for x in a]
+        args = [evaluate(x, env, buffers, memo, float_dtype) for x in a]
         out = _TORCH_IMPL[op](*args)
     memo[n] = out
     return out

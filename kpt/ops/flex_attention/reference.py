@@ -91,7 +91,9 @@ def backward(
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         out, lse = attention(*leaves, **kwargs)
         outputs, grads = [out], [dout]
-        if dlse is not None:
+        # lse depends on no input when the score_mod ignores the score (a pure positional
+        # bias): then it carries no gradient and is left out.
+        if dlse is not None and lse.requires_grad:
             outputs.append(lse)
             grads.append(dlse.to(lse.dtype))
         dq, dk, dv = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
