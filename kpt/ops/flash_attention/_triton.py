@@ -315,7 +315,16 @@ def _fwd_kernel(
                                HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D, TMA)
 
     seen = l_i != 0.0  # NaN logits give a NaN sum: NaN out and lse, as in the reference
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    # A row that sees keys whose logits are all -inf (an inf in q) also ends with l_i = 0; the
+    # reference's softmax gives it NaN, a row that sees no key 0. Which rows see a key follows
+    # from the mask alone (windows were normalised below 2**31 by the caller).
+    row_hi = k_len
+    if HAS_RIGHT:
+        row_hi = tl.minimum(offs_m + diag + window_right + 1, k_len)
+    row_lo = 0
+    if HAS_LEFT:
+        row_lo = tl.maximum(offs_m + diag - window_left, 0)
+    out = acc / tl.where(seen, l_i, tl.where(row_hi > row_lo, float("nan"), 1.0))[:, None]
     # back to natural log: * ln(2)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
