@@ -657,6 +657,17 @@ def test_dtype_and_varlen_reasons():
     # A 4-D tensor in a varlen call is named.
     bad = dataclasses.replace(varlen, k=varlen.k[None])
     assert any("k must be (tokens, H, D)" in r for r in _sm90.call_reasons(bad))
+    # Only the token and head strides of (tokens, H, D) tensors are checked: an out with an
+    # odd token stride is the one reason, a 16-byte-misaligned k head stride is k's.
+    odd_out = torch.zeros(7, 4, 65, dtype=torch.bfloat16)[..., 1:]
+    assert [r for r in _sm90.call_reasons(dataclasses.replace(varlen, out=odd_out))
+            if "out" not in r] == []
+    assert any("out" in r for r in _sm90.call_reasons(dataclasses.replace(varlen, out=odd_out)))
+    k = torch.randn(10, 4, 72, dtype=torch.bfloat16)[..., :64]  # head stride 72: 144 bytes
+    assert _sm90.call_reasons(dataclasses.replace(varlen, k=k)) == []
+    k = torch.randn(10, 4, 68, dtype=torch.bfloat16)[..., :64]  # 136 bytes: not TMA-aligned
+    reasons = _sm90.call_reasons(dataclasses.replace(varlen, k=k))
+    assert reasons and all("k needs" in r for r in reasons), reasons
 
 
 @pytest.mark.usefixtures("hopper")

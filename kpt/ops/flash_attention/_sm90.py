@@ -252,7 +252,7 @@ def supports_backward(problem: Problem) -> list[str]:
 
 def _tma_reasons(name: str, t: torch.Tensor) -> list[str]:
     elem = t.element_size()
-    misaligned = [s for s, n in zip(t.stride()[:3], t.shape[:3], strict=True)
+    misaligned = [s for s, n in zip(t.stride()[:-1], t.shape[:-1], strict=True)
                   if n > 1 and (s * elem) % _ALIGN_BYTES]
     if misaligned or t.data_ptr() % _ALIGN_BYTES:
         return [f"sm90 kernel: {name} needs a 16-byte aligned address and 16-byte multiple "
@@ -263,7 +263,7 @@ def _tma_reasons(name: str, t: torch.Tensor) -> list[str]:
 def _pair_reasons(name: str, t: torch.Tensor) -> list[str]:
     """An output (or out, read by the backward) accessed two elements at a time where its rows
     are not TMA-aligned: a 4-byte aligned address and even strides."""
-    if t.data_ptr() % 4 or any(s % 2 for s in t.stride()[:3]):
+    if t.data_ptr() % 4 or any(s % 2 for s in t.stride()[:-1]):
         return [f"sm90 kernel: {name} needs a 4-byte aligned address and even strides, got "
                 f"strides {tuple(t.stride())}"]
     return []
