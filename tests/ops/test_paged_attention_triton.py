@@ -365,3 +365,32 @@ def test_gather_rule_and_prefer_hook(monkeypatch):
     assert _triton.configs(Problem.of(gpu, torch.bfloat16, **base | dict(varlen=False))) == [{}]
     assert _triton.gather_bytes(4, 10240, 8, 128, 2) == 2 * 4 * 10240 * 8 * 128 * 2
     assert _triton.gather_bytes(64, 131072, 8, 128, 2) > _triton.GATHER_MAX_BYTES
+
+
+# ---- tile rows and warps ---------------------------------------------------------------------
+
+
+@on_cpu
+@pytest.mark.parametrize("causal", [False, True], ids=["shared_level", "causal"])
+def test_block_m_128_and_the_default_warps(causal, force_splits):
+    """A cascade-style level (many stacked queries, no causal bound: 4 warps by default) and a
+    causal chunk (8 warps) against the reference, with the default rows and with BLOCK_M 128
+    (a config key since the cascade sweep); a BLOCK_M the kernel has no tiles for is refused."""
+    run = _triton.run  # before force_splits patches it
+    lengths, queries = [70, 33], [40, 9]
+    q, kc, vc, table, lens, cu = _case(11, 2, 4, 2, 40, 16, lengths, "NHD", torch.float32,
+                                       queries=queries)
+    q = q.to(torch.bfloat16)
+    kc, vc = kc.to(torch.bfloat16), vc.to(torch.bfloat16)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu, max_seqlen_q=40,
+                                     causal=causal, return_lse=True, backend="reference")
+    for config in ({}, {"BLOCK_M": 128}):
+        force_splits(2, **config)
+        out, lse = paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu, max_seqlen_q=40,
+                                   causal=causal, return_lse=True, backend="triton")
+        _check(out, lse, want, want_lse, torch.bfloat16)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[1], q.shape[0])
+    call = Call(q, kc, vc, table, lens, cu, 40, 0.25, -1, 0 if causal else -1, 0.0, None, None,
+                "NHD", out, lse)
+    with pytest.raises(ValueError, match="BLOCK_M must be 16, 32, 64 or 128"):
+        run(call, {"BLOCK_M": 48})

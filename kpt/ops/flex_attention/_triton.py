@@ -116,6 +116,21 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n, off
 
 
 @triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, NUM, IDX, row, NKVB,
+                offs_m, offs_d, offs_dv, b, hq, Skv, D, DV, sm_scale BUFS, BN: tl.constexpr,
+                SPARSE_KV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """The kv-blocks listed in table row ``row`` of (NUM, IDX), each in BN-key tiles."""
+    n = tl.load(NUM + row)
+    for j in range(0, n):
+        kvb = tl.load(IDX + row * NKVB + j)
+        for sub in range(0, SPARSE_KV // BN):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd,
+                                      kvb * SPARSE_KV + sub * BN, offs_m, offs_d, offs_dv,
+                                      b, hq, Skv, D, DV, sm_scale BUFS, BN, MASKED, PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, som, sod, KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, tab_b, tab_h, NKVB,
                 H, Sq, Skv, D, DV, sm_scale, GROUP BUFS, BM: tl.constexpr, BN: tl.constexpr,
@@ -141,21 +156,13 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, sv
     # order made ptxas serialise every wgmma of the kernel, the full blocks' too (C7515, with
     # any mask; sm_90a compiles with Triton 3.6 and 3.9): the partial loop's rare non-finite
     # branch then defined the accumulator the full loop's wgmmas went on to use.
-    n = tl.load(FKV_NUM + row)
-    for j in range(0, n):
-        kvb = tl.load(FKV_IDX + row * NKVB + j)
-        for sub in range(0, SPARSE_KV // BN):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd,
-                                      kvb * SPARSE_KV + sub * BN, offs_m, offs_d, offs_dv,
-                                      b, hq, Skv, D, DV, sm_scale BUFS, BN, False, PREC)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, FKV_NUM,
+                                FKV_IDX, row, NKVB, offs_m, offs_d, offs_dv, b, hq, Skv, D,
+                                DV, sm_scale BUFS, BN, SPARSE_KV, False, PREC)
     if HAS_PARTIAL:
-        n = tl.load(KV_NUM + row)
-        for j in range(0, n):
-            kvb = tl.load(KV_IDX + row * NKVB + j)
-            for sub in range(0, SPARSE_KV // BN):
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd,
-                                          kvb * SPARSE_KV + sub * BN, offs_m, offs_d, offs_dv,
-                                          b, hq, Skv, D, DV, sm_scale BUFS, BN, True, PREC)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd,
+                                    KV_NUM, KV_IDX, row, NKVB, offs_m, offs_d, offs_dv, b, hq,
+                                    Skv, D, DV, sm_scale BUFS, BN, SPARSE_KV, True, PREC)
     # Fully masked rows: output 0 and lse -inf, like torch.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

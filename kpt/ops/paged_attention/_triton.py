@@ -458,6 +458,9 @@ def run(call, config: dict) -> None:
     fp8 = call.k_scale is not None
     block_m = config.get("BLOCK_M", max(16, min(64, triton.next_power_of_2(
         call.max_seqlen_q * group))))
+    if block_m not in (16, 32, 64, 128):
+        raise ValueError(f"paged_attention[triton]: config BLOCK_M must be 16, 32, 64 or 128, "
+                         f"got {block_m!r}")
     # fp8: twice the keys per tile, the same bytes in flight as a 16-bit tile of 64.
     block_n = config.get("BLOCK_N", 128 if fp8 and not call.varlen else 64)
     block_d = max(16, triton.next_power_of_2(d))
