@@ -171,7 +171,7 @@ def paged_rows() -> list[tuple[str, dict, str]]:
     import torch.nn.functional as F
 
     from kpt.ops import paged_attention
-    from kpt.ops.paged_attention import SPEC, plan
+    from kpt.ops.paged_attention import SPEC, Call, plan, problem_of
 
     batch, context, page, heads, heads_kv, head_dim = 16, 2048, 16, 32, 8, 128
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -196,6 +196,18 @@ def paged_rows() -> list[tuple[str, dict, str]]:
                                                    backend=chosen),
         "kpt plan.run": functools.partial(handle.run, q, kc, vc, out=out),
     }
+    # Every other backend that runs this call, named, and its plan: which one a decode step
+    # should take is a per-call question (kernel time against host time).
+    for name in (b.name for b in SPEC.backends):
+        if name in (chosen, "reference") or SPEC.reasons(name, problem_of(Call(
+                q, kc, vc, table, lens, None, 1, head_dim**-0.5, -1, 0, 0.0, None, None, "NHD",
+                q, q))):
+            continue
+        other = plan(q, kc, vc, table, lens, backend=name)
+        fns[f"kpt backend={name}"] = functools.partial(paged_attention, q, kc, vc, table, lens,
+                                                       backend=name)
+        fns[f"kpt plan.run backend={name}"] = functools.partial(other.run, q, kc, vc,
+                                                                out=torch.empty_like(q))
     return [(f"paged decode B{batch} ctx{context} page{page} 32/8 D128", fns, "sdpa")]
 
 

@@ -137,6 +137,37 @@ def test_fp8_lse_sees_no_16_bit_rounding():
     assert (lse16 - want).abs().max() > 10 * LSE_TOLERANCE
 
 
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_CASES,
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_fp8_bf16_query_beyond_fp16_range(device, dtype):
+    """fp8 tiles convert to q's dtype: a bf16 query with values past fp16's 65504 (here up to
+    ~4e6, with a scale that keeps the logits ordinary) gives the reference's result, not inf
+    (a kernel multiplying in fp16, which converts fp8 faster, would overflow: module doc).
+    One head also holds an inf: its rows are non-finite as the reference's are, and the other
+    heads of its tile are untouched."""
+    if dtype != torch.bfloat16:
+        pytest.skip("bf16 queries only: an fp16 query cannot hold these values")
+    fp8 = FP8_TYPES[0]
+    q, kc, vc, table, lens, _, ks, vs = _fp8_case(
+        34, fp8, "per-head", "NHD", 16, [70, 1, 33], 8, 2, dtype, device)
+    if _reasons(q, kc, vc, table, lens, None, ks):
+        pytest.skip("triton: " + "; ".join(_reasons(q, kc, vc, table, lens, None, ks)))
+    q = (q.float() * 1e6).to(dtype)
+    assert q.float().abs().max() > 65504
+    kw = dict(scale=1e-6 * 40**-0.5, k_scale=ks, v_scale=vs, return_lse=True)
+    out, lse = paged_attention(q, kc, vc, table, lens, backend="triton", **kw)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    _check(out, lse, want, want_lse, dtype)
+    q[0, 5, 7] = float("inf")  # head 5: kv head 1's group of 4 (heads 4..7)
+    out, lse = paged_attention(q, kc, vc, table, lens, backend="triton", **kw)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    keep = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+    keep[0, 5] = False
+    _check(out[keep], lse[keep], want[keep], want_lse[keep], dtype)
+    assert torch.isfinite(out[0, 5]).tolist() == torch.isfinite(want[0, 5]).tolist()
+    assert not torch.isfinite(want[0, 5]).all()
+
+
 # ---- split-KV --------------------------------------------------------------------------------
 
 
@@ -340,12 +371,14 @@ def test_gather_copies_each_sequences_keys_packed_and_clamped(monkeypatch):
 
 
 def test_gather_rule_and_prefer_hook(monkeypatch):
-    """The gather path is the default for prefill-sized chunks of 16-bit caches on a GPU, and
-    dispatch then tries Triton first; decode, short chunks, a cascade's stacked decode queries
-    over a shared prefix (too few query tiles for flash's grid), fp8 caches and oversized
-    buffers keep the paged kernels (shapes only: an H100's SM count patched in)."""
+    """Dispatch tries Triton first on a GPU for query runs of at least PREFILL_PREFER_ROWS rows
+    per kv head (its tiles use tensor cores): chunked prefill, a cascade's stacked decode
+    queries over a shared prefix, fp8 caches too; decode and short chunks keep the cuda
+    kernel first. Within Triton the gather path is the default for prefill-sized chunks of
+    16-bit caches only: not the cascade's queries (too few query tiles for flash's grid), fp8
+    caches or oversized buffers (shapes only: an H100's SM count patched in)."""
     from kpt.ops._registry import Problem
-    from kpt.ops.paged_attention import PREFILL_PREFER_ROWS, _prefer
+    from kpt.ops.paged_attention import PREFILL_PREFER_ROWS, _prefer, prefill_sized
 
     module = sys.modules["kpt.ops.paged_attention"]
     monkeypatch.setattr(module, "_sm_count", lambda index: 132)
@@ -357,10 +390,12 @@ def test_gather_rule_and_prefer_hook(monkeypatch):
     assert _prefer(Problem.of(gpu, torch.bfloat16, **base | dict(batch=1, seqlen_q=640)))
     rows = PREFILL_PREFER_ROWS // 4 - 1  # GQA group of 4: just under the row threshold
     cascade = dict(batch=1, seqlen_q=64, capacity=16384)  # 64 requests' queries, one group
-    for change in (dict(varlen=False, seqlen_q=1), dict(seqlen_q=rows), cascade,
-                   dict(kv_dtype=FP8_TYPES[0])):
+    for change in (dict(varlen=False, seqlen_q=1), dict(seqlen_q=rows)):
         assert _prefer(Problem.of(gpu, torch.bfloat16, **base | change)) == ()
+    for change in (cascade, dict(kv_dtype=FP8_TYPES[0]), dict(seqlen_q=rows + 1)):
+        assert _prefer(Problem.of(gpu, torch.bfloat16, **base | change)) == ("triton",)
     assert _prefer(Problem.of(torch.device("cpu"), torch.bfloat16, **base)) == ()
+    assert prefill_sized(4, 2048, 32, 8, 0) and not prefill_sized(1, 64, 32, 8, 0)
     assert {"GATHER": True} in _triton.configs(Problem.of(gpu, torch.bfloat16, **base))
     assert _triton.configs(Problem.of(gpu, torch.bfloat16, **base | dict(varlen=False))) == [{}]
     assert _triton.gather_bytes(4, 10240, 8, 128, 2) == 2 * 4 * 10240 * 8 * 128 * 2
@@ -394,3 +429,28 @@ def test_block_m_128_and_the_default_warps(causal, force_splits):
                 "NHD", out, lse)
     with pytest.raises(ValueError, match="BLOCK_M must be 16, 32, 64 or 128"):
         run(call, {"BLOCK_M": 48})
+
+
+@on_cpu
+def test_wide_tiles_for_a_shared_level(monkeypatch):
+    """Stacked queries over keys they all see, 160 rows per kv head: the default launch takes
+    128-row tiles at 8 warps, split into at most one block per SM (an H100's 132 SMs patched
+    in: 2 query tiles x 2 kv heads x 2 sequences = 8 programs, so up to 16 shares, fewer
+    where a sequence has fewer key tiles), against the reference. A causal chunk of the same
+    rows, or fewer rows, keeps the usual tiles."""
+    monkeypatch.setattr(_triton, "_sm_count", lambda device: 132)
+    lengths, queries = [300, 97], [40, 21]
+    q, kc, vc, table, lens, cu = _case(12, 2, 8, 2, 40, 16, lengths, "NHD", torch.float32,
+                                       queries=queries)
+    q, kc, vc = (t.to(torch.bfloat16) for t in (q, kc, vc))
+    kw = dict(cu_seqlens_q=cu, max_seqlen_q=40, causal=False, return_lse=True)
+    out, lse = paged_attention(q, kc, vc, table, lens, backend="triton", **kw)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    _check(out, lse, want, want_lse, torch.bfloat16)
+
+    def call(max_q, right):
+        return Call(q, kc, vc, table, lens, cu, max_q, 0.25, -1, right, 0.0, None, None, "NHD",
+                    out, lse.T)
+
+    assert _triton.wide_tiles(call(40, -1))
+    assert not _triton.wide_tiles(call(40, 0)) and not _triton.wide_tiles(call(31, -1))

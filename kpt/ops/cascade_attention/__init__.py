@@ -14,10 +14,16 @@ holding row ``g`` of that table and serving requests ``group_indptr[g] .. group_
 1``. A request's KV is its groups' KV in level order, and the result is ``paged_attention`` over
 those keys concatenated. The queries of a group attend to a shared level together (one
 ``paged_attention`` "sequence" per group, so its pages are read once per group and kv head, not
-once per request); the states of the levels are merged through their lse.
+once per request); the states of the levels are merged through their lse. On a CUDA device
+(eager calls, CUDA-graph capture included) the levels after the first run on a second stream
+beside it (``OVERLAP_LEVELS``): the outermost level is compute-bound (many stacked queries over
+a long prefix, which paged_attention's Triton backend runs in wide tiles leaving SM slots
+free), the per-request levels are bound by memory, and the two share the GPU.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -163,6 +169,44 @@ def _reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, levels, cu_q: Tensor
     return out, lse.transpose(0, 1)
 
 
+# Levels after the first run on a second stream while the first (the outermost shared prefix:
+# many query rows over a long key range, compute-bound) runs on the caller's: the others are
+# decode-shaped and bound by memory, so the two overlap (bench/RESULTS.md, cascade).
+OVERLAP_LEVELS = True
+
+
+def _overlaps(q: Tensor) -> bool:
+    """Whether this call runs its levels on two streams: plain eager calls (CUDA-graph capture
+    included, where the streams become parallel branches) on a CUDA device."""
+    return OVERLAP_LEVELS and q.is_cuda and plain_eager(q)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _levels_overlapped(level, count: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """``level(0)`` on the current stream, ``level(1) .. level(count - 1)`` on a side stream
+    forked from it before ``level(0)`` and joined back before the merge. The side stream's
+    results are marked as used by the current stream (``record_stream``), so the allocator
+    does not hand their memory to the side stream again before the merge has read them. Under
+    graph capture the marks are left out: there every use of the side stream starts by
+    waiting for the capture stream, which orders any reuse after the merge."""
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(main)
+    first = level(0)
+    with torch.cuda.stream(side):
+        rest = [level(i) for i in range(1, count)]
+    main.wait_stream(side)
+    if not torch.cuda.is_current_stream_capturing():
+        for o, lse in rest:
+            o.record_stream(main)
+            lse.record_stream(main)
+    return [first, *rest]
+
+
 def cascade_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -217,7 +261,7 @@ def cascade_attention(
                                      or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0):
         raise ValueError(f"{op}: max_seqlen_q must be an int >= 0, got {max_seqlen_q!r}")
     if cu_seqlens_q is None:
-        cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+        cu_q = None  # 0..B, made only where it is read (the reference)
         batch, max_m = q.shape[0], 1
     else:
         check_tensor(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,),
@@ -239,13 +283,16 @@ def cascade_attention(
             max_m = longest if max_m is None else max_m
     levels = _levels(levels, batch, q.device, k_cache.shape[0], page_size)
     if backend == "reference":
+        if cu_q is None:
+            cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
         out, lse = _reference(q, k_cache, v_cache, levels, cu_q, causal, scale, softcap,
                               k_scale, v_scale, kv_layout)
         return (out, lse) if return_lse else out
     common = dict(scale=scale, softcap=softcap, k_scale=k_scale, v_scale=v_scale,
                   kv_layout=kv_layout, return_lse=True, backend=backend)
-    state = None
-    for i, (table, lens, indptr) in enumerate(levels):
+
+    def level(i: int) -> tuple[Tensor, Tensor]:
+        table, lens, indptr = levels[i]
         last = i == len(levels) - 1
         if last and indptr.shape[0] == batch + 1 and cu_seqlens_q is None:
             # one group per request (the usual last level): plain decode
@@ -253,7 +300,9 @@ def cascade_attention(
         else:
             # a group's requests are consecutive, so are their queries: one varlen "sequence"
             # per group, its rows reading the level's pages together
-            cu = cu_q[indptr.long().clamp(0, batch)]  # in range whatever indptr holds
+            # Decode queries are one per request (cu_q = 0..B), so the groups' offsets are
+            # group_indptr itself; the kernels clamp offsets to the queries.
+            cu = indptr if cu_seqlens_q is None else cu_q[indptr.long().clamp(0, batch)]
             if read_content(cu):
                 rows = int((cu[1:] - cu[:-1]).max()) if cu.shape[0] > 1 else 0
             else:  # no host read: a bound (programs past a group's rows exit at once)
@@ -268,9 +317,17 @@ def cascade_attention(
             o, lse = paged_attention(q, k_cache, v_cache, table, lens, cu_seqlens_q=cu,
                                      max_seqlen_q=rows, causal=level_causal, **common)
             lse = lse.transpose(0, 1)
-        # The merged state stays float32 between levels and is rounded once, by the last merge.
-        state = (o, lse) if state is None else _merge_states(
-            state[0], state[1], o, lse, q.dtype if last else torch.float32)
+        return o, lse
+
+    if len(levels) > 1 and _overlaps(q):
+        states = _levels_overlapped(level, len(levels), q.device)
+    else:
+        states = [level(i) for i in range(len(levels))]
+    # The merged state stays float32 between levels and is rounded once, by the last merge.
+    state = states[0]
+    for i, (o, lse) in enumerate(states[1:], 1):
+        state = _merge_states(state[0], state[1], o, lse,
+                              q.dtype if i == len(levels) - 1 else torch.float32)
     out, lse = state
     out, lse = out.to(q.dtype), lse.contiguous()
     return (out, lse) if return_lse else out

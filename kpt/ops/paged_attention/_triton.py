@@ -15,7 +15,13 @@ a bf16 and an fp16 value), and the scales go where the reference's float32 produ
 ``k_scale`` into the logit multiplier (s = (q . k8) * k_scale * scale), ``v_scale`` into the
 output (out = (P @ v8) * v_scale / l). The dequantised values are never rounded to 16 bits, as
 in the reference (``float(cache) * scale`` in float32); only the order of float32 products
-differs.
+differs. On sm_90 Triton converts e4m3 to bf16 through fp16 and float32, one scalar F2F per
+value (ptxas, decode B64 page 16); converting to fp16 instead (one packed instruction per two
+values, with the products in fp16 after a power-of-two scaling of q into fp16's range) took
+the F2Fs out but measured no faster: 284.8-292.3 µs on an H100 (2026-12-07, two timings of
+the same tiles in one run), against 289.1-292.9 for the bf16 conversion on other H100s
+(bench/RESULTS.md). The kernel keeps q's dtype: the conversion is not what holds fp8 decode
+at 0.82x of the bf16 time.
 
 Split-KV: decode of a few long sequences gives batch x kv heads programs, far fewer than the
 SMs, each streaming a long key range. Then the key range of every program is cut into
@@ -34,9 +40,16 @@ varlen kernel needs 255 registers and 752-792 bytes of stack (it did before the 
 the likely reason chunked prefill ran at 105 TFLOP/s on an H100, bench/RESULTS.md), with 8
 warps 208 bytes, so causal varlen tiles of 64 rows default to 8 warps. Without a causal bound
 or window (a cascade's shared level: every query sees the whole level) no tile is masked but
-the key tail, and 4 warps are faster: cascade_attention's shared level on its benchmark (64
-queries x 32 heads over 16384 keys, H100, 2026-12-07, CUDA-graph replay) 88.9 µs at 4 warps
-against 160.9 at 8 (161.4 before, with 8 by default; BLOCK_M 128 at 8 warps 94.4).
+the key tail, and 64-row tiles run faster at 4 warps than at 8.
+
+Wide tiles (``wide_tiles``): such unmasked varlen calls with at least ``WIDE_ROWS`` (query,
+head) rows per kv head take 128-row tiles at 8 warps by default, split-KV into at most one
+block per SM (not ``num_splits``'s two). Alone they run as fast as the 64-row tiles at 4 warps
+split twice as finely, and they leave the SMs' other slots to work beside them: a cascade's
+decode level on its own stream (cascade_attention's benchmark, 64 queries x 32 heads over 16384
+shared keys, H100, 2026-12-07, CUDA-graph replay: the shared level 87.7 µs against 88.1, both
+levels overlapped 99.1 against 114.4; 64-row tiles at 8 warps 161.4, 128-row tiles split 16
+ways 94.3 alone, 110.8 overlapped).
 
 Chunked prefill through flash_attention (``GATHER``): a prefill chunk is compute-bound, and
 the paged kernel above computes at a fraction of flash_attention's rate (bench/RESULTS.md). So
@@ -58,11 +71,12 @@ paged kernel (the copy would round the dequantised keys to 16 bits, which the re
 does).
 
 Config keys (``run``'s ``config``): ``BLOCK_M`` ((query, head) rows per tile; default the
-rows of a sequence's queries up to 64), ``BLOCK_N`` (keys per tile), ``SPLITS`` (1: never split;
-absent: ``num_splits``), ``num_warps`` (default 4; 8 for masked varlen tiles of 64 rows),
-``num_stages`` (default ``DECODE_STAGES`` for decode, 2 for varlen); ``GATHER`` (True /
-False; absent: ``gathers``'s rule), ``FLASH`` (the
-flash_attention backend of a gathered call; absent: its dispatch).
+rows of a sequence's queries up to 64, 128 for wide tiles), ``BLOCK_N`` (keys per tile),
+``SPLITS`` (1: never split; absent: ``num_splits``, or one block per SM for wide tiles),
+``num_warps`` (default 4; 8 for masked varlen tiles of 64 rows and for wide tiles),
+``num_stages`` (default ``DECODE_STAGES`` for decode, 2 for varlen), ``maxnreg`` (a register
+cap per thread, NVIDIA only; absent: none); ``GATHER`` (True / False; absent: ``gathers``'s
+rule), ``FLASH`` (the flash_attention backend of a gathered call; absent: its dispatch).
 
 Standing (H100, 2026-12-07, bench/RESULTS.md): bf16 decode at 1.03x SDPA's time on the same
 keys stored contiguously (page 16 and page 1) and 1.11x with split-KV (B1, 65536 keys); fp8
@@ -92,6 +106,10 @@ from kpt.ops.paged_attention import prefill_sized
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# Query rows per kv head from which an unmasked varlen call (no causal bound, no window: a
+# cascade's shared level) takes WIDE_ROWS-row tiles at 8 warps, split-KV into at most one block
+# per SM (module doc, "Wide tiles").
+WIDE_ROWS = 128
 # Pipeline stages of a decode launch (varlen launches keep 2). A config sweep of decode B64,
 # context 4096, page 16, 32/8 heads, D 128 on an H100 (2026-12-07, CUDA-graph replay, 4 warps):
 # bf16 64-key tiles 422.2 µs at 2 stages, 349.1 at 3 (SDPA on the same keys stored
@@ -423,6 +441,14 @@ def _run_gathered(call, flash_backend: str | None) -> None:
     FLASH.launch_keyed(_key(fcall), lambda: problem_of(fcall), fcall, flash_backend, None)
 
 
+def wide_tiles(call) -> bool:
+    """Whether a launch takes the wide tiles by default: stacked queries over keys they all
+    see (varlen, no causal bound, no window: a cascade's shared level), WIDE_ROWS rows or more
+    per kv head."""
+    return (call.varlen and call.window_left < 0 and call.window_right < 0
+            and call.max_seqlen_q * (call.q.shape[1] // call.heads_kv) >= WIDE_ROWS)
+
+
 def configs(problem) -> list[dict]:
     """Launch variants; the first (empty: every choice by rule) is the default. Varlen calls
     add the in-place kernel at 4 and 8 warps and, for 16-bit caches, the gather path."""
@@ -456,7 +482,8 @@ def run(call, config: dict) -> None:
     group = q.shape[1] // heads_kv
     d = q.shape[-1]
     fp8 = call.k_scale is not None
-    block_m = config.get("BLOCK_M", max(16, min(64, triton.next_power_of_2(
+    wide = wide_tiles(call)
+    block_m = config.get("BLOCK_M", WIDE_ROWS if wide else max(16, min(64, triton.next_power_of_2(
         call.max_seqlen_q * group))))
     if block_m not in (16, 32, 64, 128):
         raise ValueError(f"paged_attention[triton]: config BLOCK_M must be 16, 32, 64 or 128, "
@@ -475,8 +502,11 @@ def run(call, config: dict) -> None:
         span = call.block_table.shape[1] * call.page_size
         if call.window_left >= 0:  # a tile sees at most its rows' window
             span = min(span, call.window_left + call.max_seqlen_q + block_n)
-        splits = num_splits(q_tiles * heads_kv * batch, triton.cdiv(span, block_n),
-                            _sm_count(q.device))
+        programs, sms = q_tiles * heads_kv * batch, _sm_count(q.device)
+        if wide and sms > 0:  # at most one block per SM
+            splits = max(1, min(sms // programs, triton.cdiv(span, block_n), MAX_SPLITS))
+        else:
+            splits = num_splits(programs, triton.cdiv(span, block_n), sms)
     if splits > 1:
         o_dst = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
         lse_dst = torch.empty((splits, q.shape[0], q.shape[1]), dtype=torch.float32,
@@ -502,9 +532,11 @@ def run(call, config: dict) -> None:
         GROUP=group, PAGE_SIZE=call.page_size, HEAD_DIM=d, VARLEN=call.varlen,
         HAS_LEFT=call.window_left >= 0, HAS_RIGHT=call.window_right >= 0, SOFTCAP=softcap,
         FP8=fp8, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=config.get("num_warps", 8 if call.varlen and block_m >= 64
-                             and (call.window_right >= 0 or call.window_left >= 0) else 4),
-        num_stages=config.get("num_stages", 2 if call.varlen else DECODE_STAGES))
+        num_warps=config.get("num_warps", 8 if wide or (
+            call.varlen and block_m >= 64 and (call.window_right >= 0
+                                               or call.window_left >= 0)) else 4),
+        num_stages=config.get("num_stages", 2 if call.varlen else DECODE_STAGES),
+        **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}))
     if splits > 1:
         _combine_kernel[(call.max_seqlen_q, q.shape[1], batch)](
             o_dst, lse_dst, out, lse, cu, *o_strides, *lse_strides, out.stride(0),
