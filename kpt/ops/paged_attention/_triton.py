@@ -47,9 +47,9 @@ head) rows per kv head take 128-row tiles at 8 warps by default, split-KV into a
 block per SM (not ``num_splits``'s two). Alone they run as fast as the 64-row tiles at 4 warps
 split twice as finely, and they leave the SMs' other slots to work beside them: a cascade's
 decode level on its own stream (cascade_attention's benchmark, 64 queries x 32 heads over 16384
-shared keys, H100, 2026-12-07, CUDA-graph replay: the shared level 87.7 µs against 88.1, both
-levels overlapped 99.1 against 114.4; 64-row tiles at 8 warps 161.4, 128-row tiles split 16
-ways 94.3 alone, 110.8 overlapped).
+shared keys, H100, 2026-12-07, CUDA-graph replay of the steps through this launcher: the shared
+level 87.7 µs against 88.1, both levels overlapped 99.1 against 114.4; 64-row tiles at 8 warps
+161.4, 128-row tiles split 16 ways 94.3 alone, 110.8 overlapped; bench/RESULTS.md).
 
 Chunked prefill through flash_attention (``GATHER``): a prefill chunk is compute-bound, and
 the paged kernel above computes at a fraction of flash_attention's rate (bench/RESULTS.md). So
@@ -80,7 +80,7 @@ rule), ``FLASH`` (the flash_attention backend of a gathered call; absent: its di
 
 Standing (H100, 2026-12-07, bench/RESULTS.md): bf16 decode at 1.03x SDPA's time on the same
 keys stored contiguously (page 16 and page 1) and 1.11x with split-KV (B1, 65536 keys); fp8
-decode at 0.83x this kernel's bf16 time (target 0.6x). ``bench/bench_paged_attention.py`` has
+decode at 0.82x this kernel's bf16 time (target 0.6x). ``bench/bench_paged_attention.py`` has
 the rows and their targets, and ``KPT_BENCH_PAGED_CONFIG`` times any config above; the split
 model's constants (``MIN_BLOCKS_PER_SM``, ``BLOCK_OVERHEAD_TILES``) are first estimates.
 Compiled for sm_90 without a GPU (Triton 3.9, ptxas; Llama-3-8B decode, 16-token pages), every
