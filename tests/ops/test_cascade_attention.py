@@ -198,6 +198,39 @@ def test_cascade_on_the_triton_kernel(chunked):
     assert err < 2**-7, err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="two CUDA streams need a GPU")
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
+def test_overlapped_levels_on_a_gpu(chunked, monkeypatch):
+    """On a GPU the levels after the first run on a side stream (OVERLAP_LEVELS): the same
+    result as the levels in sequence, eager and in a CUDA graph replayed with new queries."""
+    import kpt.ops.cascade_attention as cascade_module
+
+    queries = [1, 2, 1, 3, 1] if chunked else None
+    q, kc, vc, levels, _, _, cu = _cascade(7, torch.bfloat16, queries)
+    q, kc, vc = q.cuda(), kc.cuda(), vc.cuda()
+    levels = [tuple(t.cuda() for t in level) for level in levels]
+    cu = None if cu is None else cu.cuda()
+
+    def run():
+        return cascade_attention(q, kc, vc, levels, cu_seqlens_q=cu, return_lse=True)
+
+    monkeypatch.setattr(cascade_module, "OVERLAP_LEVELS", False)
+    want, want_lse = run()
+    monkeypatch.setattr(cascade_module, "OVERLAP_LEVELS", True)
+    out, lse = run()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)  # the same kernels, the same order
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, captured_lse = run()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    monkeypatch.setattr(cascade_module, "OVERLAP_LEVELS", False)
+    want, want_lse = run()
+    torch.testing.assert_close(captured, want, rtol=0, atol=0)
+    torch.testing.assert_close(captured_lse, want_lse, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("mutate", "error", "text"), [
     (lambda lv: [], TypeError, "non-empty list"),
     (lambda lv: [lv[0][:2]] + lv[1:], TypeError, "levels\\[0\\] must be"),
