@@ -437,7 +437,7 @@ def test_wide_tiles_for_a_shared_level(monkeypatch):
     128-row tiles at 8 warps, split into at most one block per SM (an H100's 132 SMs patched
     in: 2 query tiles x 2 kv heads x 2 sequences = 8 programs, so up to 16 shares, fewer
     where a sequence has fewer key tiles), against the reference. A causal chunk of the same
-    rows, or fewer rows, keeps the usual tiles."""
+    rows, fewer rows, or a head dim past 128, keeps the usual tiles."""
     monkeypatch.setattr(_triton, "_sm_count", lambda device: 132)
     lengths, queries = [300, 97], [40, 21]
     q, kc, vc, table, lens, cu = _case(12, 2, 8, 2, 40, 16, lengths, "NHD", torch.float32,
@@ -454,3 +454,6 @@ def test_wide_tiles_for_a_shared_level(monkeypatch):
 
     assert _triton.wide_tiles(call(40, -1))
     assert not _triton.wide_tiles(call(40, 0)) and not _triton.wide_tiles(call(31, -1))
+    wide_d = torch.empty(q.shape[0], q.shape[1], 136, dtype=q.dtype)  # head dim past 128
+    assert not _triton.wide_tiles(Call(wide_d, kc, vc, table, lens, cu, 40, 0.25, -1, -1, 0.0,
+                                       None, None, "NHD", wide_d, lse.T))

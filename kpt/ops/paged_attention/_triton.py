@@ -43,7 +43,8 @@ or window (a cascade's shared level: every query sees the whole level) no tile i
 the key tail, and 64-row tiles run faster at 4 warps than at 8.
 
 Wide tiles (``wide_tiles``): such unmasked varlen calls with at least ``WIDE_ROWS`` (query,
-head) rows per kv head take 128-row tiles at 8 warps by default, split-KV into at most one
+head) rows per kv head (head dims up to 128, NVIDIA GPUs) take 128-row tiles at 8 warps by
+default, split-KV into at most one
 block per SM (not ``num_splits``'s two). Alone they run as fast as the 64-row tiles at 4 warps
 split twice as finely, and they leave the SMs' other slots to work beside them: a cascade's
 decode level on its own stream (cascade_attention's benchmark, 64 queries x 32 heads over 16384
@@ -444,8 +445,11 @@ def _run_gathered(call, flash_backend: str | None) -> None:
 def wide_tiles(call) -> bool:
     """Whether a launch takes the wide tiles by default: stacked queries over keys they all
     see (varlen, no causal bound, no window: a cascade's shared level), WIDE_ROWS rows or more
-    per kv head."""
+    per kv head, on an NVIDIA GPU (or the interpreter) with head dims up to 128 (measured
+    there; a 128-row tile of a larger head dim, or on an AMD GPU's 64 KB of LDS, may not fit
+    the shared memory its pipeline needs)."""
     return (call.varlen and call.window_left < 0 and call.window_right < 0
+            and call.q.shape[2] <= 128 and torch.version.hip is None
             and call.max_seqlen_q * (call.q.shape[1] // call.heads_kv) >= WIDE_ROWS)
 
 
