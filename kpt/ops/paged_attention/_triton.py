@@ -21,7 +21,7 @@ values, with the products in fp16 after a power-of-two scaling of q into fp16's 
 the F2Fs out but measured no faster: 284.8-292.3 µs on an H100 (2026-12-07, two timings of
 the same tiles in one run), against 289.1-292.9 for the bf16 conversion on other H100s
 (bench/RESULTS.md). The kernel keeps q's dtype: the conversion is not what holds fp8 decode
-at 0.82x of the bf16 time.
+at 0.82-0.83x of the bf16 time.
 
 Split-KV: decode of a few long sequences gives batch x kv heads programs, far fewer than the
 SMs, each streaming a long key range. Then the key range of every program is cut into
@@ -80,7 +80,7 @@ rule), ``FLASH`` (the flash_attention backend of a gathered call; absent: its di
 
 Standing (H100, 2026-12-07, bench/RESULTS.md): bf16 decode at 1.03x SDPA's time on the same
 keys stored contiguously (page 16 and page 1) and 1.11x with split-KV (B1, 65536 keys); fp8
-decode at 0.82x this kernel's bf16 time (target 0.6x). ``bench/bench_paged_attention.py`` has
+decode at 0.82-0.83x this kernel's bf16 time (target 0.6x). ``bench/bench_paged_attention.py`` has
 the rows and their targets, and ``KPT_BENCH_PAGED_CONFIG`` times any config above; the split
 model's constants (``MIN_BLOCKS_PER_SM``, ``BLOCK_OVERHEAD_TILES``) are first estimates.
 Compiled for sm_90 without a GPU (Triton 3.9, ptxas; Llama-3-8B decode, 16-token pages), every
