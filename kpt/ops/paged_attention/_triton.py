@@ -46,10 +46,11 @@ Wide tiles (``wide_tiles``): such unmasked varlen calls with at least ``WIDE_ROW
 head) rows per kv head (head dims up to 128, NVIDIA GPUs) take 128-row tiles at 8 warps by
 default, split-KV into at most one block per SM (not ``num_splits``'s two). Alone they run as
 fast as the 64-row tiles at 4 warps split twice as finely, and they leave the SMs' other slots
-to work beside them: a cascade's decode level on its own stream (cascade_attention's benchmark, 64 queries x 32 heads over 16384
-shared keys, H100, 2026-12-07, CUDA-graph replay of the steps through this launcher: the shared
-level 87.7 µs against 88.1, both levels overlapped 99.1 against 114.4; 64-row tiles at 8 warps
-161.4, 128-row tiles split 16 ways 94.3 alone, 110.8 overlapped; bench/RESULTS.md).
+to work beside them: a cascade's decode level on its own stream (cascade_attention's
+benchmark, 64 queries x 32 heads over 16384 shared keys, H100, 2026-12-07, CUDA-graph replay
+of the steps through this launcher: the shared level 87.7 µs against 88.1, both levels
+overlapped 99.1 against 114.4; 64-row tiles at 8 warps 161.4, 128-row tiles split 16 ways 94.3
+alone, 110.8 overlapped; bench/RESULTS.md).
 
 Chunked prefill through flash_attention (``GATHER``): a prefill chunk is compute-bound, and
 the paged kernel above computes at a fraction of flash_attention's rate (bench/RESULTS.md). So
