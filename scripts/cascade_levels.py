@@ -1,7 +1,7 @@
 """Where cascade_attention's time goes on its benchmark shape (bench/bench_cascade_attention.py:
 64 decode requests sharing a 16384-token prefix plus 256 tokens each, Llama-3-8B attention).
 
-Kernel times by CUDA-graph replay (best of 5 windows of 50 replays):
+Kernel times by CUDA-graph replay, the benchmarks' protocol (``bench.conftest.kernel_timing``):
 
 * the shared level alone through the Triton paged kernel, with its default tiles and with the
   configs compared when the wide-tile rule was chosen (``_triton.run``'s config keys);
@@ -9,7 +9,8 @@ Kernel times by CUDA-graph replay (best of 5 windows of 50 replays):
 * ``cascade_attention`` with its levels in sequence and overlapped on two streams
   (``OVERLAP_LEVELS``), for dispatch's choice and for the Triton backend named;
 
-then the eager time per call (back-to-back calls, synchronised at the end). GPU machine only:
+then the eager time per call (``host_latency.per_call_us``: back-to-back calls, host and total).
+GPU machine only:
 
   python scripts/cascade_levels.py
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,50 +28,15 @@ LEVEL0_CONFIGS = [{}, {"BLOCK_M": 64, "num_warps": 4, "SPLITS": 8},
                   {"BLOCK_M": 128, "num_warps": 8, "SPLITS": 16}]
 
 
-def graph_us(fn) -> tuple[float, object]:
-    import torch
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    for _ in range(20):
-        graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        start.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 50 * 1000)
-    return best, out
-
-
-def eager_us(fn, calls: int = 100) -> float:
-    import torch
-
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
-
-
 def main() -> None:
     import torch
 
     import kpt.ops.cascade_attention as cascade_module
     from bench.bench_cascade_attention import _inputs
+    from bench.conftest import kernel_timing
     from kpt.ops import cascade_attention, paged_attention
     from kpt.ops.paged_attention import Call, _triton
+    from scripts.host_latency import per_call_us
 
     if not torch.cuda.is_available():
         sys.exit("cascade_levels: needs a CUDA GPU")
@@ -88,21 +53,21 @@ def main() -> None:
 
     for config in LEVEL0_CONFIGS:
         print(f"shared level alone, config {config or 'default'}: "
-              f"{graph_us(lambda config=config: level0(config))[0]:.1f} us")
+              f"{kernel_timing(lambda config=config: level0(config)).us:.1f} us")
     per_request = lambda: paged_attention(q, k_cache, v_cache, table1, lens1,  # noqa: E731
                                           return_lse=True, backend="triton")
-    print(f"per-request level alone (triton): {graph_us(per_request)[0]:.1f} us")
+    print(f"per-request level alone (triton): {kernel_timing(per_request).us:.1f} us")
     want = paged_attention(q, k_cache, v_cache, flat, totals, backend="triton").float()
     for backend in (None, "triton"):
         for overlap in (False, True):
             cascade_module.OVERLAP_LEVELS = overlap
             fn = lambda backend=backend: cascade_attention(  # noqa: E731
                 q, k_cache, v_cache, levels, backend=backend)
-            us, out = graph_us(fn)
-            diff = (out.float() - want).abs().max().item()
+            diff = (fn().float() - want).abs().max().item()
+            host, total = per_call_us(fn, calls=100)
             print(f"cascade_attention backend={backend or 'auto'} overlap={overlap}: "
-                  f"{us:.1f} us, eager {eager_us(fn):.1f} us per call, max |diff| against the "
-                  f"naive batch {diff:.3g}")
+                  f"{kernel_timing(fn).us:.1f} us, eager {total:.1f} us per call ({host:.1f} "
+                  f"host), max |diff| against the naive batch {diff:.3g}")
     cascade_module.OVERLAP_LEVELS = True
 
 
