@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from kpt import autotune
+from kpt.ops._common import getenv
 
 log = logging.getLogger("kpt")
 
@@ -391,7 +392,7 @@ def _format_report(op: str, problem: Problem, report: Iterable[tuple[str, list[s
 
 
 def _env_backend(op: str) -> str | None:
-    value = os.environ.get("KPT_BACKEND", "").strip()
+    value = getenv("KPT_BACKEND").strip()
     if not value:
         return None
     if "=" not in value:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kpt.ops import append_paged_kv, paged_attention
-from kpt.ops._common import compare
+from kpt.ops._common import compare, triton_interpreting
 from kpt.ops.paged_attention import FP8, SPEC, Call, problem_of
 from tests.ops.rejects import assert_rejected_before_launch
 
@@ -389,3 +389,62 @@ def test_plan_run_matches_the_call_and_writes_out_in_place():
         p.run(q[:, :2], kc, vc)
     with pytest.raises(ValueError, match="lse must be float32"):
         p.run(q, kc, vc, lse=torch.empty(q.shape[0], q.shape[1]))
+
+
+@pytest.mark.skipif(not triton_interpreting(),
+                    reason="runs the Triton kernel on CPU tensors: TRITON_INTERPRET=1")
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
+def test_triton_logits_that_overflow_float32(splits, chunked, monkeypatch):
+    """Regression (found beside flash_attention's): logits past float32's range (scale=1e38)
+    gave lse -inf (no visible key) from the Triton kernel, split or not, where the reference
+    has +inf, and NaN logits gave -inf too; a row whose visible logits all overflow to -inf got
+    out 0 where the reference has NaN. The epilogue and the split combine now follow
+    flash_attention/reference.py's definition of overflow."""
+    from kpt.ops.paged_attention import _triton
+
+    run = _triton.run
+    monkeypatch.setattr(_triton, "run", lambda call, cfg: run(call, cfg | {"SPLITS": splits}))
+    lengths = [0, 5, 19, 40]
+    queries = [1, 3, 0, 5] if chunked else None
+    q, kc, vc, table, lens, cu = _case(2, 4, 4, 2, 16, 4, lengths, "NHD", torch.float16,
+                                       queries=queries)
+    q_nan = q.clone()
+    q_nan[1, 0, 0] = float("nan")  # a row that sees keys: out and lse NaN
+    cases = [(q, kc, dict(scale=1e38)), (q, kc, dict(scale=-2e38, window=(6, 0))),
+             (q.abs(), -kc.abs(), dict(scale=1e38)),  # every logit -inf
+             (q_nan, kc, dict())]
+    for qq, kk, kw in cases:
+        kw |= dict(cu_seqlens_q=cu, return_lse=True)
+        out, lse = paged_attention(qq, kk, vc, table, lens, backend="triton", **kw)
+        want, want_lse = paged_attention(qq, kk, vc, table, lens, backend="reference", **kw)
+        assert torch.equal(out.isnan(), want.isnan())
+        for x in (float("inf"), float("-inf")):
+            assert torch.equal(lse == x, want_lse == x)
+        assert torch.equal(lse.isnan(), want_lse.isnan())
+        assert compare("out", out, want, TOLERANCE[q.dtype]) is None
+        finite = torch.isfinite(want_lse)
+        torch.testing.assert_close(lse[finite], want_lse[finite], rtol=LSE_TOLERANCE,
+                                   atol=LSE_TOLERANCE)
+
+
+@pytest.mark.skipif(not triton_interpreting(),
+                    reason="runs the Triton kernel on CPU tensors: TRITON_INTERPRET=1")
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_masked_first_tile_then_very_negative_logits(splits, monkeypatch):
+    """Regression (found beside flash_attention's): a row whose first key tile was all masked
+    (a left window in chunked prefill) took 0 as its running max, so later logits all below
+    -126 in log2 units (-160 here) underflowed to a zero sum: out NaN, lse -inf where the
+    reference is finite. The running max now starts at -FLT_MAX and is never replaced."""
+    from kpt.ops.paged_attention import _triton
+
+    run = _triton.run
+    monkeypatch.setattr(_triton, "run", lambda call, cfg: run(call, cfg | {"SPLITS": splits}))
+    q, kc, vc, table, lens, cu = _case(0, 1, 2, 1, 16, 16, [70], "NHD", torch.float16,
+                                       queries=[20])
+    q = torch.full_like(q, 2.0)
+    kc = torch.where(kc.isnan(), kc, 5.0)  # every logit -160 at scale -1 (poison stays NaN)
+    kw = dict(cu_seqlens_q=cu, window=(3, 0), scale=-1.0, return_lse=True)
+    out, lse = paged_attention(q, kc, vc, table, lens, backend="triton", **kw)
+    want, want_lse = paged_attention(q, kc, vc, table, lens, backend="reference", **kw)
+    check_close(out, lse, want, want_lse, torch.float16)

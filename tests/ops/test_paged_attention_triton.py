@@ -457,3 +457,87 @@ def test_wide_tiles_for_a_shared_level(monkeypatch):
     wide_d = torch.empty(q.shape[0], q.shape[1], 136, dtype=q.dtype)  # head dim past 128
     assert not _triton.wide_tiles(Call(wide_d, kc, vc, table, lens, cu, 40, 0.25, -1, -1, 0.0,
                                        None, None, "NHD", wide_d, lse.T))
+
+
+# ---- the repeat-call launcher (``_triton.fast``, ``kpt.ops._triton_launch``) -----------------
+
+
+def test_triton_fast_launcher_is_declined_off_the_gpu():
+    """Under the interpreter (or on the CPU) no launcher is bound: repeats keep the full path."""
+    from kpt.ops._triton_launch import bind
+
+    q, kc, vc, table, lens, _ = _case(5, 3, 4, 2, 16, 4, [5, 0, 11], "NHD", torch.float32)
+    out, lse = torch.zeros_like(q), torch.zeros(q.shape[:2])
+    call = Call(q, kc, vc, table, lens, None, 1, 0.25, -1, 0, 0.0, None, None, "NHD", out, lse)
+    assert _triton.fast(call, {}) is None
+    assert bind(_triton._paged_kernel, (1, 1, 1), (q,), {}, (q,)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="binds compiled kernels: needs a GPU")
+# One long sequence is split (2 programs); 140 short ones fill an H100/H200 twice (280
+# programs): unsplit.
+@pytest.mark.parametrize("lengths", [[3000], [37, 0, 9, 1] * 35], ids=["split", "unsplit"])
+def test_triton_fast_launcher_matches_the_full_path(lengths):
+    """A repeat decode call on the Triton backend runs the launcher ``fast`` bound (the
+    compiled kernels called directly): bit for bit the full path's result on fresh queries,
+    an empty sequence included; a block table that is a misaligned view (same signature)
+    makes it take Triton's own launch, with the same result; inside a CUDA graph too."""
+    q, kc, vc, table, lens, _ = _case(11, len(lengths), 8, 2, 128, 16, lengths, "NHD",
+                                      torch.float32)
+    q, kc, vc = (t.to("cuda", torch.bfloat16) for t in (q, kc, vc))
+    table, lens = table.cuda(), lens.cuda()
+    SPEC.clear_cache()
+    run = lambda q, table: paged_attention(q, kc, vc, table, lens, return_lse=True,  # noqa: E731
+                                           backend="triton")
+    run(q, table)
+    assert len(SPEC.fast) == 1  # the launcher stored for the signature
+    splits = _triton._Launch(Call(q, kc, vc, table, lens, None, 1, 1.0, -1, 0, 0.0, None, None,
+                                  "NHD", q, lens), {}).splits
+    assert (splits > 1) == (len(lengths) == 1)
+    q2 = torch.randn_like(q)
+    got, got_lse = run(q2, table)
+    SPEC.fast.clear()
+    want, want_lse = run(q2, table)
+    SPEC.fast.clear()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_lse, want_lse, rtol=0, atol=0)
+    if 0 in lengths:
+        empty = lengths.index(0)
+        assert (got[empty] == 0).all() and torch.isneginf(got_lse[empty]).all()
+    # a misaligned view of the same table: same shape and strides, 4 bytes off
+    buffer = torch.empty(table.numel() + 1, dtype=torch.int32, device="cuda")
+    shifted = buffer[1:].view(table.shape)
+    shifted.copy_(table)
+    assert shifted.data_ptr() % 16
+    run(q, table)  # stores the launcher again
+    got, got_lse = run(q2, shifted)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_lse, want_lse, rtol=0, atol=0)
+    # captured in a graph and replayed with new queries
+    q3 = q.clone()
+    run(q3, table)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, captured_lse = run(q3, table)
+    q3.copy_(q2)
+    graph.replay()
+    torch.testing.assert_close(captured, want, rtol=0, atol=0)
+    torch.testing.assert_close(captured_lse, want_lse, rtol=0, atol=0)
+    SPEC.clear_cache()
+
+
+def test_fp8_decode_register_cap_is_the_default_on_nvidia(monkeypatch):
+    """fp8 decode launches cap registers at FP8_DECODE_MAXNREG on NVIDIA GPUs (one wave of 4
+    blocks per SM: module doc); a config's own cap wins; bf16, varlen, HIP and the interpreter
+    get none."""
+    monkeypatch.setattr(_triton, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    cap = _triton._register_cap
+    assert cap({}, True) == {"maxnreg": _triton.FP8_DECODE_MAXNREG}
+    assert cap({"maxnreg": 96}, True) == {"maxnreg": 96}
+    assert cap({}, False) == {}
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert cap({}, True) == {}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(_triton, "triton_interpreting", lambda: True)
+    assert cap({}, True) == {}

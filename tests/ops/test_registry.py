@@ -6,6 +6,7 @@ A small op with fake backends on a fake device type exercises the registry alone
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -195,3 +196,21 @@ def test_cpu_problems_never_touch_the_database(monkeypatch):
                                            run=_runner("reference")),),
             priority={"cpu": ("reference",)}, bucket=str)
     assert op.choose(problem(device_type="cpu"))[0].name == "reference"
+
+
+@pytest.mark.parametrize("value", [None, "", "cuda", " triton ", "ä=1,b"])
+def test_getenv_reads_what_os_environ_holds(monkeypatch, value):
+    """The per-call environment read (os.environ's mapping, read directly) sees every change
+    made through os.environ, as os.environ.get does."""
+    from kpt.ops._common import getenv
+
+    name = "KPT_TEST_GETENV"
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    assert getenv(name, "dflt") == os.environ.get(name, "dflt")
+    monkeypatch.setenv(name, "changed")
+    assert getenv(name) == "changed"
+    monkeypatch.delenv(name)
+    assert getenv(name, "gone") == "gone"

@@ -448,8 +448,8 @@ def test_invalid_arguments_raise_named_errors(args):
 # ---- known bugs -------------------------------------------------------------------------------
 
 
-def _small(dtype=torch.float16):
-    gen = torch.Generator().manual_seed(0)
+def _small(dtype=torch.float16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
     return (random_tensor(gen, (1, 5, 2, 16), dtype), random_tensor(gen, (1, 7, 2, 16), dtype),
             random_tensor(gen, (1, 7, 2, 16), dtype))
 
@@ -469,13 +469,65 @@ def test_triton_softcap_far_above_logits():
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG a scale whose float32 exp2-domain factor (scale * log2(e)) is finite but whose "
-    "logits overflow: scale=1e38 gives NaN out on both backends, and lse NaN from Triton "
-    "against +inf from the reference (scales past kpt.ops._common.MAX_SCALE, 1e39..1e300, "
-    "are rejected: test_scale_past_float32_is_rejected)"))
-def test_scale_that_overflows_float32():
-    _triton_vs_reference(*_small(), scale=1e38)
+@pytest.mark.parametrize("seed", range(4))
+def test_scale_that_overflows_float32(seed):
+    """Regression (found by this suite): logits past float32's range (scale=1e38) gave lse NaN
+    from Triton against +inf from the reference, and NaN out where the reference's was
+    finite: Triton forms the logits in log2 units (scale * log2(e) folded in), so it overflowed
+    first. The reference now forms them the same way and defines the overflow (its module doc:
+    a +inf logit gives lse +inf and out NaN), which Triton's epilogue follows."""
+    _triton_vs_reference(*_small(seed=seed), scale=1e38)
+    _triton_vs_reference(*_small(seed=seed), scale=-1e38, causal=True)
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
+def test_key_block_whose_logits_all_overflow_to_minus_inf():
+    """Regression (found by this suite): a fully visible key block whose logits all overflowed
+    to -inf gave Triton's rows a shift of -inf - (-inf) = NaN, so rows with finite logits in
+    later blocks came out NaN. The running max now starts at -FLT_MAX."""
+    gen = torch.Generator().manual_seed(0)
+    q = random_tensor(gen, (1, 20, 1, 16), torch.float16).abs()
+    k = random_tensor(gen, (1, 48, 1, 16), torch.float16).abs()
+    v = random_tensor(gen, (1, 48, 1, 16), torch.float16)
+    k[:, :16] *= -1000  # q . k about -1e4 there (-inf at scale 1e35), about +10 elsewhere
+    for kw in ({}, {"causal": True}):
+        _triton_vs_reference(q, k, v, scale=1e35, **kw)
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
+def test_masked_first_block_then_very_negative_logits():
+    """Regression (found with the two above): a row whose first key block was all masked took
+    0 as its running max, so later logits all below -126 in log2 units (-160 here) underflowed
+    to a zero sum: out NaN, lse -inf where the reference is finite. The running max now starts
+    at -FLT_MAX and is never replaced."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.full((1, 32, 1, 16), 2.0, dtype=torch.float16)
+    k = torch.full((1, 32, 1, 16), 5.0, dtype=torch.float16)  # every logit -160 at scale -1
+    v = random_tensor(gen, (1, 32, 1, 16), torch.float16)
+    _triton_vs_reference(q, k, v, scale=-1.0, window=(3, 0))
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window": (1, 0)}], ids=str)
+def test_rows_whose_logits_all_overflow_backward(kw):
+    """Regression (found by this suite): every logit +-inf at scale=1e38, so each row has lse
+    +inf (a +inf logit) or -inf (all -inf, visible keys: out NaN). The reference's backward
+    spread such a row's NaN delta to keys the row cannot see (ds = 0 * NaN there); it masks ds
+    now, as the kernels do, and the NaN of dq, dk, dv falls where Triton's does."""
+    gen = torch.Generator().manual_seed(0)
+    sign = torch.tensor([-1.0, -1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    q = (torch.rand(1, 5, 2, 16, generator=gen) + 1).half()
+    k = ((torch.rand(1, 7, 2, 16, generator=gen) + 1) * sign[:, None, None]).half()
+    v = torch.randn(1, 7, 2, 16, generator=gen).half()
+    _triton_vs_reference(q, k, v, scale=1e38, **kw)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grads = {}
+    for backend in ("triton", "reference"):
+        out = flash_attention(q, k, v, scale=1e38, backend=backend, **kw)
+        grads[backend] = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for name, got, want in zip(("dq", "dk", "dv"), grads["triton"], grads["reference"]):
+        assert torch.equal(got.isnan(), want.isnan()), f"triton.{name}: NaN pattern differs"
+        check_close(compare(f"triton.{name}", got, want, BACKWARD_TOLERANCE[q.dtype]))
 
 
 @pytest.mark.parametrize("scale", [1e39, 1e300, -1e300])

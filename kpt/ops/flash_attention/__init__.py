@@ -7,6 +7,9 @@ Equivalent PyTorch for one sequence and query head ``h`` (see ``reference.py``):
     s[~visible] = -inf                                        # causal / window, bottom-right
     lse = logsumexp(s, -1);  out[:, h] = softmax(s) @ v[:, h // group]
 
+Logits are formed in log2 units (``scale * log2(e)``), which fixes where they overflow float32
+and what overflowed rows give (lse +-inf, out NaN): ``reference.py``.
+
 Two registry ops: ``flash_attention`` (forward: out and lse) and ``flash_attention_backward``
 (dq, dk, dv), each with declared backends; autograd joins them through ``torch.library``.
 """

@@ -12,9 +12,11 @@ For each tile the loop over the other sequence is split into three ranges: key b
 the fully visible ones (masked), fully visible blocks (no mask, no bounds checks: the hot loop),
 and blocks after them (masked). Blocks outside the visible band are never visited.
 
-Softmax runs in the exp2 domain (log2(e) is folded into the logit multiplier); accumulators are
-fp32; a row whose running maximum is still -inf uses 0 as its shift so that no inf - inf NaN
-appears. A row with no visible key ends with l = 0: output 0, lse = -inf.
+Softmax runs in the exp2 domain (log2(e) is folded into the logit multiplier, so logits overflow
+where the reference's do: reference.py); accumulators are fp32. The running maximum starts at
+-FLT_MAX, not -inf: a row whose logits so far are all -inf (masked, or overflowed) shifts by a
+finite value and no inf - inf NaN appears. A row with no visible key ends with l = 0: output 0,
+lse = -inf. A +inf logit (overflow) leaves l = NaN, and the epilogue gives lse = +inf, out NaN.
 
 Backward (FA2 scheme, no atomics, deterministic by construction): ``_bwd_preprocess`` forms
 ``delta = rowsum(dO * O) - dlse``; ``_bwd_dkdv_kernel`` owns a key block of one kv head and loops
@@ -218,9 +220,7 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, o
         ok = _visible(offs_m[:, None], cols[None, :], q_len, k_len, diag, window_left,
                       window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # >= -FLT_MAX: finite, or +inf (overflow)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -295,12 +295,12 @@ def _fwd_kernel(
                   + kh.to(tl.int64) * stride_vh)
         q = _load_tile(q_base, offs_m, stride_qs, q_len, offs_d, HEAD_DIM, True, EVEN_D)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)  # -FLT_MAX (module doc)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _kv_ranges(m_start, q_len, k_len, diag, window_left, window_right,
                                         HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
-    # Fully visible blocks first: they set a finite running max before any masked block.
+    # Fully visible blocks first, then the masked edges before and after them.
     acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, mid_lo,
                                mid_hi, offs_m, q_len, k_len, diag, window_left, window_right,
                                mul_in, mul_out, b, kh, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
@@ -315,9 +315,9 @@ def _fwd_kernel(
                                HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D, TMA)
 
     seen = l_i != 0.0  # NaN logits give a NaN sum: NaN out and lse, as in the reference
-    # A row that sees keys whose logits are all -inf (an inf in q) also ends with l_i = 0; the
-    # reference's softmax gives it NaN, a row that sees no key 0. Which rows see a key follows
-    # from the mask alone (windows were normalised below 2**31 by the caller).
+    # A row that sees keys whose logits are all -inf (an inf in q, overflow) also ends with
+    # l_i = 0; the reference's softmax gives it NaN, a row that sees no key 0. Which rows see a
+    # key follows from the mask alone (windows were normalised below 2**31 by the caller).
     row_hi = k_len
     if HAS_RIGHT:
         row_hi = tl.minimum(offs_m + diag + window_right + 1, k_len)
@@ -325,9 +325,10 @@ def _fwd_kernel(
     if HAS_LEFT:
         row_lo = tl.maximum(offs_m + diag - window_left, 0)
     out = acc / tl.where(seen, l_i, tl.where(row_hi > row_lo, float("nan"), 1.0))[:, None]
-    # back to natural log: * ln(2)
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    # A +inf logit made l_i NaN (inf - inf): lse +inf (the max skips NaN logits), out NaN.
+    # Back to natural log: * ln(2).
+    l_fin = tl.where(seen & (m_i != float("inf")), l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.log2(l_fin)) * 0.6931471805599453, float("-inf"))
     row_ok = offs_m < q_len
     if TMA:  # rows and columns past the tensor's bounds are dropped by the copy engine
         OUT.store([b, h, m_start, 0], _cast(out, OUT.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))

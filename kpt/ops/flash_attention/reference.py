@@ -3,11 +3,20 @@
 For every sequence of the batch and every query head ``h`` (its kv head is ``h // group``), with
 ``Sq`` queries, ``Sk`` keys and the bottom-right diagonal ``diag = Sk - Sq``::
 
-    s[i, j] = scale * q[i] . k[j]                         # float32
-    s[i, j] = softcap * tanh(s[i, j] / softcap)           # if softcap > 0, before masking
+    s[i, j] = q[i] . k[j] * (scale * log2(e))             # float32, log2 units
+    s[i, j] = (softcap * log2(e)) * tanh(q[i] . k[j] * (scale / softcap))   # if softcap > 0
     visible(i, j) = (right < 0 or j <= i + diag + right) and (left < 0 or j >= i + diag - left)
-    lse[i] = log(sum_{visible j} exp(s[i, j]))            # natural log; -inf with no visible j
-    out[i] = sum_{visible j} exp(s[i, j] - lse[i]) v[j]   # 0 when no key is visible
+    lse2[i] = log2(sum_{visible j} 2^s[i, j])             # -inf with no visible j
+    out[i] = sum_{visible j} 2^(s[i, j] - lse2[i]) v[j]   # 0 when no key is visible
+    lse[i] = lse2[i] * ln(2)                              # returned in natural log
+
+This is the natural-log softmax of ``scale * q . k``, with the logits formed as the kernels form
+them: in log2 units, each factor in parentheses rounded to float32 once. Overflow is therefore
+defined alike on every backend: a product past float32's range (|q . k * scale| above
+``FLT_MAX / log2(e)``) is +-inf. A -inf logit weighs 0, and a row whose visible logits are all
+-inf gets lse -inf and out NaN (the 0 / 0 of its softmax). A row with a +inf logit gets lse +inf
+and out NaN (inf / inf), even beside NaN logits (the kernels' running maximum skips NaN);
+otherwise a NaN logit makes out and lse NaN.
 
 Keys a query cannot see take no part in its output, whatever they hold: a NaN or inf in the
 keys or values of masked positions never reaches it, and masked values never reach the
@@ -16,11 +25,14 @@ gradients either (a non-finite *key* at a masked position still reaches dq: ``ds
 ``causal`` is ``right = 0``. Everything is computed in float32 and rounded to the input dtype
 once at the end. Queries are processed in chunks so that the (Sq, Sk) score matrix is never
 materialised for long sequences. The backward recomputes the probabilities per chunk (exactly,
-in float32) and applies the textbook softmax gradient; ``delta = rowsum(p * dp)`` is formed from
-the recomputed probabilities, not from the rounded output.
+in float32) and applies the textbook softmax gradient of the natural-log logits
+(``d s / d (q . k) = scale``, times ``1 - tanh^2`` with a soft-cap); ``delta = rowsum(p * dp)``
+is formed from the recomputed probabilities, not from the rounded output.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -30,6 +42,8 @@ from kpt.ops._common import visible_matmul
 # Elements of one chunk's (heads, chunk, Sk) score tensor; a few such tensors are alive at once.
 _CHUNK_ELEMENTS = 1 << 25
 _MAX_CHUNK = 1024
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 
 
 def _chunk(heads: int, seqlen_k: int) -> int:
@@ -51,14 +65,17 @@ def _scores(qc: Tensor, kf: Tensor, rows: Tensor, seqlen_q: int, scale: float, l
     """Logits of one query chunk.
 
     qc: (Hkv, G, c, D) float32, kf: (Hkv, Sk, D) float32, rows: (c,) query indices.
-    Returns (s, tanh or None, visible): s (Hkv, G, c, Sk) with masked entries = -inf.
+    Returns (s, tanh or None, visible): s (Hkv, G, c, Sk) in log2 units (the module doc) with
+    masked entries = -inf. A Python float multiplier is rounded to float32 before the product.
     """
     seqlen_k = kf.shape[1]
-    s = torch.matmul(qc, kf[:, None].transpose(-1, -2)) * scale
+    qk = torch.matmul(qc, kf[:, None].transpose(-1, -2))
     t = None
     if softcap > 0:
-        t = torch.tanh(s / softcap)
-        s = softcap * t
+        t = torch.tanh(qk * (scale / softcap))
+        s = t * (softcap * LOG2E)
+    else:
+        s = qk * (scale * LOG2E)
     cols = torch.arange(seqlen_k, device=kf.device)
     diag = seqlen_k - seqlen_q
     visible = torch.ones(rows.shape[0], seqlen_k, dtype=torch.bool, device=kf.device)
@@ -71,10 +88,17 @@ def _scores(qc: Tensor, kf: Tensor, rows: Tensor, seqlen_q: int, scale: float, l
 
 
 def _probs(s: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax over visible keys and its natural-log normaliser; all-masked rows give p = 0."""
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).masked_fill(~visible, 0.0)
-    return p, lse
+    """Softmax over visible keys of log2-unit logits and its natural-log normaliser;
+    all-masked rows give p = 0 and lse -inf, rows with a +inf logit lse +inf."""
+    if s.shape[-1] == 0:
+        return s.clone(), s.new_full(s.shape[:-1], float("-inf"))
+    # As torch.logsumexp, in base 2: shift by the row max, or by 0 where it is +-inf.
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill(m.abs() == math.inf, 0.0)
+    lse2 = torch.log2(torch.exp2(s - m).sum(-1, keepdim=True)) + m
+    lse2 = lse2.masked_fill((s == math.inf).any(-1, keepdim=True), math.inf)
+    p = torch.exp2(s - lse2).masked_fill(~visible, 0.0)
+    return p, lse2.squeeze(-1) * LN2
 
 
 def _heads_first(x: Tensor, groups: int) -> Tensor:
@@ -176,7 +200,8 @@ def attention_backward(
             if dlse is not None:
                 g = dlse[:, qi[0]] if varlen else dlse[qi]
                 delta = delta - g[:, i0 : i0 + step].float().reshape(hkv, groups, -1, 1)
-            ds = p * (dp - delta)
+            # nor a NaN delta (a row whose out is NaN) the keys that row cannot see
+            ds = (p * (dp - delta)).masked_fill(~visible, 0.0)
             if t is not None:
                 ds = ds * (1.0 - t * t)
             ds = ds * scale

@@ -150,7 +150,7 @@ def _triton_supports(p: Problem) -> list[str]:
 
 BACKENDS = (
     triton_backend(f"{__name__}._triton", dtypes=_HALF, supports=_triton_supports,
-                   configs="configs"),
+                   configs="configs", fast="fast"),
     # One kernel source for nvcc and hipcc; its supports() lives in _cuda.py.
     *native_backends(f"{__name__}._cuda", dtypes=_HALF, run_cuda="run", run_hip="run",
                      fast="fast"),

@@ -8,7 +8,8 @@ once per group (decode: all of a group's heads in one tile). Keys are visited in
 any page size from 1 to 256 and both layouts (through the strides) run the same code. Page ids
 are clamped to the cache and lengths to the table's capacity: whatever the tables hold, no
 access leaves the tensors. Softmax is flash_attention's: exp2 domain, fp32 accumulators, P
-rounded to q's dtype before the P @ V product, rows that see no key give 0 and lse -inf.
+rounded to q's dtype before the P @ V product, rows that see no key give 0 and lse -inf, logits
+past float32's range as its reference.py defines (lse +inf for a +inf logit; out NaN).
 
 fp8 caches (e4m3 / e5m2): a tile is converted to q's dtype, which is exact (every fp8 value is
 a bf16 and an fp16 value), and the scales go where the reference's float32 products are:
@@ -22,6 +23,19 @@ the F2Fs out but measured no faster: 284.8-292.3 µs on an H100 (2026-12-07, two
 the same tiles in one run), against 289.1-292.9 for the bf16 conversion on other H100s
 (bench/RESULTS.md). The kernel keeps q's dtype: the conversion is not what holds fp8 decode
 at 0.82-0.83x of the bf16 time.
+
+fp8 decode: Nsight Compute on an H200 (2026-12-07, decode B64, 4096 keys, page 16, 32/8 heads,
+e4m3, 128-key tiles, triton 3.6): 168 registers per thread allow 3 blocks per SM, so the 512
+blocks run in 1.29 waves, the last one a third full; DRAM throughput 39% of peak, 0.49
+instructions issued per cycle per scheduler with 2.3 active warps (no eligible warp in 51% of
+cycles): latency- and issue-bound, not bandwidth-bound. A cap of ``FP8_DECODE_MAXNREG`` = 128
+registers fits 4 blocks per SM, one wave for this grid: 264.3 µs against 285.8 uncapped in the
+same run (bf16: 252.6, one wave at 128 registers already), with the same output; the cap is
+the default for fp8 decode on NVIDIA GPUs. Splitting the keys in two instead gave the same
+264 µs; other tiles, warps and stages (64- and 256-key tiles, 8 warps, 2 or 4 stages, with
+and without a cap) ran at 265-595 µs (``KPT_BENCH_PAGED_CONFIG`` times any config). So fp8
+decode runs at 1.05x the bf16 time on the H200 (whose bf16 decode is near its bandwidth), 0.6x
+being the target: the remaining limit is the per-key instruction count at low occupancy.
 
 Split-KV: decode of a few long sequences gives batch x kv heads programs, far fewer than the
 SMs, each streaming a long key range. Then the key range of every program is cut into
@@ -71,13 +85,20 @@ cache and lengths to the table's capacity, as in the kernel above. fp8 caches st
 paged kernel (the copy would round the dequantised keys to 16 bits, which the reference never
 does).
 
+Repeat calls (``fast``): a decode call whose signature was validated and dispatched before
+(``Op.launch_keyed``) goes to a launcher bound once for it (``kpt.ops._triton_launch.bind``):
+the launch numbers of ``_Launch`` and the compiled kernels are fixed, and each call passes only
+its tensors (and the split workspaces it allocates) to the kernels' launchers, skipping
+``JITFunction.run``'s argument binding and specialisation.
+
 Config keys (``run``'s ``config``): ``BLOCK_M`` ((query, head) rows per tile; default the
 rows of a sequence's queries up to 64, 128 for wide tiles), ``BLOCK_N`` (keys per tile),
 ``SPLITS`` (1: never split; absent: ``num_splits``, or one block per SM for wide tiles),
 ``num_warps`` (default 4; 8 for masked varlen tiles of 64 rows and for wide tiles),
 ``num_stages`` (default ``DECODE_STAGES`` for decode, 2 for varlen), ``maxnreg`` (a register
-cap per thread, NVIDIA only; absent: none); ``GATHER`` (True / False; absent: ``gathers``'s
-rule), ``FLASH`` (the flash_attention backend of a gathered call; absent: its dispatch).
+cap per thread, NVIDIA only; absent: ``FP8_DECODE_MAXNREG`` for fp8 decode, else none);
+``GATHER`` (True / False; absent: ``gathers``'s rule), ``FLASH`` (the flash_attention backend
+of a gathered call; absent: its dispatch).
 
 Standing (H100, 2026-12-07, bench/RESULTS.md): bf16 decode at 1.03x SDPA's time on the same
 keys stored contiguously (page 16 and page 1) and 1.11x with split-KV (B1, 65536 keys); fp8
@@ -98,6 +119,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kpt.ops._common import triton_interpreting
 from kpt.ops._triton_compat import cast as _cast
 from kpt.ops._triton_compat import dot as _dot
 from kpt.ops._triton_compat import masked_pv as _masked_pv
@@ -163,8 +185,7 @@ def _attend(acc, m_i, l_i, q, start, hi, row_ok, qpos, b, kh, TABLE, K, V, strid
     if HAS_LEFT:
         ok = ok & (cols[None, :] >= qpos[:, None] - window_left)
     s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # >= -FLT_MAX (the kernel's start): no inf - inf
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -236,7 +257,9 @@ def _paged_kernel(
     mul = mul_in
     if FP8:
         mul = mul_in * tl.load(K_SCALE + kh * stride_k_scale)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    # -FLT_MAX, not -inf, as in flash_attention: a row whose keys so far are all masked (or
+    # overflowed to -inf) keeps a finite shift, and no other shift hides its later logits.
+    m_i = tl.full((BLOCK_M,), -3.4028234663852886e38, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     # Chunked prefill under a causal bound (no left window): the key tiles before the tile's
@@ -258,8 +281,17 @@ def _paged_kernel(
             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, num_pages, mul,
             mul_out, window_left, window_right, PAGE_SIZE, HEAD_DIM, HAS_LEFT, HAS_RIGHT,
             SOFTCAP, FP8, MASK_INSIDE, BLOCK_N, BLOCK_D)
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    # As flash_attention's epilogue: NaN logits (or a +inf one) leave l_i NaN, NaN out; a row
+    # that sees keys of this range whose logits are all -inf (overflow, an inf in q) ends with
+    # l_i = 0 and gets NaN out, one that sees none 0.
+    seen = l_i != 0.0
+    row_lo = lo
+    row_hi = hi
+    if HAS_LEFT:
+        row_lo = tl.maximum(qpos - window_left, lo)
+    if HAS_RIGHT:
+        row_hi = tl.minimum(qpos + window_right + 1, hi)
+    out = acc / tl.where(seen, l_i, tl.where(row_hi > row_lo, float("nan"), 1.0))[:, None]
     if FP8:
         out = out * tl.load(V_SCALE + kh * stride_v_scale)
     # Unsplit: the op's out and lse. Split: this share's float32 slice of the workspaces.
@@ -268,8 +300,9 @@ def _paged_kernel(
         LSE += share.to(tl.int64) * stride_ls
     tl.store(OUT + t64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    # lse +inf where a logit is +inf (l_i is NaN then; the max skips NaN logits)
+    l_fin = tl.where(seen & (m_i != float("inf")), l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.log2(l_fin)) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + t64 * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
@@ -333,20 +366,23 @@ def _combine_kernel(
     s_ok = offs_s < splits
     lse_s = tl.load(LSE_PART + offs_s.to(tl.int64) * stride_qs + t * stride_qt + h * stride_qh,
                     mask=s_ok, other=float("-inf"))
-    top = tl.max(lse_s, 0)
+    top = tl.max(lse_s, 0)  # skips NaN
     top = tl.where(top == float("-inf"), 0.0, top)  # every share empty: no (-inf) - (-inf)
     w = tl.exp(lse_s - top)
-    total = tl.sum(w, 0)
-    # Shares that saw no key weigh 0: their outputs (zeros) are not even read.
+    total = tl.sum(w, 0)  # NaN from a NaN share or a +inf one: NaN out, as unsplit
+    # Shares that saw no key weigh 0: their outputs (zeros) are not even read, unless every
+    # share weighs 0: then a share whose keys' logits were all -inf passes its NaN on.
     o = tl.load(O_PART + offs_s.to(tl.int64)[:, None] * stride_ps + t * stride_pt
                 + h * stride_ph + offs_d[None, :],
-                mask=(w > 0)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    seen = total > 0
+                mask=tl.where(total == 0.0, s_ok, w > 0)[:, None] & (offs_d < HEAD_DIM)[None, :],
+                other=0.0)
+    seen = total != 0.0
     out = tl.sum(o * w[:, None], 0) / tl.where(seen, total, 1.0)
     tl.store(OUT + t * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
+    fin = tl.where(seen & (top != float("inf")), total, 1.0)  # a +inf share: lse +inf
     tl.store(LSE + t * stride_lt + h * stride_lh,
-             tl.where(seen, top + tl.log(tl.where(seen, total, 1.0)), float("-inf")))
+             tl.where(seen, top + tl.log(fin), float("-inf")))
 
 
 def _cache_strides(cache: torch.Tensor, layout: str) -> tuple[int, int, int]:
@@ -470,9 +506,8 @@ def configs(problem) -> list[dict]:
 
 def run(call, config: dict) -> None:
     """Write call.out and call.lse."""
-    q, out, lse = call.q, call.out, call.lse
-    batch, heads_kv = call.batch, call.heads_kv
-    if batch == 0 or call.max_seqlen_q == 0 or q.shape[1] == 0:
+    q = call.q
+    if call.batch == 0 or call.max_seqlen_q == 0 or q.shape[1] == 0:
         return
     gathered = config.get("GATHER")
     if gathered is None:
@@ -483,67 +518,146 @@ def run(call, config: dict) -> None:
                              "(cu_seqlens_q) of 16-bit caches only")
         _run_gathered(call, config.get("FLASH"))
         return
-    group = q.shape[1] // heads_kv
-    d = q.shape[-1]
-    fp8 = call.k_scale is not None
-    wide = wide_tiles(call)
-    block_m = config.get("BLOCK_M", WIDE_ROWS if wide else max(16, min(64, triton.next_power_of_2(
-        call.max_seqlen_q * group))))
-    if block_m not in (16, 32, 64, 128):
-        raise ValueError(f"paged_attention[triton]: config BLOCK_M must be 16, 32, 64 or 128, "
-                         f"got {block_m!r}")
-    # fp8: twice the keys per tile, the same bytes in flight as a 16-bit tile of 64.
-    block_n = config.get("BLOCK_N", 128 if fp8 and not call.varlen else 64)
-    block_d = max(16, triton.next_power_of_2(d))
-    softcap = call.softcap > 0
-    mul_in = call.scale / call.softcap if softcap else call.scale * LOG2E
-    mul_out = call.softcap * LOG2E if softcap else 1.0
-    lse_t, lse_h = (lse.stride(1), lse.stride(0)) if call.varlen else lse.stride()
-    cu = call.cu_seqlens_q if call.varlen else call.seq_lens
-    q_tiles = triton.cdiv(call.max_seqlen_q * group, block_m)
-    splits = config.get("SPLITS")
-    if splits is None:
-        span = call.block_table.shape[1] * call.page_size
-        if call.window_left >= 0:  # a tile sees at most its rows' window
-            span = min(span, call.window_left + call.max_seqlen_q + block_n)
-        programs, sms = q_tiles * heads_kv * batch, _sm_count(q.device)
-        if wide and sms > 0:  # at most one block per SM
-            splits = max(1, min(sms // programs, triton.cdiv(span, block_n), MAX_SPLITS))
-        else:
-            splits = num_splits(programs, triton.cdiv(span, block_n), sms)
-    if splits > 1:
-        o_dst = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-        lse_dst = torch.empty((splits, q.shape[0], q.shape[1]), dtype=torch.float32,
-                              device=q.device)
-        o_strides = o_dst.stride()[:3]
-        lse_strides = lse_dst.stride()
-    else:
-        o_dst, lse_dst = out, lse
-        o_strides = (0, out.stride(0), out.stride(1))
-        lse_strides = (0, lse_t, lse_h)
-    scale_strides = [0 if s is None or s.numel() == 1 else 1 for s in (call.k_scale,
-                                                                        call.v_scale)]
-    grid = (q_tiles, heads_kv * splits, batch)
-    _paged_kernel[grid](
-        q, call.k_cache, call.v_cache, o_dst, lse_dst, call.block_table, call.seq_lens, cu,
-        call.k_scale, call.v_scale,
-        q.stride(0), q.stride(1), *o_strides, *lse_strides,
-        *_cache_strides(call.k_cache, call.kv_layout), *_cache_strides(call.v_cache,
-                                                                       call.kv_layout),
-        call.block_table.stride(0), *scale_strides, call.k_cache.shape[0],
-        call.block_table.shape[1], q.shape[0], splits, mul_in, mul_out, call.window_left,
-        call.window_right,
-        GROUP=group, PAGE_SIZE=call.page_size, HEAD_DIM=d, VARLEN=call.varlen,
-        HAS_LEFT=call.window_left >= 0, HAS_RIGHT=call.window_right >= 0, SOFTCAP=softcap,
-        FP8=fp8, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=config.get("num_warps", 8 if wide or (
-            call.varlen and block_m >= 64 and (call.window_right >= 0
-                                               or call.window_left >= 0)) else 4),
-        num_stages=config.get("num_stages", 2 if call.varlen else DECODE_STAGES),
-        **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}))
-    if splits > 1:
-        _combine_kernel[(call.max_seqlen_q, q.shape[1], batch)](
-            o_dst, lse_dst, out, lse, cu, *o_strides, *lse_strides, out.stride(0),
-            out.stride(1), lse_t, lse_h, q.shape[0], splits,
-            VARLEN=call.varlen, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_D=block_d, num_warps=4)
+    launch = _Launch(call, config)
+    o_dst, lse_dst = launch.destinations(call.out, call.lse)
+    _paged_kernel[launch.grid](*launch.args(call, o_dst, lse_dst), **launch.kwargs)
+    if launch.splits > 1:
+        _combine_kernel[launch.combine_grid](*launch.combine_args(call, o_dst, lse_dst),
+                                             **launch.combine_kwargs)
+
+
+# Register cap per thread of fp8 decode launches on NVIDIA GPUs (module doc, "fp8 decode").
+FP8_DECODE_MAXNREG = 128
+
+
+def _register_cap(config: dict, fp8_decode: bool) -> dict:
+    """The launch's ``maxnreg`` option: the config's, else ``FP8_DECODE_MAXNREG`` for fp8
+    decode compiled for an NVIDIA GPU (not HIP, not the interpreter), else none."""
+    if "maxnreg" in config:
+        return {"maxnreg": config["maxnreg"]}
+    if fp8_decode and torch.version.hip is None and not triton_interpreting():
+        return {"maxnreg": FP8_DECODE_MAXNREG}
+    return {}
+
+
+class _Launch:
+    """What ``run`` launches for a call of the in-place kernel: tiles, split count, grids,
+    workspace shapes and the constexprs; everything here depends on the call's shapes,
+    strides, dtypes and options only, so a repeat call (``fast``) reuses it."""
+
+    def __init__(self, call, config: dict) -> None:
+        q = call.q
+        heads_kv = call.heads_kv
+        group = q.shape[1] // heads_kv
+        d = q.shape[-1]
+        wide = wide_tiles(call)
+        block_m = config.get("BLOCK_M", WIDE_ROWS if wide else max(16, min(
+            64, triton.next_power_of_2(call.max_seqlen_q * group))))
+        if block_m not in (16, 32, 64, 128):
+            raise ValueError(f"paged_attention[triton]: config BLOCK_M must be 16, 32, 64 or "
+                             f"128, got {block_m!r}")
+        fp8 = call.k_scale is not None
+        # fp8: twice the keys per tile, the same bytes in flight as a 16-bit tile of 64.
+        block_n = config.get("BLOCK_N", 128 if fp8 and not call.varlen else 64)
+        block_d = max(16, triton.next_power_of_2(d))
+        q_tiles = triton.cdiv(call.max_seqlen_q * group, block_m)
+        splits = config.get("SPLITS")
+        if splits is None:
+            span = call.block_table.shape[1] * call.page_size
+            if call.window_left >= 0:  # a tile sees at most its rows' window
+                span = min(span, call.window_left + call.max_seqlen_q + block_n)
+            programs, sms = q_tiles * heads_kv * call.batch, _sm_count(q.device)
+            if wide and sms > 0:  # at most one block per SM
+                splits = max(1, min(sms // programs, triton.cdiv(span, block_n), MAX_SPLITS))
+            else:
+                splits = num_splits(programs, triton.cdiv(span, block_n), sms)
+        self.splits = splits
+        self.grid = (q_tiles, heads_kv * splits, call.batch)
+        softcap = call.softcap > 0
+        self.mul_in = call.scale / call.softcap if softcap else call.scale * LOG2E
+        self.mul_out = call.softcap * LOG2E if softcap else 1.0
+        self.kwargs = dict(
+            GROUP=group, PAGE_SIZE=call.page_size, HEAD_DIM=d, VARLEN=call.varlen,
+            HAS_LEFT=call.window_left >= 0, HAS_RIGHT=call.window_right >= 0, SOFTCAP=softcap,
+            FP8=fp8, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=config.get("num_warps", 8 if wide or (
+                call.varlen and block_m >= 64 and (call.window_right >= 0
+                                                   or call.window_left >= 0)) else 4),
+            num_stages=config.get("num_stages", 2 if call.varlen else DECODE_STAGES),
+            **_register_cap(config, fp8 and not call.varlen))
+        self.workspace = (splits, *q.shape)
+        self.combine_grid = (call.max_seqlen_q, q.shape[1], call.batch)
+        self.combine_kwargs = dict(VARLEN=call.varlen, HEAD_DIM=d,
+                                   BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+                                   num_warps=4)
+
+    def destinations(self, out: torch.Tensor, lse: torch.Tensor):
+        """Where the paged kernel writes: the split workspaces, or the op's outputs."""
+        if self.splits == 1:
+            return out, lse
+        dev = out.device
+        return (torch.empty(self.workspace, dtype=torch.float32, device=dev),
+                torch.empty(self.workspace[:3], dtype=torch.float32, device=dev))
+
+    def _dst_strides(self, call, o_dst: torch.Tensor, lse_dst: torch.Tensor) -> tuple:
+        if self.splits > 1:
+            return (*o_dst.stride()[:3], *lse_dst.stride())
+        lse = call.lse
+        lse_t, lse_h = (lse.stride(1), lse.stride(0)) if call.varlen else lse.stride()
+        return (0, call.out.stride(0), call.out.stride(1), 0, lse_t, lse_h)
+
+    def args(self, call, o_dst: torch.Tensor, lse_dst: torch.Tensor) -> tuple:
+        q = call.q
+        scale_strides = [0 if s is None or s.numel() == 1 else 1 for s in (call.k_scale,
+                                                                            call.v_scale)]
+        return (q, call.k_cache, call.v_cache, o_dst, lse_dst, call.block_table, call.seq_lens,
+                call.cu_seqlens_q if call.varlen else call.seq_lens, call.k_scale,
+                call.v_scale, q.stride(0), q.stride(1), *self._dst_strides(call, o_dst, lse_dst),
+                *_cache_strides(call.k_cache, call.kv_layout),
+                *_cache_strides(call.v_cache, call.kv_layout), call.block_table.stride(0),
+                *scale_strides, call.k_cache.shape[0], call.block_table.shape[1], q.shape[0],
+                self.splits, self.mul_in, self.mul_out, call.window_left, call.window_right)
+
+    def combine_args(self, call, o_dst: torch.Tensor, lse_dst: torch.Tensor) -> tuple:
+        out, lse = call.out, call.lse
+        lse_t, lse_h = (lse.stride(1), lse.stride(0)) if call.varlen else lse.stride()
+        return (o_dst, lse_dst, out, lse, call.cu_seqlens_q if call.varlen else call.seq_lens,
+                *o_dst.stride()[:3], *lse_dst.stride(), out.stride(0), out.stride(1), lse_t,
+                lse_h, call.q.shape[0], self.splits)
+
+
+def fast(call, config: dict):
+    """``Backend.fast`` for decode: a launcher ``(q, k_cache, v_cache, block_table, seq_lens,
+    out, lse)`` for repeats of ``call`` that launches the compiled kernels directly
+    (``kpt.ops._triton_launch``); None where ``run`` does anything else (chunked prefill,
+    fp8 scales, empty batches), or under the interpreter. Decode writes every row of ``out``
+    and ``lse``, so the caller may pass them uninitialised."""
+    from kpt.ops._triton_launch import bind
+
+    q = call.q
+    if (call.varlen or call.k_scale is not None or call.batch == 0 or q.shape[1] == 0
+            or q.device.type != "cuda"):
+        return None
+    launch = _Launch(call, config)
+    o_dst, lse_dst = launch.destinations(call.out, call.lse)
+    inputs = (q, call.k_cache, call.v_cache, call.block_table, call.seq_lens)
+    main = bind(_paged_kernel, launch.grid, launch.args(call, o_dst, lse_dst), launch.kwargs,
+                (*inputs, o_dst, lse_dst))
+    if main is None:
+        return None
+    if launch.splits == 1:
+        return main
+    combine = bind(_combine_kernel, launch.combine_grid,
+                   launch.combine_args(call, o_dst, lse_dst), launch.combine_kwargs,
+                   (o_dst, lse_dst, call.out, call.lse, call.seq_lens))
+    if combine is None:
+        return None
+    workspace, dev = launch.workspace, q.device
+
+    def split_launch(q, k_cache, v_cache, block_table, seq_lens, out, lse):
+        o_part = torch.empty(workspace, dtype=torch.float32, device=dev)
+        lse_part = torch.empty(workspace[:3], dtype=torch.float32, device=dev)
+        main(q, k_cache, v_cache, block_table, seq_lens, o_part, lse_part)
+        combine(o_part, lse_part, out, lse, seq_lens)
+
+    return split_launch

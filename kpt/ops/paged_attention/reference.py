@@ -5,8 +5,9 @@ page_size]`` at slot ``j % page_size`` (``kv_layout`` "NHD": ``cache[page, slot,
 ``cache[page, head, slot]``). An fp8 cache holds ``k / k_scale`` (per tensor or per kv head), so
 a key reads back as ``float(cache) * k_scale``. The sequence's ``m`` queries are its last ``m``
 tokens (bottom-right), and attention over the gathered keys is exactly ``flash_attention``'s
-(``flash_attention/reference.py``): float32 scores, soft-cap before the mask, one rounding of the
-output to q's dtype, natural-log lse, zeros and lse = -inf for a query that sees no key.
+(``flash_attention/reference.py``): float32 scores in log2 units (which defines overflow),
+soft-cap before the mask, one rounding of the output to q's dtype, natural-log lse, zeros and
+lse = -inf for a query that sees no key.
 """
 
 from __future__ import annotations
