@@ -151,7 +151,8 @@ def check_tensor(
 # The kernels fold the softmax scale into the exp2 domain in float32 (scale * log2(e)): the
 # largest scale whose factor is still finite there. Past it (1e39 is finite in Python, inf in
 # float32) the backends overflowed differently (lse +inf, -inf or NaN).
-MAX_SCALE = float(torch.finfo(torch.float32).max) / math.log2(math.e)
+_FLT_MAX = float(torch.finfo(torch.float32).max)
+MAX_SCALE = _FLT_MAX / math.log2(math.e)
 
 
 def check_scale(op: str, scale: Any) -> float:
@@ -187,6 +188,12 @@ def attention_options(op: str, causal: bool, window: Any, scale: Any, softcap: A
     if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
             or not math.isfinite(softcap) or softcap < 0):
         raise ValueError(f"{op}: softcap must be a finite number >= 0, got {softcap!r}")
+    # The kernels' float32 factors of a soft-capped logit, softcap * log2(e) and scale /
+    # softcap, must be finite, as scale * log2(e) is without one (check_scale).
+    if softcap > MAX_SCALE or (softcap > 0 and abs(scale) / softcap > _FLT_MAX):
+        raise ValueError(f"{op}: softcap={softcap!r} with scale={scale!r}: softcap must be at "
+                         f"most {MAX_SCALE:.4g} and |scale| / softcap at most {_FLT_MAX:.4g} "
+                         "(the kernels' float32 factors)")
     return float(scale), left, right, float(softcap)
 
 

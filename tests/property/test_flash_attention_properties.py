@@ -530,6 +530,15 @@ def test_rows_whose_logits_all_overflow_backward(kw):
         check_close(compare(f"triton.{name}", got, want, BACKWARD_TOLERANCE[q.dtype]))
 
 
+@pytest.mark.parametrize(("softcap", "scale"), [(1e39, None), (1e300, None), (1e-40, 1.0)])
+def test_softcap_whose_factors_overflow_float32_is_rejected(softcap, scale):
+    """Regression (found with the overflow rule above): a soft-cap past MAX_SCALE made the
+    kernels' factor softcap * log2(e) inf in float32 (logits +-inf, NaN where tanh is 0), and
+    a tiny one made scale / softcap inf; now a ValueError naming the op before any launch."""
+    with pytest.raises(ValueError, match="flash_attention: softcap="):
+        flash_attention(*_small(), softcap=softcap, scale=scale)
+
+
 @pytest.mark.parametrize("scale", [1e39, 1e300, -1e300])
 def test_scale_past_float32_is_rejected(scale):
     """Regression (found by this suite): scales finite in Python but whose exp2-domain factor
