@@ -19,6 +19,8 @@ per-call path:
   per-layer call of the plan/run split).
 * ``flex``: ``flex_attention`` with a causal 1024-key sliding window against torch's compiled
   flex_attention (guards included).
+* ``cascade``: ``cascade_attention`` on its benchmark shape against the naive paged batch
+  (every request's own copy of the shared pages in its table), dispatch's choice and Triton.
 
 ``auto - direct`` is the dispatch's own cost: the default call minus the same call naming the
 backend dispatch chose (target: within 5 us).
@@ -211,6 +213,22 @@ def paged_rows() -> list[tuple[str, dict, str]]:
     return [(f"paged decode B{batch} ctx{context} page{page} 32/8 D128", fns, "sdpa")]
 
 
+def cascade_rows() -> list[tuple[str, dict, str]]:
+    """cascade_attention on its benchmark shape (64 requests sharing 16384 keys plus 256 each)
+    against the naive batch (paged_attention over each request's concatenated pages)."""
+    from bench.bench_cascade_attention import _inputs
+    from kpt.ops import cascade_attention, paged_attention
+
+    q, kc, vc, levels, flat, totals = _inputs()
+    fns = {
+        "naive paged batch": functools.partial(paged_attention, q, kc, vc, flat, totals),
+        "kpt": functools.partial(cascade_attention, q, kc, vc, levels),
+        "kpt (backend=triton)": functools.partial(cascade_attention, q, kc, vc, levels,
+                                                  backend="triton"),
+    }
+    return [("cascade 64 x (16384 shared + 256), 32/8 D128", fns, "naive paged batch")]
+
+
 def _torch_window(b, h, q_idx, kv_idx):
     return (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOW)
 
@@ -266,7 +284,7 @@ def main() -> None:
 
     parts = os.environ.get("KPT_HOST_PARTS", "flash,rmsnorm,paged").split(",")
     builders = {"flash": flash_rows, "rmsnorm": rmsnorm_rows, "paged": paged_rows,
-                "flex": flex_rows}
+                "cascade": cascade_rows, "flex": flex_rows}
     name = torch.cuda.get_device_name()
     lines = [f"Host time per eager call, {name}, torch {torch.__version__}: best of {REPEATS} "
              f"runs of {CALLS} back-to-back calls.", "",

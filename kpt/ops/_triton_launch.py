@@ -107,6 +107,8 @@ def bind(fn: Any, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, An
                 values.append(param.default)
             else:
                 return None
+        if len({id(t) for t in tensors}) != len(tensors):
+            return None  # one object in two places: which slots a later call's fill is unknown
         slots, aligned = [], []
         for t in tensors:
             where = tuple(i for i, a in enumerate(args) if a is t)

@@ -11,6 +11,8 @@ bad input still gets its error.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 
 import pytest
 import torch
@@ -207,18 +209,18 @@ def test_rmsnorm_qkv_rope_repeat_uses_the_launcher_and_matches(counted_rqr):
 # ---- paged_attention: decode calls and Plan.run ---------------------------------------------
 
 
-def _paged_fast(call, config):
+def _paged_fast(call, config, varlen=False):
     from kpt.ops.paged_attention import reference as paged_ref
 
     USES["made"] += 1
-    if call.cu_seqlens_q is not None or call.k_scale is not None:
+    if (call.cu_seqlens_q is not None and not varlen) or call.k_scale is not None:
         return None  # as the cuda backend's fast(): decode with a 16-bit cache only
 
-    def launch(q, k_cache, v_cache, block_table, seq_lens, out, lse):
+    def launch(q, k_cache, v_cache, block_table, seq_lens, out, lse, cu_seqlens_q=None):
         USES["fast"] += 1
         paged_ref.run(dataclasses.replace(call, q=q, k_cache=k_cache, v_cache=v_cache,
                                           block_table=block_table, seq_lens=seq_lens,
-                                          out=out, lse=lse), config)
+                                          cu_seqlens_q=cu_seqlens_q, out=out, lse=lse), config)
 
     return launch
 
@@ -280,3 +282,50 @@ def test_paged_decode_repeat_uses_the_launcher_and_matches(counted_paged):
     assert USES["fast"] == 1 and c is out
     torch.testing.assert_close(a, want, rtol=0, atol=0)
     torch.testing.assert_close(b, want, rtol=0, atol=0)
+
+
+def test_paged_chunked_repeat_uses_the_launcher_where_nothing_is_read_back(monkeypatch):
+    """Chunked prefill (as the Triton backend's fast() serves it): a repeat with max_seqlen_q
+    given and cu_seqlens_q not read on the host (a GPU tensor; here read_content patched off)
+    runs the launcher on zeroed outputs; without max_seqlen_q, or with the content read (CPU
+    tensors, KPT_CHECK=1), every call takes the full path and its checks."""
+    from kpt.ops import paged_attention
+    from kpt.ops.paged_attention import SPEC as PSPEC
+
+    paged_module = sys.modules["kpt.ops.paged_attention"]
+    backends = tuple(dataclasses.replace(b, fast=functools.partial(_paged_fast, varlen=True))
+                     if b.name == "reference" else b for b in PSPEC.backends)
+    monkeypatch.setattr(PSPEC, "backends", backends)
+    PSPEC.clear_cache()
+    USES.update(fast=0, made=0)
+    q, k_cache, v_cache, table, seq_lens = _paged_inputs()
+    q = torch.randn(7, q.shape[1], q.shape[2])
+    cu = torch.tensor([0, 2, 2, 7], dtype=torch.int32)  # the empty sequence has no queries
+    call = functools.partial(paged_attention, k_cache=k_cache, v_cache=v_cache,
+                             block_table=table, seq_lens=seq_lens, cu_seqlens_q=cu,
+                             return_lse=True)
+    call(q, max_seqlen_q=5)
+    call(q, max_seqlen_q=5)
+    assert USES == {"fast": 0, "made": 0}  # CPU: content read, no launcher stored or used
+    monkeypatch.setattr(paged_module, "read_content", lambda t: False)
+    want, want_lse = call(q, max_seqlen_q=5)
+    assert USES == {"fast": 0, "made": 1}
+    q2 = q * 2 - 1
+    got, got_lse = call(q2, max_seqlen_q=5)
+    assert USES["fast"] == 1
+    PSPEC.fast.clear()
+    USES["fast"] = -10**6
+    want2, want2_lse = call(q2, max_seqlen_q=5)
+    torch.testing.assert_close(got, want2, rtol=0, atol=0)
+    torch.testing.assert_close(got_lse, want2_lse, rtol=0, atol=0)
+    assert not torch.equal(got, want)
+    USES.update(fast=0, made=0)
+    call(q2, max_seqlen_q=5)  # the launcher stored by the full call above
+    call(q2)  # no max_seqlen_q: read on the host, full path, nothing stored
+    call(q2, max_seqlen_q=6)  # another signature: full path, its own launcher stored
+    assert USES == {"fast": 1, "made": 1}
+    monkeypatch.setenv("KPT_CHECK", "1")
+    USES.update(fast=0, made=0)
+    call(q2, max_seqlen_q=5)
+    assert USES["fast"] == 0
+    PSPEC.clear_cache()

@@ -541,3 +541,33 @@ def test_fp8_decode_register_cap_is_the_default_on_nvidia(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(_triton, "triton_interpreting", lambda: True)
     assert cap({}, True) == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="binds compiled kernels: needs a GPU")
+@pytest.mark.parametrize("queries", [[3, 0, 70], [64]], ids=["chunked", "stacked"])
+def test_triton_fast_launcher_matches_the_full_path_chunked(queries):
+    """Chunked prefill with max_seqlen_q given (a cascade level's calls): the repeat runs the
+    bound launcher on zeroed outputs, bit for bit the full path's result on fresh queries;
+    tokens past the last query run keep zeros and lse -inf."""
+    # stacked: a cascade's shared level, 64 queries x 4 heads per kv head over 4000 keys (wide
+    # tiles, split), no causal bound
+    lengths = [600, 0, 900] if len(queries) == 3 else [4000]
+    q, kc, vc, table, lens, cu = _case(13, len(lengths), 8, 2, 128, 16, lengths, "NHD",
+                                       torch.float32, queries=queries)
+    q = torch.cat([q, torch.randn(2, *q.shape[1:])])  # two tokens past the last run
+    q, kc, vc = (t.to("cuda", torch.bfloat16) for t in (q, kc, vc))
+    table, lens, cu = table.cuda(), lens.cuda(), cu.cuda()
+    SPEC.clear_cache()
+    run = lambda q: paged_attention(q, kc, vc, table, lens, cu_seqlens_q=cu,  # noqa: E731
+                                    max_seqlen_q=max(queries), causal=len(queries) == 3,
+                                    return_lse=True, backend="triton")
+    run(q)
+    assert len(SPEC.fast) == 1
+    q2 = torch.randn_like(q)
+    got, got_lse = run(q2)
+    SPEC.fast.clear()
+    want, want_lse = run(q2)
+    SPEC.clear_cache()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_lse, want_lse, rtol=0, atol=0)
+    assert (got[-2:] == 0).all() and torch.isneginf(got_lse[:, -2:]).all()

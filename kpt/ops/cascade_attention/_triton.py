@@ -7,6 +7,9 @@ heads, head dim 128; H100, CUDA-graph replay) they took ~50 µs per call, agains
 two levels' attention kernels. Here one program merges ``BLOCK_H`` heads of one token: it
 reads both states once (any float dtype, any strides with a unit last one for o; lse of any
 strides, e.g. varlen's (H, T) transposed) and writes o in the requested dtype and lse.
+
+A merge whose shapes, strides and dtypes were launched before reuses the launcher bound then
+(``kpt.ops._triton_launch``), skipping ``JITFunction.run``'s per-call specialisation.
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kpt.ops._triton_launch import bind
+
+# Bound launchers by (shapes, strides, dtypes, device) of the merge; False where none can be
+# bound (the interpreter, another Triton).
+_BOUND: dict[tuple, object] = {}
+_BOUND_LIMIT = 256
 
 
 @triton.jit
@@ -68,9 +78,20 @@ def merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torc
         block_d = triton.next_power_of_2(head_dim)
         block_h = max(1, min(triton.next_power_of_2(heads), 4096 // block_d))
         grid = (tokens, triton.cdiv(heads, block_h))
-        _merge_kernel[grid](
-            x, y, out, la, lb, lse, heads, head_dim,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-            la.stride(0), la.stride(1), lb.stride(0), lb.stride(1), lse.stride(0),
-            lse.stride(1), BLOCK_H=block_h, BLOCK_D=block_d)
+        key = (x.shape, x.stride(), y.stride(), la.stride(), lb.stride(), x.dtype, y.dtype,
+               out_dtype, x.device)
+        bound = _BOUND.get(key)
+        if bound:
+            bound(x, y, out, la, lb, lse)
+        else:
+            args = (x, y, out, la, lb, lse, heads, head_dim, x.stride(0), x.stride(1),
+                    y.stride(0), y.stride(1), out.stride(0), out.stride(1), la.stride(0),
+                    la.stride(1), lb.stride(0), lb.stride(1), lse.stride(0), lse.stride(1))
+            kwargs = dict(BLOCK_H=block_h, BLOCK_D=block_d)
+            _merge_kernel[grid](*args, **kwargs)
+            if bound is None:
+                if len(_BOUND) >= _BOUND_LIMIT:
+                    _BOUND.clear()
+                _BOUND[key] = bind(_merge_kernel, grid, args, kwargs,
+                                   (x, y, out, la, lb, lse)) or False
     return out.view(o_a.shape), lse.view(o_a.shape[:-1])

@@ -418,6 +418,12 @@ def _signature(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
         return None
 
 
+def _varlen_key(cu: Any) -> tuple:
+    """What a signature holds of ``cu_seqlens_q``: its type, shape, strides, dtype, device
+    (never its content, which a GPU call does not read)."""
+    return (type(cu), cu.shape, cu.stride(), cu.dtype, cu.device)
+
+
 def _fast_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
     """Uninitialised decode outputs: a fast launcher writes every row (see ``_cuda.fast``)."""
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
@@ -486,16 +492,26 @@ def paged_attention(
     cache, so a bad id never makes them access memory outside it.
     """
     signature = None
-    if (cu_seqlens_q is None and max_seqlen_q is None and k_scale is None and v_scale is None
-            and not torch.compiler.is_compiling() and not check_content()):
-        # A repeat of a decode call validated and dispatched before runs the launcher stored
-        # for its signature (see Op.launch_keyed); anything else takes the full path.
+    varlen = cu_seqlens_q is not None
+    if (k_scale is None and v_scale is None and not torch.compiler.is_compiling()
+            and not check_content()
+            and (max_seqlen_q is None if not varlen else
+                 max_seqlen_q is not None and isinstance(cu_seqlens_q, Tensor)
+                 and not read_content(cu_seqlens_q))):
+        # A repeat of a call validated and dispatched before runs the launcher stored for its
+        # signature (see Op.launch_keyed): decode, or chunked prefill with max_seqlen_q given
+        # and cu_seqlens_q on a GPU (nothing read back); anything else takes the full path.
+        extra = (_varlen_key(cu_seqlens_q), max_seqlen_q) if varlen else ()
         signature = _signature(q, k_cache, v_cache, block_table, seq_lens, causal, scale,
-                               window, softcap, kv_layout, return_lse, backend)
+                               window, softcap, kv_layout, return_lse, backend, *extra)
         fast = None if signature is None else SPEC.fast.get(signature)
         if fast is not None and not _mode_active():
-            out, lse = _fast_outputs(q)
-            fast(q, k_cache, v_cache, block_table, seq_lens, out, lse)
+            if varlen:  # tokens past the last query run keep zeros and lse -inf
+                out, lse = _outputs(q, True)
+                fast(q, k_cache, v_cache, block_table, seq_lens, out, lse, cu_seqlens_q)
+            else:
+                out, lse = _fast_outputs(q)
+                fast(q, k_cache, v_cache, block_table, seq_lens, out, lse)
             return (out, lse) if return_lse else out
     max_q, scale, left, right, softcap, ks, vs = _validate(
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, causal, scale,

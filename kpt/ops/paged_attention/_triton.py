@@ -85,11 +85,13 @@ cache and lengths to the table's capacity, as in the kernel above. fp8 caches st
 paged kernel (the copy would round the dequantised keys to 16 bits, which the reference never
 does).
 
-Repeat calls (``fast``): a decode call whose signature was validated and dispatched before
-(``Op.launch_keyed``) goes to a launcher bound once for it (``kpt.ops._triton_launch.bind``):
-the launch numbers of ``_Launch`` and the compiled kernels are fixed, and each call passes only
-its tensors (and the split workspaces it allocates) to the kernels' launchers, skipping
-``JITFunction.run``'s argument binding and specialisation.
+Repeat calls (``fast``): a call whose signature was validated and dispatched before
+(``Op.launch_keyed``: decode, or chunked prefill with ``max_seqlen_q`` given and nothing read
+back) goes to a launcher bound once for it (``kpt.ops._triton_launch.bind``): the launch
+numbers of ``_Launch`` and the compiled kernels are fixed, and each call passes only its
+tensors (and the split workspaces it allocates) to the kernels' launchers, skipping
+``JITFunction.run``'s argument binding and specialisation. The gather path keeps the full
+path.
 
 Config keys (``run``'s ``config``): ``BLOCK_M`` ((query, head) rows per tile; default the
 rows of a sequence's queries up to 64, 128 for wide tiles), ``BLOCK_N`` (keys per tile),
@@ -627,37 +629,40 @@ class _Launch:
 
 
 def fast(call, config: dict):
-    """``Backend.fast`` for decode: a launcher ``(q, k_cache, v_cache, block_table, seq_lens,
-    out, lse)`` for repeats of ``call`` that launches the compiled kernels directly
-    (``kpt.ops._triton_launch``); None where ``run`` does anything else (chunked prefill,
-    fp8 scales, empty batches), or under the interpreter. Decode writes every row of ``out``
-    and ``lse``, so the caller may pass them uninitialised."""
+    """``Backend.fast``: a launcher ``(q, k_cache, v_cache, block_table, seq_lens, out, lse[,
+    cu_seqlens_q])`` for repeats of ``call`` (decode, or chunked prefill on the in-place
+    kernel) that launches the compiled kernels directly (``kpt.ops._triton_launch``); None
+    where ``run`` does anything else (the gather path, fp8 scales, empty batches), or under the
+    interpreter. Decode writes every row of ``out`` and ``lse``, so the caller may pass them
+    uninitialised; chunked prefill leaves tokens past the last query run alone."""
     from kpt.ops._triton_launch import bind
 
     q = call.q
-    if (call.varlen or call.k_scale is not None or call.batch == 0 or q.shape[1] == 0
+    if (call.k_scale is not None or call.batch == 0 or call.max_seqlen_q == 0 or q.shape[1] == 0
             or q.device.type != "cuda"):
+        return None
+    if config.get("GATHER", gathers(call)):
         return None
     launch = _Launch(call, config)
     o_dst, lse_dst = launch.destinations(call.out, call.lse)
+    # Decode passes seq_lens again where varlen passes cu_seqlens_q: bound as one tensor.
+    cu = (call.cu_seqlens_q,) if call.varlen else ()
     inputs = (q, call.k_cache, call.v_cache, call.block_table, call.seq_lens)
     main = bind(_paged_kernel, launch.grid, launch.args(call, o_dst, lse_dst), launch.kwargs,
-                (*inputs, o_dst, lse_dst))
-    if main is None:
-        return None
-    if launch.splits == 1:
+                (*inputs, o_dst, lse_dst, *cu))
+    if main is None or launch.splits == 1:
         return main
     combine = bind(_combine_kernel, launch.combine_grid,
                    launch.combine_args(call, o_dst, lse_dst), launch.combine_kwargs,
-                   (o_dst, lse_dst, call.out, call.lse, call.seq_lens))
+                   (o_dst, lse_dst, call.out, call.lse, *(cu or (call.seq_lens,))))
     if combine is None:
         return None
     workspace, dev = launch.workspace, q.device
 
-    def split_launch(q, k_cache, v_cache, block_table, seq_lens, out, lse):
+    def split_launch(q, k_cache, v_cache, block_table, seq_lens, out, lse, *cu_seqlens_q):
         o_part = torch.empty(workspace, dtype=torch.float32, device=dev)
         lse_part = torch.empty(workspace[:3], dtype=torch.float32, device=dev)
-        main(q, k_cache, v_cache, block_table, seq_lens, o_part, lse_part)
-        combine(o_part, lse_part, out, lse, seq_lens)
+        main(q, k_cache, v_cache, block_table, seq_lens, o_part, lse_part, *cu_seqlens_q)
+        combine(o_part, lse_part, out, lse, *(cu_seqlens_q or (seq_lens,)))
 
     return split_launch
