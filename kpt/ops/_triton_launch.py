@@ -38,7 +38,7 @@ class Bound:
     """A Triton kernel's launch with everything but some tensors fixed (see :func:`bind`)."""
 
     __slots__ = ("fn", "kernel", "grid", "kwargs", "leading", "values", "slots", "aligned",
-                 "index", "stream", "hooks")
+                 "index", "stream", "current", "hooks")
 
     def __init__(self, fn, kernel, grid, kwargs, leading, values, slots, aligned, index,
                  hooks) -> None:
@@ -46,11 +46,12 @@ class Bound:
         self.leading, self.values, self.slots = leading, values, slots
         self.aligned, self.index = aligned, index
         self.stream = torch._C._cuda_getCurrentRawStream
+        self.current = torch.cuda.current_device
         self.hooks = hooks
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         """Launch with ``tensors`` in the places of the ones given to :func:`bind`, in the
-        same order, on the current stream of the device bound."""
+        same order, on the bound device's current stream."""
         if len(tensors) != len(self.slots):
             raise TypeError(f"{self.fn}: bound for {len(self.slots)} tensors, got {len(tensors)}")
         values = self.values.copy()
@@ -59,8 +60,11 @@ class Bound:
             for i in slots:
                 values[i] = t
             misaligned = misaligned or (aligned and t.data_ptr() & 15)
-        if misaligned:  # compiled for an aligned pointer: Triton picks (or builds) the variant
-            self.fn[self.grid](*values[:self.leading], **self.kwargs)
+        if misaligned or self.current() != self.index:
+            # Compiled for an aligned pointer (Triton picks or builds the variant), or loaded
+            # on the bound device while another one is current: the plain launch, there.
+            with torch.cuda.device(self.index):
+                self.fn[self.grid](*values[:self.leading], **self.kwargs)
             return
         kernel, grid = self.kernel, self.grid
         stream = self.stream(self.index)
