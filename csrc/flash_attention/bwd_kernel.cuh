@@ -22,10 +22,6 @@
 #ifdef KPT_CUDA
 namespace kpt_fa {
 
-// lse in the exp2 domain; rows with no visible key (lse = -inf) map to +inf, so that
-// exp2(s2 - lse2) = 0 for them instead of exp2(-inf + inf) = NaN.
-KPT_DEVICE float bwd_lse2(float lse) { return lse == neg_inf() ? -neg_inf() : lse * kLog2e; }
-
 // dS from the raw qk, P and dP of one element (the soft-cap derivative needs the raw qk).
 KPT_DEVICE float bwd_ds(const Logit& logit, float qk, float pe, float dp, float delta) {
   float ds = pe * (dp - delta);

@@ -7,6 +7,7 @@
 
 #include "kpt/compat.h"
 #include "kpt/flash_attention.h"
+#include "kpt/softmax.h"
 
 namespace kpt_fa {
 
@@ -52,6 +53,11 @@ KPT_DEVICE int64_t row_offset(const kpt_fa_strides& st, int b, int64_t start, in
 KPT_DEVICE int64_t lse_offset(const kpt_fa_params& p, int b, int64_t start, int token, int h) {
   return b * p.lse_batch_stride + h * p.lse_head_stride + start + token;
 }
+
+// The backward's lse in the exp2 domain. Rows at lse -inf (no visible key, or only -inf
+// logits: out 0 by kpt/softmax.h) map to +inf, so that exp2(s2 - lse2) = 0 for every key of
+// them instead of exp2(-inf + inf) = NaN.
+KPT_DEVICE float bwd_lse2(float lse) { return lse == neg_inf() ? -neg_inf() : lse * kLog2e; }
 
 // The visibility rule of one (sequence, q head), with in-sequence indices i (query), j (key):
 //   (band(i, j) or j < prefix) and doc_q[i] == doc_k[j] and lo <= j < hi, and j < k_len.

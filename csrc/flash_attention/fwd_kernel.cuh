@@ -117,7 +117,7 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void fwd_mma_kernel(kpt_fa_params p
 #pragma unroll
       for (int n = 0; n < kNT; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
       mx = quad_max(mx);
-      const float shift = mx == neg_inf() ? 0.f : mx;
+      const float shift = kpt::softmax_shift(mx);
       const float corr = exp2f(row_max[r] - shift);
       row_max[r] = mx;
       float sum = 0.f;
@@ -160,21 +160,19 @@ __global__ KPT_LAUNCH_BOUNDS(kWarps * 32, 1) void fwd_mma_kernel(kpt_fa_params p
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = r_lo + r * 8;
-    const float l = quad_sum(row_sum[r]);
-    const float inv = l != 0.f ? 1.f / l : 0.f;  // NaN sum (NaN logits): NaN, as the reference
+    const kpt::RowEnd end = kpt::row_end(row_max[r], quad_sum(row_sum[r]));  // kpt/softmax.h
     if (i < s.q_len) {
       uint16_t* row = out + int64_t(i) * p.out_st.token;
 #pragma unroll
       for (int n = 0; n < kDT; ++n) {
         const int c = n * 8 + 2 * t;
         if (c < p.head_dim) {
-          *reinterpret_cast<uint32_t*>(row + c) = pack2<T>(o[n][2 * r] * inv,
-                                                           o[n][2 * r + 1] * inv);
+          *reinterpret_cast<uint32_t*>(row + c) = pack2<T>(o[n][2 * r] * end.inv,
+                                                           o[n][2 * r + 1] * end.inv);
         }
       }
       if (t == 0) {
-        p.lse[lse_offset(p, b, s.q_start, i, h)] =
-            l != 0.f ? (row_max[r] + log2f(l)) * kLn2 : neg_inf();
+        p.lse[lse_offset(p, b, s.q_start, i, h)] = end.lse2 * kLn2;
       }
     }
   }

@@ -69,7 +69,8 @@ __global__ KPT_LAUNCH_BOUNDS(kRowsPerBlock* kpt::kWarpSize, 1) void fwd_simt_ker
     load_row<T>(k + j * p.k_st.token, d, kf);
     const float s2 = logit(dot(qf, kf), i, j);
     const float m_new = fmaxf(m, s2);
-    const float corr = exp2f(m - m_new), pj = exp2f(s2 - m_new);
+    const float shift = kpt::softmax_shift(m_new);  // -inf logits so far: no (-inf) - (-inf)
+    const float corr = exp2f(m - shift), pj = exp2f(s2 - shift);
     l = l * corr + pj;
     load_row<T>(v + j * p.v_st.token, d, kf);
 #pragma unroll
@@ -77,10 +78,9 @@ __global__ KPT_LAUNCH_BOUNDS(kRowsPerBlock* kpt::kWarpSize, 1) void fwd_simt_ker
     m = m_new;
   }
   auto* out = static_cast<uint16_t*>(p.out) + row_offset(p.out_st, b, s.q_start, i, h);
-  store_row<T>(out, d, acc, l != 0.f ? 1.f / l : 0.f);  // NaN sum: NaN row
-  if (threadIdx.x % kpt::kWarpSize == 0) {
-    p.lse[lse_offset(p, b, s.q_start, i, h)] = l != 0.f ? (m + log2f(l)) * kLn2 : neg_inf();
-  }
+  const kpt::RowEnd end = kpt::row_end(m, l);  // kpt/softmax.h
+  store_row<T>(out, d, acc, end.inv);
+  if (threadIdx.x % kpt::kWarpSize == 0) p.lse[lse_offset(p, b, s.q_start, i, h)] = end.lse2 * kLn2;
 }
 
 // delta = rowsum(dO * O) - dlse, fp32, in the lse layout. grid like the forward.
@@ -123,10 +123,10 @@ __global__ KPT_LAUNCH_BOUNDS(kRowsPerBlock* kpt::kWarpSize, 1) void bwd_dq_simt_
 #pragma unroll
   for (int e = 0; e < kE; ++e) acc[e] = 0.f;
   const int64_t at = lse_offset(p, b, s.q_start, i, h);
-  const float lse2 = p.lse[at] * kLog2e, delta = p.delta[at];
+  const float lse2 = bwd_lse2(p.lse[at]), delta = p.delta[at];
   int lo, hi;
   key_range(mask, i, i, lo, hi);
-  if (lse2 == neg_inf()) hi = lo;  // no visible key: zero gradient
+  if (p.lse[at] == neg_inf()) hi = lo;  // p = 0 for every key: zero gradient
   for (int j = lo; j < hi; ++j) {
     if (!mask.visible(i, j)) continue;
     load_row<T>(k + j * p.k_st.token, d, kf);
@@ -171,7 +171,7 @@ __global__ KPT_LAUNCH_BOUNDS(kRowsPerBlock* kpt::kWarpSize, 1) void bwd_dkdv_sim
       if (i % KPT_FA_Q_BLOCK == 0 || i == lo) apply_range(p, mask, b, h, i / KPT_FA_Q_BLOCK);
       if (!mask.visible(i, j)) continue;
       const int64_t at = lse_offset(p, b, s.q_start, i, h);
-      const float lse2 = p.lse[at] * kLog2e;
+      const float lse2 = bwd_lse2(p.lse[at]);
       load_row<T>(static_cast<const uint16_t*>(p.q) + row_offset(p.q_st, b, s.q_start, i, h), d,
                   qf);
       load_row<T>(static_cast<const uint16_t*>(p.dout) + row_offset(p.do_st, b, s.q_start, i, h),

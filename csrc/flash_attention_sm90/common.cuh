@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kpt/sm90.h"
+#include "kpt/softmax.h"
 #include "wgmma.cuh"
 
 namespace kpt_fa90 {
@@ -388,7 +389,7 @@ __device__ __forceinline__ bool softmax(float (&sc)[kHalf], float fold, float (&
     const bool move = mx > row_max[h] + kLazyMax;
     const float use = move ? mx : row_max[h];
     // Nothing visible yet: max stays -inf and the shift 0 avoids (-inf) - (-inf) = NaN.
-    const float shift = use == -INFINITY ? 0.f : use;
+    const float shift = kpt::softmax_shift(use);
     correction[h] = move ? fast_exp2(row_max[h] - shift) : 1.f;
     moved |= move;
     row_max[h] = use;
@@ -410,11 +411,11 @@ __device__ __forceinline__ float quad_sum(float partial) {
   return partial + __shfl_xor_sync(0xffffffffu, partial, 2);
 }
 
-// The natural-log lse of `row` from its log2-domain max and sum (-inf where it saw nothing).
-// `row` is in-sequence; lse is (B, H, Sq), or (H, total_q) for varlen.
+// Stores the natural-log lse of `row` from its log2 one (kpt::row_end). `row` is in-sequence;
+// lse is (B, H, Sq), or (H, total_q) for varlen.
 __device__ __forceinline__ void store_lse(const Params& p, const Seq& sq, int batch, int head,
-                                          int row, float row_max, float sum) {
-  const float lse = sum != 0.f ? (row_max + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+                                          int row, float lse2) {
+  const float lse = lse2 * 0.69314718055994531f;
   const int64_t at = p.cu_seqlens_q != nullptr
                          ? static_cast<int64_t>(head) * p.total_q + sq.off_q + row
                          : (static_cast<int64_t>(batch) * p.heads + head) * p.seqlen_q + row;
@@ -433,17 +434,17 @@ __device__ __forceinline__ void store_output(const Params& p, const Seq& sq, int
                            static_cast<int64_t>(sq.off_q) * p.out_seq;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const float sum = quad_sum(row_sum[h]);
-    const float inv = sum != 0.f ? 1.f / sum : 0.f;
+    // The row's end by kpt/softmax.h: a +inf max (an overflowed logit) gives NaN and lse +inf.
+    const kpt::RowEnd end = kpt::row_end(row_max[h], quad_sum(row_sum[h]));
     const int row = row0 + 8 * h;
     if (row >= sq.len_q) continue;
     uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + out_base +
                                                 static_cast<int64_t>(row) * p.out_seq + col0);
 #pragma unroll
     for (int j = 0; j < kD / 8; ++j) {
-      dst[4 * j] = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      dst[4 * j] = pack2<kBf16>(o[4 * j + 2 * h] * end.inv, o[4 * j + 2 * h + 1] * end.inv);
     }
-    if (lane % 4 == 0) store_lse(p, sq, batch, head, row, row_max[h], sum);
+    if (lane % 4 == 0) store_lse(p, sq, batch, head, row, end.lse2);
   }
 }
 
@@ -463,17 +464,16 @@ __device__ __forceinline__ void store_output_tma(const Params& p, int batch, int
                                                  bool wait_read = true) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const float sum = quad_sum(row_sum[h]);
-    const float inv = sum != 0.f ? 1.f / sum : 0.f;
+    const kpt::RowEnd end = kpt::row_end(row_max[h], quad_sum(row_sum[h]));  // as above
     const int row = row0 + 8 * h;
     const int r = row - wg_row_lo;
 #pragma unroll
     for (int j = 0; j < kD / 8; ++j) {
       const uint32_t addr = stage + (j / 8) * chunk_bytes + swizzled(r, 8 * (j % 8) + col0);
-      const uint32_t v = pack2<kBf16>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      const uint32_t v = pack2<kBf16>(o[4 * j + 2 * h] * end.inv, o[4 * j + 2 * h + 1] * end.inv);
       asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
     }
-    if (row < p.seqlen_q && tid % 4 == 0) store_lse(p, Seq{}, batch, head, row, row_max[h], sum);
+    if (row < p.seqlen_q && tid % 4 == 0) store_lse(p, Seq{}, batch, head, row, end.lse2);
   }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   asm volatile("bar.sync %0, 128;" ::"r"(bar_id) : "memory");

@@ -43,6 +43,7 @@
 // HIP build is compile-checked only.
 
 #include "kpt/compat.h"
+#include "kpt/softmax.h"
 #include "kpt/paged_attention.h"
 
 namespace {
@@ -302,7 +303,7 @@ KPT_DEVICE void attend(State<R>& st, const float (&qf)[R][8],
 #pragma unroll
   for (int o = TPK; o < kWarpSize; o <<= 1) mx = fmaxf(mx, kpt::shfl_xor(mx, o));
   const float m_new = fmaxf(st.m, mx);
-  const float m_use = m_new == neg_inf() ? 0.f : m_new;  // no key yet: keep exp2 away from NaN
+  const float m_use = kpt::softmax_shift(m_new);  // no key yet: keep exp2 away from NaN
   const float alpha = exp2f(st.m - m_use);
   float sum = 0.f;
 #pragma unroll
@@ -548,26 +549,26 @@ __global__ KPT_LAUNCH_BOUNDS(kThreads, R <= 4 ? 4 : 2) void paged_kernel(const P
     float mx = neg_inf();
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_s[w * R + q]);
+    // The warps' (max, sum, o) merged and ended by the rule of kpt/softmax.h: a NaN sum (NaN
+    // logits) or a +inf max (an overflowed logit) reaches out and lse.
+    kpt::MergeLse merge(mx);
     float o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    float l = 0.f;
-    if (mx != neg_inf()) {
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float wgt = exp2f(m_s[w * R + q] - mx);
-        l += wgt * l_s[w * R + q];
-        const float* a = acc_s + (w * R + q) * D + cv * 8;
+    for (int w = 0; w < kWarps; ++w) {
+      const float wgt = merge.add_sum(m_s[w * R + q], l_s[w * R + q]);
+      const float* a = acc_s + (w * R + q) * D + cv * 8;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] = fmaf(wgt, a[e], o[e]);
-      }
+      for (int e = 0; e < 8; ++e) o[e] = fmaf(wgt, a[e], o[e]);
     }
-    const float inv = l > 0.f ? vmul / l : 0.f;
+    const kpt::RowEnd end = merge.end();
+    const float inv = end.inv * vmul;
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[e] *= inv;
-    const float lse2 = l > 0.f ? mx + log2f(l) : neg_inf();
+    const float lse2 = end.lse2;
     const Row row = row_of(p, seq, row0 + q, kvh);
     if (p.splits == 1) {
       kpt::store16(p.out + row.token * p.o_st + row.head * p.o_sh + cv * 8, kpt::pack8<T>(o));
-      if (cv == 0) p.lse[row.token * p.l_st + row.head * p.l_sh] = l > 0.f ? lse2 * kLn2 : lse2;
+      if (cv == 0) p.lse[row.token * p.l_st + row.head * p.l_sh] = lse2 * kLn2;
     } else {
       const int64_t at = (int64_t(split) * p.tokens + row.token) * p.heads_q + row.head;
       float4* dst = reinterpret_cast<float4*>(p.part_o + at * p.head_dim + cv * 8);
@@ -598,33 +599,28 @@ __global__ KPT_LAUNCH_BOUNDS(kThreads, 4) void combine_kernel(const Params p, in
     const int64_t at = row.token * p.heads_q + row.head;
     float mx = neg_inf();
     for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, p.part_lse[s * split_stride + at]);
+    // Normalised parts merged by the rule of kpt/softmax.h, as the unsplit kernel ends a row.
+    kpt::MergeLse merge(mx);
     float o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    float l = 0.f;
-    if (mx != neg_inf()) {
-      for (int s = 0; s < p.splits; ++s) {
-        const float wgt = exp2f(p.part_lse[s * split_stride + at] - mx);
-        l += wgt;
-        const float* part = p.part_o + (s * split_stride + at) * p.head_dim + cv * 8;
-        const float4* src = reinterpret_cast<const float4*>(part);
-        const float4 a = src[0], z = src[1];
-        o[0] = fmaf(wgt, a.x, o[0]);
-        o[1] = fmaf(wgt, a.y, o[1]);
-        o[2] = fmaf(wgt, a.z, o[2]);
-        o[3] = fmaf(wgt, a.w, o[3]);
-        o[4] = fmaf(wgt, z.x, o[4]);
-        o[5] = fmaf(wgt, z.y, o[5]);
-        o[6] = fmaf(wgt, z.z, o[6]);
-        o[7] = fmaf(wgt, z.w, o[7]);
-      }
+    for (int s = 0; s < p.splits; ++s) {
+      const float wgt = merge.add(p.part_lse[s * split_stride + at]);
+      const float* part = p.part_o + (s * split_stride + at) * p.head_dim + cv * 8;
+      const float4* src = reinterpret_cast<const float4*>(part);
+      const float4 a = src[0], z = src[1];
+      o[0] = fmaf(wgt, a.x, o[0]);
+      o[1] = fmaf(wgt, a.y, o[1]);
+      o[2] = fmaf(wgt, a.z, o[2]);
+      o[3] = fmaf(wgt, a.w, o[3]);
+      o[4] = fmaf(wgt, z.x, o[4]);
+      o[5] = fmaf(wgt, z.y, o[5]);
+      o[6] = fmaf(wgt, z.z, o[6]);
+      o[7] = fmaf(wgt, z.w, o[7]);
     }
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const kpt::RowEnd end = merge.end();
 #pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] *= inv;
+    for (int e = 0; e < 8; ++e) o[e] *= end.inv;
     kpt::store16(p.out + row.token * p.o_st + row.head * p.o_sh + cv * 8, kpt::pack8<T>(o));
-    if (cv == 0) {
-      p.lse[row.token * p.l_st + row.head * p.l_sh] =
-          l > 0.f ? (mx + log2f(l)) * kLn2 : neg_inf();
-    }
+    if (cv == 0) p.lse[row.token * p.l_st + row.head * p.l_sh] = end.lse2 * kLn2;
   }
 }
 

@@ -94,6 +94,50 @@ def test_triton_merge_matches_the_torch_math(dtype, out_dtype):
     assert bool(torch.isneginf(got_lse[5]).all())
 
 
+def _overflow_parts(nan_key: bool):
+    """Parts and whole at scale 1e38, where every logit is +-inf: a row's lse is +inf where some
+    key of it gives +inf (out NaN), -inf where all give -inf (out 0); a NaN key (optional) makes
+    the rows without a +inf logit NaN. Part a holds keys 0..6, part b the rest."""
+    gen = torch.Generator().manual_seed(5)
+    # Heads 0 and 2: every key negative (a positive query row: all -inf; a negative one: all
+    # +inf). Head 1: part a negative, part b of mixed signs (every row: +inf in some part).
+    sign = -torch.ones(19, 3)
+    sign[7:, 1] = torch.where(torch.rand(12, generator=gen) < 0.5, -1.0, 1.0)
+    q = torch.rand(1, 6, 3, 16, generator=gen) + 1
+    q[:, ::2] *= -1  # rows of either sign
+    k = (torch.rand(1, 19, 3, 16, generator=gen) + 1) * sign[:, :, None]
+    v = torch.randn(1, 19, 3, 16, generator=gen)
+    if nan_key:
+        k[0, 3, 2, 0] = float("nan")  # head 2: NaN logits in part a
+    lse = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
+    runs = [flash_attention(q, k[:, lo:hi], v[:, lo:hi], scale=1e38, return_lse=True,
+                            backend="reference") for lo, hi in ((0, 19), (0, 7), (7, 19))]
+    return [(o, lse(x)) for o, x in runs]
+
+
+@pytest.mark.parametrize("nan_key", [False, True])
+def test_merge_follows_the_overflow_rule_of_one_call(nan_key):
+    """Regression (issue 27): a part with lse +inf (an overflowed logit) or NaN merged to o = 0
+    (its weight exp(lse_part - lse) was set to 0 where lse is not finite); one call over all the
+    keys gives NaN there. The torch math, and the Triton kernel where it can run, now agree with
+    the single call: NaN at the same places, the same infinite lse, equal finite values."""
+    (o, lse), (o_a, lse_a), (o_b, lse_b) = _overflow_parts(nan_key)
+    assert torch.isposinf(lse).any() and torch.isneginf(lse).any()  # both kinds of rows occur
+    assert torch.isnan(lse).any() == nan_key
+    merges = [("torch", _merge)]
+    if _DEVICE == "cuda" or triton_interpreting():
+        triton_merge = importlib.import_module("kpt.ops.cascade_attention._triton").merge
+        merges.append(("triton", lambda *a: triton_merge(*a, torch.float32)))
+    for name, merge in merges:
+        got, got_lse = merge(*(t.to(_DEVICE) for t in (o_a, lse_a, o_b, lse_b)))
+        got, got_lse = got.cpu(), got_lse.cpu()
+        assert torch.equal(got_lse.isnan(), lse.isnan()), name
+        ok = ~lse.isnan()
+        assert torch.equal(got_lse[ok], lse[ok]), name  # +-inf here: exactly equal
+        assert torch.equal(got.isnan(), o.isnan()), name
+        torch.testing.assert_close(got[~o.isnan()], o[~o.isnan()], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(("override", "error", "text"), [
     (dict(o_b=torch.randn(2, 5, 6, 23)), ValueError, "differ"),
     (dict(lse_a=torch.randn(2, 5, 6, dtype=torch.float64)), TypeError, "lse_a"),

@@ -391,24 +391,41 @@ def test_plan_run_matches_the_call_and_writes_out_in_place():
         p.run(q, kc, vc, lse=torch.empty(q.shape[0], q.shape[1]))
 
 
-@pytest.mark.skipif(not triton_interpreting(),
-                    reason="runs the Triton kernel on CPU tensors: TRITON_INTERPRET=1")
+def _overflow_backend(backend: str, splits: int, monkeypatch) -> str:
+    """The device a backend's overflow test runs on, with ``splits`` forced on its kernel."""
+    if backend == "triton":
+        if not (triton_interpreting() or torch.cuda.is_available()):
+            pytest.skip("runs the Triton kernel: TRITON_INTERPRET=1 or a CUDA device")
+        from kpt.ops.paged_attention import _triton as module
+
+        key = "SPLITS"
+    else:
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device: runs the CUDA kernel")
+        from kpt.ops.paged_attention import _cuda as module
+
+        key = "splits"
+    run = module.run
+    monkeypatch.setattr(module, "run", lambda call, cfg: run(call, cfg | {key: splits}))
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("chunked", [False, True], ids=["decode", "chunked"])
-def test_triton_logits_that_overflow_float32(splits, chunked, monkeypatch):
+def test_logits_that_overflow_float32(backend, splits, chunked, monkeypatch):
     """Regression (found beside flash_attention's): logits past float32's range (scale=1e38)
     gave lse -inf (no visible key) from the Triton kernel, split or not, where the reference
-    has +inf, and NaN logits gave -inf too; a row whose visible logits all overflow to -inf got
-    out 0 where the reference has NaN. The epilogue and the split combine now follow
-    flash_attention/reference.py's definition of overflow."""
-    from kpt.ops.paged_attention import _triton
-
-    run = _triton.run
-    monkeypatch.setattr(_triton, "run", lambda call, cfg: run(call, cfg | {"SPLITS": splits}))
+    has +inf, and NaN logits gave -inf too. The CUDA kernel (its sum tested with ``l > 0``)
+    gave out 0 and lse -inf for both. Every backend now follows flash_attention/reference.py's
+    rule (the CUDA one through csrc/include/kpt/softmax.h): a +inf logit gives lse +inf and out
+    NaN, NaN logits NaN, a row whose visible logits are all -inf out 0 and lse -inf."""
+    device = _overflow_backend(backend, splits, monkeypatch)
     lengths = [0, 5, 19, 40]
     queries = [1, 3, 0, 5] if chunked else None
-    q, kc, vc, table, lens, cu = _case(2, 4, 4, 2, 16, 4, lengths, "NHD", torch.float16,
-                                       queries=queries)
+    # head dim 64: the CUDA kernel's smallest
+    q, kc, vc, table, lens, cu = _case(2, 4, 4, 2, 64, 4, lengths, "NHD", torch.float16,
+                                       device=device, queries=queries)
     q_nan = q.clone()
     q_nan[1, 0, 0] = float("nan")  # a row that sees keys: out and lse NaN
     cases = [(q, kc, dict(scale=1e38)), (q, kc, dict(scale=-2e38, window=(6, 0))),
@@ -416,7 +433,7 @@ def test_triton_logits_that_overflow_float32(splits, chunked, monkeypatch):
              (q_nan, kc, dict())]
     for qq, kk, kw in cases:
         kw |= dict(cu_seqlens_q=cu, return_lse=True)
-        out, lse = paged_attention(qq, kk, vc, table, lens, backend="triton", **kw)
+        out, lse = paged_attention(qq, kk, vc, table, lens, backend=backend, **kw)
         want, want_lse = paged_attention(qq, kk, vc, table, lens, backend="reference", **kw)
         assert torch.equal(out.isnan(), want.isnan())
         for x in (float("inf"), float("-inf")):

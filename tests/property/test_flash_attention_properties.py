@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -511,9 +512,11 @@ def test_masked_first_block_then_very_negative_logits():
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window": (1, 0)}], ids=str)
 def test_rows_whose_logits_all_overflow_backward(kw):
     """Regression (found by this suite): every logit +-inf at scale=1e38, so each row has lse
-    +inf (a +inf logit) or -inf (all -inf, visible keys: out NaN). The reference's backward
-    spread such a row's NaN delta to keys the row cannot see (ds = 0 * NaN there); it masks ds
-    now, as the kernels do, and the NaN of dq, dk, dv falls where Triton's does."""
+    +inf (a +inf logit: out NaN) or -inf (all -inf: out 0, as a row without keys). The
+    reference's backward spread a NaN delta to keys the row cannot see (ds = 0 * NaN there); it
+    masks ds now, as the kernels do, and the NaN of dq, dk, dv falls where Triton's does.
+    Triton's dk/dv kernel also read an lse -inf row's p as exp2(-inf + inf) = NaN (its dq kernel
+    mapped that lse to +inf, as it now does too)."""
     gen = torch.Generator().manual_seed(0)
     sign = torch.tensor([-1.0, -1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
     q = (torch.rand(1, 5, 2, 16, generator=gen) + 1).half()
@@ -528,6 +531,86 @@ def test_rows_whose_logits_all_overflow_backward(kw):
     for name, got, want in zip(("dq", "dk", "dv"), grads["triton"], grads["reference"]):
         assert torch.equal(got.isnan(), want.isnan()), f"triton.{name}: NaN pattern differs"
         check_close(compare(f"triton.{name}", got, want, BACKWARD_TOLERANCE[q.dtype]))
+
+
+@functools.cache
+def _overflow_cases() -> list[tuple[str, tuple, dict]]:
+    """(name, (q, k, v), options) of the regressions above, and larger ones for the kernels
+    with wider tiles (head dims 64 and 128, several key tiles, a NaN key)."""
+    gen = torch.Generator().manual_seed(3)
+    cases = [(f"small{seed}", _small(seed=seed), kw) for seed in range(2)
+             for kw in ({"scale": 1e38}, {"scale": -1e38, "causal": True})]
+    q = random_tensor(gen, (1, 20, 1, 16), torch.float16).abs()
+    k = random_tensor(gen, (1, 48, 1, 16), torch.float16).abs()
+    k[:, :16] *= -1000
+    cases.append(("first block -inf", (q, k, random_tensor(gen, k.shape, torch.float16)),
+                  {"scale": 1e35}))
+    q = torch.full((1, 32, 1, 16), 2.0, dtype=torch.float16)
+    k = torch.full((1, 32, 1, 16), 5.0, dtype=torch.float16)
+    cases.append(("very negative", (q, k, random_tensor(gen, k.shape, torch.float16)),
+                  {"scale": -1.0, "window": (3, 0)}))
+    for d in (64, 128):
+        q = random_tensor(gen, (2, 130, 4, d), torch.bfloat16)
+        k = random_tensor(gen, (2, 300, 2, d), torch.bfloat16)
+        v = random_tensor(gen, k.shape, torch.bfloat16)
+        # Overflow: kv head 0's keys all negative, its query rows of either sign (all -inf or
+        # a +inf logit); kv head 1 mixed (a +inf logit in every row).
+        k_over = k.clone()
+        k_over[:, :, 0] = -k[:, :, 0].abs()
+        q_over = q.clone()
+        q_over[:, :, :2] = q[:, :, :2].abs() * torch.where(torch.arange(130) % 3 == 0, -1, 1)[
+            None, :, None, None].to(q.dtype)
+        for kw in ({"scale": 1e38}, {"scale": 1e38, "causal": True}):
+            cases.append((f"d{d} overflow {kw}", (q_over, k_over, v), kw))
+        # Finite logits after -inf ones: kv head 0's first 70 keys are -inf, its queries
+        # positive (logits -inf there); a NaN in key 17 of kv head 1 (NaN rows where visible).
+        q_pos = q.clone()
+        q_pos[:, :, :2] = q[:, :, :2].abs() + 0.1
+        k_inf = k.clone()
+        k_inf[:, :70, 0] = -math.inf
+        k_inf[0, 17, 1, 3] = math.nan
+        for kw in ({}, {"causal": True}, {"window": (100, 0)}):
+            cases.append((f"d{d} -inf and NaN keys {kw}", (q_pos, k_inf, v), kw))
+    return cases
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: runs every GPU "
+                    "backend and config (CUDA sm90 / mma / simt, Triton) on the overflow cases")
+@pytest.mark.parametrize("case", range(len(_overflow_cases())))
+def test_every_gpu_config_follows_the_overflow_rule(case):
+    """The rule of reference.py on every backend and config that can run the call on this GPU
+    (the CUDA kernels through csrc/include/kpt/softmax.h): NaN exactly where the reference has
+    it, the same +-inf lse, equal finite values. Before that header the sm90 kernel gave out 0
+    and lse -inf for a row with a +inf logit, the mma and simt kernels lse NaN, and the simt
+    kernel NaN for a row whose first visible logit was -inf."""
+    name, (q, k, v), kw = _overflow_cases()[case]
+    ref_out, ref_lse = flash_attention(q, k, v, return_lse=True, backend="reference", **kw)
+    args = dict(q=q.cuda(), k=k.cuda(), v=v.cuda(), causal=kw.get("causal", False),
+                scale=kw.get("scale"), window=kw.get("window", (-1, -1)), softcap=0.0)
+    scale, left, right, max_q, max_k = validated(args)
+    ran = []
+    for backend in SPEC.backends:
+        problem = problem_of(Call(args["q"], args["k"], args["v"], None, None, max_q, max_k,
+                                  scale, left, right, 0.0, args["q"], args["q"]))
+        if backend.name == "reference" or SPEC.reasons(backend, problem):
+            continue
+        for config in backend.configs(problem):
+            out = torch.full_like(args["q"], float("nan"))
+            lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device="cuda")
+            backend.run(Call(args["q"], args["k"], args["v"], None, None, max_q, max_k, scale,
+                             left, right, 0.0, out, lse), config)
+            label = f"{name}: {backend.name} {config}"
+            out, lse = out.cpu(), lse.cpu()
+            assert torch.equal(out.isnan(), ref_out.isnan()), f"{label}: out NaN pattern"
+            assert torch.equal(lse.isnan(), ref_lse.isnan()), f"{label}: lse NaN pattern"
+            for x in (math.inf, -math.inf):
+                assert torch.equal(lse == x, ref_lse == x), f"{label}: lse {x}"
+            check_close(compare(f"{label}.out", out.nan_to_num(0.0), ref_out.nan_to_num(0.0),
+                                TOLERANCE[q.dtype]))
+            check_close(compare_lse(f"{label}.lse", lse.nan_to_num(0.0, 0.0, 0.0),
+                                    ref_lse.nan_to_num(0.0, 0.0, 0.0)))
+            ran.append(backend.name)
+    assert ran, "no GPU backend ran"
 
 
 @pytest.mark.parametrize(("softcap", "scale"), [(1e39, None), (1e300, None), (1e-40, 1.0)])

@@ -6,7 +6,9 @@ Attention over keys ``A ∪ B`` from the parts: with natural-log logsumexps ``ls
     lse = logaddexp(lse_a, lse_b)
     o   = exp(lse_a - lse) * o_a + exp(lse_b - lse) * o_b        # 0 where lse = -inf
 
-in float32, rounded once to the outputs' dtype.
+in float32, rounded once to the outputs' dtype. A part at lse +inf (a logit past float32's range)
+makes lse +inf and o NaN, a NaN part both NaN: the rule of a single attention call over all
+the keys (flash_attention's reference).
 
 ``cascade_attention`` runs requests whose KV is a chain of levels in one paged cache, outermost
 shared prefix first: level ``l`` is ``(block_table, seq_lens, group_indptr)``, its group ``g``
@@ -57,16 +59,19 @@ def _validate(op: str, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -
 
 def _merge(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     # log(e^a + e^b) as max + log1p(e^-|a - b|) (what torch.logaddexp computes; written out
-    # because torch_xla has no lowering for logaddexp). Both -inf: -inf, not the NaN of -inf+inf.
+    # because torch_xla has no lowering for logaddexp). An infinite max is the result (both
+    # -inf: -inf, not the NaN of -inf + inf; a +inf part: +inf); maximum propagates NaN.
     high = torch.maximum(lse_a, lse_b)
     gap = (lse_a - lse_b).abs()
-    lse = torch.where(torch.isneginf(high), high, high + torch.log1p(torch.exp(-gap)))
+    lse = torch.where(torch.isinf(high), high, high + torch.log1p(torch.exp(-gap)))
     # Where both parts are empty lse is -inf: shift by 0 there so no (-inf) - (-inf) NaN forms.
     finite = torch.isfinite(lse)
     shift = torch.where(finite, lse, torch.zeros_like(lse))
     w_a = torch.where(finite, torch.exp(lse_a - shift), torch.zeros_like(lse))
     w_b = torch.where(finite, torch.exp(lse_b - shift), torch.zeros_like(lse))
     o = w_a[..., None] * o_a.float() + w_b[..., None] * o_b.float()
+    # lse +inf or NaN: o NaN (as one call over all the keys gives), not the zeros of w = 0.
+    o = torch.where((finite | (lse == float("-inf")))[..., None], o, float("nan"))
     return o.to(o_a.dtype), lse
 
 

@@ -40,10 +40,12 @@ def _merge_kernel(
     h_ok = h < heads
     a = tl.load(l_a + t * s_la_t + h * s_la_h, mask=h_ok, other=float("-inf"))
     b = tl.load(l_b + t * s_lb_t + h * s_lb_h, mask=h_ok, other=float("-inf"))
-    # log(e^a + e^b) = max + log(1 + e^-|a - b|); both -inf: -inf (the gap is NaN there).
+    # log(e^a + e^b) = max + log(1 + e^-|a - b|); an infinite max is the result (both -inf:
+    # -inf, a +inf part: +inf; the gap may be NaN there), a NaN part makes it NaN.
     high = tl.maximum(a, b)
-    empty = high == float("-inf")
-    lse = tl.where(empty, high, high + tl.log(1.0 + tl.exp(-tl.abs(a - b))))
+    edge = (high == float("-inf")) | (high == float("inf"))
+    lse = tl.where(edge, high, high + tl.log(1.0 + tl.exp(-tl.abs(a - b))))
+    lse = tl.where((a != a) | (b != b), float("nan"), lse)
     # Weights exp(lse_part - lse), 0 where lse is not finite (no NaN from -inf - -inf).
     finite = tl.abs(lse) < float("inf")
     shift = tl.where(finite, lse, 0.0)
@@ -54,6 +56,8 @@ def _merge_kernel(
     x = tl.load(o_a + t * s_a_t + h[:, None] * s_a_h + d[None, :], mask=mask, other=0.0)
     y = tl.load(o_b + t * s_b_t + h[:, None] * s_b_h + d[None, :], mask=mask, other=0.0)
     o = w_a[:, None] * x.to(tl.float32) + w_b[:, None] * y.to(tl.float32)
+    # lse +inf or NaN: o NaN, as in the torch form.
+    o = tl.where((finite | (lse == float("-inf")))[:, None], o, float("nan"))
     tl.store(o_out + t * s_o_t + h[:, None] * s_o_h + d[None, :],
              o.to(o_out.dtype.element_ty), mask=mask)
 

@@ -8,7 +8,7 @@ Equivalent PyTorch for one sequence and query head ``h`` (see ``reference.py``):
     lse = logsumexp(s, -1);  out[:, h] = softmax(s) @ v[:, h // group]
 
 Logits are formed in log2 units (``scale * log2(e)``), which fixes where they overflow float32
-and what overflowed rows give (lse +-inf, out NaN): ``reference.py``.
+and what overflowed rows give (lse +inf and out NaN; lse -inf and out 0): ``reference.py``.
 
 Two registry ops: ``flash_attention`` (forward: out and lse) and ``flash_attention_backward``
 (dq, dk, dv), each with declared backends; autograd joins them through ``torch.library``.

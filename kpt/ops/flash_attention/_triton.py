@@ -15,8 +15,9 @@ and blocks after them (masked). Blocks outside the visible band are never visite
 Softmax runs in the exp2 domain (log2(e) is folded into the logit multiplier, so logits overflow
 where the reference's do: reference.py); accumulators are fp32. The running maximum starts at
 -FLT_MAX, not -inf: a row whose logits so far are all -inf (masked, or overflowed) shifts by a
-finite value and no inf - inf NaN appears. A row with no visible key ends with l = 0: output 0,
-lse = -inf. A +inf logit (overflow) leaves l = NaN, and the epilogue gives lse = +inf, out NaN.
+finite value and no inf - inf NaN appears. A row with no visible key, or whose visible logits
+are all -inf, ends with l = 0: output 0, lse = -inf. A +inf logit (overflow) leaves l = NaN, and
+the epilogue gives lse = +inf, out NaN (the rule of reference.py and csrc/include/kpt/softmax.h).
 
 Backward (FA2 scheme, no atomics, deterministic by construction): ``_bwd_preprocess`` forms
 ``delta = rowsum(dO * O) - dlse``; ``_bwd_dkdv_kernel`` owns a key block of one kv head and loops
@@ -314,17 +315,10 @@ def _fwd_kernel(
                                mul_in, mul_out, b, kh, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                                HEAD_DIM, EVEN_D, BLOCK_N, BLOCK_D, TMA)
 
-    seen = l_i != 0.0  # NaN logits give a NaN sum: NaN out and lse, as in the reference
-    # A row that sees keys whose logits are all -inf (an inf in q, overflow) also ends with
-    # l_i = 0; the reference's softmax gives it NaN, a row that sees no key 0. Which rows see a
-    # key follows from the mask alone (windows were normalised below 2**31 by the caller).
-    row_hi = k_len
-    if HAS_RIGHT:
-        row_hi = tl.minimum(offs_m + diag + window_right + 1, k_len)
-    row_lo = 0
-    if HAS_LEFT:
-        row_lo = tl.maximum(offs_m + diag - window_left, 0)
-    out = acc / tl.where(seen, l_i, tl.where(row_hi > row_lo, float("nan"), 1.0))[:, None]
+    # NaN logits give a NaN sum: NaN out and lse, as in the reference. A row without a visible
+    # logit above -inf (no key, or an inf in q, overflow) ends with l_i = 0: out 0, lse -inf.
+    seen = l_i != 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
     # A +inf logit made l_i NaN (inf - inf): lse +inf (the max skips NaN logits), out NaN.
     # Back to natural log: * ln(2).
     l_fin = tl.where(seen & (m_i != float("inf")), l_i, 1.0)
@@ -394,11 +388,14 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
             q = _load_tile(q_base, rows, stride_qs, q_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
             do = _load_tile(do_base, rows, stride_ds, q_len, offs_d, HEAD_DIM, MASKED, EVEN_D)
         if MASKED:
-            lse2 = tl.load(lse_base + rows, mask=rows < q_len, other=0.0) * 1.4426950408889634
+            lse = tl.load(lse_base + rows, mask=rows < q_len, other=0.0)
             delta = tl.load(delta_base + rows, mask=rows < q_len, other=0.0)
         else:
-            lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+            lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
+        # As in _bwd_dq_kernel: a row at lse -inf (no key, or only -inf logits: out 0) has
+        # p = 0 for every key; +inf keeps exp2's argument from becoming (-inf) - (-inf).
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         # Transposed tile (keys x queries): dK and dV are then plain row-major products.
         qk_t = _mm(k, tl.trans(q))
         if SOFTCAP:

@@ -7,16 +7,18 @@ For every sequence of the batch and every query head ``h`` (its kv head is ``h /
     s[i, j] = (softcap * log2(e)) * tanh(q[i] . k[j] * (scale / softcap))   # if softcap > 0
     visible(i, j) = (right < 0 or j <= i + diag + right) and (left < 0 or j >= i + diag - left)
     lse2[i] = log2(sum_{visible j} 2^s[i, j])             # -inf with no visible j
-    out[i] = sum_{visible j} 2^(s[i, j] - lse2[i]) v[j]   # 0 when no key is visible
+    out[i] = sum_{visible j} 2^(s[i, j] - lse2[i]) v[j]   # 0 where lse2[i] = -inf
     lse[i] = lse2[i] * ln(2)                              # returned in natural log
 
 This is the natural-log softmax of ``scale * q . k``, with the logits formed as the kernels form
 them: in log2 units, each factor in parentheses rounded to float32 once. Overflow is therefore
 defined alike on every backend: a product past float32's range (|q . k * scale| above
 ``FLT_MAX / log2(e)``) is +-inf. A -inf logit weighs 0, and a row whose visible logits are all
--inf gets lse -inf and out NaN (the 0 / 0 of its softmax). A row with a +inf logit gets lse +inf
-and out NaN (inf / inf), even beside NaN logits (the kernels' running maximum skips NaN);
-otherwise a NaN logit makes out and lse NaN.
+-inf is treated as a row without visible keys: lse -inf and out 0 (as FlashAttention and torch's
+flex_attention treat it; the kernels cannot tell the two apart). A row with a +inf logit gets
+lse +inf and out NaN (inf / inf), even beside NaN logits (the kernels' running maximum skips
+NaN); otherwise a NaN logit makes out and lse NaN. The CUDA/HIP kernels apply this rule through
+one header, ``csrc/include/kpt/softmax.h``.
 
 Keys a query cannot see take no part in its output, whatever they hold: a NaN or inf in the
 keys or values of masked positions never reaches it, and masked values never reach the
@@ -89,7 +91,8 @@ def _scores(qc: Tensor, kf: Tensor, rows: Tensor, seqlen_q: int, scale: float, l
 
 def _probs(s: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
     """Softmax over visible keys of log2-unit logits and its natural-log normaliser;
-    all-masked rows give p = 0 and lse -inf, rows with a +inf logit lse +inf."""
+    rows without a visible logit above -inf give p = 0 and lse -inf, rows with a +inf logit
+    lse +inf."""
     if s.shape[-1] == 0:
         return s.clone(), s.new_full(s.shape[:-1], float("-inf"))
     # As torch.logsumexp, in base 2: shift by the row max, or by 0 where it is +-inf.
@@ -97,7 +100,7 @@ def _probs(s: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
     m = m.masked_fill(m.abs() == math.inf, 0.0)
     lse2 = torch.log2(torch.exp2(s - m).sum(-1, keepdim=True)) + m
     lse2 = lse2.masked_fill((s == math.inf).any(-1, keepdim=True), math.inf)
-    p = torch.exp2(s - lse2).masked_fill(~visible, 0.0)
+    p = torch.exp2(s - lse2).masked_fill(~visible | (lse2 == -math.inf), 0.0)
     return p, lse2.squeeze(-1) * LN2
 
 

@@ -284,16 +284,10 @@ def _paged_kernel(
             mul_out, window_left, window_right, PAGE_SIZE, HEAD_DIM, HAS_LEFT, HAS_RIGHT,
             SOFTCAP, FP8, MASK_INSIDE, BLOCK_N, BLOCK_D)
     # As flash_attention's epilogue: NaN logits (or a +inf one) leave l_i NaN, NaN out; a row
-    # that sees keys of this range whose logits are all -inf (overflow, an inf in q) ends with
-    # l_i = 0 and gets NaN out, one that sees none 0.
+    # without a logit above -inf in this range (no key, overflow, an inf in q) ends with
+    # l_i = 0: out 0, lse -inf.
     seen = l_i != 0.0
-    row_lo = lo
-    row_hi = hi
-    if HAS_LEFT:
-        row_lo = tl.maximum(qpos - window_left, lo)
-    if HAS_RIGHT:
-        row_hi = tl.minimum(qpos + window_right + 1, hi)
-    out = acc / tl.where(seen, l_i, tl.where(row_hi > row_lo, float("nan"), 1.0))[:, None]
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if FP8:
         out = out * tl.load(V_SCALE + kh * stride_v_scale)
     # Unsplit: the op's out and lse. Split: this share's float32 slice of the workspaces.
@@ -372,12 +366,11 @@ def _combine_kernel(
     top = tl.where(top == float("-inf"), 0.0, top)  # every share empty: no (-inf) - (-inf)
     w = tl.exp(lse_s - top)
     total = tl.sum(w, 0)  # NaN from a NaN share or a +inf one: NaN out, as unsplit
-    # Shares that saw no key weigh 0: their outputs (zeros) are not even read, unless every
-    # share weighs 0: then a share whose keys' logits were all -inf passes its NaN on.
+    # Shares without a logit above -inf weigh 0 (their outputs, zeros, are not even read); a
+    # NaN weight makes the sum NaN whatever o holds.
     o = tl.load(O_PART + offs_s.to(tl.int64)[:, None] * stride_ps + t * stride_pt
                 + h * stride_ph + offs_d[None, :],
-                mask=tl.where(total == 0.0, s_ok, w > 0)[:, None] & (offs_d < HEAD_DIM)[None, :],
-                other=0.0)
+                mask=(w > 0)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     seen = total != 0.0
     out = tl.sum(o * w[:, None], 0) / tl.where(seen, total, 1.0)
     tl.store(OUT + t * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
