@@ -18,7 +18,7 @@ what this module expects, :func:`bind` returns None and the caller keeps the pla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -130,3 +130,38 @@ def bind(fn: Any, grid: Sequence[int], args: Sequence[Any], kwargs: dict[str, An
     index = device.index if device.index is not None else torch.cuda.current_device()
     return Bound(fn, kernel, grid3, dict(kwargs), len(args), values, tuple(slots),
                  tuple(aligned), index, _knobs())
+
+
+class Launchers:
+    """Bound launchers of one kernel, keyed, for a Triton call site without an op signature
+    (an internal kernel that ``Backend.fast`` does not reach, e.g. a merge step).
+
+    ``launch(key, tensors, grid, arguments)`` launches ``fn`` on ``tensors``: the caller's
+    ``key`` must hold everything but the tensors that fixes the launch (shapes, strides,
+    dtypes, device, scalar arguments). The first call of a key runs ``arguments()`` (``(args,
+    kwargs)``: the kernel's leading arguments, each of ``tensors`` among them, and its
+    constexprs and launch options), launches ``fn[grid](*args, **kwargs)`` and binds a
+    launcher (:func:`bind`); later calls of that key launch through it with the new tensors and
+    never build the arguments. A key :func:`bind` declines (the interpreter, the CPU, other
+    Triton internals) keeps the plain launch. At most ``limit`` keys are kept; past that the
+    table starts over.
+    """
+
+    __slots__ = ("fn", "limit", "bound")
+
+    def __init__(self, fn: Any, limit: int = 256) -> None:
+        self.fn, self.limit = fn, limit
+        self.bound: dict[Any, Bound | bool] = {}
+
+    def launch(self, key: Any, tensors: Sequence[torch.Tensor], grid: Sequence[int],
+               arguments: Callable[[], tuple[Sequence[Any], dict[str, Any]]]) -> None:
+        bound = self.bound.get(key)
+        if bound:
+            bound(*tensors)
+            return
+        args, kwargs = arguments()
+        self.fn[tuple(grid)](*args, **kwargs)
+        if bound is None:
+            if len(self.bound) >= self.limit:
+                self.bound.clear()
+            self.bound[key] = bind(self.fn, grid, args, kwargs, tensors) or False

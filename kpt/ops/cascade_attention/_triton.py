@@ -18,12 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kpt.ops._triton_launch import bind
-
-# Bound launchers by (shapes, strides, dtypes, device) of the merge; False where none can be
-# bound (the interpreter, another Triton).
-_BOUND: dict[tuple, object] = {}
-_BOUND_LIMIT = 256
+from kpt.ops._triton_launch import Launchers
 
 
 @triton.jit
@@ -62,6 +57,10 @@ def _merge_kernel(
              o.to(o_out.dtype.element_ty), mask=mask)
 
 
+# Launchers bound per (shapes, strides, dtypes, device) of a merge (kpt.ops._triton_launch).
+_LAUNCHERS = Launchers(_merge_kernel)
+
+
 def merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor,
           out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of the two states, o in ``out_dtype`` (contiguous, o_a's shape), lse float32
@@ -84,18 +83,9 @@ def merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torc
         grid = (tokens, triton.cdiv(heads, block_h))
         key = (x.shape, x.stride(), y.stride(), la.stride(), lb.stride(), x.dtype, y.dtype,
                out_dtype, x.device)
-        bound = _BOUND.get(key)
-        if bound:
-            bound(x, y, out, la, lb, lse)
-        else:
-            args = (x, y, out, la, lb, lse, heads, head_dim, x.stride(0), x.stride(1),
-                    y.stride(0), y.stride(1), out.stride(0), out.stride(1), la.stride(0),
-                    la.stride(1), lb.stride(0), lb.stride(1), lse.stride(0), lse.stride(1))
-            kwargs = dict(BLOCK_H=block_h, BLOCK_D=block_d)
-            _merge_kernel[grid](*args, **kwargs)
-            if bound is None:
-                if len(_BOUND) >= _BOUND_LIMIT:
-                    _BOUND.clear()
-                _BOUND[key] = bind(_merge_kernel, grid, args, kwargs,
-                                   (x, y, out, la, lb, lse)) or False
+        _LAUNCHERS.launch(key, (x, y, out, la, lb, lse), grid, lambda: (
+            (x, y, out, la, lb, lse, heads, head_dim, x.stride(0), x.stride(1), y.stride(0),
+             y.stride(1), out.stride(0), out.stride(1), la.stride(0), la.stride(1),
+             lb.stride(0), lb.stride(1), lse.stride(0), lse.stride(1)),
+            dict(BLOCK_H=block_h, BLOCK_D=block_d)))
     return out.view(o_a.shape), lse.view(o_a.shape[:-1])
