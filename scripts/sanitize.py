@@ -62,8 +62,11 @@ status: 0 when every case passed, 1 when one failed (a value beyond tolerance, o
 exception), 2 for bad arguments or a missing device; memcheck's errors give the sanitizer's
 ``--error-exitcode``.
 
-Standing: on an H100 (2026-12-07, torch 2.11.0+cu130), all 126 cases passed, plain and under
-``compute-sanitizer --tool memcheck`` (0 errors), in two runs split by op.
+Standing: on an H100 (2026-12-07, torch 2.11.0+cu130), all 126 cases the script had then
+passed, plain and under ``compute-sanitizer --tool memcheck`` (0 errors), in two runs split by
+op. The five overflow cases added since (``--only overflow``, ``--only nan-key``: the
+end-of-softmax rule of ``csrc/include/kpt/softmax.h``) have run on the CPU only (reference and
+Triton under the interpreter), not yet on a GPU.
 """
 
 from __future__ import annotations
@@ -199,6 +202,16 @@ class Ctx:
         self.record(got, want)
         self._fail(compare_lse(name, got, want))
 
+    def same_specials(self, name: str, got: Tensor, want: Tensor) -> None:
+        """NaN, +inf and -inf exactly where the reference has them (the overflow rule of
+        kpt/ops/flash_attention/reference.py, csrc/include/kpt/softmax.h)."""
+        g, w = got.detach().cpu(), want.detach().cpu()
+        for what, of in (("NaN", torch.isnan), ("+inf", torch.isposinf),
+                         ("-inf", torch.isneginf)):
+            if not torch.equal(of(g), of(w)):
+                self._fail(f"{name}: {what} at {int((of(g) != of(w)).sum())} places where the "
+                           "reference differs")
+
     def grad(self, name: str, got: Tensor, want: Tensor, tol: float, noise: float) -> None:
         """``close``, except for a gradient the reference finds within ``noise`` of zero
         everywhere (dq, dk when every query sees one key: the exact gradient is 0 and both
@@ -327,6 +340,28 @@ def flash_varlen(ctx: Ctx, *, lq: list[int], lk: list[int], h: int, hkv: int, d:
     _check_attention(ctx, got, want, q, k, v, dout, options.get("scale") or d**-0.5)
 
 
+def flash_overflow(ctx: Ctx, *, b: int, sq: int, sk: int, h: int, hkv: int, d: int,
+                   scale: float, nan_key: bool = False, **options: Any) -> None:
+    """Forward only, logits past float32's range: kv head 0's keys all negative and its query
+    rows of either sign (every logit -inf: out 0, lse -inf; or +inf: out NaN, lse +inf), the
+    other kv heads mixed; optionally a NaN in one key (NaN rows where it is visible)."""
+    q = ctx.randn(b, sq, h, d)
+    k = ctx.randn(b, sk, hkv, d)
+    v = ctx.randn(b, sk, hkv, d)
+    k[:, :, 0] = -k[:, :, 0].abs()
+    sign = torch.where(torch.arange(sq) % 3 == 0, -1.0, 1.0).to(ctx.device, q.dtype)
+    group = h // hkv
+    q[:, :, :group] = q[:, :, :group].abs() * sign[None, :, None, None]
+    if nan_key:
+        k[0, sk // 2, hkv - 1, 1] = float("nan")
+    got = flash_attention(q, k, v, return_lse=True, backend=ctx.backend, scale=scale, **options)
+    want = flash_attention(q, k, v, return_lse=True, backend="reference", scale=scale, **options)
+    for name, g, w in zip(("out", "lse"), got, want):
+        ctx.same_specials(name, g, w)
+        ctx.close(name, g.float().nan_to_num(0.0, 0.0, 0.0), w.float().nan_to_num(0.0, 0.0, 0.0),
+                  ATTN_TOL[q.dtype])
+
+
 FLASH = "flash_attention"
 # name: (b, sq, sk, h, hkv, d, options); tiles are 64 / 128 rows, so 1, 33, 65, 129, 300 end
 # inside one.
@@ -368,6 +403,12 @@ add(FLASH, "varlen-window-softcap-d128", flash_varlen, lq=[17, 0, 3, 40], lk=[9,
     h=4, hkv=2, d=128, causal=True, window=(6, 0), softcap=4.0)
 add(FLASH, "varlen-full-d256-host-max", flash_varlen, lq=[1, 65, 0], lk=[70, 1, 5], h=2,
     hkv=1, d=256, give_max=False)
+# The end-of-softmax rule (csrc/include/kpt/softmax.h) on every kernel: +inf / -inf rows.
+add(FLASH, "overflow-d64", flash_overflow, b=2, sq=37, sk=150, h=4, hkv=2, d=64, scale=1e38)
+add(FLASH, "overflow-d128-causal", flash_overflow, b=1, sq=130, sk=300, h=4, hkv=2, d=128,
+    scale=1e38, causal=True)
+add(FLASH, "nan-key-d128", flash_overflow, b=1, sq=70, sk=200, h=4, hkv=2, d=128, scale=0.1,
+    nan_key=True, window=(50, 0))
 add(FLASH, "varlen-d80-fp16", flash_varlen, lq=[33, 2], lk=[33, 129], h=2, hkv=2, d=80,
     dtype=FP16, window=(20, 20))
 
@@ -615,6 +656,12 @@ def paged_case(ctx: Ctx, *, lengths: list[int], page_size: int, h: int, hkv: int
                                backend=backend, **kw)
 
     got, want = run(ctx.backend), run("reference")
+    if abs(options.get("scale") or 0.0) > 1e30:  # overflow: +-inf logits, the rule of softmax.h
+        for name, g, w in zip(("out", "lse"), got, want):
+            ctx.same_specials(name, g, w)
+            ctx.close(name, g.float().nan_to_num(0.0, 0.0, 0.0),
+                      w.float().nan_to_num(0.0, 0.0, 0.0), ATTN_TOL[dtype])
+        return
     ctx.close("out", got[0], want[0], ATTN_TOL[dtype])
     ctx.lse("lse", got[1], want[1])
     if not got[0].isfinite().all():
@@ -645,6 +692,10 @@ PAGED_CASES = {  # name: (lengths, page_size, h, hkv, d, options)
                              dict(kv_dtype=E5M2, queries=[3, 9], layout="HND")),
     "fp8-e4m3-p7-chunked": ([13, 1, 0], 7, 4, 1, 64,
                             dict(kv_dtype=E4M3, queries=[4, 1, 0], window=(5, 0))),
+    # Logits past float32's range (rows at lse +inf with out NaN, others at -inf with out 0),
+    # unsplit and split-KV (the combine's merge follows the same rule).
+    "overflow-decode-split": ([0, 3, 40, 700], 16, 8, 2, 128, dict(scale=1e38)),
+    "overflow-chunked": ([5, 60], 16, 4, 2, 64, dict(queries=[3, 9], scale=-1e38)),
 }
 for _name, (_lens, _ps, _h, _hkv, _d, _opts) in PAGED_CASES.items():
     add(PAGED, _name, paged_case, lengths=_lens, page_size=_ps, h=_h, hkv=_hkv, d=_d, **_opts)
