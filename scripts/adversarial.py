@@ -859,6 +859,72 @@ def _fa_nan_query(_tmp: Path) -> Outcome:
     return expect_ok(check, (FA,))
 
 
+# -- logits past float32's range: one documented rule on every backend -------------------------
+
+
+def overflow_truth(q: Any, k: Any, v: Any, scale: float, causal: bool = False,
+                   natural: bool = False) -> tuple[Any, Any]:
+    """(out float64, lse float64 (B, H, Sq)) of the documented overflow rule, from (B, S, H, D)
+    inputs, computed here without kpt: the float32 logits the kernels form (``q . k`` times
+    ``scale * log2(e)`` rounded to float32 once; with ``natural``, flex's ``(q . k * scale) *
+    log2(e)``), then per row: a +inf logit gives lse +inf and out NaN; else a NaN logit NaN;
+    else no logit above -inf gives out 0 and lse -inf; else the base-2 softmax."""
+    import torch
+
+    log2e = 1.4426950408889634
+    group = q.shape[2] // k.shape[2]
+    qd = q.double().permute(0, 2, 1, 3)
+    kd = k.double().repeat_interleave(group, 2).permute(0, 2, 1, 3)
+    vd = v.double().repeat_interleave(group, 2).permute(0, 2, 1, 3)
+    dot = (qd @ kd.transpose(-1, -2)).float()
+    if natural:
+        s = (dot * torch.tensor(scale, dtype=torch.float32)) * torch.tensor(log2e)
+    else:
+        s = dot * torch.tensor(scale * log2e, dtype=torch.float32)
+    s = s.double()
+    sq, sk = s.shape[-2:]
+    if causal:
+        i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+        s = s.masked_fill(j > i + sk - sq, -math.inf)
+    out = torch.zeros(*s.shape[:-1], vd.shape[-1], dtype=torch.float64)
+    lse = torch.full(s.shape[:-1], -math.inf, dtype=torch.float64)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in s.shape[:-1])).tolist():
+        row, b, h = s[tuple(idx)], idx[0], idx[1]
+        if (row == math.inf).any():
+            lse[tuple(idx)], out[tuple(idx)] = math.inf, math.nan
+        elif row.isnan().any():
+            lse[tuple(idx)], out[tuple(idx)] = math.nan, math.nan
+        elif (row > -math.inf).any():
+            m = row.max()
+            w = torch.exp2(row - m)
+            lse[tuple(idx)] = (m + torch.log2(w.sum())) * math.log(2.0)
+            out[tuple(idx)] = (w / w.sum()) @ vd[b, h]
+    return out.permute(0, 2, 1, 3), lse
+
+
+def overflow_inputs(seed: int, d: int = 16) -> tuple[Any, Any, Any]:
+    """q rows and keys of either sign, |q . k| >= d: every logit +-inf at scale 1e38."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.rand(1, 9, 2, d, generator=gen) + 1
+    k = torch.rand(1, 13, 1, d, generator=gen) + 1
+    q[:, ::3] *= -1
+    k[:, 5:] *= -1  # a row of either sign sees logits of one sign among the first 5 keys
+    v = torch.randn(1, 13, 1, d, generator=gen)
+    return q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+
+
+def _fa_overflow(backend: str, causal: bool) -> Callable[[Path], Outcome]:
+    def run(_tmp: Path) -> Outcome:
+        q, k, v = overflow_inputs(1)
+        want = overflow_truth(q, k, v, 1e38, causal)
+        return expect_close(lambda: flash(q, k, v, scale=1e38, causal=causal,
+                                          return_lse=True, backend=backend), want, 2e-2, (FA,))
+    return run
+
+
+
 # -- calls that must be refused ------------------------------------------------------------------
 
 
@@ -1374,6 +1440,43 @@ def _fx_transposed(_tmp: Path) -> Outcome:
     _, k, v = fx_inputs()
     return expect_close(lambda: flex(q, k, v, backend="triton"), naive_flex(q, k, v)[0], 1e-4,
                         (FX,))
+
+
+def _fx_overflow(backend: str, nan_scores: bool) -> Callable[[Path], Outcome]:
+    """flex at scale 1e38: rows at lse +inf (out NaN) or -inf (out 0), optionally beside NaN
+    scores (a score_mod adding -inf to the first keys: +inf - inf is NaN), against the rule in
+    float64 (flex forms the exp2-domain score as (q . k * scale) * log2(e))."""
+
+    def run(_tmp: Path) -> Outcome:
+        import torch
+
+        q, k, v = overflow_inputs(3)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        score = None
+        if nan_scores:
+            def score(s, b, h, q_idx, kv_idx):
+                return torch.where(kv_idx < 3, s - math.inf, s)
+        want_o, want_lse = overflow_truth(q, k, v, 1e38, natural=True)
+        if nan_scores:  # +inf where a row has one, else NaN (the first keys of any sign)
+            want_o = torch.full_like(want_o, math.nan)
+            want_lse = torch.where(torch.isposinf(want_lse), math.inf, math.nan)
+        return expect_close(lambda: flex(qt, kt, vt, score, scale=1e38, enable_gqa=True,
+                                         return_lse=True, backend=backend),
+                            (want_o.transpose(1, 2), want_lse), 2e-2, (FX,))
+
+    return run
+
+
+# flash (flag: causal) and flex (flag: NaN scores beside the +inf ones), both backends.
+for _backend in ("reference", "triton"):
+    for _flag in (False, True):
+        add("flash", f"logits past float32 (scale 1e38){', causal' if _flag else ''}, "
+            f"{_backend}", "rows with a +inf logit (lse +inf, out NaN) and rows whose logits "
+            "are all -inf (out 0, lse -inf) against the rule computed in float64",
+            _fa_overflow(_backend, _flag))
+        add("flex", f"scores past float32 (scale 1e38){' beside NaN scores' if _flag else ''}, "
+            f"{_backend}", "the same rule for flex_attention's scores",
+            _fx_overflow(_backend, _flag))
 
 
 @scenario("flex", "return_lse='no' (a non-bool flag)",

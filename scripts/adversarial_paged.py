@@ -26,6 +26,8 @@ from adversarial import (
     meta,
     mismatch,
     naive_attention,
+    overflow_inputs,
+    overflow_truth,
     randn,
     resolve,
 )
@@ -690,6 +692,31 @@ for _empty, _what in (("none", "4 and 5 keys"), ("a", "an empty first part (lse 
                       ("b", "an empty second part")):
     add("cascade", f"merge_attention_states, {_what}", f"merge of attention over {_what}: "
         "equal to attention over all 9 keys", _merge_case(_empty))
+
+
+def _merge_overflow(_tmp: Path) -> Outcome:
+    """Parts at scale 1e38: keys 0..3 are tiny (finite logits), the others give every row +inf
+    or -inf logits, so a row's parts are at (finite, -inf), (finite or +inf, +inf). The merge
+    must give what one call over all the keys gives by the documented rule: out NaN and lse
+    +inf where a part is at +inf (two such parts once merged to lse NaN)."""
+    from kpt.ops import flash_attention
+    from kpt.ops.cascade_attention import merge_attention_states
+
+    q, k, v = overflow_inputs(2)
+    k[:, :4] *= 1e-36  # |q . k| * 1e38 * log2(e) in the thousands: finite
+    k[:, 4] *= -1  # the sign of keys 5.. : +inf in both parts for the same rows
+    parts = []
+    for lo, hi in ((0, 5), (5, 13)):
+        o, lse = flash_attention(q, k[:, lo:hi], v[:, lo:hi], scale=1e38, return_lse=True)
+        parts += [o[0], lse[0].T.contiguous()]
+    want_o, want_lse = overflow_truth(q, k, v, 1e38)
+    return expect_close(lambda: merge_attention_states(*parts),
+                        (want_o[0].to(q.dtype), want_lse[0].T), 2e-2, MS)
+
+
+add("cascade", "merge_attention_states, parts past float32 (scale 1e38)", "merge of two parts "
+    "whose rows are at lse +inf or -inf: out NaN / 0 and lse +-inf as one call over all keys",
+    _merge_overflow)
 
 
 def _merge_both_empty(_tmp: Path) -> Outcome:

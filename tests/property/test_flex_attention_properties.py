@@ -691,6 +691,46 @@ def test_scale_that_overflows_float32_is_rejected(scale):
     flex_attention(q, k, v, scale=MAX_SCALE, backend="reference")
 
 
+def _overflow_case(case: str):
+    """(q, k, v, score_mod, scale) whose scores pass float32's range (kernels' exp2 domain)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.rand(1, 2, 20, 16, generator=gen) + 1
+    k = torch.rand(1, 2, 40, 16, generator=gen) + 1
+    v = torch.randn(1, 2, 40, 16, generator=gen)
+    q[:, :, ::3] *= -1  # rows of either sign
+    k[:, 0] *= -1       # head 0: every score of a row has one sign (all +inf or all -inf)
+    k[:, 1, ::2] *= -1  # head 1: both signs in every row
+    if case == "threshold":  # q . k * scale finite (<= 2.9e38), times log2(e) past FLT_MAX
+        q, k = q.abs(), k.abs()
+        return q, k, v, None, 2.9e38 / float((q @ k.transpose(-1, -2)).min())
+    if case == "nan":  # NaN scores beside +inf ones: score + (-inf) where the score is +inf
+        return q, k, v, lambda score, b, h, qi, ki: torch.where(ki < 10, score - math.inf,
+                                                                 score), 1e38
+    return q, k, v, None, 1e38
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
+@pytest.mark.parametrize("case", ["scale", "threshold", "nan"])
+def test_scores_past_float32_follow_one_rule(case):
+    """Regression (found with flash_attention's overflow rule): Triton gave lse NaN for a row
+    with a +inf score where the reference (torch's logsumexp) gives +inf; scores whose product
+    with log2(e) overflows (the kernels' exp2 domain) were finite in the reference and +inf in
+    the kernels; and beside NaN scores the reference's logsumexp gave NaN where the kernels,
+    whose running max skips NaN, give +inf. The reference now defines overflow as the kernels
+    meet it (its module doc) and Triton's epilogue writes lse +inf for a +inf max: NaN at the
+    same places, the same +-inf lse, equal finite values."""
+    q, k, v, score_mod, scale = _overflow_case(case)
+    got = flex_attention(q, k, v, score_mod, scale=scale, return_lse=True, backend="triton")
+    want = flex_attention(q, k, v, score_mod, scale=scale, return_lse=True, backend="reference")
+    assert torch.isposinf(want[1]).any()  # the case reaches the rule
+    for name, g, w in zip(("out", "lse"), got, want):
+        assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN pattern"
+        for x in (math.inf, -math.inf):
+            assert torch.equal(g == x, w == x), f"{name}: {x}"
+        ok = w.isfinite()
+        torch.testing.assert_close(g[ok], w[ok], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not triton_interpreting(), reason="runs Triton under its interpreter")
 def test_triton_bf16_interpreted():
     """Regression (found by this suite): the generated kernels called tl.dot on bf16

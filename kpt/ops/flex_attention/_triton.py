@@ -163,10 +163,12 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, sv
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd,
                                     KV_NUM, KV_IDX, row, NKVB, offs_m, offs_d, offs_dv, b, hq,
                                     Skv, D, DV, sm_scale BUFS, BN, SPARSE_KV, True, PREC)
-    # Fully masked rows: output 0 and lse -inf, like torch.
+    # Fully masked rows: output 0 and lse -inf, like torch. A +inf score left l_i NaN (inf -
+    # inf): out NaN, lse +inf, as logsumexp gives (the reference's module doc).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) / LOG2E)
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     tl.store(O + b * sob + hq * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV))
     tl.store(LSE + (b * H + hq) * Sq + offs_m, lse, mask=offs_m < Sq)

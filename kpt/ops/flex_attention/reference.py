@@ -10,10 +10,16 @@ For every (b, h, i, j)::
 
 like torch's ``flex_attention`` (its eager math path), except that the sum runs over the keys
 the masks keep: a NaN or inf value of a masked key never reaches a row (torch's math path
-multiplies it by 0: NaN). The mods are evaluated with broadcasting
-index tensors ``b (B,1,1,1), h (1,H,1,1), q_idx (1,1,C,1), kv_idx (1,1,1,Skv)`` instead of vmap,
-over chunks of C query rows, so memory stays bounded. Everything is differentiable with torch
-autograd, which is the reference backward.
+multiplies it by 0: NaN). In float32 a score overflows where the kernels' does: they take
+``s * log2(e)`` (float32) into the exp2 domain, so a finite ``s`` whose product is +-inf counts
+as +-inf here too. A +inf score then gives lse +inf and out NaN, even beside NaN scores (the
+kernels' running maximum skips NaN, so they cannot tell; torch's logsumexp would give NaN
+there), and a row whose scores are all -inf is a fully masked one.
+
+The mods are evaluated with broadcasting index tensors ``b (B,1,1,1), h (1,H,1,1),
+q_idx (1,1,C,1), kv_idx (1,1,1,Skv)`` instead of vmap, over chunks of C query rows, so memory
+stays bounded. Everything is differentiable with torch autograd, which is the reference
+backward.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import Tensor
 from kpt.ops._common import visible_matmul
 
 _CHUNK_ELEMENTS = 1 << 24
+_LOG2E = 1.4426950408889634
 
 
 def attention(
@@ -60,6 +67,9 @@ def attention(
         s = (q[:, :, start:stop].to(wp) @ kk.transpose(-1, -2)) * scale
         if score_fn is not None:
             s = score_fn(s, b, h, q_idx, kv_idx).to(wp)
+        if wp == torch.float32:  # overflow in the kernels' exp2 domain (module doc)
+            s2 = s * _LOG2E
+            s = torch.where(torch.isinf(s2), s2, s)
         keep = torch.ones((), dtype=torch.bool, device=dev)
         if mask_fn is not None:
             keep = mask_fn(b, h, q_idx, kv_idx)
@@ -76,6 +86,7 @@ def attention(
         safe = torch.where(dead, torch.zeros((), dtype=wp, device=dev), s)
         p = torch.softmax(safe, dim=-1) * (~dead)
         lse = torch.where(dead.squeeze(-1), float("-inf"), torch.logsumexp(safe, dim=-1))
+        lse = torch.where((s == float("inf")).any(dim=-1), float("inf"), lse)  # module doc
         outs.append(visible_matmul(p, keep.to(dev), vv))  # masked values never reach a row
         lses.append(lse)
     out = torch.cat(outs, dim=2).to(q.dtype)
