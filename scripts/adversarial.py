@@ -921,8 +921,8 @@ def _fa_overflow(backend: str, causal: bool) -> Callable[[Path], Outcome]:
         want = overflow_truth(q, k, v, 1e38, causal)
         return expect_close(lambda: flash(q, k, v, scale=1e38, causal=causal,
                                           return_lse=True, backend=backend), want, 2e-2, (FA,))
-    return run
 
+    return run
 
 
 # -- calls that must be refused ------------------------------------------------------------------

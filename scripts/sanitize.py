@@ -202,15 +202,18 @@ class Ctx:
         self.record(got, want)
         self._fail(compare_lse(name, got, want))
 
-    def same_specials(self, name: str, got: Tensor, want: Tensor) -> None:
+    def specials(self, name: str, got: Tensor, want: Tensor, tol: float) -> None:
         """NaN, +inf and -inf exactly where the reference has them (the overflow rule of
-        kpt/ops/flash_attention/reference.py, csrc/include/kpt/softmax.h)."""
+        kpt/ops/flash_attention/reference.py, csrc/include/kpt/softmax.h), and ``close`` on
+        the rest (non-finite entries compared as 0)."""
         g, w = got.detach().cpu(), want.detach().cpu()
         for what, of in (("NaN", torch.isnan), ("+inf", torch.isposinf),
                          ("-inf", torch.isneginf)):
             if not torch.equal(of(g), of(w)):
                 self._fail(f"{name}: {what} at {int((of(g) != of(w)).sum())} places where the "
                            "reference differs")
+        zero = lambda t: t.float().nan_to_num(0.0, 0.0, 0.0)  # noqa: E731
+        self.close(name, zero(g), zero(w), tol)
 
     def grad(self, name: str, got: Tensor, want: Tensor, tol: float, noise: float) -> None:
         """``close``, except for a gradient the reference finds within ``noise`` of zero
@@ -357,9 +360,7 @@ def flash_overflow(ctx: Ctx, *, b: int, sq: int, sk: int, h: int, hkv: int, d: i
     got = flash_attention(q, k, v, return_lse=True, backend=ctx.backend, scale=scale, **options)
     want = flash_attention(q, k, v, return_lse=True, backend="reference", scale=scale, **options)
     for name, g, w in zip(("out", "lse"), got, want):
-        ctx.same_specials(name, g, w)
-        ctx.close(name, g.float().nan_to_num(0.0, 0.0, 0.0), w.float().nan_to_num(0.0, 0.0, 0.0),
-                  ATTN_TOL[q.dtype])
+        ctx.specials(name, g, w, ATTN_TOL[q.dtype])
 
 
 FLASH = "flash_attention"
@@ -658,9 +659,7 @@ def paged_case(ctx: Ctx, *, lengths: list[int], page_size: int, h: int, hkv: int
     got, want = run(ctx.backend), run("reference")
     if abs(options.get("scale") or 0.0) > 1e30:  # overflow: +-inf logits, the rule of softmax.h
         for name, g, w in zip(("out", "lse"), got, want):
-            ctx.same_specials(name, g, w)
-            ctx.close(name, g.float().nan_to_num(0.0, 0.0, 0.0),
-                      w.float().nan_to_num(0.0, 0.0, 0.0), ATTN_TOL[dtype])
+            ctx.specials(name, g, w, ATTN_TOL[dtype])
         return
     ctx.close("out", got[0], want[0], ATTN_TOL[dtype])
     ctx.lse("lse", got[1], want[1])

@@ -76,6 +76,27 @@ def check_close(reason: str | None) -> None:
     assert reason is None, reason
 
 
+def same_specials(name: str, got, want) -> None:
+    """``got`` has NaN, +inf and -inf exactly where ``want`` has them (the overflow rule of
+    kpt/ops/flash_attention/reference.py)."""
+    import torch
+
+    got, want = got.detach().cpu(), want.detach().cpu()
+    for what, where in (("NaN", torch.isnan), ("+inf", torch.isposinf),
+                        ("-inf", torch.isneginf)):
+        assert torch.equal(where(got), where(want)), f"{name}: {what} at other places"
+
+
+def check_specials(name: str, got, want, rtol: float, atol: float) -> None:
+    """:func:`same_specials`, and the finite values within rtol / atol elementwise."""
+    import torch
+
+    same_specials(name, got, want)
+    got, want = got.detach().cpu(), want.detach().cpu()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=rtol, atol=atol, msg=name)
+
+
 # ---- tensors ----------------------------------------------------------------------------------
 
 # How an input tensor is laid out in memory. The values seen by the op are those of the view,
