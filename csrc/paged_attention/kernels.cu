@@ -19,8 +19,9 @@
 // barrier in the loop); elsewhere (HIP) the next chunk is loaded into registers while the
 // current one is computed.
 //
-// Scores. A lane holds its 8 features of q for all R rows (pre-multiplied by scale * log2(e),
-// or scale / softcap, and the fp8 k_scale), forms R partial dot products per key, and the TPK
+// Scores. A lane holds its 8 features of q for all R rows, forms R partial dot products per
+// key (each then multiplied by scale * log2(e), or scale / softcap, and the fp8 k_scale: after
+// the product, so that only the logit itself can overflow, as in the references), and the TPK
 // lanes of a key reduce them with a reduce-scatter (each round sends half the rows' values
 // to the partner lane): R - 1 + log2(TPK / R) shuffles per key instead of R * log2(TPK), and
 // each lane ends up with the full score of one row. Softmax is online per chunk in the exp2
@@ -175,7 +176,7 @@ struct Params {
   int scale_per_head;
   int num_pages, max_pages, page_size, page_shift;  // page_shift -1: not a power of two
   int tokens, heads_q, group, head_dim, splits, min_split_keys;
-  float qmul;     // q multiplier: scale * log2(e), or scale / softcap
+  float qmul;     // score multiplier: scale * log2(e), or scale / softcap
   float cap_out;  // softcap * log2(e), 0 without a soft cap
 };
 
@@ -258,7 +259,7 @@ template <class C, int D, int R>
 KPT_DEVICE void attend(State<R>& st, const float (&qf)[R][8],
                        const typename C::Vec (&kv)[C::kSteps],
                        const typename C::Vec (&vv)[C::kSteps], const Mask& mask, int64_t first,
-                       float cap_out, int lane) {
+                       float smul, float cap_out, int lane) {
   constexpr int TPK = D / 8;
   constexpr int KPW = kWarpSize / TPK;
   constexpr int STEPS = C::kSteps;
@@ -278,7 +279,9 @@ KPT_DEVICE void attend(State<R>& st, const float (&qf)[R][8],
       for (int e = 0; e < 8; ++e) a = fmaf(qf[q][e], kf[e], a);
       part[q] = a;
     }
-    s[i] = reduce_scatter<R, TPK>(part, lane);
+    // Scaled after the dot product, as the references do: a scale folded into q overflows
+    // per feature (inf - inf = NaN) where the reference's logit is +-inf.
+    s[i] = reduce_scatter<R, TPK>(part, lane) * smul;
   }
   if (cap_out > 0.f) {
 #pragma unroll
@@ -397,7 +400,8 @@ __global__ KPT_LAUNCH_BOUNDS(kThreads, R <= 4 ? 4 : 2) void paged_kernel(const P
     mask.all_hi = has_right ? min64(first_pos + p.window_right + 1, s_hi) : s_hi;
   }
 
-  // q rows, widened and pre-multiplied; lanes past head_dim (padding) hold zeros.
+  // q rows, widened; lanes past head_dim (padding) hold zeros. The score multiplier applies
+  // to each dot product (attend).
   const bool vec_ok = c * 8 < p.head_dim;
   float kmul = 1.f, vmul = 1.f;
   if (p.k_scale != nullptr) {
@@ -405,7 +409,7 @@ __global__ KPT_LAUNCH_BOUNDS(kThreads, R <= 4 ? 4 : 2) void paged_kernel(const P
     kmul = p.k_scale[i] * C::factor();
     vmul = p.v_scale[i] * C::factor();
   }
-  const float qmul = p.qmul * kmul;
+  const float smul = p.qmul * kmul;
   float qf[R][8];
 #pragma unroll
   for (int q = 0; q < R; ++q) {
@@ -414,8 +418,6 @@ __global__ KPT_LAUNCH_BOUNDS(kThreads, R <= 4 ? 4 : 2) void paged_kernel(const P
     if (vec_ok && row0 + q < rows) {
       const Row row = row_of(p, seq, row0 + q, kvh);
       kpt::unpack8<T>(kpt::load16(p.q + row.token * p.q_st + row.head * p.q_sh + c * 8), qf[q]);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) qf[q][e] *= qmul;
     }
   }
 
@@ -479,7 +481,7 @@ __global__ KPT_LAUNCH_BOUNDS(kThreads, R <= 4 ? 4 : 2) void paged_kernel(const P
       kv[i] = src[(2 * i) * kThreads];
       vv[i] = src[(2 * i + 1) * kThreads];
     }
-    attend<C, D, R>(st, qf, kv, vv, mask, chunk_first(t), p.cap_out, lane);
+    attend<C, D, R>(st, qf, kv, vv, mask, chunk_first(t), smul, p.cap_out, lane);
   }
   cp_async_wait<0>();
 #else
@@ -509,7 +511,7 @@ __global__ KPT_LAUNCH_BOUNDS(kThreads, R <= 4 ? 4 : 2) void paged_kernel(const P
       vv[i] = nv[i];
     }
     if (t + 1 < mine) load(t + 1);  // in flight while this chunk is computed
-    attend<C, D, R>(st, qf, kv, vv, mask, chunk_first(t), p.cap_out, lane);
+    attend<C, D, R>(st, qf, kv, vv, mask, chunk_first(t), smul, p.cap_out, lane);
   }
 #endif
 

@@ -273,6 +273,30 @@ def test_kernel_cache_keys_follow_code_and_scalars():
     assert t1.key == t2.key and t2.buffers[0] is new_table
 
 
+def test_composed_mods_reuse_their_translation_with_new_tensors(monkeypatch):
+    """Composed mods (``and_masks(causal(), document(ids))``) hold their tensors in closures of
+    closures, inside a tuple for the second mask: found there, so a call with new ids of the
+    same shape reuses the translation (no trace) and reads the new tensors."""
+    from kpt.ops.flex_attention import mods
+
+    def composed(ids, slopes):
+        return (mods.alibi(slopes),
+                mods.and_masks(mods.causal(), mods.sliding_window(9), mods.document(ids)))
+
+    first = _codegen.translate(*composed(torch.tensor([0, 0, 1, 1]), torch.ones(2)))
+    traced = []
+    real = _codegen._translate
+    monkeypatch.setattr(_codegen, "_translate", lambda *a: traced.append(a) or real(*a))
+    ids, slopes = torch.tensor([3, 4, 4, 4]), torch.full((2,), 0.5)
+    again = _codegen.translate(*composed(ids, slopes))
+    assert not traced and again.key == first.key
+    assert {id(b) for b in again.buffers} == {id(ids), id(slopes)}
+    assert len(again.buffers) == len(first.buffers) == 2
+    # Different composition: a different code key, traced.
+    _codegen.translate(None, mods.and_masks(mods.document(ids), mods.causal()))
+    assert traced
+
+
 def test_new_captured_values_reuse_the_kernel_and_stay_correct():
     from kpt.ops.flex_attention import _triton
 

@@ -40,6 +40,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BS = 16  # several partial, full and skipped blocks at these lengths
 SLOPES = torch.tensor([0.5, 0.25], device=DEVICE)
 DOC = torch.tensor([0] * 9 + [1] * 12 + [2] * 16, device=DEVICE)  # 37 tokens
+# One row of ids per batch entry, with documents of 1 token and a whole row in one document.
+DOC_B = torch.tensor([[5] * 4 + [7] + [2] * 32, [3] * 37], device=DEVICE)
+DOC_SPLIT = torch.tensor([0] * 9 + [1] * 12 + [0] * 16, device=DEVICE)  # document 0 twice
 
 
 def _causal(b, h, q, kv):
@@ -54,6 +57,13 @@ def _softcap2(s, b, h, q, kv):
     return 2.0 * torch.tanh(s / 2.0)
 
 
+def _doc_window5(b, h, q, kv):
+    return (q >= kv) & (q - kv <= 5) & (DOC[q] == DOC[kv])
+
+
+_DOC_CAUSAL = mods.and_masks(mods.causal(), mods.document(DOC))
+
+
 # name: (B, Hq, Hkv, Sq, Sk, D, score_mod, mask_mod, transposed inputs)
 CASES = {
     "full": (2, 2, 2, 17, 17, 16, None, None, False),
@@ -66,6 +76,15 @@ CASES = {
     "softcap_lambda_causal": (1, 2, 2, 37, 37, 16, _softcap2, _causal, True),
     "gqa_softcap_window": (2, 4, 2, 17, 17, 16, mods.softcap(2.0), mods.sliding_window(5),
                            False),
+    # Document ids in contiguous runs become varlen sequences: (B*H*S, 1, D) tokens for
+    # (B, H, S, D) storage, (B*S, H, D) for transposed storage, copies for GQA on the first.
+    "document_causal": (2, 2, 2, 37, 37, 16, None, _DOC_CAUSAL, False),
+    "document_per_batch_gqa_transposed": (
+        2, 4, 2, 37, 37, 16, None, mods.and_masks(mods.causal(), mods.document(DOC_B)), True),
+    "document_gqa_copied": (1, 4, 2, 37, 37, 16, None, _DOC_CAUSAL, False),
+    "document_bidirectional_softcap": (1, 2, 2, 37, 37, 32, mods.softcap(2.0),
+                                       mods.document(DOC), False),
+    "document_window_lambda": (1, 2, 2, 37, 37, 16, None, _doc_window5, True),
 }
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -130,7 +149,8 @@ def _flash_triton_reason() -> str | None:
 
 @pytest.mark.skipif(_flash_triton_reason() is not None, reason=str(_flash_triton_reason()))
 @pytest.mark.parametrize("name", ["causal_lambda_cuts_keys", "window_lambda_cuts_queries",
-                                  "gqa_softcap_window"])
+                                  "gqa_softcap_window", "document_causal",
+                                  "document_per_batch_gqa_transposed"])
 def test_flash_backend_on_flash_triton_kernels(name, monkeypatch):
     # flash's cpu priority is its reference: ask its dispatch for the Triton kernels, which
     # read the (B, S, H, D) views with their strides (interpreted on CPU).
@@ -191,8 +211,12 @@ def _sparse_causal():
 # name: (score_mod, block mask, words of the reason)
 UNSUPPORTED = {
     "alibi": (mods.alibi(SLOPES), lambda: None, "ALiBi"),
-    "document": (None, lambda: create_block_mask(mods.document(DOC), 1, None, 37, 37, DEVICE,
-                                                 BS), "document ids"),
+    "document_split": (None, lambda: create_block_mask(mods.document(DOC_SPLIT), 1, None, 37,
+                                                       37, DEVICE, BS),
+                       "not one contiguous run"),
+    "document_prefix": (None, lambda: create_block_mask(
+        mods.and_masks(mods.prefix_lm(7), mods.document(DOC)), 1, None, 37, 37, DEVICE, BS),
+        "a prefix"),
     "prefix_lm": (None, lambda: create_block_mask(mods.prefix_lm(7), 1, None, 37, 37, DEVICE,
                                                   BS), "a prefix"),
     "block_sparsity": (None, _sparse_causal, "BlockMask skips blocks"),

@@ -233,18 +233,24 @@ def problem_of(q: Tensor, k: Tensor, v: Tensor, mods: _codegen.Translation, tabl
     # per call (cached per table and captured tensor), and only where those backends can run.
     # Under torch.compile the check would read data (a graph break): None rules the lowered-
     # mods backends out while tracing; the launch inside the custom op decides with real
-    # tensors.
+    # tensors. doc_varlen: whether document ids form contiguous runs (the flash backend runs
+    # them as varlen sequences); read from the ids the same way, where flash can run.
     blocks: str | None = ""
+    docs: str | None = ""
     if torch.compiler.is_compiling():
-        blocks = None
-    elif any(q.device.type in b.device_types and q.dtype in b.dtypes
-             and SPEC.unavailable(b) is None for b in _lowered_backends()):
-        blocks = module(f"{__name__}._cuda").blocks_reason(q, k, mods, tables)
+        blocks = docs = None
+    else:
+        runnable = [q.device.type in b.device_types and q.dtype in b.dtypes
+                    and SPEC.unavailable(b) is None for b in _lowered_backends()]
+        if any(runnable):
+            blocks = module(f"{__name__}._cuda").blocks_reason(q, k, mods, tables)
+        if runnable[0]:
+            docs = module(f"{__name__}._flash").doc_reason(q, k, mods)
     return Problem.of(q.device, q.dtype, batch=q.shape[0], heads=q.shape[1],
                       kv_heads=k.shape[1], q_len=q.shape[2], kv_len=k.shape[2],
                       head_dim=q.shape[3], head_dim_v=v.shape[3], mods=mods.key,
                       block_q=tables.block_q, block_kv=tables.block_kv, grad=grad,
-                      kv_batch=k.shape[0], cuda_blocks=blocks)
+                      kv_batch=k.shape[0], cuda_blocks=blocks, doc_varlen=docs)
 
 
 # ---- custom ops and autograd ------------------------------------------------------------------
@@ -458,10 +464,11 @@ def _plan(score_mod, mask_mod, device_type: str, device_index, dtype: torch.dtyp
     if [loc[0] for loc in locs] != sorted((loc[0] for loc in locs), key=("score", "mask").index):
         raise AssertionError(f"{OP}: buffers of score_mod must precede mask_mod's")
     device = torch.device(device_type, device_index)
+    # cuda_blocks / doc_varlen None: the lowered-mods backends are not planned here.
     problem = Problem.of(device, dtype, batch=1, heads=1, kv_heads=1, q_len=1, kv_len=1,
                          head_dim=head_dims[0], head_dim_v=head_dims[1], mods=mods.key,
                          block_q=block_q, block_kv=block_kv, grad=grad, kv_batch=1,
-                         cuda_blocks=None)  # None: the native backends are not planned here
+                         cuda_blocks=None, doc_varlen=None)
     chosen = SPEC.choose(problem, backend)[0].name
     reader_key = f"{mods.key}/{id(score_mod):x}/{id(mask_mod):x}"
     _READERS[reader_key] = tuple(readers)

@@ -610,19 +610,51 @@ def code_key(fn: Callable | None, depth: int = 0) -> tuple | None:
             signature)
 
 
-def _locate(fn: Callable | None, t: torch.Tensor) -> tuple[str, Any] | None:
+def _locate(fn: Callable | None, t: torch.Tensor, depth: int = 0) -> tuple[str, Any] | None:
+    """Where ``fn`` holds ``t``: ``("cell", i)`` / ``("global", name)``; or, from ``depth``
+    < 2 down (composed mods: ``and_masks(causal(), document(ids))`` keeps ``ids`` in a closure
+    of a closure), ``("path", steps)`` through closure cells / globals holding plain functions
+    or tuples of them (``("item", k)``)."""
     if not isinstance(fn, types.FunctionType):
         return None
-    for i, cell in enumerate(fn.__closure__ or ()):
-        if cell.cell_contents is t:
+    cells = fn.__closure__ or ()
+    for i, cell in enumerate(cells):
+        if _contents(cell) is t:
             return ("cell", i)
     for n in fn.__code__.co_names:
         if fn.__globals__.get(n) is t:
             return ("global", n)
+    if depth >= 2:
+        return None
+    inner = [(("cell", i), _contents(c)) for i, c in enumerate(cells)]
+    inner += [(("global", n), fn.__globals__.get(n)) for n in fn.__code__.co_names]
+    # Tuples of functions too (the masks of and_masks / or_masks beyond the first).
+    inner = [(steps, g) for step, v in inner
+             for steps, g in ([((step, ("item", k)), x) for k, x in enumerate(v)]
+                              if isinstance(v, tuple) and len(v) < 16 else [((step,), v)])]
+    for steps, g in inner:
+        if isinstance(g, types.FunctionType) and g is not fn:
+            found = _locate(g, t, depth + 1)
+            if found is not None:
+                rest = found[1] if found[0] == "path" else (found,)
+                return ("path", (*steps, *rest))
     return None
 
 
+def _contents(cell) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
 def _fetch(fn: types.FunctionType, where: str, what: Any) -> torch.Tensor:
+    if where == "path":
+        for step in what:
+            fn = _fetch(fn, *step)
+        return fn
+    if where == "item":
+        return fn[what]
     return fn.__closure__[what].cell_contents if where == "cell" else fn.__globals__[what]
 
 
@@ -639,20 +671,23 @@ def translate(score_mod: Callable | None, mask_mod: Callable | None) -> Translat
             return _with(hit.template, buffers, score_mod, mask_mod)
     t = _translate(score_mod, mask_mod)
     if t.reason is None and key is not None:
-        locators = locate_buffers(t, score_mod, mask_mod)
+        locators = locate_buffers(t, score_mod, mask_mod, nested=True)
         if locators is not None:
             with _lock:
                 _CODE_CACHE[key] = _Cached(t, locators)
     return t
 
 
-def locate_buffers(t: Translation, score_mod, mask_mod) -> list[tuple[str, str, Any]] | None:
+def locate_buffers(t: Translation, score_mod, mask_mod,
+                   nested: bool = False) -> list[tuple[str, str, Any]] | None:
     """Where each captured tensor of ``t`` lives: ``(which mod, "cell" | "global", index |
-    name)``, in buffer order; None when one is reached some other way (attribute, list...)."""
+    name)``, or with ``nested`` also ``(which mod, "path", steps)`` inside the closures of
+    composed mods, in buffer order; None when one is reached some other way (attribute,
+    list...)."""
     locators = []
     for b in t.buffers:
         for which, fn in (("score", score_mod), ("mask", mask_mod)):
-            loc = _locate(fn, b)
+            loc = _locate(fn, b, 0 if nested else 2)
             if loc is not None:
                 locators.append((which, *loc))
                 break

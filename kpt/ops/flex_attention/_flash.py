@@ -14,12 +14,24 @@ dispatch runs its reference (or its Triton kernels when ``KPT_BACKEND`` asks for
 
 Geometry (trailing queries that see no key, trailing keys no query sees) is handled by the
 helpers shared with the cuda/hip backend (``_cuda.forward_views`` / ``backward_views``).
+
+**Document masks become varlen calls.** When the mods also lower to document ids (``X(b, q) ==
+Y(b, kv)``, e.g. ``and_masks(causal(), document(ids))``, packed sequences) and every document's
+tokens are one contiguous run, the call is a ``flash_attention`` *varlen* call with one
+sequence per document: no mask is evaluated and no masked block is visited. The runs are read
+from the ids on the host once per ids tensor (and version): ``doc_reason`` is decided with the
+Problem, like the BlockMask check. The sequences index flex's tensors in place where their
+strides allow: (B, H, S, D) storage as ``(B*H*S, 1, D)`` tokens, one sequence per (batch,
+head, document), when q and k have the same heads; (B, S, H, D) storage (``transpose(1, 2)``
+of a projection's output) as ``(B*S, H, D)`` tokens, one sequence per (batch, document), GQA
+included. Other layouts are copied to the second.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import weakref
 
 import torch
 from torch import Tensor
@@ -27,7 +39,7 @@ from torch import Tensor
 from kpt.ops._common import module
 from kpt.ops._registry import Config, Problem
 
-from . import _cuda
+from . import _codegen, _cuda, _lower
 
 _FLASH = "kpt.ops.flash_attention"
 
@@ -44,16 +56,197 @@ def unavailable() -> str | None:
 
 def supports(p: Problem) -> list[str]:
     """The reasons of the cuda/hip backend (block mask, mods, geometry, head dims, k/v batch),
-    plus: no flex hooks, since flash_attention takes a band and a soft-cap only. Any head dim
-    up to 256 qualifies (flash's dispatch falls back from kernels that need multiples of 8)."""
+    plus: no flex hooks but document ids, since flash_attention takes a band and a soft-cap,
+    and document ids only as contiguous runs (``doc_varlen``, decided with the Problem). Any
+    head dim up to 256 qualifies (flash's dispatch falls back from kernels that need
+    multiples of 8)."""
     low, reasons = _cuda.lowered_reasons(p)
     if low is not None:
-        hooks = [name for name, ir in (("ALiBi slopes", low.slopes), ("a prefix", low.prefix),
-                                       ("document ids", low.doc)) if ir is not None]
+        hooks = [name for name, ir in (("ALiBi slopes", low.slopes), ("a prefix", low.prefix))
+                 if ir is not None]
         if hooks:
             reasons.append(f"the mods lower to {', '.join(hooks)}, which flash_attention "
-                           "cannot take (only a band and a soft-cap)")
+                           "cannot take (only a band, a soft-cap and document runs)")
+        elif low.doc is not None and p.get("doc_varlen"):
+            reasons.append(p["doc_varlen"])
     return reasons
+
+
+# ---- document ids as varlen sequences ----------------------------------------------------------
+
+_RUNS: dict[tuple, tuple[str, Tensor | None, int]] = {}
+
+
+def _runs(low: _lower.Lowered, buffers: list[Tensor], B: int, S: int,
+          device: torch.device) -> tuple[str, Tensor | None, int]:
+    """(reason, starts, longest): ``starts`` int64 (B, S) on the host, each batch row's run
+    starts ascending then padded with S; "" when every document of every batch row is one
+    contiguous run and queries and keys carry the same ids. One host sync per ids tensor and
+    version (cached; the entry goes with the tensor)."""
+    key = (low, tuple((id(b), b._version) for b in buffers), B, S, device)
+    hit = _RUNS.get(key)
+    if hit is not None:
+        return hit
+    ar = torch.arange(S, device=device).view(1, S)
+    b = torch.arange(B, device=device).view(B, 1)
+    x = _lower._eval(low.doc[0], buffers, b=b, q_idx=ar).to(torch.int64).expand(B, S)
+    y = _lower._eval(low.doc[1], buffers, b=b, kv_idx=ar).to(torch.int64).expand(B, S)
+    new = torch.ones(B, S, dtype=torch.bool, device=device)
+    new[:, 1:] = x[:, 1:] != x[:, :-1]
+    ordered = x.sort(dim=1).values
+    distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(1)
+    # Run starts ascending per row, padded with S: the stable sort keeps them in order.
+    starts = torch.where(new, ar, S).sort(dim=1, stable=True).values
+    same, contiguous, starts = (t.cpu() for t in ((x == y).all(),
+                                                  (new.sum(1) == distinct).all(), starts))
+    if not same:
+        hit = ("document ids of queries and keys differ", None, 0)
+    elif not contiguous:
+        hit = ("a document's tokens are not one contiguous run (flash_attention's varlen "
+               "sequences are)", None, 0)
+    else:
+        ends = torch.cat([starts[:, 1:], torch.full((B, 1), S, dtype=starts.dtype)], 1)
+        longest = int((torch.where(starts < S, ends - starts, 0)).max()) if S else 0
+        hit = ("", starts, longest)
+    if len(_RUNS) >= 256:
+        _RUNS.clear()
+    _RUNS[key] = hit
+    for t in buffers:
+        weakref.finalize(t, _RUNS.pop, key, None)
+    return hit
+
+
+def doc_reason(q: Tensor, k: Tensor, mods: _codegen.Translation) -> str:
+    """"" unless the mods lower to document ids (and no other hook) that cannot become varlen
+    sequences: queries and keys of equal length, ids in contiguous runs."""
+    low = _lower.lower(mods)
+    if isinstance(low, str) or low.doc is None or low.slopes is not None \
+            or low.prefix is not None:
+        return ""
+    S = q.shape[2]
+    if k.shape[2] != S:
+        return (f"document ids with {S} queries and {k.shape[2]} keys (varlen sequences need "
+                "equal lengths)")
+    geo = _lower.geometry(low, S, S)
+    if isinstance(geo, str) or (geo.sq, geo.sk) != (S, S):
+        # A band that leaves the last keys or queries out of every row cannot be written as
+        # per-document windows (the flash kernels' bottom-right windows are >= 0).
+        return "document ids with a band strictly off the diagonal"
+    return _runs(low, mods.buffers, q.shape[0], q.shape[2], q.device)[0]
+
+
+_CU: dict[tuple, tuple[Tensor, int]] = {}
+
+
+def _cu_seqlens(call, low: _lower.Lowered, heads: int) -> tuple[Tensor, int]:
+    """int32 cu_seqlens over the flattened tokens and the longest document: sequences in
+    (batch, head, document) order when ``heads`` > 1 ((B*H*S, 1, D) tokens), else (batch,
+    document) ((B*S, H, D) tokens)."""
+    B, _, S, _ = call.q.shape
+    reason, starts, longest = _runs(low, call.mods.buffers, B, S, call.q.device)
+    if reason:  # supports() said yes on the same ids: never reached
+        raise ValueError(f"flex_attention: backend 'flash': {reason}")
+    key = (id(starts), heads)
+    hit = _CU.get(key)
+    if hit is None:
+        rows = [s[s < S] for s in starts]
+        offsets = [r + (b * heads + h) * S for b, r in enumerate(rows) for h in range(heads)]
+        cu = torch.cat([*offsets, torch.tensor([B * heads * S])]).to(torch.int32)
+        hit = (cu.to(call.q.device), longest)
+        if len(_CU) >= 256:
+            _CU.clear()
+        _CU[key] = hit
+        weakref.finalize(starts, _CU.pop, key, None)
+    return hit
+
+
+def _merges(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether dims of these sizes and strides merge into one (what ``view`` requires)."""
+    dims = [(n, st) for n, st in zip(sizes, strides) if n != 1]
+    return all(a[1] == b[1] * b[0] for a, b in zip(dims, dims[1:]))
+
+
+def _tokens(t: Tensor, heads_flat: bool) -> Tensor | None:
+    """``t`` (B, H, S, D) as varlen tokens without a copy, or None: (B*H*S, 1, D) when
+    ``heads_flat``, else (B*S, H, D)."""
+    B, H, S, D = t.shape
+    st = t.stride()
+    if st[3] != 1 and D > 1:
+        return None
+    if heads_flat:
+        return t.view(B * H * S, 1, D) if _merges((B, H, S), st[:3]) else None
+    if not _merges((B, S), (st[0], st[2])):
+        return None
+    return t.transpose(1, 2).view(B * S, H, D)
+
+
+def _read(t: Tensor, heads_flat: bool) -> Tensor:
+    """:func:`_tokens`, or a copy in that layout."""
+    got = _tokens(t, heads_flat)
+    if got is not None:
+        return got
+    B, H, S, D = t.shape
+    if heads_flat:
+        return t.contiguous().view(B * H * S, 1, D)
+    return t.transpose(1, 2).contiguous().view(B * S, H, D)
+
+
+def _varlen_layout(call) -> bool:
+    """True: (B*H*S, 1, D) tokens (q and k with the same heads, and q's storage (B, H, S, D));
+    False: (B*S, H, D) tokens (copies where the storage is not (B, S, H, D))."""
+    return call.q.shape[1] == call.k.shape[1] and _tokens(call.q, True) is not None \
+        and _tokens(call.q, False) is None
+
+
+def _lse_tokens(lse: Tensor, heads_flat: bool) -> Tensor:
+    """flex's (B, H, S) lse as flash varlen's (heads, tokens), contiguous (a copy if not
+    ``heads_flat``)."""
+    B, H, S = lse.shape
+    if heads_flat:
+        return lse.reshape(1, B * H * S).contiguous()
+    return lse.permute(1, 0, 2).reshape(H, B * S).contiguous()
+
+
+def _doc_forward(call, low: _lower.Lowered, geo: _lower.Geometry) -> None:
+    flash = module(_FLASH)
+    flat = _varlen_layout(call)
+    cu, longest = _cu_seqlens(call, low, call.q.shape[1] if flat else 1)
+    q, k, v = (_read(t, flat) for t in (call.q, call.k, call.v))
+    out = _tokens(call.out, flat)
+    scratch_out = out is None
+    if scratch_out:
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
+    lse = call.lse.view(1, -1) if flat and call.lse.is_contiguous() else \
+        torch.empty(q.shape[1], q.shape[0], device=q.device)
+    fcall = flash.Call(q, k, v, cu, cu, longest, longest, call.scale, geo.window_left,
+                       geo.window_right, low.softcap, out, lse)
+    flash.SPEC.launch(flash.problem_of(fcall), fcall)
+    B, H, S, _ = call.q.shape
+    if scratch_out:
+        call.out.copy_(out.view(B, H, S, -1) if flat else out.view(B, S, H, -1).transpose(1, 2))
+    if lse.data_ptr() != call.lse.data_ptr():
+        call.lse.copy_(lse.view(B, H, S) if flat else lse.view(H, B, S).transpose(0, 1))
+
+
+def _doc_backward(call, low: _lower.Lowered, geo: _lower.Geometry) -> None:
+    flash = module(_FLASH)
+    flat = _varlen_layout(call)
+    cu, longest = _cu_seqlens(call, low, call.q.shape[1] if flat else 1)
+    q, k, v, out, dout = (_read(t, flat) for t in (call.q, call.k, call.v, call.out, call.dout))
+    lse = _lse_tokens(call.lse, flat)
+    dlse = _lse_tokens(call.dlse, flat) if call.dlse is not None else None
+    grads = [call.dq, call.dk, call.dv]
+    views = [_tokens(g, flat) for g in grads]
+    scratch = [w is None for w in views]
+    views = [torch.empty_like(x) if w is None else w for w, x in zip(views, (q, k, v))]
+    bcall = flash.BackwardCall(dout, dlse, q, k, v, out, lse, cu, cu, longest, longest,
+                               call.scale, geo.window_left, geo.window_right, low.softcap,
+                               torch.are_deterministic_algorithms_enabled(), *views)
+    flash.SPEC_BACKWARD.launch(flash.backward_problem_of(bcall), bcall)
+    for g, w, copy in zip(grads, views, scratch):
+        if copy:
+            B, H, S, D = g.shape
+            g.copy_(w.view(B, H, S, D) if flat else w.view(B, S, H, D).transpose(1, 2))
 
 
 def _strided(t: Tensor) -> str | None:
@@ -67,6 +260,8 @@ def run(call, config: Config) -> None:
     natural log)."""
     flash = module(_FLASH)
     low, geo = _cuda.plan_geometry(call)
+    if low.doc is not None:
+        return _doc_forward(call, low, geo)
 
     def launch(q, k, v, out, lse):
         fcall = flash.Call(q, k, v, None, None, geo.sq, geo.sk, call.scale, geo.window_left,
@@ -81,6 +276,8 @@ def backward(call, config: Config) -> None:
     ``rowsum(dout * out) - dlse`` (``call.delta`` is never read)."""
     flash = module(_FLASH)
     low, geo = _cuda.plan_geometry(call)
+    if low.doc is not None:
+        return _doc_backward(call, low, geo)
 
     def launch(dout, dlse, q, k, v, out, lse, dq, dk, dv):
         bcall = flash.BackwardCall(dout, dlse, q, k, v, out, lse, None, None, geo.sq, geo.sk,
