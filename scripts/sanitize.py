@@ -64,9 +64,12 @@ exception), 2 for bad arguments or a missing device; memcheck's errors give the 
 
 Standing: on an H100 (2026-12-07, torch 2.11.0+cu130), all 126 cases the script had then
 passed, plain and under ``compute-sanitizer --tool memcheck`` (0 errors), in two runs split by
-op. The five overflow cases added since (``--only overflow``, ``--only nan-key``: the
-end-of-softmax rule of ``csrc/include/kpt/softmax.h``) have run on the CPU only (reference and
-Triton under the interpreter), not yet on a GPU.
+op. Of the five overflow cases added since (the end-of-softmax rule of
+``csrc/include/kpt/softmax.h``), the four of ``--only overflow`` ran on an H100 on 2026-12-08
+under memcheck: 0 errors; the two paged ones failed on values (the CUDA paged kernel folded the
+scale into q, so one feature's product overflowed to inf - inf = NaN where the reference's
+logit is +-inf). The kernel now scales each dot product instead; that fix, and
+``--only nan-key``, have run on the CPU only (reference and Triton under the interpreter).
 """
 
 from __future__ import annotations

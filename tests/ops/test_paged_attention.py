@@ -418,9 +418,12 @@ def test_logits_that_overflow_float32(backend, splits, chunked, monkeypatch):
     """Regression (found beside flash_attention's): logits past float32's range (scale=1e38)
     gave lse -inf (no visible key) from the Triton kernel, split or not, where the reference
     has +inf, and NaN logits gave -inf too. The CUDA kernel (its sum tested with ``l > 0``)
-    gave out 0 and lse -inf for both. Every backend now follows flash_attention/reference.py's
-    rule (the CUDA one through csrc/include/kpt/softmax.h): a +inf logit gives lse +inf and out
-    NaN, NaN logits NaN, a row whose visible logits are all -inf out 0 and lse -inf."""
+    gave out 0 and lse -inf for both, and (found on an H100) multiplied q by the scale before
+    the dot product, so single features overflowed and inf - inf gave NaN where the reference's
+    logit is +-inf: it now scales each dot product. Every backend now follows
+    flash_attention/reference.py's rule (the CUDA one through csrc/include/kpt/softmax.h): a
+    +inf logit gives lse +inf and out NaN, NaN logits NaN, a row whose visible logits are all
+    -inf out 0 and lse -inf."""
     device = _overflow_backend(backend, splits, monkeypatch)
     lengths = [0, 5, 19, 40]
     queries = [1, 3, 0, 5] if chunked else None

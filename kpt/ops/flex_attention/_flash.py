@@ -166,18 +166,22 @@ def _merges(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     return all(a[1] == b[1] * b[0] for a, b in zip(dims, dims[1:]))
 
 
-def _tokens(t: Tensor, heads_flat: bool) -> Tensor | None:
-    """``t`` (B, H, S, D) as varlen tokens without a copy, or None: (B*H*S, 1, D) when
-    ``heads_flat``, else (B*S, H, D)."""
+def _in_place(t: Tensor, heads_flat: bool) -> bool:
+    """Whether (B, H, S, D) ``t`` reads as varlen tokens without a copy (see :func:`_tokens`)."""
     B, H, S, D = t.shape
     st = t.stride()
     if st[3] != 1 and D > 1:
+        return False
+    return _merges((B, H, S), st[:3]) if heads_flat else _merges((B, S), (st[0], st[2]))
+
+
+def _tokens(t: Tensor, heads_flat: bool) -> Tensor | None:
+    """``t`` (B, H, S, D) as varlen tokens without a copy, or None: (B*H*S, 1, D) when
+    ``heads_flat``, else (B*S, H, D)."""
+    if not _in_place(t, heads_flat):
         return None
-    if heads_flat:
-        return t.view(B * H * S, 1, D) if _merges((B, H, S), st[:3]) else None
-    if not _merges((B, S), (st[0], st[2])):
-        return None
-    return t.transpose(1, 2).view(B * S, H, D)
+    B, H, S, D = t.shape
+    return t.view(B * H * S, 1, D) if heads_flat else t.transpose(1, 2).view(B * S, H, D)
 
 
 def _read(t: Tensor, heads_flat: bool) -> Tensor:
@@ -194,8 +198,8 @@ def _read(t: Tensor, heads_flat: bool) -> Tensor:
 def _varlen_layout(call) -> bool:
     """True: (B*H*S, 1, D) tokens (q and k with the same heads, and q's storage (B, H, S, D));
     False: (B*S, H, D) tokens (copies where the storage is not (B, S, H, D))."""
-    return call.q.shape[1] == call.k.shape[1] and _tokens(call.q, True) is not None \
-        and _tokens(call.q, False) is None
+    return call.q.shape[1] == call.k.shape[1] and _in_place(call.q, True) \
+        and not _in_place(call.q, False)
 
 
 def _lse_tokens(lse: Tensor, heads_flat: bool) -> Tensor:
