@@ -72,6 +72,17 @@ def supports(p: Problem) -> list[str]:
     return reasons
 
 
+def _launch(flash, fcall) -> None:
+    """flash_attention's dispatch by its plain-value key (one dict lookup on a repeat, as its
+    public call does), not a Problem built per call."""
+    flash.SPEC.launch_keyed(flash._key(fcall), lambda: flash.problem_of(fcall), fcall)
+
+
+def _launch_backward(flash, bcall) -> None:
+    flash.SPEC_BACKWARD.launch_keyed(flash._key(bcall, bcall.deterministic),
+                                     lambda: flash.backward_problem_of(bcall), bcall)
+
+
 # ---- document ids as varlen sequences ----------------------------------------------------------
 
 _RUNS: dict[tuple, tuple[str, Tensor | None, int]] = {}
@@ -196,10 +207,10 @@ def _read(t: Tensor, heads_flat: bool) -> Tensor:
 
 
 def _varlen_layout(call) -> bool:
-    """True: (B*H*S, 1, D) tokens (q and k with the same heads, and q's storage (B, H, S, D));
-    False: (B*S, H, D) tokens (copies where the storage is not (B, S, H, D))."""
-    return call.q.shape[1] == call.k.shape[1] and _in_place(call.q, True) \
-        and not _in_place(call.q, False)
+    """True: (B*H*S, 1, D) tokens (q and k with the same heads, and q's storage (B, H, S, D),
+    which keeps the lse in place too); False: (B*S, H, D) tokens (copies where the storage is
+    not (B, S, H, D))."""
+    return call.q.shape[1] == call.k.shape[1] and _in_place(call.q, True)
 
 
 def _lse_tokens(lse: Tensor, heads_flat: bool) -> Tensor:
@@ -224,7 +235,7 @@ def _doc_forward(call, low: _lower.Lowered, geo: _lower.Geometry) -> None:
         torch.empty(q.shape[1], q.shape[0], device=q.device)
     fcall = flash.Call(q, k, v, cu, cu, longest, longest, call.scale, geo.window_left,
                        geo.window_right, low.softcap, out, lse)
-    flash.SPEC.launch(flash.problem_of(fcall), fcall)
+    _launch(flash, fcall)
     B, H, S, _ = call.q.shape
     if scratch_out:
         call.out.copy_(out.view(B, H, S, -1) if flat else out.view(B, S, H, -1).transpose(1, 2))
@@ -246,7 +257,7 @@ def _doc_backward(call, low: _lower.Lowered, geo: _lower.Geometry) -> None:
     bcall = flash.BackwardCall(dout, dlse, q, k, v, out, lse, cu, cu, longest, longest,
                                call.scale, geo.window_left, geo.window_right, low.softcap,
                                torch.are_deterministic_algorithms_enabled(), *views)
-    flash.SPEC_BACKWARD.launch(flash.backward_problem_of(bcall), bcall)
+    _launch_backward(flash, bcall)
     for g, w, copy in zip(grads, views, scratch):
         if copy:
             B, H, S, D = g.shape
@@ -270,7 +281,7 @@ def run(call, config: Config) -> None:
     def launch(q, k, v, out, lse):
         fcall = flash.Call(q, k, v, None, None, geo.sq, geo.sk, call.scale, geo.window_left,
                            geo.window_right, low.softcap, out, lse)
-        flash.SPEC.launch(flash.problem_of(fcall), fcall)
+        _launch(flash, fcall)
 
     _cuda.forward_views(call, geo, launch, _strided)
 
@@ -287,6 +298,6 @@ def backward(call, config: Config) -> None:
         bcall = flash.BackwardCall(dout, dlse, q, k, v, out, lse, None, None, geo.sq, geo.sk,
                                    call.scale, geo.window_left, geo.window_right, low.softcap,
                                    torch.are_deterministic_algorithms_enabled(), dq, dk, dv)
-        flash.SPEC_BACKWARD.launch(flash.backward_problem_of(bcall), bcall)
+        _launch_backward(flash, bcall)
 
     _cuda.backward_views(call, geo, launch, _strided)
