@@ -1228,6 +1228,13 @@ FX_VALID: dict[str, dict] = {
     "BLOCK_SIZE 256 (larger than the sequence), triton": dict(
         backend="triton", block_size=256, mask=lambda: named_mods().causal()),
     "negative scale, triton": dict(backend="triton", scale=-0.5),
+    "and_masks(causal, document) as varlen sequences, bf16 flash": dict(
+        backend="flash", dtype="bfloat16",
+        mask=lambda: named_mods().and_masks(named_mods().causal(),
+                                            named_mods().document(_doc_ids()))),
+    "document ids per row (2-D) as varlen sequences, GQA, bf16 flash": dict(
+        backend="flash", dtype="bfloat16", shape=dict(B=2, H=4, Hkv=2), enable_gqa=True,
+        mask=lambda: named_mods().document(_doc_ids_per_row())),
 }
 
 
@@ -1631,6 +1638,12 @@ FX_BAD_CALLS: dict[str, tuple[str, Callable[[], Any], tuple[str, ...]]] = {
         inputs=lambda: tuple(t.bfloat16() for t in fx_inputs()), backend="cuda"), (FX,)),
     "captured tensor on meta": ("score_mod s + bias[h] with bias on the meta device",
                                 fx_bad(score=lambda: _meta_bias_mod()), (FX,)),
+    "flash with a document in two runs": (
+        "backend='flash' with document ids 0 0 1 1 0 0 (document 0 split by document 1)",
+        fx_bad(inputs=lambda: tuple(t.bfloat16() for t in fx_inputs()), backend="flash",
+               mask=lambda: block_mask(named_mods().document(
+                   cu(*([0] * 10 + [1] * 13 + [0] * 10), dtype="int64")), 1, None, 33, 33)),
+        (FX,)),
     "mods.softcap(0)": ("mods.softcap(0)", lambda: named_mods().softcap(0), (FX,)),
     "mods.sliding_window(-1)": ("mods.sliding_window(-1)",
                                 lambda: named_mods().sliding_window(-1), (FX,)),
