@@ -249,6 +249,17 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> 
     return None
 
 
+# CUDA and HIP launch grids hold at most 65535 blocks in y and z, where kpt's attention kernels
+# put heads and batch (or varlen sequences).
+MAX_GRID_YZ = 65535
+
+
+def grid_yz_reasons(**dims: int) -> list[str]:
+    """Reasons for launch-grid dims past :data:`MAX_GRID_YZ`, named as given."""
+    return [f"{n} {v} exceeds the launch grid's {MAX_GRID_YZ} (a y/z grid dim)"
+            for n, v in dims.items() if isinstance(v, int) and v > MAX_GRID_YZ]
+
+
 def is_rocm() -> bool:
     """Whether this torch is a ROCm build (HIP kernels instead of CUDA ones)."""
     return torch.version.hip is not None

@@ -679,3 +679,21 @@ def test_lse_is_natural_log():
     s = ((q * k).sum(-1) * q.shape[-1] ** -0.5).detach()  # one key: lse is the logit itself
     torch.testing.assert_close(lse, s.transpose(1, 2), rtol=1e-6, atol=1e-6)
     assert math.isclose(float(lse.flatten()[0]), float(s.flatten()[0]), rel_tol=1e-6)
+
+
+def test_launch_grid_limits_are_reasons_for_the_gpu_kernels():
+    """Heads and batch (varlen: sequences) are the y and z dims of every GPU kernel's grid,
+    which hold 65535 blocks at most: beyond that the GPU backends give a reason (dispatch
+    then falls back) instead of a failed launch. The interpreter has no such limit."""
+    from kpt.ops.flash_attention import _cuda, _triton_supports
+
+    def problem(device, heads, batch):
+        return Problem.of(torch.device(device, 0) if device == "cuda" else torch.device(device),
+                          torch.float16, batch=batch, heads_q=heads, head_dim=64)
+
+    for supports in (_cuda.supports, _triton_supports):
+        assert supports(problem("cuda", 8, 65535)) == []
+        for heads, batch, name in ((8, 65536, "batch 65536"), (70000, 2, "heads 70000")):
+            assert any(name in r and "65535" in r
+                       for r in supports(problem("cuda", heads, batch)))
+    assert not any("65535" in r for r in _triton_supports(problem("cpu", 8, 70000)))

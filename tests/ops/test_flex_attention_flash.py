@@ -238,6 +238,30 @@ def test_unsupported_mods_give_reasons_and_fall_back(name):
     assert compare("out", out, want, TOLERANCE[torch.bfloat16]) is None
 
 
+def test_documents_past_the_launch_grid(monkeypatch):
+    """Flash's grids hold 65535 sequences: (B*H*S, 1, D) tokens make one per head and
+    document, so past the limit the call takes (B*S, H, D) tokens (one per document, a copy
+    here), and with more documents than the limit it is refused with the reason. The limit is
+    lowered to 8 here; fresh ids tensors, as the run check is cached per ids tensor."""
+    from kpt.ops.flex_attention import _flash
+
+    monkeypatch.setattr(_flash, "MAX_GRID_YZ", 8)
+    ids = torch.tensor([0] * 9 + [1] * 12 + [2] * 16, device=DEVICE)  # 3 documents
+    case = (2, 2, 2, 37, 37, 16, None, mods.and_masks(mods.causal(), mods.document(ids)),
+            False)  # 2 rows x 2 heads x 3 documents = 12 one-head sequences > 8
+    seen = []
+    real = _flash._launch
+    monkeypatch.setattr(_flash, "_launch", lambda flash, call: seen.append(call) or
+                        real(flash, call))
+    _run_and_compare(case, torch.bfloat16)
+    assert seen and seen[0].q.shape[1] == 2 and seen[0].cu_seqlens_q.numel() == 2 * 3 + 1
+    many = torch.arange(37, device=DEVICE) // 4  # 10 documents of up to 4 tokens
+    bm = create_block_mask(mods.document(many), 1, None, 37, 37, DEVICE, BS)
+    q, k, v = (t.detach() for t in _inputs(1, 2, 2, 37, 37, 16, torch.bfloat16, False))
+    with pytest.raises(ValueError, match="10 documents in the batch"):
+        flex_attention(q, k, v, None, bm, backend="flash")
+
+
 # ---- the eager fast path ----------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ from kpt.ops._common import (
     attention_options,
     check_tensor,
     compare,
+    grid_yz_reasons,
     lazy,
     native_backends,
     plain_eager,
@@ -111,8 +112,13 @@ class BackwardCall:
 # ---- backends ------------------------------------------------------------------------------
 
 
+def _grid_reasons(p: Problem) -> list[str]:
+    """The GPU kernels' grids put heads in y and batch (varlen: sequences) in z."""
+    return grid_yz_reasons(heads=p.get("heads_q", 0), batch=p.get("batch", 0))
+
+
 def _triton_supports(p: Problem) -> list[str]:
-    reasons = []
+    reasons = [] if p.device_type == "cpu" else _grid_reasons(p)
     if p["head_dim"] > MAX_HEAD_DIM:
         reasons.append(f"head_dim {p['head_dim']} > {MAX_HEAD_DIM}")
     if p.device_type == "cpu" and not triton_interpreting():

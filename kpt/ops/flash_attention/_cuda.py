@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kpt.jit import BuildError, JitSpec
-from kpt.ops._common import is_rocm, jit_unavailable, on_device, raw_stream
+from kpt.ops._common import grid_yz_reasons, is_rocm, jit_unavailable, on_device, raw_stream
 from kpt.ops._registry import BackendUnavailable, Config, Problem
 
 OP = "flash_attention"
@@ -54,7 +54,8 @@ cuda_unavailable = hip_unavailable = jit_unavailable(lambda: SPEC)
 def supports(problem: Problem) -> list[str]:
     """Problem-level reasons; pointer/stride alignment is handled per call (copies)."""
     d = problem["head_dim"]
-    reasons = []
+    # Grids: heads in y, batch (varlen: sequences) in z.
+    reasons = grid_yz_reasons(heads=problem.get("heads_q", 0), batch=problem.get("batch", 0))
     if d > MAX_HEAD_DIM:
         reasons.append(f"head_dim {d} > {MAX_HEAD_DIM}")
     if d % 8:

@@ -36,7 +36,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from kpt.ops._common import module
+from kpt.ops._common import MAX_GRID_YZ, module
 from kpt.ops._registry import Config, Problem
 
 from . import _codegen, _cuda, _lower
@@ -115,6 +115,11 @@ def _runs(low: _lower.Lowered, buffers: list[Tensor], B: int, S: int,
     elif not contiguous:
         hit = ("a document's tokens are not one contiguous run (flash_attention's varlen "
                "sequences are)", None, 0)
+    elif int((starts < S).sum()) > MAX_GRID_YZ:
+        # One varlen sequence per (batch row, document) at least: flash's grids put
+        # sequences in z.
+        hit = (f"{int((starts < S).sum())} documents in the batch, more varlen sequences than "
+               f"the launch grid's {MAX_GRID_YZ}", None, 0)
     else:
         ends = torch.cat([starts[:, 1:], torch.full((B, 1), S, dtype=starts.dtype)], 1)
         longest = int((torch.where(starts < S, ends - starts, 0)).max()) if S else 0
@@ -149,14 +154,16 @@ def doc_reason(q: Tensor, k: Tensor, mods: _codegen.Translation) -> str:
 _CU: dict[tuple, tuple[Tensor, int]] = {}
 
 
-def _cu_seqlens(call, low: _lower.Lowered, heads: int) -> tuple[Tensor, int]:
-    """int32 cu_seqlens over the flattened tokens and the longest document: sequences in
-    (batch, head, document) order when ``heads`` > 1 ((B*H*S, 1, D) tokens), else (batch,
-    document) ((B*S, H, D) tokens)."""
-    B, _, S, _ = call.q.shape
+def _plan_varlen(call, low: _lower.Lowered) -> tuple[bool, Tensor, int]:
+    """(flat, cu_seqlens, longest document): the token layout (:func:`_varlen_layout`) and
+    int32 cu_seqlens over its tokens, sequences in (batch, head, document) order for
+    (B*H*S, 1, D) tokens, else (batch, document) for (B*S, H, D)."""
+    B, H, S, _ = call.q.shape
     reason, starts, longest = _runs(low, call.mods.buffers, B, S, call.q.device)
     if reason:  # supports() said yes on the same ids: never reached
         raise ValueError(f"flex_attention: backend 'flash': {reason}")
+    flat = _varlen_layout(call, starts)
+    heads = H if flat else 1
     key = (id(starts), heads)
     hit = _CU.get(key)
     if hit is None:
@@ -168,7 +175,7 @@ def _cu_seqlens(call, low: _lower.Lowered, heads: int) -> tuple[Tensor, int]:
             _CU.clear()
         _CU[key] = hit
         weakref.finalize(starts, _CU.pop, key, None)
-    return hit
+    return (flat, *hit)
 
 
 def _merges(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
@@ -206,11 +213,13 @@ def _read(t: Tensor, heads_flat: bool) -> Tensor:
     return t.transpose(1, 2).contiguous().view(B * S, H, D)
 
 
-def _varlen_layout(call) -> bool:
-    """True: (B*H*S, 1, D) tokens (q and k with the same heads, and q's storage (B, H, S, D),
-    which keeps the lse in place too); False: (B*S, H, D) tokens (copies where the storage is
-    not (B, S, H, D))."""
-    return call.q.shape[1] == call.k.shape[1] and _in_place(call.q, True)
+def _varlen_layout(call, starts: Tensor) -> bool:
+    """True: (B*H*S, 1, D) tokens (q and k with the same heads, q's storage (B, H, S, D),
+    which keeps the lse in place too, and at most MAX_GRID_YZ sequences of one head); False:
+    (B*S, H, D) tokens (copies where the storage is not (B, S, H, D))."""
+    H, S = call.q.shape[1], call.q.shape[2]
+    return H == call.k.shape[1] and _in_place(call.q, True) \
+        and H * int((starts < S).sum()) <= MAX_GRID_YZ
 
 
 def _lse_tokens(lse: Tensor, heads_flat: bool) -> Tensor:
@@ -224,8 +233,7 @@ def _lse_tokens(lse: Tensor, heads_flat: bool) -> Tensor:
 
 def _doc_forward(call, low: _lower.Lowered, geo: _lower.Geometry) -> None:
     flash = module(_FLASH)
-    flat = _varlen_layout(call)
-    cu, longest = _cu_seqlens(call, low, call.q.shape[1] if flat else 1)
+    flat, cu, longest = _plan_varlen(call, low)
     q, k, v = (_read(t, flat) for t in (call.q, call.k, call.v))
     out = _tokens(call.out, flat)
     scratch_out = out is None
@@ -245,8 +253,7 @@ def _doc_forward(call, low: _lower.Lowered, geo: _lower.Geometry) -> None:
 
 def _doc_backward(call, low: _lower.Lowered, geo: _lower.Geometry) -> None:
     flash = module(_FLASH)
-    flat = _varlen_layout(call)
-    cu, longest = _cu_seqlens(call, low, call.q.shape[1] if flat else 1)
+    flat, cu, longest = _plan_varlen(call, low)
     q, k, v, out, dout = (_read(t, flat) for t in (call.q, call.k, call.v, call.out, call.dout))
     lse = _lse_tokens(call.lse, flat)
     dlse = _lse_tokens(call.dlse, flat) if call.dlse is not None else None
