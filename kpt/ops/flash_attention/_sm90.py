@@ -20,6 +20,7 @@ import functools
 import torch
 
 from kpt.jit import JitSpec
+from kpt.ops._common import MAX_GRID_YZ as _MAX_GRID_YZ
 from kpt.ops._common import on_device, raw_stream
 from kpt.ops._registry import Config, Problem
 
@@ -43,9 +44,8 @@ VARLEN_VARIANTS = ("overlap", "persistent", "dynamic")
 
 HEAD_DIMS = (64, 128)
 _HALF = (torch.float16, torch.bfloat16)
-# Grid y/z are heads and batch (65535 at most); int32 index arithmetic in the kernel stays in
-# range with sequences below 2^28 (see kMaxSeqlen in kernels.cu).
-_MAX_GRID_YZ = 65535
+# Grid y/z are heads and batch (_MAX_GRID_YZ at most); int32 index arithmetic in the kernel
+# stays in range with sequences below 2^28 (see kMaxSeqlen in kernels.cu).
 _MAX_SEQLEN = 1 << 28
 # TMA: global address and every stride 16-byte aligned (8 elements of 16 bits).
 _ALIGN_BYTES = 16

@@ -85,15 +85,16 @@ def _launch_backward(flash, bcall) -> None:
 
 # ---- document ids as varlen sequences ----------------------------------------------------------
 
-_RUNS: dict[tuple, tuple[str, Tensor | None, int]] = {}
+_RUNS: dict[tuple, tuple[str, Tensor | None, int, int]] = {}
 
 
 def _runs(low: _lower.Lowered, buffers: list[Tensor], B: int, S: int,
-          device: torch.device) -> tuple[str, Tensor | None, int]:
-    """(reason, starts, longest): ``starts`` int64 (B, S) on the host, each batch row's run
-    starts ascending then padded with S; "" when every document of every batch row is one
-    contiguous run and queries and keys carry the same ids. One host sync per ids tensor and
-    version (cached; the entry goes with the tensor)."""
+          device: torch.device) -> tuple[str, Tensor | None, int, int]:
+    """(reason, starts, longest, documents): ``starts`` int64 (B, S) on the host, each batch
+    row's run starts ascending then padded with S, ``documents`` the runs of all rows; ""
+    when every document of every batch row is one contiguous run and queries and keys carry
+    the same ids. One host sync per ids tensor and version (cached; the entry goes with the
+    tensor): what the calls read is decided here, not per launch."""
     key = (low, tuple((id(b), b._version) for b in buffers), B, S, device)
     hit = _RUNS.get(key)
     if hit is not None:
@@ -111,19 +112,19 @@ def _runs(low: _lower.Lowered, buffers: list[Tensor], B: int, S: int,
     same, contiguous, starts = (t.cpu() for t in ((x == y).all(),
                                                   (new.sum(1) == distinct).all(), starts))
     if not same:
-        hit = ("document ids of queries and keys differ", None, 0)
+        hit = ("document ids of queries and keys differ", None, 0, 0)
     elif not contiguous:
         hit = ("a document's tokens are not one contiguous run (flash_attention's varlen "
-               "sequences are)", None, 0)
+               "sequences are)", None, 0, 0)
     elif int((starts < S).sum()) > MAX_GRID_YZ:
         # One varlen sequence per (batch row, document) at least: flash's grids put
         # sequences in z.
         hit = (f"{int((starts < S).sum())} documents in the batch, more varlen sequences than "
-               f"the launch grid's {MAX_GRID_YZ}", None, 0)
+               f"the launch grid's {MAX_GRID_YZ}", None, 0, 0)
     else:
         ends = torch.cat([starts[:, 1:], torch.full((B, 1), S, dtype=starts.dtype)], 1)
         longest = int((torch.where(starts < S, ends - starts, 0)).max()) if S else 0
-        hit = ("", starts, longest)
+        hit = ("", starts, longest, int((starts < S).sum()))
     if len(_RUNS) >= 256:
         _RUNS.clear()
     _RUNS[key] = hit
@@ -159,10 +160,10 @@ def _plan_varlen(call, low: _lower.Lowered) -> tuple[bool, Tensor, int]:
     int32 cu_seqlens over its tokens, sequences in (batch, head, document) order for
     (B*H*S, 1, D) tokens, else (batch, document) for (B*S, H, D)."""
     B, H, S, _ = call.q.shape
-    reason, starts, longest = _runs(low, call.mods.buffers, B, S, call.q.device)
+    reason, starts, longest, docs = _runs(low, call.mods.buffers, B, S, call.q.device)
     if reason:  # supports() said yes on the same ids: never reached
         raise ValueError(f"flex_attention: backend 'flash': {reason}")
-    flat = _varlen_layout(call, starts)
+    flat = _varlen_layout(call, docs)
     heads = H if flat else 1
     key = (id(starts), heads)
     hit = _CU.get(key)
@@ -213,13 +214,12 @@ def _read(t: Tensor, heads_flat: bool) -> Tensor:
     return t.transpose(1, 2).contiguous().view(B * S, H, D)
 
 
-def _varlen_layout(call, starts: Tensor) -> bool:
+def _varlen_layout(call, documents: int) -> bool:
     """True: (B*H*S, 1, D) tokens (q and k with the same heads, q's storage (B, H, S, D),
     which keeps the lse in place too, and at most MAX_GRID_YZ sequences of one head); False:
     (B*S, H, D) tokens (copies where the storage is not (B, S, H, D))."""
-    H, S = call.q.shape[1], call.q.shape[2]
-    return H == call.k.shape[1] and _in_place(call.q, True) \
-        and H * int((starts < S).sum()) <= MAX_GRID_YZ
+    H = call.q.shape[1]
+    return H == call.k.shape[1] and H * documents <= MAX_GRID_YZ and _in_place(call.q, True)
 
 
 def _lse_tokens(lse: Tensor, heads_flat: bool) -> Tensor:
